@@ -1,0 +1,386 @@
+"""The one pass over the images: CLIP features of full and foreground views into an HDF5 store.
+
+Crash safety: work goes to `<out>.partial`, each finished batch is flushed with its rows marked
+done in `/progress/<split>`, and the file is renamed to `<out>` only when every split is
+complete. Rerunning the same command resumes from the partial file; the settings are compared
+first so a partial file written with other settings is never continued by mistake.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import h5py
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torch.utils.data import DataLoader
+from torch.utils.data import Dataset as TorchDataset
+
+from .data import SPLITS, Dataset, base_new_split, fewshot_splits
+from .datasets import find_mask
+from .models import LoadedModel
+from .store import FORMAT, FORMAT_VERSION, CacheError, exclusive_lock, partial_path
+from .views import AugmentConfig, ViewMaker, binarize_mask, view_generator
+
+MISSING_MASK_POLICIES = ("error", "full", "skip")
+BAD_IMAGE_POLICIES = ("error", "skip")
+STORE_DTYPES = {"float16": np.float16, "float32": np.float32}
+PENDING, DONE, SKIPPED = 0, 1, 2
+
+
+class ExtractionError(RuntimeError):
+    """Extraction stopped on bad input; the partial file is kept so a rerun resumes."""
+
+
+@dataclass
+class ExtractOptions:
+    shots: int = 16
+    seed: int = 1
+    train_views: int = 1
+    batch_size: int = 64
+    workers: int = 2
+    device: str = "auto"
+    missing_mask: str = "error"
+    bad_image: str = "error"
+    fg_mode: str = "pixel"
+    template: str | None = None
+    store_dtype: str = "float16"
+    resume: bool = True
+    force: bool = False
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+
+    def validate(self) -> None:
+        checks = [
+            ("missing_mask", self.missing_mask, MISSING_MASK_POLICIES),
+            ("bad_image", self.bad_image, BAD_IMAGE_POLICIES),
+            ("store_dtype", self.store_dtype, tuple(STORE_DTYPES)),
+            ("device", self.device, ("auto", "cpu", "cuda")),
+        ]
+        for name, value, allowed in checks:
+            if value not in allowed:
+                raise ValueError(f"{name} must be one of {allowed}, got {value!r}")
+        if self.train_views < 1:
+            raise ValueError(f"train_views must be >= 1, got {self.train_views}")
+        if self.batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
+
+
+@dataclass
+class ExtractSummary:
+    out: Path
+    counts: dict[str, int]
+    skipped: dict[str, list[dict]]
+    full_masks: list[str]
+    empty_masks: dict[str, int]
+    resumed_rows: int
+    seconds: float
+    images_per_second: float
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda was asked for but torch sees no CUDA device; use --device cpu or auto")
+    return torch.device(device)
+
+
+def default_output(dataset: str, model: str, pretrained: str | None, shots: int, seed: int, views: int,
+                   root: Path = Path("cache")) -> Path:
+    model_tag = Path(model).stem if model.endswith(".json") else model
+    weights = Path(pretrained).stem if pretrained and Path(pretrained).is_file() else (pretrained or "none")
+    shot_tag = f"shots{shots}" if shots > 0 else "allshots"
+    view_tag = f"_views{views}" if views > 1 else ""
+    return root / dataset / f"{model_tag}-{weights}" / f"{shot_tag}_seed{seed}{view_tag}.h5"
+
+
+def class_prompt(template: str, classname: str) -> str:
+    return template.format(classname.replace("_", " "))
+
+
+@torch.no_grad()
+def encode_texts(loaded: LoadedModel, texts: list[str], device: torch.device, batch_size: int = 256) -> torch.Tensor:
+    out = []
+    for i in range(0, len(texts), batch_size):
+        tokens = loaded.tokenizer(texts[i:i + batch_size]).to(device)
+        out.append(F.normalize(loaded.model.encode_text(tokens).float(), dim=-1).cpu())
+    return torch.cat(out)
+
+
+class _ViewDataset(TorchDataset):
+    """Decodes each image (and its mask) once and returns all of its views."""
+
+    def __init__(self, rows: list[dict], image_root: Path, maker: ViewMaker, views: int, seed: int, split_index: int):
+        self.rows, self.image_root, self.maker = rows, image_root, maker
+        self.views, self.seed, self.split_index = views, seed, split_index
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, i: int) -> dict:
+        row = self.rows[i]
+        path = self.image_root / row["relpath"]
+        try:
+            with Image.open(path) as im:
+                img = im.convert("RGB")
+        except Exception as exc:  # any decoder failure means the file is unusable
+            return {"index": row["index"], "ok": False, "error": f"cannot read image {path}: {exc}"}
+        if row["mask"] is None:
+            mask = Image.new("L", img.size, 255)
+        else:
+            try:
+                with Image.open(row["mask"]) as m:
+                    mask = binarize_mask(m)
+            except Exception as exc:
+                return {"index": row["index"], "ok": False, "fatal": True,
+                        "error": f"cannot read mask {row['mask']} (for image {path}): {exc}; "
+                                 "regenerate or replace that mask file"}
+            if mask.size != img.size:
+                return {"index": row["index"], "ok": False, "fatal": True,
+                        "error": f"mask {row['mask']} is {mask.size[0]}x{mask.size[1]} but image {path} is "
+                                 f"{img.size[0]}x{img.size[1]}; a mask must have its image's size"}
+        fulls, fgs, areas = [], [], []
+        for v in range(self.views):
+            gen = view_generator(self.seed, self.split_index, row["index"], v) if v else None
+            full, fg, area = self.maker(img, mask, v, gen)
+            fulls.append(full)
+            fgs.append(fg)
+            areas.append(area)
+        return {"index": row["index"], "ok": True, "full": torch.stack(fulls), "fg": torch.stack(fgs),
+                "area": torch.tensor(areas, dtype=torch.float32)}
+
+
+def _collate(items: list[dict]) -> list[dict]:
+    return items
+
+
+def _resolve_masks(dataset: Dataset, samples: dict[str, list], policy: str):
+    """Attach a mask path to each sample; apply the missing-mask policy. Returns rows, full-mask list, skipped."""
+    rows: dict[str, list[dict]] = {}
+    missing: list[str] = []
+    skipped: dict[str, list[dict]] = {s: [] for s in SPLITS}
+    full_masks: list[str] = []
+    for split in SPLITS:
+        rows[split] = []
+        for s in samples[split]:
+            mask = find_mask(dataset.mask_root, s.relpath) if dataset.mask_root is not None else None
+            if mask is None:
+                missing.append(s.relpath)
+                if policy == "skip":
+                    skipped[split].append({"path": s.relpath, "reason": "missing mask"})
+                    continue
+                if policy == "full":
+                    full_masks.append(s.relpath)
+            rows[split].append({"relpath": s.relpath, "label": s.label, "mask": mask})
+    if missing and policy == "error":
+        where = f"under {dataset.mask_root}" if dataset.mask_root else "(no mask folder was found or given)"
+        examples = ", ".join(missing[:5])
+        raise ExtractionError(
+            f"{len(missing)} image(s) have no mask {where}, e.g. {examples}. Point --mask-root at the folder that "
+            "mirrors the image folder, or pass --missing-mask full (use the whole image, recorded in provenance) "
+            "or --missing-mask skip (leave those images out, listed in the cache)"
+        )
+    return rows, full_masks, skipped
+
+
+def _fingerprint(provenance: dict) -> str:
+    stable = {k: v for k, v in provenance.items() if k not in ("created", "skipped", "full_mask_images")}
+    return hashlib.sha256(json.dumps(stable, sort_keys=True).encode()).hexdigest()
+
+
+def _create_layout(f: h5py.File, rows: dict[str, list[dict]], views: dict[str, int], dim: int, dtype) -> None:
+    for split in SPLITS:
+        n, v = len(rows[split]), views[split]
+        for kind in ("full", "fg"):
+            f.create_dataset(f"image/clip/{split}/{kind}", shape=(n, v, dim), dtype=dtype,
+                             chunks=(min(max(n, 1), 256), v, dim) if n else None)
+        f.create_dataset(f"samples/{split}/label", data=np.array([r["label"] for r in rows[split]], dtype=np.int64))
+        f.create_dataset(f"samples/{split}/path", data=[r["relpath"] for r in rows[split]],
+                         dtype=h5py.string_dtype("utf-8"))
+        f.create_dataset(f"samples/{split}/area", shape=(n, v), dtype=np.float32)
+        f.create_dataset(f"progress/{split}/status", data=np.zeros(n, dtype=np.uint8))
+        f.create_dataset(f"progress/{split}/error", data=[""] * n, dtype=h5py.string_dtype("utf-8"))
+
+
+def _finalize(f: h5py.File, skipped_listed: dict[str, list[dict]]) -> dict[str, list[dict]]:
+    """Drop rows skipped during extraction, delete progress, and return the full skip list."""
+    skipped = {s: list(v) for s, v in skipped_listed.items()}
+    for split in SPLITS:
+        status = f[f"progress/{split}/status"][()]
+        keep = status == DONE
+        if (status == PENDING).any():
+            raise ExtractionError(f"split {split} still has pending rows; rerun to resume")
+        if not keep.all():
+            errors = f[f"progress/{split}/error"][()]
+            paths = f[f"samples/{split}/path"][()]
+            for i in np.flatnonzero(~keep):
+                skipped[split].append({"path": paths[i].decode(), "reason": errors[i].decode()})
+            for key in (f"image/clip/{split}/full", f"image/clip/{split}/fg", f"samples/{split}/label",
+                        f"samples/{split}/path", f"samples/{split}/area"):
+                data = f[key][()][keep]
+                dtype = f[key].dtype
+                del f[key]
+                f.create_dataset(key, data=data, dtype=dtype)
+    del f["progress"]
+    return skipped
+
+
+def extract(
+    dataset: Dataset,
+    loaded: LoadedModel,
+    out: Path,
+    options: ExtractOptions = ExtractOptions(),
+    progress: Callable[[str, int, int], None] | None = None,
+    stop_after_batches: int | None = None,
+) -> ExtractSummary:
+    """Write the cache for `dataset` to `out`.
+
+    `progress(split, rows_done, rows_total)` is called after each batch. `stop_after_batches`
+    simulates an interruption after that many batches (tests and benchmarks use it).
+    """
+    options.validate()
+    out = Path(out)
+    device = resolve_device(options.device)
+    template = options.template or dataset.template
+    if "{}" not in template:
+        raise ValueError(f"template {template!r} must contain '{{}}' where the class name goes")
+    samples = fewshot_splits(dataset.splits, options.shots, options.seed)
+    rows, full_masks, skipped_missing = _resolve_masks(dataset, samples, options.missing_mask)
+    base, new = base_new_split(dataset.num_classes)
+    views = {"train": options.train_views, "val": 1, "test": 1}
+    provenance = {
+        **loaded.provenance,
+        "dataset": dataset.name,
+        "image_root": str(dataset.image_root),
+        "split_file": str(dataset.split_file) if dataset.split_file else None,
+        "split_sha256": dataset.split_sha256,
+        "shots": options.shots,
+        "seed": options.seed,
+        "views": views,
+        "augmentation": {"random_resized_crop_scale": list(options.augment.scale),
+                         "ratio": list(options.augment.ratio), "hflip_p": options.augment.flip_p,
+                         "interpolation": loaded.preprocess["interpolation"], "mask_interpolation": "nearest"},
+        "mask_root": str(dataset.mask_root) if dataset.mask_root else None,
+        "missing_mask_policy": options.missing_mask,
+        "bad_image_policy": options.bad_image,
+        "fg_mode": options.fg_mode,
+        "template": template,
+        "store_dtype": options.store_dtype,
+        **({"dataset_notes": dataset.extra} if dataset.extra else {}),
+    }
+    fingerprint = _fingerprint(provenance)
+    maker = ViewMaker(loaded.preprocess, options.augment, options.fg_mode)
+    model = loaded.model.to(device)
+    started = time.perf_counter()
+    with exclusive_lock(out):
+        if out.exists() and not options.force:
+            raise CacheError(f"{out} already exists; pass --force to overwrite it or choose another --out")
+        part = partial_path(out)
+        if part.exists() and not options.resume:
+            part.unlink()
+        if part.exists():
+            try:
+                with h5py.File(part, "r") as f:
+                    old = f.attrs.get("fingerprint")
+            except OSError as exc:
+                raise CacheError(f"partial file {part} is damaged ({exc}); rerun with --no-resume to start over") from exc
+            if old != fingerprint:
+                raise CacheError(
+                    f"{part} was started with different settings (model, data, shots, seed, views or masks); "
+                    "rerun with the original settings to resume it, or with --no-resume to start over"
+                )
+        else:
+            text = encode_texts(loaded, [class_prompt(template, c) for c in dataset.classnames], device)
+            tmp = part.with_name(part.name + ".new")
+            with h5py.File(tmp, "w") as f:
+                f.attrs.update(format=FORMAT, format_version=FORMAT_VERSION, fingerprint=fingerprint,
+                               logit_scale=loaded.logit_scale)
+                f.create_dataset("classes/names", data=dataset.classnames, dtype=h5py.string_dtype("utf-8"))
+                f.create_dataset("classes/base", data=np.array(base, dtype=np.int64))
+                f.create_dataset("classes/new", data=np.array(new, dtype=np.int64))
+                f.create_dataset("text/clip", data=text.numpy().astype(np.float32))
+                f["text/clip"].attrs["template"] = template
+                _create_layout(f, rows, views, text.shape[1], STORE_DTYPES[options.store_dtype])
+            os.replace(tmp, part)
+
+        resumed = 0
+        batches = 0
+        with h5py.File(part, "r+") as f:
+            for split_index, split in enumerate(SPLITS):
+                status = f[f"progress/{split}/status"][()]
+                resumed += int((status != PENDING).sum())
+                todo = [dict(rows[split][i], index=int(i)) for i in np.flatnonzero(status == PENDING)]
+                total, done = len(status), int((status != PENDING).sum())
+                if progress:
+                    progress(split, done, total)
+                if not todo:
+                    continue
+                loader = DataLoader(
+                    _ViewDataset(todo, dataset.image_root, maker, views[split], options.seed, split_index),
+                    batch_size=options.batch_size, shuffle=False, num_workers=options.workers,
+                    collate_fn=_collate, persistent_workers=False,
+                )
+                for items in loader:
+                    if stop_after_batches is not None and batches >= stop_after_batches:
+                        raise KeyboardInterrupt(f"stopped after {batches} batches (simulated interruption)")
+                    _encode_batch(f, split, items, model, device, options.bad_image)
+                    batches += 1
+                    done += len(items)
+                    if progress:
+                        progress(split, done, total)
+            skipped = _finalize(f, skipped_missing)
+            provenance["skipped"] = skipped
+            provenance["full_mask_images"] = full_masks
+            provenance["created"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+            f.attrs["provenance"] = json.dumps(provenance)
+            del f.attrs["fingerprint"]
+            counts = {s: int(f[f"samples/{s}/label"].shape[0]) for s in SPLITS}
+            empty = {s: int((f[f"samples/{s}/area"][()] == 0).any(axis=1).sum()) if counts[s] else 0 for s in SPLITS}
+        os.replace(part, out)
+    seconds = time.perf_counter() - started
+    encoded = sum(counts.values()) - resumed
+    return ExtractSummary(out=out, counts=counts, skipped=skipped, full_masks=full_masks, empty_masks=empty,
+                          resumed_rows=resumed, seconds=seconds,
+                          images_per_second=max(encoded, 0) / seconds if seconds > 0 else 0.0)
+
+
+@torch.no_grad()
+def encode_images(model: torch.nn.Module, pixels: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """normalize(encode_image(pixels)) in float32, with fp16 autocast on CUDA."""
+    pixels = pixels.to(device, non_blocking=True)
+    with torch.autocast("cuda", dtype=torch.float16, enabled=device.type == "cuda"):
+        feats = model.encode_image(pixels)
+    return F.normalize(feats.float(), dim=-1).cpu()
+
+
+def _encode_batch(f: h5py.File, split: str, items: list[dict], model, device, bad_image: str) -> None:
+    status = f[f"progress/{split}/status"]
+    good = []
+    for item in items:
+        if item["ok"]:
+            good.append(item)
+        elif item.get("fatal") or bad_image == "error":
+            hint = "" if item.get("fatal") else " Fix or remove the file, or pass --bad-image skip to leave it out."
+            raise ExtractionError(item["error"] + "." + hint + " Rerun the same command afterwards: finished batches are kept.")
+        else:
+            f[f"progress/{split}/error"][item["index"]] = item["error"]
+            status[item["index"]] = SKIPPED
+    if good:
+        full = torch.stack([g["full"] for g in good])  # (B, V, 3, S, S)
+        fg = torch.stack([g["fg"] for g in good])
+        b, v = full.shape[:2]
+        feats = encode_images(model, torch.cat([full, fg]).flatten(0, 1), device).view(2, b, v, -1)
+        idx = np.array([g["index"] for g in good])
+        # h5py fancy indexing needs increasing indices; batches are built in order so they are.
+        f[f"image/clip/{split}/full"][idx] = feats[0].numpy()
+        f[f"image/clip/{split}/fg"][idx] = feats[1].numpy()
+        f[f"samples/{split}/area"][idx] = torch.stack([g["area"] for g in good]).numpy()
+        status[idx] = DONE
+    f.flush()

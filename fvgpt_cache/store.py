@@ -1,0 +1,164 @@
+"""The HDF5 feature store, format version 1 (SPEC §5): reading, validating, locking.
+
+Writing happens in `extraction.py`; this module owns the layout and the checks every reader
+makes, so that a foreign, stale or half-written file is refused with a message that says why.
+"""
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import h5py
+import numpy as np
+import torch
+
+FORMAT = "fvgpt-cache"
+FORMAT_VERSION = 1
+SPLITS = ("train", "val", "test")
+KINDS = ("full", "fg")
+# Provenance keys that must agree before two caches are used together.
+MODEL_KEYS = ("model", "pretrained", "pretrained_sha256", "model_config_sha256", "quick_gelu", "preprocess")
+
+
+class CacheError(ValueError):
+    """A cache file that cannot be used as asked; the message says which file and what to do."""
+
+
+def partial_path(out: Path) -> Path:
+    return out.with_name(out.name + ".partial")
+
+
+@contextlib.contextmanager
+def exclusive_lock(out: Path):
+    """Refuse a second writer of the same output. The OS drops the lock if the process dies."""
+    lock_path = out.with_name(out.name + ".lock")
+    lock_path.parent.mkdir(parents=True, exist_ok=True)
+    fh = open(lock_path, "w")
+    try:
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise CacheError(
+                f"another process is already writing {out} (lock {lock_path} is held); "
+                "wait for it to finish or write to another --out"
+            ) from None
+        fh.write(str(os.getpid()))
+        fh.flush()
+        yield
+    finally:
+        fh.close()
+        with contextlib.suppress(FileNotFoundError):
+            lock_path.unlink()
+
+
+@dataclass
+class Cache:
+    """A read-only view of a complete cache file. Arrays are loaded on demand."""
+
+    path: Path
+    provenance: dict
+    logit_scale: float
+    classnames: list[str]
+    base: np.ndarray
+    new: np.ndarray
+
+    def _h5(self) -> h5py.File:
+        return h5py.File(self.path, "r")
+
+    @property
+    def splits(self) -> list[str]:
+        with self._h5() as f:
+            return [s for s in SPLITS if f"samples/{s}" in f]
+
+    @property
+    def text_groups(self) -> list[str]:
+        with self._h5() as f:
+            return sorted(f["text"].keys())
+
+    def text(self, name: str = "clip") -> torch.Tensor:
+        with self._h5() as f:
+            if f"text/{name}" not in f:
+                raise CacheError(f"{self.path} has no text features {name!r}; it has {sorted(f['text'].keys())}")
+            return torch.from_numpy(f[f"text/{name}"][()].astype(np.float32))
+
+    def text_attrs(self, name: str = "clip") -> dict:
+        with self._h5() as f:
+            return dict(f[f"text/{name}"].attrs)
+
+    def image(self, split: str, kind: str = "full", encoder: str = "clip") -> torch.Tensor:
+        """(N, V, D) float32 features of one split and view kind."""
+        key = f"image/{encoder}/{split}/{kind}"
+        with self._h5() as f:
+            if key not in f:
+                raise CacheError(f"{self.path} has no {key}; it was extracted without that split or view")
+            return torch.from_numpy(f[key][()].astype(np.float32))
+
+    def labels(self, split: str) -> torch.Tensor:
+        with self._h5() as f:
+            return torch.from_numpy(f[f"samples/{split}/label"][()].astype(np.int64))
+
+    def areas(self, split: str) -> torch.Tensor:
+        with self._h5() as f:
+            return torch.from_numpy(f[f"samples/{split}/area"][()].astype(np.float32))
+
+    def paths(self, split: str) -> list[str]:
+        with self._h5() as f:
+            return [p.decode() if isinstance(p, bytes) else str(p) for p in f[f"samples/{split}/path"][()]]
+
+    def model_signature(self) -> dict:
+        return {k: self.provenance.get(k) for k in MODEL_KEYS}
+
+
+def open_cache(path: str | Path) -> Cache:
+    """Open and validate a finished cache; refuse partial, foreign and unknown-version files."""
+    path = Path(path)
+    if not path.is_file():
+        hint = ""
+        if partial_path(path).exists():
+            hint = f" An interrupted extraction left {partial_path(path)}; rerun the same extract command to resume it."
+        raise CacheError(f"cache not found: {path}.{hint}")
+    try:
+        f = h5py.File(path, "r")
+    except OSError as exc:
+        raise CacheError(f"{path} is not a readable HDF5 file ({exc}); re-extract it with `fvgpt-cache extract`") from exc
+    with f:
+        fmt = f.attrs.get("format")
+        if fmt != FORMAT:
+            raise CacheError(f"{path} is not an fvgpt-cache store (format attribute is {fmt!r})")
+        version = int(f.attrs.get("format_version", -1))
+        if version != FORMAT_VERSION:
+            raise CacheError(
+                f"{path} has cache format version {version}; this fvgpt-cache reads version {FORMAT_VERSION}. "
+                "Re-extract it with this version, or use the fvgpt-cache release that wrote it"
+            )
+        if "progress" in f:
+            raise CacheError(f"{path} is an unfinished extraction; rerun the extract command to complete it")
+        for key in ("classes/names", "classes/base", "classes/new", "text/clip"):
+            if key not in f:
+                raise CacheError(f"{path} is missing {key}; the file is damaged, re-extract it")
+        names = [n.decode() if isinstance(n, bytes) else str(n) for n in f["classes/names"][()]]
+        return Cache(
+            path=path,
+            provenance=json.loads(f.attrs["provenance"]),
+            logit_scale=float(f.attrs["logit_scale"]),
+            classnames=names,
+            base=f["classes/base"][()].astype(np.int64),
+            new=f["classes/new"][()].astype(np.int64),
+        )
+
+
+def check_same_model(caches: list[Cache]) -> None:
+    """Refuse to mix caches whose model or preprocessing differ."""
+    ref = caches[0].model_signature()
+    for other in caches[1:]:
+        sig = other.model_signature()
+        diff = [k for k in MODEL_KEYS if sig[k] != ref[k]]
+        if diff:
+            raise CacheError(
+                f"{other.path} and {caches[0].path} were extracted with different models or preprocessing "
+                f"({', '.join(f'{k}: {sig[k]!r} vs {ref[k]!r}' for k in diff)}); re-extract one with the other's settings"
+            )

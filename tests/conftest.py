@@ -1,0 +1,61 @@
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+TINY_CONFIG = {
+    "embed_dim": 32,
+    "vision_cfg": {"image_size": 32, "layers": 2, "width": 64, "patch_size": 8},
+    "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 64, "heads": 2, "layers": 2},
+}
+CLASSNAMES = ["red_circle", "blue square", "green triangle", "yellow star"]
+
+
+@pytest.fixture(scope="session")
+def tiny_config(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("model") / "tiny-clip.json"
+    path.write_text(json.dumps(TINY_CONFIG))
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tiny_config):
+    from fvgpt_cache.models import load_clip
+
+    return load_clip(str(tiny_config), "none", seed=0)
+
+
+def make_image_and_mask(rng: np.random.Generator, size=(48, 40)):
+    w, h = size
+    img = rng.integers(0, 255, size=(h, w, 3), dtype=np.uint8)
+    mask = np.zeros((h, w), dtype=np.uint8)
+    y0, x0 = rng.integers(0, h // 2), rng.integers(0, w // 2)
+    mask[y0:y0 + h // 2, x0:x0 + w // 2] = 255
+    img[mask > 0] = rng.integers(0, 255, size=3, dtype=np.uint8)
+    return Image.fromarray(img), Image.fromarray(mask)
+
+
+def write_generic_dataset(root: Path, per_class=(6, 3, 3), seed=0, mask_ext=".png"):
+    """Images under root/images/<class>/, masks mirrored under root/masks/, a split JSON."""
+    rng = np.random.default_rng(seed)
+    split = {"train": [], "val": [], "test": []}
+    for label, name in enumerate(CLASSNAMES):
+        for split_name, count in zip(("train", "val", "test"), per_class):
+            for i in range(count):
+                rel = f"{name.replace(' ', '_')}/{split_name}_{i}.jpg"
+                img, mask = make_image_and_mask(rng, size=(int(rng.integers(36, 60)), int(rng.integers(36, 60))))
+                (root / "images" / rel).parent.mkdir(parents=True, exist_ok=True)
+                img.save(root / "images" / rel, quality=95)
+                mask_rel = Path(rel).with_suffix(mask_ext)
+                (root / "masks" / mask_rel).parent.mkdir(parents=True, exist_ok=True)
+                mask.save(root / "masks" / mask_rel)
+                split[split_name].append([rel, label, name])
+    (root / "split.json").write_text(json.dumps(split))
+    return root / "split.json", root / "images", root / "masks"
+
+
+@pytest.fixture()
+def generic_data(tmp_path):
+    return write_generic_dataset(tmp_path / "data")
