@@ -191,7 +191,8 @@ def _resolve_masks(dataset: Dataset, samples: dict[str, list], policy: str):
 
 
 def _fingerprint(provenance: dict) -> str:
-    stable = {k: v for k, v in provenance.items() if k not in ("created", "skipped", "full_mask_images")}
+    volatile = ("created", "skipped", "full_mask_images", "bad_image_policy")
+    stable = {k: v for k, v in provenance.items() if k not in volatile}
     return hashlib.sha256(json.dumps(stable, sort_keys=True).encode()).hexdigest()
 
 

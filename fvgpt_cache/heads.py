@@ -1,0 +1,368 @@
+"""FVG-PT heads on cached features (SPEC §2): the equations as pure functions, thin modules on top.
+
+Everything here reads features, never pixels. The functions take tensors and return tensors;
+the modules only hold the learnable parts (two gates, two adapters) and wire the functions
+together. Equation numbers are the paper's.
+
+Conventions:
+
+* a *distribution* argument has shape (B, C) and sums to one over the last axis;
+* per-sample statistics return shape (B,); losses return a scalar (mean over the batch);
+* logs are taken with `torch.xlogy` (0·log 0 = 0) and a floor of `EPS` on the second
+  argument, so every statistic is finite for one-hot, uniform and extreme-logit inputs.
+
+Decisions of SPEC §2 that show up as options: D1 `use_scale` (z_FDC carries the logit scale),
+D2 `detach_r` (r is a constant inside L_dist), D3 KL(target ‖ student), D4 indicators are
+computed from the frozen backbone under `torch.no_grad()` and are not normalised.
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+EPS = 1e-12
+FRG_INDICATORS = ("dH", "cos", "area")
+BRG_INDICATORS = ("H_bb", "H_clip", "cos")
+R_WITHOUT_FRG = ("one", "target", "half")
+LAYER_CHOICES = (1, 2, 3)
+
+
+# ---------------------------------------------------------------------------------------------
+# Pure functions
+# ---------------------------------------------------------------------------------------------
+
+def clip_logits(img: Tensor, txt: Tensor, scale: float | Tensor) -> Tensor:
+    """Backbone / CLIP logits (SPEC §2, eq. 11): `s · n(img) @ n(txt)ᵀ`, shape (B, C)."""
+    return scale * F.normalize(img, dim=-1) @ F.normalize(txt, dim=-1).T
+
+
+def entropy(p: Tensor) -> Tensor:
+    """`H(p) = −Σ p log p` over the last axis (eqs. 5, 13), shape (B,)."""
+    return -torch.xlogy(p, p).sum(-1)
+
+
+def prob_cosine(p: Tensor, q: Tensor) -> Tensor:
+    """`cos(p, q)` of two probability vectors (eqs. 5, 13), shape (B,)."""
+    return F.cosine_similarity(p, q, dim=-1, eps=EPS)
+
+
+def _kl_from_log(p: Tensor, log_q: Tensor) -> Tensor:
+    return (torch.xlogy(p, p) - p * log_q).sum(-1)
+
+
+def kl_div(p: Tensor, q: Tensor) -> Tensor:
+    """`KL(p ‖ q) = Σ p (log p − log q)` summed over classes (D3), shape (B,)."""
+    return _kl_from_log(p, q.clamp_min(EPS).log())
+
+
+def frg_target(z_full: Tensor, z_fg: Tensor, y: Tensor) -> Tensor:
+    """FRG target (eq. 3): `r* = 1[CE(z_fg, y) < CE(z_full, y)]` as float, shape (B,)."""
+    ce_full = F.cross_entropy(z_full, y, reduction="none")
+    ce_fg = F.cross_entropy(z_fg, y, reduction="none")
+    return (ce_fg < ce_full).to(z_full.dtype)
+
+
+def _check_names(use: Sequence[str], known: tuple[str, ...], what: str) -> tuple[str, ...]:
+    use = (use,) if isinstance(use, str) else tuple(use)
+    unknown = [u for u in use if u not in known]
+    if unknown:
+        raise ValueError(f"unknown {what} indicator(s) {unknown}; choose from {list(known)}")
+    if not use:
+        raise ValueError(f"{what} indicators are empty; pick at least one of {list(known)}")
+    if len(set(use)) != len(use):
+        raise ValueError(f"{what} indicators {list(use)} repeat a name; list each at most once")
+    return use
+
+
+def frg_indicators(z_full: Tensor, z_fg: Tensor, area: Tensor, tau: float,
+                   use: Sequence[str] = FRG_INDICATORS) -> Tensor:
+    """FRG input `u` (eqs. 4–5): columns of `use` in its order, from
+    dH = H(p_full) − H(p_fg), cos = cos(p_full, p_fg), area = A(m); p = softmax(z/τ). Shape (B, k)."""
+    use = _check_names(use, FRG_INDICATORS, "FRG")
+    p_full, p_fg = (z_full / tau).softmax(-1), (z_fg / tau).softmax(-1)
+    stats = {
+        "dH": lambda: entropy(p_full) - entropy(p_fg),
+        "cos": lambda: prob_cosine(p_full, p_fg),
+        "area": lambda: area.to(z_full.dtype).reshape(-1),
+    }
+    return torch.stack([stats[name]() for name in use], dim=-1)
+
+
+def brg_indicators(z_bb: Tensor, z_clip: Tensor, tau: float,
+                   use: Sequence[str] = BRG_INDICATORS) -> Tensor:
+    """BRG input `s` (eqs. 13–14): columns of `use` in its order, from
+    H_bb = H(p_full), H_clip = H(p_clip), cos = cos(p_full, p_clip); p = softmax(z/τ). Shape (B, k)."""
+    use = _check_names(use, BRG_INDICATORS, "BRG")
+    p_bb, p_clip = (z_bb / tau).softmax(-1), (z_clip / tau).softmax(-1)
+    stats = {
+        "H_bb": lambda: entropy(p_bb),
+        "H_clip": lambda: entropy(p_clip),
+        "cos": lambda: prob_cosine(p_bb, p_clip),
+    }
+    return torch.stack([stats[name]() for name in use], dim=-1)
+
+
+def distill_loss(r: Tensor, p_fg: Tensor, p_full: Tensor, p_student: Tensor,
+                 detach_r: bool = True) -> Tensor:
+    """L_dist (eq. 9), mean over the batch of `r·KL(p_fg‖p_student) + (1−r)·KL(p_full‖p_student)`.
+    With `detach_r` (D2) no gradient reaches r."""
+    r = r.reshape(-1)
+    if detach_r:
+        r = r.detach()
+    return (r * kl_div(p_fg, p_student) + (1 - r) * kl_div(p_full, p_student)).mean()
+
+
+def pc_logits(z_bb: Tensor, z_clip: Tensor, b: Tensor) -> Tensor:
+    """Calibrated logits (eq. 12): `z_PC = (1 − b)·z_bb + b·z_clip`, b of shape (B,) or (B, 1)."""
+    if b.dim() == 1:
+        b = b.unsqueeze(-1)
+    if b.dim() != 2 or b.shape[-1] != 1:
+        raise ValueError(f"b has shape {tuple(b.shape)}; pass one weight per sample, shape (B,) or (B, 1)")
+    return (1 - b) * z_bb + b * z_clip
+
+
+def pc_loss(z_pc: Tensor, y: Tensor, p_clip: Tensor, tau: float) -> Tensor:
+    """L_PC (eq. 15): `CE(z_PC, y) + mean KL(p_clip ‖ softmax(z_PC/τ))`."""
+    return F.cross_entropy(z_pc, y) + _kl_from_log(p_clip, (z_pc / tau).log_softmax(-1)).mean()
+
+
+def foreground_shift(z_full: Tensor, z_fg: Tensor, tau: float) -> Tensor:
+    """Foreground shift index D_fg (App. A): mean over the batch of `KL(p_full ‖ p_fg)`."""
+    log_fg = (z_fg / tau).log_softmax(-1)
+    return _kl_from_log((z_full / tau).softmax(-1), log_fg).mean()
+
+
+def harmonic_mean(b: float | Tensor, n: float | Tensor) -> float | Tensor:
+    """HM = 2bn / (b + n) (SPEC §3), 0 when both are 0. Floats in, float out."""
+    if not isinstance(b, Tensor) and not isinstance(n, Tensor):
+        return 0.0 if b + n == 0 else 2 * b * n / (b + n)
+    b, n = torch.as_tensor(b), torch.as_tensor(n)
+    total = b + n
+    return torch.where(total == 0, torch.zeros_like(total), 2 * b * n / torch.where(total == 0, 1, total))
+
+
+# ---------------------------------------------------------------------------------------------
+# Modules
+# ---------------------------------------------------------------------------------------------
+
+def _check_layers(layers: int, hidden: int, what: str) -> None:
+    if layers not in LAYER_CHOICES:
+        raise ValueError(f"{what} layers={layers!r}; choose 1, 2 or 3 (Table 5)")
+    if not isinstance(hidden, int) or hidden < 1:
+        raise ValueError(f"{what} hidden={hidden!r}; pass a positive integer width (Table 4)")
+
+
+def _mlp(d_in: int, hidden: int, d_out: int, layers: int) -> nn.Sequential:
+    if layers == 1:
+        return nn.Sequential(nn.Linear(d_in, d_out))
+    mods: list[nn.Module] = [nn.Linear(d_in, hidden), nn.ReLU()]
+    if layers == 3:
+        mods += [nn.Linear(hidden, hidden), nn.ReLU()]
+    mods.append(nn.Linear(hidden, d_out))
+    return nn.Sequential(*mods)
+
+
+class GateMLP(nn.Module):
+    """Reliability gate (FRG eq. 6 / BRG eq. 13): `σ(MLP(u))` with 1, 2 or 3 linear layers."""
+
+    def __init__(self, in_features: int, hidden: int = 32, layers: int = 2):
+        super().__init__()
+        if not isinstance(in_features, int) or in_features < 1:
+            raise ValueError(f"gate in_features={in_features!r}; pass the number of indicators (≥ 1)")
+        _check_layers(layers, hidden, "gate")
+        self.mlp = _mlp(in_features, hidden, 1, layers)
+
+    def logit(self, u: Tensor) -> Tensor:
+        """The gate's logit q, shape (B,)."""
+        return self.mlp(u).squeeze(-1)
+
+    def forward(self, u: Tensor) -> Tensor:
+        """The gate's trust score σ(q), shape (B,)."""
+        return torch.sigmoid(self.logit(u))
+
+
+class Adapter(nn.Module):
+    """Residual bottleneck adapter (eq. 7): `n(x + MLP(x))`; `enabled=False` is `n(x)`, no parameters.
+
+    `zero_init` zeroes the last layer so training starts at `n(x)` (Houlsby-style); the paper
+    does not say how its adapters are initialised, so the default is PyTorch's."""
+
+    def __init__(self, dim: int, hidden: int = 64, layers: int = 2, enabled: bool = True,
+                 zero_init: bool = False):
+        super().__init__()
+        if not isinstance(dim, int) or dim < 1:
+            raise ValueError(f"adapter dim={dim!r}; pass the feature width D (e.g. 512 for ViT-B/16)")
+        _check_layers(layers, hidden, "adapter")
+        self.mlp = _mlp(dim, hidden, dim, layers) if enabled else None
+        if self.mlp is not None and zero_init:
+            nn.init.zeros_(self.mlp[-1].weight)
+            nn.init.zeros_(self.mlp[-1].bias)
+
+    @property
+    def enabled(self) -> bool:
+        return self.mlp is not None
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.normalize(x if self.mlp is None else x + self.mlp(x), dim=-1)
+
+
+class FDC(nn.Module):
+    """Foreground Distillation Compensation (eqs. 7–8): separate image and text adapters.
+
+    `visual` / `textual` switch each adapter (Table 13); `use_scale` (D1) multiplies z_FDC by s."""
+
+    def __init__(self, dim: int, hidden: int = 64, layers: int = 2, visual: bool = True,
+                 textual: bool = True, use_scale: bool = True, zero_init: bool = False):
+        super().__init__()
+        self.image = Adapter(dim, hidden, layers, enabled=visual, zero_init=zero_init)
+        self.text = Adapter(dim, hidden, layers, enabled=textual, zero_init=zero_init)
+        self.use_scale = use_scale
+
+    def forward(self, img: Tensor, txt: Tensor, scale: float | Tensor) -> Tensor:
+        """z_FDC = s · f̃ g̃ᵀ (eq. 8 with D1), shape (B, C)."""
+        z = self.image(img) @ self.text(txt).T
+        return scale * z if self.use_scale else z
+
+
+class FVGPTHead(nn.Module):
+    """FVG-PT on cached features: FRG + FDC for base classes, PC (BRG) for new classes.
+
+    Submodules `frg`, `fdc`, `brg` are None when switched off. `frg` exists only together with
+    `fdc`, since nothing but the FDC distillation reads r. FDC+FRG and BRG share no parameters.
+
+    Without FRG (`use_frg=False`, Table 3 row 4) the distillation weight r is `r_without_frg`:
+    "one" (default: distil towards the foreground view only), "target" (the hard target r*),
+    or "half" (equal weights for p_fg and p_full).
+
+    Backbone and CLIP features are frozen inputs: all logits derived from them, the indicators,
+    r* and the teacher distributions are computed under `torch.no_grad()` (D4). Inputs are
+    cast to the parameters' dtype, so float16 caches can be fed as they are.
+    """
+
+    def __init__(self, dim: int, fdc_hidden: int = 64, gate_hidden: int = 32, fdc_layers: int = 2,
+                 frg_layers: int = 2, brg_layers: int = 2,
+                 frg_indicators: Sequence[str] = FRG_INDICATORS,
+                 brg_indicators: Sequence[str] = BRG_INDICATORS,
+                 use_frg: bool = True, use_fdc: bool = True, use_pc: bool = True,
+                 fdc_visual: bool = True, fdc_textual: bool = True, tau: float = 2.0,
+                 use_scale: bool = True, detach_r: bool = True, r_without_frg: str = "one",
+                 fdc_zero_init: bool = False):
+        super().__init__()
+        if r_without_frg not in R_WITHOUT_FRG:
+            raise ValueError(f"r_without_frg={r_without_frg!r}; choose one of {list(R_WITHOUT_FRG)}")
+        if not tau > 0:
+            raise ValueError(f"tau={tau!r}; the distillation temperature must be positive (paper: 2.0)")
+        self.frg_names = _check_names(frg_indicators, FRG_INDICATORS, "FRG")
+        self.brg_names = _check_names(brg_indicators, BRG_INDICATORS, "BRG")
+        self.tau = float(tau)
+        self.detach_r = detach_r
+        self.r_without_frg = r_without_frg
+        self.fdc = (FDC(dim, fdc_hidden, fdc_layers, fdc_visual, fdc_textual, use_scale, fdc_zero_init)
+                    if use_fdc else None)
+        self.frg = GateMLP(len(self.frg_names), gate_hidden, frg_layers) if use_fdc and use_frg else None
+        self.brg = GateMLP(len(self.brg_names), gate_hidden, brg_layers) if use_pc else None
+
+    def _dtype(self) -> torch.dtype:
+        return next((p.dtype for p in self.parameters()), torch.float32)
+
+    def _cast(self, *xs: Tensor) -> list[Tensor]:
+        dtype = self._dtype()
+        return [x.to(dtype) for x in xs]
+
+    def _calibrated(self, img_bb: Tensor, img_clip: Tensor, txt_bb: Tensor, txt_clip: Tensor,
+                    scale: float | Tensor) -> tuple[Tensor, Tensor]:
+        with torch.no_grad():
+            z_bb = clip_logits(img_bb, txt_bb, scale)
+            z_clip = clip_logits(img_clip, txt_clip, scale)
+            v = brg_indicators(z_bb, z_clip, self.tau, self.brg_names)
+        return pc_logits(z_bb, z_clip, self.brg(v)), z_clip
+
+    def losses(self, img_bb: Tensor, img_bb_fg: Tensor, img_clip: Tensor, area: Tensor, y: Tensor,
+               txt_bb: Tensor, txt_clip: Tensor, scale: float | Tensor, lambda_d: float = 10.0, *,
+               loss_frg: bool = True, loss_dist: bool = True, loss_ce_fdc: bool = True,
+               loss_ce_pc: bool = True, loss_kl_pc: bool = True) -> dict[str, Tensor]:
+        """Training losses on one batch of base-class samples (eqs. 3–15).
+
+        img_bb, img_bb_fg: backbone features of the full image and its foreground view (B, D);
+        img_clip: zero-shot CLIP features of the full image (B, D); area: A(m) (B,);
+        y: labels (B,) indexing the rows of txt_bb / txt_clip, the base-class text features (Cb, D).
+        The `loss_*` flags switch single terms off (Table 12).
+
+        Returns the terms that are on — "frg", "dist" (unweighted), "ce_fdc" and their sum
+        "base" = CE + L_FRG + λ_d·L_dist when FDC is on; "ce_pc", "kl_pc" and "pc" when PC is
+        on — and "total" = base + pc.
+        """
+        img_bb, img_bb_fg, img_clip, area, txt_bb, txt_clip = self._cast(
+            img_bb, img_bb_fg, img_clip, area, txt_bb, txt_clip)
+        out: dict[str, Tensor] = {}
+        total = img_bb.new_zeros(())
+        if self.fdc is not None:
+            with torch.no_grad():
+                z_full = clip_logits(img_bb, txt_bb, scale)
+                z_fg = clip_logits(img_bb_fg, txt_bb, scale)
+                p_full, p_fg = (z_full / self.tau).softmax(-1), (z_fg / self.tau).softmax(-1)
+                r_star = frg_target(z_full, z_fg, y)
+            base = img_bb.new_zeros(())
+            if self.frg is not None:
+                with torch.no_grad():
+                    u = frg_indicators(z_full, z_fg, area, self.tau, self.frg_names)
+                q = self.frg.logit(u)
+                r = torch.sigmoid(q)
+                if loss_frg:
+                    out["frg"] = F.binary_cross_entropy_with_logits(q, r_star)
+                    base = base + out["frg"]
+            else:
+                r = {"one": torch.ones_like(r_star), "target": r_star,
+                     "half": torch.full_like(r_star, 0.5)}[self.r_without_frg]
+            z_fdc = self.fdc(img_bb, txt_bb, scale)
+            if loss_ce_fdc:
+                out["ce_fdc"] = F.cross_entropy(z_fdc, y)
+                base = base + out["ce_fdc"]
+            if loss_dist:
+                p_student = (z_fdc / self.tau).softmax(-1)
+                out["dist"] = distill_loss(r, p_fg, p_full, p_student, self.detach_r)
+                base = base + lambda_d * out["dist"]
+            out["base"] = base
+            total = total + base
+        if self.brg is not None:
+            z_pc, z_clip = self._calibrated(img_bb, img_clip, txt_bb, txt_clip, scale)
+            pc = img_bb.new_zeros(())
+            if loss_ce_pc:
+                out["ce_pc"] = F.cross_entropy(z_pc, y)
+                pc = pc + out["ce_pc"]
+            if loss_kl_pc:
+                p_clip = (z_clip / self.tau).softmax(-1)
+                out["kl_pc"] = _kl_from_log(p_clip, (z_pc / self.tau).log_softmax(-1)).mean()
+                pc = pc + out["kl_pc"]
+            out["pc"] = pc
+            total = total + pc
+        out["total"] = total
+        return out
+
+    def predict_base(self, img_bb: Tensor, txt_bb: Tensor, scale: float | Tensor) -> Tensor:
+        """Base branch (Fig. 3a): z_FDC from the full image; backbone logits when FDC is off."""
+        img_bb, txt_bb = self._cast(img_bb, txt_bb)
+        if self.fdc is None:
+            return clip_logits(img_bb, txt_bb, scale)
+        return self.fdc(img_bb, txt_bb, scale)
+
+    def predict_new(self, img_bb: Tensor, img_clip: Tensor, txt_bb: Tensor, txt_clip: Tensor,
+                    scale: float | Tensor) -> Tensor:
+        """New branch (Fig. 3b): z_PC (eq. 12); backbone logits when PC is off. Never calls FDC."""
+        img_bb, img_clip, txt_bb, txt_clip = self._cast(img_bb, img_clip, txt_bb, txt_clip)
+        if self.brg is None:
+            return clip_logits(img_bb, txt_bb, scale)
+        return self._calibrated(img_bb, img_clip, txt_bb, txt_clip, scale)[0]
+
+    def num_parameters(self, part: str | None = None) -> int:
+        """Learnable parameters of the head, or of one part: "frg", "fdc" or "brg"."""
+        if part is None:
+            module: nn.Module | None = self
+        elif part in ("frg", "fdc", "brg"):
+            module = getattr(self, part)
+        else:
+            raise ValueError(f"part={part!r}; choose 'frg', 'fdc', 'brg' or None for the whole head")
+        return 0 if module is None else sum(p.numel() for p in module.parameters() if p.requires_grad)

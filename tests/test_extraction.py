@@ -1,0 +1,236 @@
+import random
+from collections import defaultdict
+
+import h5py
+import numpy as np
+import open_clip
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torchvision import transforms as T
+
+from fvgpt_cache.data import Sample, fewshot_splits, generic_dataset
+from fvgpt_cache.extraction import ExtractionError, ExtractOptions, extract
+from fvgpt_cache.store import CacheError, exclusive_lock, open_cache, partial_path
+
+OPTS = dict(shots=4, seed=1, workers=0, batch_size=5)
+
+
+def _dataset(generic_data):
+    return generic_dataset(*generic_data)
+
+
+def _eval_preprocess(loaded):
+    pp = loaded.preprocess
+    return open_clip.image_transform(pp["size"], is_train=False, mean=pp["mean"], std=pp["std"],
+                                     interpolation=pp["interpolation"], resize_mode=pp["resize_mode"])
+
+
+def _open_clip_features(loaded, pixels):
+    with torch.no_grad():
+        return F.normalize(loaded.model.encode_image(pixels), dim=-1)
+
+
+def test_full_and_foreground_features_equal_open_clip(tmp_path, generic_data, tiny_model):
+    split, image_root, mask_root = generic_data
+    cache = open_cache(extract(_dataset(generic_data), tiny_model, tmp_path / "c.h5",
+                               ExtractOptions(**OPTS, train_views=2)).out)
+    preprocess = _eval_preprocess(tiny_model)
+    size = tiny_model.preprocess["size"]
+    mask_tf = T.Compose([T.Resize(size, interpolation=T.InterpolationMode.NEAREST), T.CenterCrop(size), T.ToTensor()])
+    mean = torch.tensor(tiny_model.preprocess["mean"]).view(3, 1, 1)
+    std = torch.tensor(tiny_model.preprocess["std"]).view(3, 1, 1)
+    for split_name in ("train", "test"):
+        full, fg = cache.image(split_name, "full")[:, 0], cache.image(split_name, "fg")[:, 0]
+        areas = cache.areas(split_name)[:, 0]
+        for i, rel in enumerate(cache.paths(split_name)):
+            img = Image.open(image_root / rel)
+            x = preprocess(img).unsqueeze(0)
+            ref_full = _open_clip_features(tiny_model, x)[0]
+            assert F.cosine_similarity(full[i], ref_full, dim=0) > 0.999
+            m = (mask_tf(Image.open((mask_root / rel).with_suffix(".png")).convert("L")) > 0.5).float()
+            x_fg = ((x[0] * std + mean) * m - mean) / std
+            ref_fg = _open_clip_features(tiny_model, x_fg.unsqueeze(0))[0]
+            assert F.cosine_similarity(fg[i], ref_fg, dim=0) > 0.999
+            assert areas[i].item() == pytest.approx(m.mean().item())
+            assert full[i].norm().item() == pytest.approx(1.0, abs=2e-3)
+    train = cache.image("train", "full")
+    assert train.shape[1] == 2
+    assert not torch.allclose(train[:, 0], train[:, 1]), "augmented view must differ from the test-time crop"
+
+
+def test_text_features_equal_open_clip_encode_text(tmp_path, generic_data, tiny_model):
+    cache = open_cache(extract(_dataset(generic_data), tiny_model, tmp_path / "c.h5",
+                               ExtractOptions(**OPTS, template="a photo of a {}, a shape.")).out)
+    texts = [f"a photo of a {c.replace('_', ' ')}, a shape." for c in cache.classnames]
+    with torch.no_grad():
+        ref = F.normalize(tiny_model.model.encode_text(tiny_model.tokenizer(texts)), dim=-1)
+    assert torch.allclose(cache.text("clip"), ref, atol=1e-6)
+    assert cache.text_attrs("clip")["template"] == "a photo of a {}, a shape."
+    assert cache.logit_scale == pytest.approx(tiny_model.model.logit_scale.exp().item())
+
+
+def _dassl_reference(train, val, shots, seed):
+    """Dassl's generate_fewshot_dataset as CoOp calls it, written against the global `random`."""
+    random.seed(seed)
+
+    def sample(source, k):
+        tracker = defaultdict(list)
+        for item in source:
+            tracker[item.label].append(item)
+        out = []
+        for items in tracker.values():
+            out.extend(random.sample(items, k) if len(items) >= k else items)
+        return out
+
+    return sample(train, shots), sample(val, min(shots, 4))
+
+
+@pytest.mark.parametrize("seed", [1, 2, 3, 17])
+@pytest.mark.parametrize("shots", [1, 4, 16])
+def test_fewshot_equals_dassl(seed, shots):
+    rng = random.Random(99)
+    train = [Sample(f"tr{i}.jpg", lab, f"c{lab}") for i, lab in enumerate(rng.choices(range(7), k=200))]
+    train += [Sample("rare.jpg", 7, "c7")]  # fewer images than shots: all are kept
+    val = [Sample(f"va{i}.jpg", lab, f"c{lab}") for i, lab in enumerate(rng.choices(range(8), k=60))]
+    got = fewshot_splits({"train": train, "val": val, "test": val}, shots, seed)
+    ref_train, ref_val = _dassl_reference(train, val, shots, seed)
+    assert got["train"] == ref_train
+    assert got["val"] == ref_val
+    assert got["test"] == val
+
+
+def test_fewshot_zero_keeps_everything():
+    train = [Sample(f"{i}.jpg", i % 3, f"c{i % 3}") for i in range(10)]
+    assert fewshot_splits({"train": train, "val": [], "test": []}, 0, 1)["train"] == train
+
+
+def _contents(path):
+    out = {}
+    with h5py.File(path, "r") as f:
+        f.visititems(lambda k, v: out.__setitem__(k, v[()]) if isinstance(v, h5py.Dataset) else None)
+    return out
+
+
+def test_interrupted_extraction_resumes_to_identical_contents(tmp_path, generic_data, tiny_model):
+    ds = _dataset(generic_data)
+    opts = ExtractOptions(**OPTS, train_views=3)
+    ref = extract(ds, tiny_model, tmp_path / "ref.h5", opts).out
+    out = tmp_path / "resumed.h5"
+    with pytest.raises(KeyboardInterrupt):
+        extract(ds, tiny_model, out, opts, stop_after_batches=5)
+    assert not out.exists() and partial_path(out).exists()
+    with pytest.raises(CacheError, match="unfinished|resume"):
+        open_cache(out)
+    summary = extract(ds, tiny_model, out, opts)
+    assert summary.resumed_rows == 16 + 5  # train is 4 batches (5+5+5+1), then one val batch
+    assert not partial_path(out).exists()
+    a, b = _contents(ref), _contents(out)
+    assert a.keys() == b.keys()
+    for key in a:
+        np.testing.assert_array_equal(a[key], b[key], err_msg=key)
+
+
+def test_partial_with_other_settings_is_not_continued(tmp_path, generic_data, tiny_model):
+    ds = _dataset(generic_data)
+    out = tmp_path / "c.h5"
+    with pytest.raises(KeyboardInterrupt):
+        extract(ds, tiny_model, out, ExtractOptions(**OPTS), stop_after_batches=1)
+    with pytest.raises(CacheError, match="different settings"):
+        extract(ds, tiny_model, out, ExtractOptions(**{**OPTS, "seed": 2}))
+    extract(ds, tiny_model, out, ExtractOptions(**{**OPTS, "seed": 2}, resume=False))
+    assert open_cache(out).provenance["seed"] == 2
+
+
+def test_existing_cache_needs_force_and_second_writer_is_refused(tmp_path, generic_data, tiny_model):
+    ds = _dataset(generic_data)
+    out = tmp_path / "c.h5"
+    extract(ds, tiny_model, out, ExtractOptions(**OPTS))
+    with pytest.raises(CacheError, match="--force"):
+        extract(ds, tiny_model, out, ExtractOptions(**OPTS))
+    extract(ds, tiny_model, out, ExtractOptions(**OPTS, force=True))
+    with exclusive_lock(out):
+        with pytest.raises(CacheError, match="another process"):
+            extract(ds, tiny_model, out, ExtractOptions(**OPTS, force=True))
+
+
+def test_missing_mask_policies(tmp_path, generic_data, tiny_model):
+    split, image_root, mask_root = generic_data
+    victim = "blue_square/test_0.png"
+    (mask_root / victim).unlink()
+    ds = _dataset(generic_data)
+    with pytest.raises(ExtractionError, match="blue_square/test_0.jpg.*--missing-mask"):
+        extract(ds, tiny_model, tmp_path / "e.h5", ExtractOptions(**OPTS))
+    full = open_cache(extract(ds, tiny_model, tmp_path / "f.h5", ExtractOptions(**OPTS, missing_mask="full")).out)
+    assert full.provenance["full_mask_images"] == ["blue_square/test_0.jpg"]
+    i = full.paths("test").index("blue_square/test_0.jpg")
+    assert full.areas("test")[i, 0] == 1.0
+    assert torch.allclose(full.image("test", "fg")[i], full.image("test", "full")[i])
+    skip = open_cache(extract(ds, tiny_model, tmp_path / "s.h5", ExtractOptions(**OPTS, missing_mask="skip")).out)
+    assert "blue_square/test_0.jpg" not in skip.paths("test")
+    assert len(skip.paths("test")) == len(full.paths("test")) - 1
+    assert skip.provenance["skipped"]["test"] == [{"path": "blue_square/test_0.jpg", "reason": "missing mask"}]
+
+
+def test_bad_image_policies(tmp_path, generic_data, tiny_model):
+    split, image_root, mask_root = generic_data
+    (image_root / "red_circle/test_1.jpg").write_bytes(b"not a jpeg at all")
+    ds = _dataset(generic_data)
+    out = tmp_path / "e.h5"
+    with pytest.raises(ExtractionError, match="red_circle/test_1.jpg.*--bad-image skip"):
+        extract(ds, tiny_model, out, ExtractOptions(**OPTS))
+    assert partial_path(out).exists(), "finished batches must be kept for a resume"
+    summary = extract(ds, tiny_model, out, ExtractOptions(**OPTS, bad_image="skip"))
+    assert summary.resumed_rows > 0, "switching the policy must resume, not restart"
+    cache = open_cache(summary.out)
+    assert "red_circle/test_1.jpg" not in cache.paths("test")
+    assert len(cache.paths("test")) == 11 and cache.labels("test").shape == (11,)
+    (reason,) = cache.provenance["skipped"]["test"]
+    assert reason["path"] == "red_circle/test_1.jpg" and "cannot read image" in reason["reason"]
+    assert cache.image("test", "full").shape[0] == 11
+
+
+def test_bad_masks_fail_with_the_file_named(tmp_path, generic_data, tiny_model):
+    split, image_root, mask_root = generic_data
+    Image.new("L", (5, 5), 255).save(mask_root / "green_triangle/test_0.png")
+    with pytest.raises(ExtractionError, match=r"green_triangle/test_0.png is 5x5 but image"):
+        extract(_dataset(generic_data), tiny_model, tmp_path / "a.h5", ExtractOptions(**OPTS, bad_image="skip"))
+    (mask_root / "green_triangle/test_0.png").write_bytes(b"garbage")
+    with pytest.raises(ExtractionError, match=r"cannot read mask .*green_triangle/test_0.png"):
+        extract(_dataset(generic_data), tiny_model, tmp_path / "b.h5", ExtractOptions(**OPTS, bad_image="skip"))
+
+
+def test_empty_mask_is_valid_with_zero_area(tmp_path, generic_data, tiny_model):
+    split, image_root, mask_root = generic_data
+    w, h = Image.open(image_root / "yellow_star/test_0.jpg").size
+    Image.new("L", (w, h), 0).save(mask_root / "yellow_star/test_0.png")
+    summary = extract(_dataset(generic_data), tiny_model, tmp_path / "c.h5", ExtractOptions(**OPTS))
+    cache = open_cache(summary.out)
+    i = cache.paths("test").index("yellow_star/test_0.jpg")
+    assert cache.areas("test")[i, 0] == 0.0
+    assert summary.empty_masks["test"] >= 1
+
+
+def test_augmented_views_are_deterministic(tmp_path, generic_data, tiny_model):
+    ds = _dataset(generic_data)
+    a = open_cache(extract(ds, tiny_model, tmp_path / "a.h5", ExtractOptions(**OPTS, train_views=3)).out)
+    b = open_cache(extract(ds, tiny_model, tmp_path / "b.h5", ExtractOptions(**{**OPTS, "batch_size": 3}, train_views=3)).out)
+    assert torch.allclose(a.image("train", "fg"), b.image("train", "fg"), atol=1e-3)
+    assert torch.equal(a.areas("train"), b.areas("train"))
+
+
+def test_reader_refuses_foreign_and_future_files(tmp_path, generic_data, tiny_model):
+    foreign = tmp_path / "foreign.h5"
+    with h5py.File(foreign, "w") as f:
+        f.attrs["format"] = "something-else"
+    with pytest.raises(CacheError, match="not an fvgpt-cache store"):
+        open_cache(foreign)
+    out = extract(_dataset(generic_data), tiny_model, tmp_path / "c.h5", ExtractOptions(**OPTS)).out
+    with h5py.File(out, "r+") as f:
+        f.attrs["format_version"] = 99
+    with pytest.raises(CacheError, match="format version 99"):
+        open_cache(out)
+    (tmp_path / "junk.h5").write_bytes(b"junk")
+    with pytest.raises(CacheError, match="not a readable HDF5"):
+        open_cache(tmp_path / "junk.h5")
