@@ -62,7 +62,7 @@ def frg_target(z_full: Tensor, z_fg: Tensor, y: Tensor) -> Tensor:
     """FRG target (eq. 3): `r* = 1[CE(z_fg, y) < CE(z_full, y)]` as float, shape (B,)."""
     ce_full = F.cross_entropy(z_full, y, reduction="none")
     ce_fg = F.cross_entropy(z_fg, y, reduction="none")
-    return (ce_fg < ce_full).to(z_full.dtype)
+    return (ce_fg <= ce_full).to(z_full.dtype)
 
 
 def _check_names(use: Sequence[str], known: tuple[str, ...], what: str) -> tuple[str, ...]:

@@ -1,0 +1,71 @@
+"""A summary of one cache file: provenance, classes, splits, shapes, mask statistics and problems."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import h5py
+import numpy as np
+
+from .store import open_cache
+
+
+def inspect_cache(path: str | Path) -> dict:
+    cache = open_cache(path)
+    prov = cache.provenance
+    report: dict = {
+        "path": str(cache.path),
+        "provenance": prov,
+        "logit_scale": cache.logit_scale,
+        "classes": {"count": len(cache.classnames), "names": cache.classnames,
+                    "base": cache.base.tolist(), "new": cache.new.tolist()},
+        "text": {},
+        "splits": {},
+        "problems": [],
+    }
+    problems = report["problems"]
+    if prov.get("random_init"):
+        problems.append("the model has random weights: its features are only good for smoke tests")
+    if prov.get("full_mask_images"):
+        problems.append(f"{len(prov['full_mask_images'])} image(s) had no mask and use the whole image as foreground")
+    with h5py.File(cache.path, "r") as f:
+        for name, ds in f["text"].items():
+            arr = ds[()].astype(np.float32)
+            report["text"][name] = {"shape": list(ds.shape), "dtype": str(ds.dtype), **dict(_json_attrs(ds.attrs))}
+            _check_features(arr, f"text/{name}", problems)
+            if arr.shape[0] != len(cache.classnames):
+                problems.append(f"text/{name} has {arr.shape[0]} rows for {len(cache.classnames)} classes")
+        for split in cache.splits:
+            labels = f[f"samples/{split}/label"][()]
+            area = f[f"samples/{split}/area"][()]
+            entry = {
+                "samples": int(labels.shape[0]),
+                "classes_present": int(np.unique(labels).size),
+                "per_class_min": int(np.bincount(labels).min()) if labels.size else 0,
+                "per_class_max": int(np.bincount(labels).max()) if labels.size else 0,
+                "mask_area_mean": float(area.mean()) if area.size else None,
+                "empty_mask_views": int((area == 0).sum()),
+                "skipped": len(prov.get("skipped", {}).get(split, [])),
+                "features": {},
+            }
+            for kind, ds in f[f"image/clip/{split}"].items():
+                entry["features"][kind] = {"shape": list(ds.shape), "dtype": str(ds.dtype)}
+                _check_features(ds[()].astype(np.float32), f"image/clip/{split}/{kind}", problems)
+            if labels.size and labels.max() >= len(cache.classnames):
+                problems.append(f"{split} has label {labels.max()} but only {len(cache.classnames)} classes")
+            report["splits"][split] = entry
+    return report
+
+
+def _json_attrs(attrs) -> dict:
+    return {k: (v.item() if hasattr(v, "item") else v) for k, v in attrs.items() if k != "provenance"}
+
+
+def _check_features(arr: np.ndarray, name: str, problems: list[str]) -> None:
+    if arr.size == 0:
+        return
+    if not np.isfinite(arr).all():
+        problems.append(f"{name} contains NaN or inf values")
+        return
+    norms = np.linalg.norm(arr, axis=-1)
+    if np.abs(norms - 1).max() > 1e-2:
+        problems.append(f"{name} is not L2-normalised (norms {norms.min():.3f}..{norms.max():.3f})")

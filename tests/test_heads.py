@@ -1,0 +1,391 @@
+import math
+
+import pytest
+import torch
+
+from fvgpt_cache.heads import (
+    FDC,
+    Adapter,
+    FVGPTHead,
+    GateMLP,
+    brg_indicators,
+    clip_logits,
+    distill_loss,
+    entropy,
+    foreground_shift,
+    frg_indicators,
+    frg_target,
+    harmonic_mean,
+    kl_div,
+    pc_logits,
+    pc_loss,
+    prob_cosine,
+)
+
+ln = math.log
+P = [0.5, 0.25, 0.25]
+Q = [0.25, 0.5, 0.25]
+R = [0.8, 0.1, 0.1]
+U = [1 / 3, 1 / 3, 1 / 3]
+H_P = 1.5 * ln(2)
+H_R = -(0.8 * ln(0.8) + 0.2 * ln(0.1))
+
+
+def t(*rows):
+    return torch.tensor(rows, dtype=torch.float64)
+
+
+def logits_for(probs, tau=2.0):
+    """Logits whose softmax at temperature tau is `probs`."""
+    return [tau * ln(p) for p in probs]
+
+
+def close(actual, expected, tol=1e-9):
+    assert torch.allclose(torch.as_tensor(actual, dtype=torch.float64),
+                          torch.as_tensor(expected, dtype=torch.float64), atol=tol, rtol=0), (actual, expected)
+
+
+# --- statistics ---------------------------------------------------------------------------------
+
+def test_clip_logits_normalises_both_sides():
+    close(clip_logits(t([3.0, 4.0]), t([1.0, 0.0], [0.0, 2.0]), 10.0), [[6.0, 8.0]])
+
+
+def test_entropy_cosine_kl_by_hand():
+    close(entropy(t(P, U, [1.0, 0.0, 0.0])), [H_P, ln(3), 0.0])
+    # p·q = 0.3125, |p|² = |q|² = 0.375
+    close(prob_cosine(t(P), t(Q)), [0.3125 / 0.375])
+    close(prob_cosine(t(U), t(R)), [(1 / 3) / (math.sqrt(1 / 3) * math.sqrt(0.66))])
+    close(kl_div(t(P), t(Q)), [0.5 * ln(2) + 0.25 * ln(0.5)])
+    close(kl_div(t([1.0, 0.0, 0.0]), t(U)), [ln(3)])
+    close(kl_div(t(P), t(P)), [0.0])
+
+
+def test_statistics_finite_for_one_hot_uniform_and_extreme_logits():
+    one_hot, uniform = t([0.0, 1.0, 0.0]), t(U)
+    for p in (one_hot, uniform):
+        for q in (one_hot, uniform):
+            assert torch.isfinite(kl_div(p, q)).all()
+            assert torch.isfinite(prob_cosine(p, q)).all()
+        assert torch.isfinite(entropy(p)).all()
+    close(kl_div(uniform, one_hot), [-ln(3) - (2 / 3) * ln(1e-12)])  # log q is floored at 1e-12
+    z = torch.tensor([[1e4, -1e4, 0.0], [-1e4, -1e4, -1e4]])
+    z2 = torch.tensor([[-1e4, 1e4, 0.0], [0.0, 0.0, 0.0]])
+    assert torch.isfinite(entropy(z.softmax(-1))).all()
+    assert torch.isfinite(kl_div(z.softmax(-1), z2.softmax(-1))).all()
+    assert torch.isfinite(frg_indicators(z, z2, torch.ones(2), 2.0)).all()
+    assert torch.isfinite(brg_indicators(z, z2, 2.0)).all()
+    assert torch.isfinite(foreground_shift(z, z2, 2.0))
+    assert torch.isfinite(pc_loss(z, torch.tensor([1, 0]), z2.softmax(-1), 2.0))
+
+
+# --- gates' inputs and targets ------------------------------------------------------------------
+
+# sample 0: full P, fg R, label 0 -> CE_full = ln 1.5, CE_fg = ln(.66/.64) -> r* = 1
+# sample 1: full U, fg P, label 1 -> CE_full = ln 3,   CE_fg = ln 6        -> r* = 0
+Z_FULL = t(logits_for(P), logits_for(U))
+Z_FG = t(logits_for(R), logits_for(P))
+Y = torch.tensor([0, 1])
+
+
+def test_frg_target_by_hand():
+    import torch.nn.functional as F
+    close(F.cross_entropy(Z_FULL, Y, reduction="none"), [ln(1.5), ln(3)])
+    close(F.cross_entropy(Z_FG, Y, reduction="none"), [ln(0.66 / 0.64), ln(6)])
+    close(frg_target(Z_FULL, Z_FG, Y), [1.0, 0.0])
+    close(frg_target(Z_FULL, Z_FULL.clone(), Y), [0.0, 0.0])  # a tie is not "lower"
+
+
+def test_frg_indicators_by_hand():
+    u = frg_indicators(Z_FULL, Z_FG, t(0.3, 0.7), tau=2.0)
+    expected = [
+        [H_P - H_R, 0.45 / math.sqrt(0.375 * 0.66), 0.3],
+        [ln(3) - H_P, (1 / 3) / math.sqrt((1 / 3) * 0.375), 0.7],
+    ]
+    close(u, expected)
+    close(frg_indicators(Z_FULL, Z_FG, t(0.3, 0.7), 2.0, use=("area", "dH")),
+          [[0.3, H_P - H_R], [0.7, ln(3) - H_P]])
+
+
+def test_frg_indicators_use_temperature():
+    # at tau = 1 the distributions are P², R² renormalised, not P, R
+    u = frg_indicators(Z_FULL[:1], Z_FG[:1], t(0.3), tau=1.0, use=("dH",))
+    p = [v / 0.375 for v in (0.25, 0.0625, 0.0625)]
+    r = [v / 0.66 for v in (0.64, 0.01, 0.01)]
+    close(u, [[-sum(v * ln(v) for v in p) + sum(v * ln(v) for v in r)]])
+
+
+def test_indicator_names_are_validated():
+    with pytest.raises(ValueError, match="unknown FRG"):
+        frg_indicators(Z_FULL, Z_FG, torch.ones(2), 2.0, use=("dH", "entropy"))
+    with pytest.raises(ValueError, match="repeat"):
+        brg_indicators(Z_FULL, Z_FG, 2.0, use=("cos", "cos"))
+    with pytest.raises(ValueError, match="empty"):
+        brg_indicators(Z_FULL, Z_FG, 2.0, use=())
+
+
+def test_brg_indicators_by_hand():
+    v = brg_indicators(Z_FULL, Z_FG, tau=2.0)
+    close(v, [[H_P, H_R, 0.45 / math.sqrt(0.375 * 0.66)],
+              [ln(3), H_P, (1 / 3) / math.sqrt((1 / 3) * 0.375)]])
+    close(brg_indicators(Z_FULL, Z_FG, 2.0, use=("H_clip",)), [[H_R], [H_P]])
+
+
+# --- losses -------------------------------------------------------------------------------------
+
+def test_distill_loss_value_and_detached_r():
+    p_fg = t(P, [1.0, 0.0, 0.0])
+    p_full = t(R, U)
+    kl_fg = [ln(3) - H_P, ln(3)]  # KL(p ‖ uniform) = ln 3 − H(p)
+    kl_full = [ln(3) - H_R, 0.0]
+    expected = (0.5 * kl_fg[0] + 0.5 * kl_full[0] + 0.25 * kl_fg[1] + 0.75 * kl_full[1]) / 2
+
+    student_logits = torch.zeros(2, 3, dtype=torch.float64, requires_grad=True)
+    r = torch.tensor([0.5, 0.25], dtype=torch.float64, requires_grad=True)
+    loss = distill_loss(r, p_fg, p_full, student_logits.softmax(-1))
+    close(loss, expected)
+    loss.backward()
+    assert r.grad is None
+    assert student_logits.grad.abs().sum() > 0
+
+    r2 = r.detach().clone().requires_grad_(True)
+    distill_loss(r2, p_fg, p_full, student_logits.softmax(-1), detach_r=False).backward()
+    close(r2.grad, [(kl_fg[0] - kl_full[0]) / 2, (kl_fg[1] - kl_full[1]) / 2])
+
+
+def test_pc_logits_by_hand_and_endpoints():
+    z_bb, z_clip = t([1.0, 2.0, 3.0], [0.0, 0.0, 0.0]), t([3.0, 2.0, 1.0], [1.0, 0.0, 0.0])
+    close(pc_logits(z_bb, z_clip, t(0.25, 0.5)), [[1.5, 2.0, 2.5], [0.5, 0.0, 0.0]])
+    close(pc_logits(z_bb, z_clip, t([0.25], [0.5])), [[1.5, 2.0, 2.5], [0.5, 0.0, 0.0]])
+    close(pc_logits(z_bb, z_clip, torch.zeros(2, dtype=torch.float64)), z_bb)
+    close(pc_logits(z_bb, z_clip, torch.ones(2, 1, dtype=torch.float64)), z_clip)
+    with pytest.raises(ValueError, match="shape"):
+        pc_logits(z_bb, z_clip, torch.ones(2, 3))
+
+
+def test_pc_loss_by_hand():
+    def softmax(zs):
+        e = [math.exp(z) for z in zs]
+        return [v / sum(e) for v in e]
+
+    z_pc = [[1.5, 2.0, 2.5], [0.5, 0.0, 0.0]]
+    z_clip = [[3.0, 2.0, 1.0], [1.0, 0.0, 0.0]]
+    y = [2, 0]
+    ce = -(ln(softmax(z_pc[0])[2]) + ln(softmax(z_pc[1])[0])) / 2
+    kl = 0.0
+    for zp, zc in zip(z_pc, z_clip):
+        p = softmax([v / 2 for v in zc])
+        q = softmax([v / 2 for v in zp])
+        kl += sum(a * (ln(a) - ln(b)) for a, b in zip(p, q)) / 2
+    p_clip = (t(*z_clip) / 2).softmax(-1)
+    close(pc_loss(t(*z_pc), torch.tensor(y), p_clip, tau=2.0), ce + kl)
+
+
+def test_foreground_shift_and_harmonic_mean():
+    close(foreground_shift(t(logits_for(P)), t(logits_for(Q)), 2.0), 0.5 * ln(2) + 0.25 * ln(0.5))
+    assert harmonic_mean(80.0, 70.0) == pytest.approx(2 * 80 * 70 / 150)
+    assert harmonic_mean(0.0, 0.0) == 0.0
+    close(harmonic_mean(torch.tensor([80.0, 0.0]), torch.tensor([70.0, 0.0])), [2 * 80 * 70 / 150, 0.0], 1e-4)
+
+
+# --- modules ------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("layers, n_linear, n_params", [(1, 1, 3 + 1), (2, 2, 161), (3, 3, 161 + 32 * 32 + 32)])
+def test_gate_shapes_and_sizes(layers, n_linear, n_params):
+    gate = GateMLP(3, hidden=32, layers=layers)
+    u = torch.randn(5, 3)
+    assert gate(u).shape == (5,) and gate.logit(u).shape == (5,)
+    close(gate(u), torch.sigmoid(gate.logit(u)))
+    assert ((gate(u) > 0) & (gate(u) < 1)).all()
+    assert sum(isinstance(m, torch.nn.Linear) for m in gate.modules()) == n_linear
+    assert sum(p.numel() for p in gate.parameters()) == n_params
+
+
+@pytest.mark.parametrize("layers, n_params", [(1, 16 * 16 + 16), (2, 16 * 4 + 4 + 4 * 16 + 16),
+                                              (3, 16 * 4 + 4 + 4 * 4 + 4 + 4 * 16 + 16)])
+def test_adapter_shapes_and_sizes(layers, n_params):
+    adapter = Adapter(16, hidden=4, layers=layers)
+    x = torch.randn(5, 16)
+    out = adapter(x)
+    assert out.shape == (5, 16)
+    close(out.norm(dim=-1), torch.ones(5), 1e-6)
+    assert sum(p.numel() for p in adapter.parameters()) == n_params
+
+
+def test_adapter_with_zero_last_layer_is_normalisation():
+    x = torch.randn(4, 16)
+    adapter = Adapter(16, hidden=4)
+    with torch.no_grad():
+        adapter.mlp[-1].weight.zero_()
+        adapter.mlp[-1].bias.zero_()
+    assert torch.equal(adapter(x), torch.nn.functional.normalize(x, dim=-1))
+    assert torch.equal(Adapter(16, hidden=4, zero_init=True)(x), torch.nn.functional.normalize(x, dim=-1))
+    off = Adapter(16, enabled=False)
+    assert list(off.parameters()) == [] and torch.equal(off(x), torch.nn.functional.normalize(x, dim=-1))
+
+
+def test_module_arguments_are_validated():
+    with pytest.raises(ValueError, match="layers=4"):
+        GateMLP(3, layers=4)
+    with pytest.raises(ValueError, match="hidden=0"):
+        Adapter(8, hidden=0)
+    with pytest.raises(ValueError, match="in_features=0"):
+        GateMLP(0)
+    with pytest.raises(ValueError, match="r_without_frg"):
+        FVGPTHead(8, r_without_frg="zero")
+    with pytest.raises(ValueError, match="unknown BRG"):
+        FVGPTHead(8, brg_indicators=("H_bb", "dH"))
+
+
+def test_fdc_logits_scale_option():
+    img, txt = torch.randn(3, 8), torch.randn(4, 8)
+    fdc = FDC(8, hidden=4, visual=False, textual=False)
+    expected = torch.nn.functional.normalize(img, dim=-1) @ torch.nn.functional.normalize(txt, dim=-1).T
+    close(fdc(img, txt, 100.0), 100.0 * expected, 1e-5)
+    close(FDC(8, visual=False, textual=False, use_scale=False)(img, txt, 100.0), expected, 1e-6)
+
+
+def test_head_parameter_counts_vit_b16():
+    head = FVGPTHead(512)
+    assert head.num_parameters("fdc") == 2 * (512 * 64 + 64 + 64 * 512 + 512) == 132_224
+    assert head.num_parameters("frg") == head.num_parameters("brg") == 3 * 32 + 32 + 32 + 1 == 161
+    assert head.num_parameters() == 132_546
+    assert FVGPTHead(512, fdc_textual=False).num_parameters() == 66_112 + 161 + 161
+    assert FVGPTHead(512, use_frg=False).num_parameters() == 132_224 + 161
+    assert FVGPTHead(512, use_pc=False, frg_indicators=("dH", "cos")).num_parameters() == 132_224 + 2 * 32 + 32 + 33
+    only_pc = FVGPTHead(512, use_fdc=False)
+    assert only_pc.fdc is None and only_pc.frg is None and only_pc.num_parameters() == 161
+
+
+# --- the head -----------------------------------------------------------------------------------
+
+D, CB, B, S = 16, 5, 6, 100.0
+
+
+def batch(seed=0, dtype=torch.float32):
+    g = torch.Generator().manual_seed(seed)
+    n = torch.nn.functional.normalize
+    txt_bb = n(torch.randn(CB, D, generator=g), dim=-1)
+    txt_clip = n(txt_bb + 0.5 * torch.randn(CB, D, generator=g), dim=-1)
+    img_bb = n(torch.randn(B, D, generator=g), dim=-1)
+    img_fg = n(img_bb + 0.5 * torch.randn(B, D, generator=g), dim=-1)
+    img_clip = n(img_bb + 0.3 * torch.randn(B, D, generator=g), dim=-1)
+    area = torch.rand(B, generator=g)
+    y = torch.randint(0, CB, (B,), generator=g)
+    return dict(img_bb=img_bb.to(dtype), img_bb_fg=img_fg.to(dtype), img_clip=img_clip.to(dtype),
+                area=area, y=y, txt_bb=txt_bb.to(dtype), txt_clip=txt_clip.to(dtype), scale=S)
+
+
+def make_head(seed=0, **kw):
+    torch.manual_seed(seed)
+    return FVGPTHead(D, fdc_hidden=8, gate_hidden=8, **kw)
+
+
+def test_head_losses_match_the_equations():
+    head, b = make_head(), batch()
+    out = head.losses(**b, lambda_d=10.0)
+    assert set(out) == {"frg", "ce_fdc", "dist", "base", "ce_pc", "kl_pc", "pc", "total"}
+    F = torch.nn.functional
+    z_full = clip_logits(b["img_bb"], b["txt_bb"], S)
+    z_fg = clip_logits(b["img_bb_fg"], b["txt_bb"], S)
+    z_clip = clip_logits(b["img_clip"], b["txt_clip"], S)
+    q = head.frg.logit(frg_indicators(z_full, z_fg, b["area"], 2.0))
+    frg = F.binary_cross_entropy(torch.sigmoid(q), frg_target(z_full, z_fg, b["y"]))
+    z_fdc = S * head.fdc.image(b["img_bb"]) @ head.fdc.text(b["txt_bb"]).T
+    dist = distill_loss(torch.sigmoid(q), (z_fg / 2).softmax(-1), (z_full / 2).softmax(-1), (z_fdc / 2).softmax(-1))
+    z_pc = pc_logits(z_full, z_clip, head.brg(brg_indicators(z_full, z_clip, 2.0)))
+    pc = pc_loss(z_pc, b["y"], (z_clip / 2).softmax(-1), 2.0)
+    close(out["frg"], frg, 1e-5)
+    close(out["dist"], dist, 1e-5)
+    close(out["ce_fdc"], F.cross_entropy(z_fdc, b["y"]), 1e-5)
+    close(out["pc"], pc, 1e-5)
+    close(out["total"], out["ce_fdc"] + frg + 10.0 * dist + pc, 1e-4)
+    close(head.predict_base(b["img_bb"], b["txt_bb"], S), z_fdc, 1e-5)
+    close(head.predict_new(b["img_bb"], b["img_clip"], b["txt_bb"], b["txt_clip"], S), z_pc, 1e-5)
+
+
+def test_head_loss_flags_and_disabled_parts():
+    b = batch()
+    out = make_head().losses(**b, loss_frg=False, loss_kl_pc=False)
+    assert set(out) == {"ce_fdc", "dist", "base", "ce_pc", "pc", "total"}
+    close(out["total"], out["ce_fdc"] + 10.0 * out["dist"] + out["ce_pc"], 1e-5)
+    assert set(make_head(use_fdc=False).losses(**b)) == {"ce_pc", "kl_pc", "pc", "total"}
+    assert set(make_head(use_pc=False).losses(**b)) == {"frg", "ce_fdc", "dist", "base", "total"}
+    empty = make_head(use_fdc=False, use_pc=False)
+    assert empty.losses(**b)["total"].item() == 0.0
+    z_bb = clip_logits(b["img_bb"], b["txt_bb"], S)
+    close(empty.predict_base(b["img_bb"], b["txt_bb"], S), z_bb)
+    close(empty.predict_new(b["img_bb"], b["img_clip"], b["txt_bb"], b["txt_clip"], S), z_bb)
+
+
+@pytest.mark.parametrize("mode", ["one", "target", "half"])
+def test_r_without_frg(mode):
+    head, b = make_head(use_frg=False, r_without_frg=mode), batch()
+    assert head.frg is None
+    out = head.losses(**b)
+    assert "frg" not in out
+    z_full = clip_logits(b["img_bb"], b["txt_bb"], S)
+    z_fg = clip_logits(b["img_bb_fg"], b["txt_bb"], S)
+    r_star = frg_target(z_full, z_fg, b["y"])
+    assert 0 < r_star.sum() < B  # the batch mixes both targets, so the three modes differ
+    r = {"one": torch.ones(B), "target": r_star, "half": torch.full((B,), 0.5)}[mode]
+    p_student = (head.predict_base(b["img_bb"], b["txt_bb"], S) / 2).softmax(-1)
+    close(out["dist"], distill_loss(r, (z_fg / 2).softmax(-1), (z_full / 2).softmax(-1), p_student), 1e-5)
+
+
+def reached(head, loss):
+    """Names of the head's submodules that get a non-zero gradient from `loss`."""
+    named = [(n, p) for n, p in head.named_parameters()]
+    grads = torch.autograd.grad(loss, [p for _, p in named], retain_graph=True, allow_unused=True)
+    return {n.split(".")[0] for (n, _), g in zip(named, grads) if g is not None and g.abs().sum() > 0}
+
+
+def test_gradients_reach_only_their_parameters():
+    head = make_head()
+    out = head.losses(**batch())
+    assert reached(head, out["pc"]) == {"brg"}
+    assert reached(head, out["base"]) == {"fdc", "frg"}
+    assert reached(head, out["frg"]) == {"frg"}
+    assert reached(head, out["dist"] + out["ce_fdc"]) == {"fdc"}
+    assert reached(head, out["total"]) == {"fdc", "frg", "brg"}
+    brg = {id(p) for p in head.brg.parameters()}
+    assert brg.isdisjoint(id(p) for m in (head.fdc, head.frg) for p in m.parameters())
+
+    coupled = make_head(detach_r=False)
+    assert reached(coupled, coupled.losses(**batch())["dist"]) == {"fdc", "frg"}
+
+
+def test_features_are_frozen_inputs():
+    b = batch()
+    for k in ("img_bb", "img_bb_fg", "img_clip", "txt_bb", "txt_clip"):
+        b[k] = b[k].clone().requires_grad_(True)
+    make_head().losses(**b)["total"].backward()
+    assert b["img_bb_fg"].grad is None and b["img_clip"].grad is None and b["txt_clip"].grad is None
+    assert b["img_bb"].grad is not None  # through the FDC adapter, as eq. 7 says
+
+
+def test_predict_new_never_calls_fdc():
+    head, b = make_head(), batch()
+    args = (b["img_bb"], b["img_clip"], b["txt_bb"], b["txt_clip"], S)
+    before = head.predict_new(*args)
+    with torch.no_grad():
+        for p in list(head.fdc.parameters()) + list(head.frg.parameters()):
+            p.fill_(float("nan"))
+    after = head.predict_new(*args)
+    assert torch.isfinite(after).all() and torch.equal(before, after)
+    assert torch.isnan(head.predict_base(b["img_bb"], b["txt_bb"], S)).all()
+
+
+def test_float16_features_are_accepted():
+    head = make_head()
+    out16 = head.losses(**batch(dtype=torch.float16))
+    assert out16["total"].dtype == torch.float32 and torch.isfinite(out16["total"])
+
+
+def test_determinism():
+    h1, h2 = make_head(seed=3), make_head(seed=3)
+    s1, s2 = h1.state_dict(), h2.state_dict()
+    assert s1.keys() == s2.keys() and all(torch.equal(s1[k], s2[k]) for k in s1)
+    assert torch.equal(h1.losses(**batch())["total"], h2.losses(**batch())["total"])
+    h3 = make_head(seed=4)
+    assert not torch.equal(h1.brg.mlp[0].weight, h3.brg.mlp[0].weight)
