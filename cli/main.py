@@ -75,6 +75,7 @@ def extract(
     from fvgpt_cache.models import load_clip
 
     try:
+        k = parse_shots(shots)
         if dataset and split_file:
             fail("give either --dataset (with --data) or --split-file (with --image-root), not both")
         if dataset:
@@ -87,7 +88,6 @@ def extract(
             ds = generic_dataset(split_file, image_root, mask_root, template=template or "a photo of a {}.")
         else:
             fail("say which data to read: --data ROOT --dataset NAME, or --split-file FILE --image-root DIR")
-        k = parse_shots(shots)
         options = ExtractOptions(shots=k, seed=seed, train_views=train_views, batch_size=batch_size, workers=workers,
                                  device=device, missing_mask=missing_mask, bad_image=bad_image, fg_mode=fg_mode,
                                  template=template, store_dtype=dtype, resume=resume, force=force)

@@ -62,7 +62,7 @@ def frg_target(z_full: Tensor, z_fg: Tensor, y: Tensor) -> Tensor:
     """FRG target (eq. 3): `r* = 1[CE(z_fg, y) < CE(z_full, y)]` as float, shape (B,)."""
     ce_full = F.cross_entropy(z_full, y, reduction="none")
     ce_fg = F.cross_entropy(z_fg, y, reduction="none")
-    return (ce_fg <= ce_full).to(z_full.dtype)
+    return (ce_fg < ce_full).to(z_full.dtype)
 
 
 def _check_names(use: Sequence[str], known: tuple[str, ...], what: str) -> tuple[str, ...]:
@@ -289,7 +289,8 @@ class FVGPTHead(nn.Module):
         img_bb, img_bb_fg: backbone features of the full image and its foreground view (B, D);
         img_clip: zero-shot CLIP features of the full image (B, D); area: A(m) (B,);
         y: labels (B,) indexing the rows of txt_bb / txt_clip, the base-class text features (Cb, D).
-        The `loss_*` flags switch single terms off (Table 12).
+        The `loss_*` flags switch single terms off (Table 12); with `loss_frg=False` the gate is
+        still read, so r comes from an FRG that nothing trains (the literal Table 12 ablation).
 
         Returns the terms that are on — "frg", "dist" (unweighted), "ce_fdc" and their sum
         "base" = CE + L_FRG + λ_d·L_dist when FDC is on; "ce_pc", "kl_pc" and "pc" when PC is

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import re
+import warnings
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -125,12 +126,17 @@ def _resolve_quick_gelu(quick_gelu: str, model_name: str, pretrained: str, local
     return False
 
 
+def _torchscript_state_dict(path: Path) -> dict:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # torch.jit.load is deprecated, but OpenAI ships such files
+        return torch.jit.load(str(path), map_location="cpu").state_dict()
+
+
 def _load_local_weights(model: torch.nn.Module, path: Path) -> None:
     if is_torchscript_archive(path):
-        state_dict = torch.jit.load(str(path), map_location="cpu").state_dict()
-        for key in ("input_resolution", "context_length", "vocab_size"):
-            state_dict.pop(key, None)
-        model.load_state_dict({k: v.float() for k, v in state_dict.items()})
+        state_dict = _torchscript_state_dict(path)
+        wanted = model.state_dict().keys()  # archives also carry buffers such as attn_mask and sizes
+        model.load_state_dict({k: v.float() for k, v in state_dict.items() if k in wanted})
     else:
         open_clip.load_checkpoint(model, str(path), strict=True, weights_only=True)
 
@@ -195,7 +201,7 @@ def load_clip(
                 f"unknown model {model!r}: give an open_clip model name (e.g. ViT-B-16, ViT-B-32, RN50) "
                 "or the path of an open_clip model config .json"
             )
-        if pretrained is not None and local_file is None and get_pretrained_cfg(model, pretrained) is None:
+        if pretrained is not None and local_file is None and not get_pretrained_cfg(model, pretrained):
             raise ValueError(
                 f"--pretrained {pretrained!r} is neither a file nor a tag of {model}; "
                 f"tags: {list_pretrained_tags_by_model(model)}, or 'none'"
@@ -217,7 +223,7 @@ def load_clip(
                     raise _download_error(model, pretrained, exc) from exc
                 raise
         if is_jit:
-            state_dict = torch.jit.load(str(local_file), map_location="cpu").state_dict()
+            state_dict = _torchscript_state_dict(local_file)
             rebuilt = build_model_from_openai_state_dict(state_dict, quick_gelu=qg)
             rebuilt.float()
             open_clip.set_model_preprocess_cfg(rebuilt, open_clip.get_model_preprocess_cfg(net))

@@ -1,0 +1,77 @@
+import json
+
+import pytest
+from typer.testing import CliRunner
+
+from fvgpt_cache.cli.main import app
+from fvgpt_cache.store import open_cache
+from test_datasets import build
+
+runner = CliRunner()
+
+
+def _run(*args):
+    return runner.invoke(app, [str(a) for a in args])
+
+
+def test_extract_generic_then_inspect_json(tmp_path, generic_data, tiny_config):
+    split, images, masks = generic_data
+    out = tmp_path / "c.h5"
+    res = _run("extract", "--split-file", split, "--image-root", images, "--mask-root", masks, "--model", tiny_config,
+               "--pretrained", "none", "--shots", "2", "--seed", "3", "--train-views", "2", "--workers", "0",
+               "--out", out)
+    assert res.exit_code == 0, res.output
+    assert "random weights" in res.output
+    res = _run("inspect", out, "--json")
+    assert res.exit_code == 0, res.output
+    report = json.loads(res.stdout)
+    assert report["splits"]["train"]["samples"] == 8
+    assert report["splits"]["train"]["features"]["full"]["shape"] == [8, 2, 32]
+    assert report["splits"]["val"]["samples"] == 8
+    assert report["classes"]["base"] == [0, 1] and report["classes"]["new"] == [2, 3]
+    assert report["provenance"]["shots"] == 2 and report["provenance"]["seed"] == 3
+    assert any("random weights" in p for p in report["problems"])
+    res = _run("extract", "--split-file", split, "--image-root", images, "--mask-root", masks, "--model", tiny_config,
+               "--pretrained", "none", "--shots", "2", "--seed", "3", "--train-views", "2", "--workers", "0",
+               "--out", out)
+    assert res.exit_code == 2 and "--force" in res.output
+
+
+@pytest.mark.parametrize("name", ["oxford_pets", "fgvc_aircraft", "imagenet"])
+def test_extract_named_dataset_with_default_output(tmp_path, tiny_config, name, monkeypatch):
+    root, _ = build(tmp_path / "data", name)
+    monkeypatch.chdir(tmp_path)
+    res = _run("extract", "--data", root, "--dataset", name, "--model", tiny_config, "--pretrained", "none",
+               "--shots", "all", "--workers", "0")
+    assert res.exit_code == 0, res.output
+    out = tmp_path / "cache" / name / "tiny-clip-none" / "allshots_seed1.h5"
+    cache = open_cache(out)
+    assert cache.provenance["dataset"] == name and len(cache.classnames) == 3
+    assert cache.provenance["mask_root"].endswith("mask") or "mask" in cache.provenance["mask_root"]
+
+
+@pytest.mark.parametrize("args, message", [
+    ([], "say which data to read"),
+    (["--dataset", "dtd"], "--dataset needs --data"),
+    (["--split-file", "x.json"], "--split-file needs --image-root"),
+    (["--data", ".", "--dataset", "nope"], "valid"),
+    (["--split-file", "x.json", "--image-root", ".", "--shots", "-3"], "--shots"),
+])
+def test_extract_argument_errors(args, message, tiny_config):
+    res = _run("extract", "--model", tiny_config, "--pretrained", "none", *args)
+    assert res.exit_code == 2
+    assert message in res.output
+
+
+def test_inspect_refuses_foreign_file(tmp_path):
+    (tmp_path / "x.h5").write_bytes(b"nope")
+    res = _run("inspect", tmp_path / "x.h5")
+    assert res.exit_code == 2 and "not a readable HDF5" in res.output
+
+
+def test_demo_runs_offline(tmp_path):
+    res = _run("demo", "--out", tmp_path / "demo")
+    assert res.exit_code == 0, res.output
+    assert "RANDOM weights" in res.output
+    cache = open_cache(tmp_path / "demo" / "demo-shapes.h5")
+    assert cache.image("train").shape[:2] == (96, 2)
