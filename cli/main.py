@@ -15,7 +15,7 @@ from rich.text import Text
 app = typer.Typer(help="FVG-PT heads trained from cached CLIP features.", no_args_is_help=True,
                   pretty_exceptions_enable=False)
 console = Console()
-err = Console(stderr=True)
+err = Console(stderr=True, soft_wrap=True)
 
 
 class RateColumn(ProgressColumn):
