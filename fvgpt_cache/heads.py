@@ -105,14 +105,18 @@ def brg_indicators(z_bb: Tensor, z_clip: Tensor, tau: float,
     return torch.stack([stats[name]() for name in use], dim=-1)
 
 
-def distill_loss(r: Tensor, p_fg: Tensor, p_full: Tensor, p_student: Tensor,
+def distill_loss(r: Tensor, p_fg: Tensor, p_full: Tensor, log_q: Tensor,
                  detach_r: bool = True) -> Tensor:
-    """L_dist (eq. 9), mean over the batch of `r·KL(p_fg‖p_student) + (1−r)·KL(p_full‖p_student)`.
-    With `detach_r` (D2) no gradient reaches r."""
+    """L_dist (eq. 9), mean over the batch of `r·KL(p_fg‖q) + (1−r)·KL(p_full‖q)`.
+
+    The student enters as log-probabilities `log_q = log_softmax(z_FDC/τ)`: taking the log of
+    clamped probabilities would zero the gradient of every class whose probability underflows,
+    which at CLIP's logit scale happens early in training. With `detach_r` (D2) no gradient reaches r.
+    """
     r = r.reshape(-1)
     if detach_r:
         r = r.detach()
-    return (r * kl_div(p_fg, p_student) + (1 - r) * kl_div(p_full, p_student)).mean()
+    return (r * _kl_from_log(p_fg, log_q) + (1 - r) * _kl_from_log(p_full, log_q)).mean()
 
 
 def pc_logits(z_bb: Tensor, z_clip: Tensor, b: Tensor) -> Tensor:
@@ -272,45 +276,63 @@ class FVGPTHead(nn.Module):
         dtype = self._dtype()
         return [x.to(dtype) for x in xs]
 
-    def _calibrated(self, img_bb: Tensor, img_clip: Tensor, txt_bb: Tensor, txt_clip: Tensor,
-                    scale: float | Tensor) -> tuple[Tensor, Tensor]:
+    def frozen(self, img_bb: Tensor, img_bb_fg: Tensor, img_clip: Tensor, area: Tensor, y: Tensor,
+               txt_bb: Tensor, txt_clip: Tensor, scale: float | Tensor) -> dict[str, Tensor]:
+        """Everything the losses need that depends only on frozen features (D4), per sample.
+
+        Training computes this once for every stored view and indexes it per batch; the result
+        is the same as computing it inside each step.
+        """
+        img_bb, img_bb_fg, img_clip, area, txt_bb, txt_clip = self._cast(
+            img_bb, img_bb_fg, img_clip, area, txt_bb, txt_clip)
         with torch.no_grad():
-            z_bb = clip_logits(img_bb, txt_bb, scale)
+            z_full = clip_logits(img_bb, txt_bb, scale)
+            z_fg = clip_logits(img_bb_fg, txt_bb, scale)
             z_clip = clip_logits(img_clip, txt_clip, scale)
-            v = brg_indicators(z_bb, z_clip, self.tau, self.brg_names)
-        return pc_logits(z_bb, z_clip, self.brg(v)), z_clip
+            out = {
+                "img_bb": img_bb, "y": y, "z_full": z_full, "z_clip": z_clip,
+                "p_full": (z_full / self.tau).softmax(-1), "p_fg": (z_fg / self.tau).softmax(-1),
+                "p_clip": (z_clip / self.tau).softmax(-1), "r_star": frg_target(z_full, z_fg, y),
+                "v": brg_indicators(z_full, z_clip, self.tau, self.brg_names),
+            }
+            if self.frg is not None:
+                out["u"] = frg_indicators(z_full, z_fg, area, self.tau, self.frg_names)
+        return out
 
     def losses(self, img_bb: Tensor, img_bb_fg: Tensor, img_clip: Tensor, area: Tensor, y: Tensor,
-               txt_bb: Tensor, txt_clip: Tensor, scale: float | Tensor, lambda_d: float = 10.0, *,
-               loss_frg: bool = True, loss_dist: bool = True, loss_ce_fdc: bool = True,
-               loss_ce_pc: bool = True, loss_kl_pc: bool = True) -> dict[str, Tensor]:
+               txt_bb: Tensor, txt_clip: Tensor, scale: float | Tensor, lambda_d: float = 10.0,
+               **flags: bool) -> dict[str, Tensor]:
         """Training losses on one batch of base-class samples (eqs. 3–15).
 
         img_bb, img_bb_fg: backbone features of the full image and its foreground view (B, D);
         img_clip: zero-shot CLIP features of the full image (B, D); area: A(m) (B,);
         y: labels (B,) indexing the rows of txt_bb / txt_clip, the base-class text features (Cb, D).
+        `flags` are those of `losses_from`.
+        """
+        frozen = self.frozen(img_bb, img_bb_fg, img_clip, area, y, txt_bb, txt_clip, scale)
+        return self.losses_from(frozen, txt_bb, scale, lambda_d, **flags)
+
+    def losses_from(self, frozen: dict[str, Tensor], txt_bb: Tensor, scale: float | Tensor,
+                    lambda_d: float = 10.0, *, loss_frg: bool = True, loss_dist: bool = True,
+                    loss_ce_fdc: bool = True, loss_ce_pc: bool = True,
+                    loss_kl_pc: bool = True) -> dict[str, Tensor]:
+        """The losses from `frozen` statistics of a batch (see `frozen`).
+
         The `loss_*` flags switch single terms off (Table 12); with `loss_frg=False` the gate is
         still read, so r comes from an FRG that nothing trains (the literal Table 12 ablation).
-
         Returns the terms that are on — "frg", "dist" (unweighted), "ce_fdc" and their sum
         "base" = CE + L_FRG + λ_d·L_dist when FDC is on; "ce_pc", "kl_pc" and "pc" when PC is
         on — and "total" = base + pc.
         """
-        img_bb, img_bb_fg, img_clip, area, txt_bb, txt_clip = self._cast(
-            img_bb, img_bb_fg, img_clip, area, txt_bb, txt_clip)
+        (txt_bb,) = self._cast(txt_bb)
+        img_bb, y = frozen["img_bb"], frozen["y"]
         out: dict[str, Tensor] = {}
         total = img_bb.new_zeros(())
         if self.fdc is not None:
-            with torch.no_grad():
-                z_full = clip_logits(img_bb, txt_bb, scale)
-                z_fg = clip_logits(img_bb_fg, txt_bb, scale)
-                p_full, p_fg = (z_full / self.tau).softmax(-1), (z_fg / self.tau).softmax(-1)
-                r_star = frg_target(z_full, z_fg, y)
+            r_star = frozen["r_star"]
             base = img_bb.new_zeros(())
             if self.frg is not None:
-                with torch.no_grad():
-                    u = frg_indicators(z_full, z_fg, area, self.tau, self.frg_names)
-                q = self.frg.logit(u)
+                q = self.frg.logit(frozen["u"])
                 r = torch.sigmoid(q)
                 if loss_frg:
                     out["frg"] = F.binary_cross_entropy_with_logits(q, r_star)
@@ -323,20 +345,19 @@ class FVGPTHead(nn.Module):
                 out["ce_fdc"] = F.cross_entropy(z_fdc, y)
                 base = base + out["ce_fdc"]
             if loss_dist:
-                p_student = (z_fdc / self.tau).softmax(-1)
-                out["dist"] = distill_loss(r, p_fg, p_full, p_student, self.detach_r)
+                log_q = (z_fdc / self.tau).log_softmax(-1)
+                out["dist"] = distill_loss(r, frozen["p_fg"], frozen["p_full"], log_q, self.detach_r)
                 base = base + lambda_d * out["dist"]
             out["base"] = base
             total = total + base
         if self.brg is not None:
-            z_pc, z_clip = self._calibrated(img_bb, img_clip, txt_bb, txt_clip, scale)
+            z_pc = pc_logits(frozen["z_full"], frozen["z_clip"], self.brg(frozen["v"]))
             pc = img_bb.new_zeros(())
             if loss_ce_pc:
                 out["ce_pc"] = F.cross_entropy(z_pc, y)
                 pc = pc + out["ce_pc"]
             if loss_kl_pc:
-                p_clip = (z_clip / self.tau).softmax(-1)
-                out["kl_pc"] = _kl_from_log(p_clip, (z_pc / self.tau).log_softmax(-1)).mean()
+                out["kl_pc"] = _kl_from_log(frozen["p_clip"], (z_pc / self.tau).log_softmax(-1)).mean()
                 pc = pc + out["kl_pc"]
             out["pc"] = pc
             total = total + pc
@@ -356,7 +377,11 @@ class FVGPTHead(nn.Module):
         img_bb, img_clip, txt_bb, txt_clip = self._cast(img_bb, img_clip, txt_bb, txt_clip)
         if self.brg is None:
             return clip_logits(img_bb, txt_bb, scale)
-        return self._calibrated(img_bb, img_clip, txt_bb, txt_clip, scale)[0]
+        with torch.no_grad():
+            z_bb = clip_logits(img_bb, txt_bb, scale)
+            z_clip = clip_logits(img_clip, txt_clip, scale)
+            v = brg_indicators(z_bb, z_clip, self.tau, self.brg_names)
+        return pc_logits(z_bb, z_clip, self.brg(v))
 
     def num_parameters(self, part: str | None = None) -> int:
         """Learnable parameters of the head, or of one part: "frg", "fdc" or "brg"."""

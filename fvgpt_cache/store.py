@@ -162,3 +162,50 @@ def check_same_model(caches: list[Cache]) -> None:
                 f"{other.path} and {caches[0].path} were extracted with different models or preprocessing "
                 f"({', '.join(f'{k}: {sig[k]!r} vs {ref[k]!r}' for k in diff)}); re-extract one with the other's settings"
             )
+
+
+def write_cache(path: str | Path, *, classnames: list[str], base: list[int], new: list[int], text_clip: np.ndarray,
+                template: str, images: dict[str, dict[str, np.ndarray]], labels: dict[str, np.ndarray],
+                areas: dict[str, np.ndarray], paths: dict[str, list[str]], provenance: dict, logit_scale: float,
+                store_dtype: str = "float16") -> Path:
+    """Write a complete cache from arrays in one go (synthetic caches, conversions).
+
+    `images[split][kind]` is (N, V, D) for kind in full/fg. The file appears atomically.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    utf8 = h5py.string_dtype("utf-8")
+    with h5py.File(tmp, "w") as f:
+        f.attrs.update(format=FORMAT, format_version=FORMAT_VERSION, provenance=json.dumps(provenance),
+                       logit_scale=float(logit_scale))
+        f.create_dataset("classes/names", data=classnames, dtype=utf8)
+        f.create_dataset("classes/base", data=np.asarray(base, dtype=np.int64))
+        f.create_dataset("classes/new", data=np.asarray(new, dtype=np.int64))
+        f.create_dataset("text/clip", data=np.asarray(text_clip, dtype=np.float32))
+        f["text/clip"].attrs["template"] = template
+        for split, kinds in images.items():
+            for kind, arr in kinds.items():
+                f.create_dataset(f"image/clip/{split}/{kind}", data=np.asarray(arr, dtype=store_dtype))
+            f.create_dataset(f"samples/{split}/label", data=np.asarray(labels[split], dtype=np.int64))
+            f.create_dataset(f"samples/{split}/area", data=np.asarray(areas[split], dtype=np.float32))
+            f.create_dataset(f"samples/{split}/path", data=paths[split], dtype=utf8)
+    os.replace(tmp, path)
+    return path
+
+
+def write_text_group(path: str | Path, name: str, features: np.ndarray | torch.Tensor, provenance: dict) -> None:
+    """Add or replace `/text/<name>` (C, D), L2-normalised, with its provenance; checks the shape fits."""
+    if name == "clip":
+        raise CacheError("the text group 'clip' holds zero-shot CLIP features written by extraction; choose another name")
+    feats = torch.as_tensor(features, dtype=torch.float32)
+    feats = torch.nn.functional.normalize(feats, dim=-1).numpy()
+    with h5py.File(path, "r+") as f:
+        expected = f["text/clip"].shape
+        if feats.shape != expected:
+            raise CacheError(f"text features for {name!r} have shape {feats.shape}; {path} needs {expected} "
+                             "(one row per class, the model's embedding width)")
+        if f"text/{name}" in f:
+            del f[f"text/{name}"]
+        f.create_dataset(f"text/{name}", data=feats)
+        f[f"text/{name}"].attrs["provenance"] = json.dumps(provenance)

@@ -142,14 +142,14 @@ def test_distill_loss_value_and_detached_r():
 
     student_logits = torch.zeros(2, 3, dtype=torch.float64, requires_grad=True)
     r = torch.tensor([0.5, 0.25], dtype=torch.float64, requires_grad=True)
-    loss = distill_loss(r, p_fg, p_full, student_logits.softmax(-1))
+    loss = distill_loss(r, p_fg, p_full, student_logits.log_softmax(-1))
     close(loss, expected)
     loss.backward()
     assert r.grad is None
     assert student_logits.grad.abs().sum() > 0
 
     r2 = r.detach().clone().requires_grad_(True)
-    distill_loss(r2, p_fg, p_full, student_logits.softmax(-1), detach_r=False).backward()
+    distill_loss(r2, p_fg, p_full, student_logits.log_softmax(-1), detach_r=False).backward()
     close(r2.grad, [(kl_fg[0] - kl_full[0]) / 2, (kl_fg[1] - kl_full[1]) / 2])
 
 
@@ -292,7 +292,7 @@ def test_head_losses_match_the_equations():
     q = head.frg.logit(frg_indicators(z_full, z_fg, b["area"], 2.0))
     frg = F.binary_cross_entropy(torch.sigmoid(q), frg_target(z_full, z_fg, b["y"]))
     z_fdc = S * head.fdc.image(b["img_bb"]) @ head.fdc.text(b["txt_bb"]).T
-    dist = distill_loss(torch.sigmoid(q), (z_fg / 2).softmax(-1), (z_full / 2).softmax(-1), (z_fdc / 2).softmax(-1))
+    dist = distill_loss(torch.sigmoid(q), (z_fg / 2).softmax(-1), (z_full / 2).softmax(-1), (z_fdc / 2).log_softmax(-1))
     z_pc = pc_logits(z_full, z_clip, head.brg(brg_indicators(z_full, z_clip, 2.0)))
     pc = pc_loss(z_pc, b["y"], (z_clip / 2).softmax(-1), 2.0)
     close(out["frg"], frg, 1e-5)
@@ -329,8 +329,8 @@ def test_r_without_frg(mode):
     r_star = frg_target(z_full, z_fg, b["y"])
     assert 0 < r_star.sum() < B  # the batch mixes both targets, so the three modes differ
     r = {"one": torch.ones(B), "target": r_star, "half": torch.full((B,), 0.5)}[mode]
-    p_student = (head.predict_base(b["img_bb"], b["txt_bb"], S) / 2).softmax(-1)
-    close(out["dist"], distill_loss(r, (z_fg / 2).softmax(-1), (z_full / 2).softmax(-1), p_student), 1e-5)
+    log_q = (head.predict_base(b["img_bb"], b["txt_bb"], S) / 2).log_softmax(-1)
+    close(out["dist"], distill_loss(r, (z_fg / 2).softmax(-1), (z_full / 2).softmax(-1), log_q), 1e-5)
 
 
 def reached(head, loss):

@@ -1,0 +1,109 @@
+"""Evaluation on the test split (SPEC §2 "Inference", §3 protocols).
+
+Base accuracy: argmax over base classes of z_FDC from the full image. New accuracy: argmax over
+new classes of z_PC. The backbone alone and zero-shot CLIP are scored on the same images. The
+foreground shift index D_fg is reported on base test images for the backbone and for FDC.
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from .heads import FVGPTHead, clip_logits, foreground_shift, harmonic_mean
+from .store import Cache, CacheError
+from .training import ZERO_SHOT, backbone_image_encoder
+
+
+def accuracy(logits: torch.Tensor, y: torch.Tensor) -> float | None:
+    """Top-1 accuracy in percent; None for an empty set."""
+    if y.numel() == 0:
+        return None
+    return float((logits.argmax(-1) == y).float().mean() * 100)
+
+
+def _bnh(base: float | None, new: float | None) -> dict:
+    hm = harmonic_mean(base, new) if base is not None and new is not None else None
+    return {"base": base, "new": new, "hm": hm}
+
+
+class TestSet:
+    """Test features of one cache for one backbone, with helpers to restrict to a class subset."""
+
+    def __init__(self, cache: Cache, backbone: str):
+        if "test" not in cache.splits or len(cache.labels("test")) == 0:
+            raise CacheError(f"{cache.path} has no test images to evaluate on")
+        encoder = backbone_image_encoder(cache, backbone)
+        self.labels = cache.labels("test")
+        self.full = cache.image("test", "full", encoder)[:, 0]
+        self.fg = cache.image("test", "fg", encoder)[:, 0]
+        self.clip = self.full if encoder == "clip" else cache.image("test", "full", "clip")[:, 0]
+        self.txt_bb, self.txt_clip = cache.text(backbone), cache.text(ZERO_SHOT)
+        if self.txt_bb.shape != self.txt_clip.shape:
+            raise CacheError(f"{cache.path}: backbone {backbone!r} has text features of shape "
+                             f"{tuple(self.txt_bb.shape)}, CLIP {tuple(self.txt_clip.shape)}; rewrite the backbone")
+        self.scale = cache.logit_scale
+
+    def subset(self, class_ids: np.ndarray):
+        """Rows whose label is in `class_ids`, labels as positions in it, and the class text rows."""
+        ids = torch.as_tensor(class_ids)
+        position = torch.full((len(self.txt_bb),), -1, dtype=torch.long)
+        position[ids] = torch.arange(len(ids))
+        rows = position[self.labels] >= 0
+        return rows, position[self.labels[rows]], self.txt_bb[ids], self.txt_clip[ids]
+
+
+@torch.no_grad()
+def _scores(head: FVGPTHead, ts: TestSet, class_ids: np.ndarray, branch: str) -> dict:
+    rows, y, txt_bb, txt_clip = ts.subset(class_ids)
+    full, clip = ts.full[rows], ts.clip[rows]
+    if branch == "base":
+        z = head.predict_base(full, txt_bb, ts.scale)
+    else:
+        z = head.predict_new(full, clip, txt_bb, txt_clip, ts.scale)
+    return {
+        "fvgpt": accuracy(z, y),
+        "backbone": accuracy(clip_logits(full, txt_bb, ts.scale), y),
+        "zeroshot": accuracy(clip_logits(clip, txt_clip, ts.scale), y),
+        "n": int(y.numel()),
+    }
+
+
+@torch.no_grad()
+def foreground_shifts(head: FVGPTHead, ts: TestSet, class_ids: np.ndarray, tau: float) -> dict:
+    """D_fg = mean KL(p_full ‖ p_fg) on test images of `class_ids`, for the backbone and for FDC."""
+    rows, _, txt_bb, _ = ts.subset(class_ids)
+    if not rows.any():
+        return {"backbone": None, "fvgpt": None}
+    full, fg = ts.full[rows], ts.fg[rows]
+    out = {"backbone": float(foreground_shift(clip_logits(full, txt_bb, ts.scale), clip_logits(fg, txt_bb, ts.scale), tau))}
+    out["fvgpt"] = (float(foreground_shift(head.predict_base(full, txt_bb, ts.scale),
+                                           head.predict_base(fg, txt_bb, ts.scale), tau))
+                    if head.fdc is not None else out["backbone"])
+    return out
+
+
+def evaluate(head: FVGPTHead, cache: Cache, backbone: str, classes: str = "base") -> dict:
+    """Metrics of a trained head on its own cache's test split."""
+    ts = TestSet(cache, backbone)
+    if classes == "all":
+        every = np.arange(len(cache.classnames))
+        s = _scores(head, ts, every, "base")
+        metrics = {k: {"base": None, "new": None, "hm": None, "all": s[k]} for k in ("fvgpt", "backbone", "zeroshot")}
+        return {"metrics": metrics, "test_images": {"all": s["n"]},
+                "foreground_shift": foreground_shifts(head, ts, every, head.tau)}
+    b = _scores(head, ts, cache.base, "base")
+    n = _scores(head, ts, cache.new, "new")
+    metrics = {k: _bnh(b[k], n[k]) for k in ("fvgpt", "backbone", "zeroshot")}
+    return {"metrics": metrics, "test_images": {"base": b["n"], "new": n["n"]},
+            "foreground_shift": foreground_shifts(head, ts, cache.base, head.tau)}
+
+
+def evaluate_transfer(head: FVGPTHead, target: Cache, backbone: str) -> dict:
+    """Cross-dataset: the PC branch over all classes of another cache (same model, Table 2)."""
+    if backbone not in target.text_groups:
+        raise CacheError(
+            f"{target.path} has no text features for backbone {backbone!r} (it has {target.text_groups}); "
+            "write the same backbone into the target cache first"
+        )
+    s = _scores(head, TestSet(target, backbone), np.arange(len(target.classnames)), "new")
+    return {"dataset": target.provenance.get("dataset"), "cache": str(target.path), "test_images": s.pop("n"), **s}

@@ -1,0 +1,91 @@
+"""One training run end to end: cache → head → metrics → run folder (results.json + head.pt)."""
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from pathlib import Path
+
+import torch
+
+from .evaluation import evaluate, evaluate_transfer
+from .heads import FVGPTHead
+from .store import check_same_model, open_cache
+from .training import TrainConfig, build_head, prepare, train_head
+
+RESULTS_FORMAT = "fvgpt-cache-results"
+HEAD_FORMAT = "fvgpt-cache-head"
+
+
+def run_id(cache_path: Path, cfg: TrainConfig) -> str:
+    digest = hashlib.sha256(json.dumps([str(cache_path), cfg.to_dict()], sort_keys=True).encode()).hexdigest()
+    return digest[:10]
+
+
+def default_run_dir(cache_path: Path, cfg: TrainConfig, backbone: str, root: Path = Path("cache/runs")) -> Path:
+    return root / f"{cache_path.stem}-{backbone}-seed{cfg.seed}-{run_id(cache_path, cfg)}"
+
+
+def save_head(head: FVGPTHead, cfg: TrainConfig, dim: int, path: Path) -> None:
+    """Tensors and plain values only, so `torch.load(..., weights_only=True)` reads it back."""
+    torch.save({"format": HEAD_FORMAT, "dim": dim, "config": json.dumps(cfg.to_dict()),
+                "state_dict": head.state_dict()}, path)
+
+
+def load_head(path: Path, dim: int | None = None) -> tuple[FVGPTHead, TrainConfig]:
+    """Rebuild a saved head; refuse files of another kind or of the wrong feature width."""
+    blob = torch.load(path, map_location="cpu", weights_only=True)
+    if not isinstance(blob, dict) or blob.get("format") != HEAD_FORMAT:
+        raise ValueError(f"{path} is not an fvgpt-cache head checkpoint (no format={HEAD_FORMAT!r})")
+    if dim is not None and blob["dim"] != dim:
+        raise ValueError(f"{path} was trained on {blob['dim']}-d features but the cache has {dim}-d features; "
+                         "use a cache extracted with the same model")
+    cfg = TrainConfig(**{**json.loads(blob["config"]), "device": "cpu"})
+    cfg.frg_indicators, cfg.brg_indicators = tuple(cfg.frg_indicators), tuple(cfg.brg_indicators)
+    head = build_head(blob["dim"], cfg)
+    try:
+        head.load_state_dict(blob["state_dict"])
+    except RuntimeError as exc:
+        raise ValueError(f"{path} does not fit the head its config describes: {exc}") from exc
+    return head.eval(), cfg
+
+
+def run_training(cache_path: str | Path, cfg: TrainConfig, out_dir: Path | None = None,
+                 eval_caches: list[str | Path] = (), progress=None, save: bool = True) -> dict:
+    cfg.validate()
+    t0 = time.perf_counter()
+    cache = open_cache(cache_path)
+    targets = [open_cache(p) for p in eval_caches]
+    check_same_model([cache, *targets])
+    data = prepare(cache, cfg)
+    cfg_used = TrainConfig(**{**cfg.to_dict(), "backbone": data.meta["backbone"]}).validate()
+    t1 = time.perf_counter()
+    head, history = train_head(data, cfg_used, progress)
+    t2 = time.perf_counter()
+    results = evaluate(head, cache, cfg_used.backbone, cfg_used.classes)
+    results["cross_dataset"] = [evaluate_transfer(head, t, cfg_used.backbone) for t in targets]
+    t3 = time.perf_counter()
+    out_dir = Path(out_dir) if out_dir else default_run_dir(cache.path, cfg_used, cfg_used.backbone)
+    record = {
+        "format": RESULTS_FORMAT,
+        "version": 1,
+        "run_id": run_id(cache.path, cfg_used),
+        "cache": str(cache.path),
+        "dataset": cache.provenance.get("dataset"),
+        "cache_provenance": cache.provenance,
+        "backbone": cfg_used.backbone,
+        "seed": cfg_used.seed,
+        "config": cfg_used.to_dict(),
+        **results,
+        "head_parameters": head.num_parameters(),
+        "train_images": data.meta["train_images"],
+        "views": data.meta["views"],
+        "seconds": {"load": t1 - t0, "train": t2 - t1, "evaluate": t3 - t2},
+        "history": history,
+        "run_dir": str(out_dir),
+    }
+    if save:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        save_head(head, cfg_used, data.full.shape[-1], out_dir / "head.pt")
+        (out_dir / "results.json").write_text(json.dumps(record, indent=1))
+    return record

@@ -1,0 +1,303 @@
+"""Training FVG-PT heads from a cache (SPEC §3): data preparation, schedule, the loop.
+
+The paper's defaults: 10 epochs, batch 4, SGD (momentum 0.9, weight decay 5e-4), lr 0.0035,
+cosine schedule after one constant warm-up epoch at 1e-5 (Dassl's ConstantWarmupScheduler),
+τ_d = 2, λ_d = 10. Each epoch draws one stored view per training image.
+"""
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import asdict, dataclass, field, fields
+
+import numpy as np
+import torch
+
+from .heads import BRG_INDICATORS, FRG_INDICATORS, FVGPTHead
+from .store import Cache, CacheError
+
+CLASS_SETS = ("base", "all")
+OPTIMIZERS = ("sgd", "adamw")
+ZERO_SHOT = "clip"
+
+
+@dataclass
+class TrainConfig:
+    """Every option of one FVG-PT training run; names match the CLI and grid parameters."""
+
+    backbone: str | None = None
+    classes: str = "base"
+    seed: int = 1
+    epochs: int = 10
+    batch_size: int = 4
+    lr: float = 0.0035
+    optimizer: str = "sgd"
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    warmup_epochs: int = 1
+    warmup_lr: float = 1e-5
+    drop_last: bool = True
+    lambda_d: float = 10.0
+    tau: float = 2.0
+    data_fraction: float = 1.0
+    # modules and their shapes (Tables 3, 4, 5, 6, 13)
+    use_frg: bool = True
+    use_fdc: bool = True
+    use_pc: bool = True
+    fdc_visual: bool = True
+    fdc_textual: bool = True
+    fdc_hidden: int = 64
+    gate_hidden: int = 32
+    fdc_layers: int = 2
+    frg_layers: int = 2
+    brg_layers: int = 2
+    frg_indicators: tuple[str, ...] = FRG_INDICATORS
+    brg_indicators: tuple[str, ...] = BRG_INDICATORS
+    # losses (Table 12)
+    loss_frg: bool = True
+    loss_dist: bool = True
+    loss_ce_fdc: bool = True
+    loss_ce_pc: bool = True
+    loss_kl_pc: bool = True
+    # decisions D1, D2 and what r is without FRG
+    use_scale: bool = True
+    detach_r: bool = True
+    r_without_frg: str = "one"
+    fdc_zero_init: bool = False
+    device: str = "auto"
+
+    def validate(self) -> "TrainConfig":
+        def need(ok: bool, name: str, fix: str) -> None:
+            if not ok:
+                raise ValueError(f"{name}={getattr(self, name)!r}: {fix}")
+
+        need(self.classes in CLASS_SETS, "classes", f"choose one of {CLASS_SETS}")
+        need(self.optimizer in OPTIMIZERS, "optimizer", f"choose one of {OPTIMIZERS}")
+        need(isinstance(self.epochs, int) and self.epochs >= 1, "epochs", "use a positive integer")
+        need(isinstance(self.batch_size, int) and self.batch_size >= 1, "batch_size", "use a positive integer")
+        need(self.lr > 0, "lr", "use a positive learning rate")
+        need(0 <= self.warmup_epochs < self.epochs, "warmup_epochs", "use 0 ≤ warmup_epochs < epochs")
+        need(0 < self.data_fraction <= 1, "data_fraction", "use a fraction in (0, 1]")
+        need(self.tau > 0, "tau", "use a positive temperature")
+        need(self.lambda_d >= 0, "lambda_d", "use a non-negative weight")
+        need(self.device in ("auto", "cpu", "cuda"), "device", "choose auto, cpu or cuda")
+        self.frg_indicators = tuple(self.frg_indicators)
+        self.brg_indicators = tuple(self.brg_indicators)
+        return self
+
+    def head_kwargs(self) -> dict:
+        keys = ("fdc_hidden", "gate_hidden", "fdc_layers", "frg_layers", "brg_layers", "frg_indicators",
+                "brg_indicators", "use_frg", "use_fdc", "use_pc", "fdc_visual", "fdc_textual", "tau",
+                "use_scale", "detach_r", "r_without_frg", "fdc_zero_init")
+        return {k: getattr(self, k) for k in keys}
+
+    def loss_flags(self) -> dict:
+        return {k: getattr(self, k) for k in ("loss_frg", "loss_dist", "loss_ce_fdc", "loss_ce_pc", "loss_kl_pc")}
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["frg_indicators"], d["brg_indicators"] = list(self.frg_indicators), list(self.brg_indicators)
+        return d
+
+    @classmethod
+    def field_names(cls) -> list[str]:
+        return [f.name for f in fields(cls)]
+
+
+def lr_at_epoch(epoch: int, cfg: TrainConfig) -> float:
+    """Dassl's ConstantWarmupScheduler around CosineAnnealingLR(T_max=epochs), stepped per epoch.
+
+    Epochs before `warmup_epochs` use `warmup_lr`; epoch e after them uses the cosine value at
+    t = e − warmup_epochs, so the first real epoch runs at the full lr.
+    """
+    if epoch < cfg.warmup_epochs:
+        return cfg.warmup_lr
+    t = epoch - cfg.warmup_epochs
+    return 0.5 * cfg.lr * (1 + math.cos(math.pi * t / cfg.epochs))
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def pick_backbone(cache: Cache, backbone: str | None) -> str:
+    groups = cache.text_groups
+    tuned = [g for g in groups if g != ZERO_SHOT and not g.startswith(ZERO_SHOT + "_")]
+    if backbone is None:
+        if len(tuned) == 1:
+            return tuned[0]
+        if not tuned:
+            raise CacheError(
+                f"{cache.path} has no tuned backbone text features (it has {groups}); pass --backbone clip to "
+                "put FVG-PT on zero-shot CLIP, or write a backbone into the cache first"
+            )
+        raise CacheError(f"{cache.path} has several backbones {tuned}; choose one with --backbone")
+    if backbone not in groups:
+        raise CacheError(f"{cache.path} has no backbone {backbone!r}; it has {groups}")
+    return backbone
+
+
+def backbone_image_encoder(cache: Cache, backbone: str) -> str:
+    """Image features a backbone reads: CLIP's for CLIP-family backbones (CoOp, KgCoOp, ...)."""
+    return str(cache.text_attrs(backbone).get("image_encoder", "clip")) if backbone != ZERO_SHOT else "clip"
+
+
+@dataclass
+class TrainData:
+    """Training tensors for one class set, labels re-indexed to positions in `class_ids`."""
+
+    class_ids: np.ndarray
+    full: torch.Tensor  # (N, V, D) backbone image features
+    fg: torch.Tensor  # (N, V, D)
+    clip: torch.Tensor  # (N, V, D) zero-shot CLIP image features
+    area: torch.Tensor  # (N, V)
+    y: torch.Tensor  # (N,)
+    txt_bb: torch.Tensor  # (C, D)
+    txt_clip: torch.Tensor  # (C, D)
+    scale: float
+    meta: dict = field(default_factory=dict)
+
+
+def class_set(cache: Cache, classes: str) -> np.ndarray:
+    return cache.base if classes == "base" else np.arange(len(cache.classnames))
+
+
+def subsample_per_class(labels: np.ndarray, fraction: float, seed: int) -> np.ndarray:
+    """Indices keeping ceil(fraction · n_c) images of each class, drawn with `seed` (Fig. 9)."""
+    if fraction >= 1:
+        return np.arange(len(labels))
+    rng = np.random.default_rng(seed)
+    keep = []
+    for c in np.unique(labels):
+        idx = np.flatnonzero(labels == c)
+        keep.extend(rng.permutation(idx)[: math.ceil(fraction * len(idx))])
+    return np.sort(np.array(keep, dtype=np.int64))
+
+
+def prepare(cache: Cache, cfg: TrainConfig) -> TrainData:
+    backbone = pick_backbone(cache, cfg.backbone)
+    encoder = backbone_image_encoder(cache, backbone)
+    class_ids = class_set(cache, cfg.classes)
+    labels = cache.labels("train").numpy()
+    position = np.full(len(cache.classnames), -1)
+    position[class_ids] = np.arange(len(class_ids))
+    rows = np.flatnonzero(position[labels] >= 0)
+    rows = rows[subsample_per_class(labels[rows], cfg.data_fraction, cfg.seed)]
+    if rows.size == 0:
+        raise CacheError(f"{cache.path} has no training images of the {cfg.classes} classes")
+    full = cache.image("train", "full", encoder)[rows]
+    return TrainData(
+        class_ids=class_ids,
+        full=full,
+        fg=cache.image("train", "fg", encoder)[rows],
+        clip=full if encoder == "clip" else cache.image("train", "full", "clip")[rows],
+        area=cache.areas("train")[rows],
+        y=torch.from_numpy(position[labels[rows]]),
+        txt_bb=cache.text(backbone)[class_ids],
+        txt_clip=cache.text(ZERO_SHOT)[class_ids],
+        scale=cache.logit_scale,
+        meta={"backbone": backbone, "image_encoder": encoder, "train_images": int(rows.size),
+              "views": int(full.shape[1])},
+    )
+
+
+def build_head(dim: int, cfg: TrainConfig) -> FVGPTHead:
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(cfg.seed)
+        return FVGPTHead(dim, **cfg.head_kwargs())
+
+
+def make_optimizer(params, cfg: TrainConfig) -> torch.optim.Optimizer:
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay, foreach=True)
+    return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, foreach=True)
+
+
+def epoch_batches(n: int, views: int, cfg: TrainConfig, gen: torch.Generator) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """One epoch: a shuffled order, one random stored view per image, batches of `batch_size`."""
+    order = torch.randperm(n, generator=gen)
+    view = torch.randint(0, views, (n,), generator=gen)
+    stop = n - n % cfg.batch_size if cfg.drop_last and n >= cfg.batch_size else n
+    return [(order[i:i + cfg.batch_size], view[order[i:i + cfg.batch_size]]) for i in range(0, stop, cfg.batch_size)]
+
+
+def train_head(data: TrainData, cfg: TrainConfig, progress=None) -> tuple[FVGPTHead, list[dict]]:
+    """Train one head; deterministic for a given `cfg.seed`. Returns the head and per-epoch losses."""
+    cfg.validate()
+    device = resolve_device(cfg.device)
+    head = build_head(data.full.shape[-1], cfg).to(device)
+    n, views = data.full.shape[:2]
+    # frozen statistics of every (image, view), computed once (see FVGPTHead.frozen)
+    flat = lambda t: t.flatten(0, 1).to(device)  # noqa: E731
+    frozen = head.frozen(flat(data.full), flat(data.fg), flat(data.clip), flat(data.area),
+                         data.y.repeat_interleave(views).to(device), data.txt_bb.to(device),
+                         data.txt_clip.to(device), data.scale)
+    txt_bb = data.txt_bb.to(device)
+    params = [p for p in head.parameters() if p.requires_grad]
+    optimizer = make_optimizer(params, cfg) if params else None
+    gen = torch.Generator().manual_seed(cfg.seed)
+    history = []
+    for epoch in range(cfg.epochs):
+        lr = lr_at_epoch(epoch, cfg)
+        if optimizer is not None:
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+        head.train()
+        totals: dict[str, torch.Tensor] = {}
+        batches = epoch_batches(n, views, cfg, gen)
+        for idx, view in batches:
+            rows = (idx * views + view).to(device)
+            losses = head.losses_from({k: v[rows] for k, v in frozen.items()}, txt_bb, data.scale,
+                                      cfg.lambda_d, **cfg.loss_flags())
+            if optimizer is not None and losses["total"].requires_grad:
+                optimizer.zero_grad(set_to_none=True)
+                losses["total"].backward()
+                optimizer.step()
+            for k, v in losses.items():
+                totals[k] = totals[k] + v.detach() if k in totals else v.detach()
+        history.append({"epoch": epoch, "lr": lr, **{k: float(v) / max(len(batches), 1) for k, v in totals.items()}})
+        if progress:
+            progress(epoch + 1, cfg.epochs, history[-1])
+    head.eval()
+    return head.cpu(), history
+
+
+def timed(fn, *args, **kwargs):
+    start = time.perf_counter()
+    out = fn(*args, **kwargs)
+    return out, time.perf_counter() - start
+
+
+def parse_value(name: str, text: str):
+    """Convert one `key=value` string to the type of TrainConfig's field `name` (CLI --set, grids)."""
+    kinds = {f.name: f.type for f in fields(TrainConfig)}
+    if name not in kinds:
+        raise ValueError(f"unknown parameter {name!r}; valid parameters: {', '.join(sorted(kinds))}")
+    kind = str(kinds[name])
+    text = text.strip()
+    try:
+        if kind == "bool":
+            lowered = text.lower()
+            if lowered not in ("true", "false", "1", "0", "on", "off", "yes", "no"):
+                raise ValueError
+            return lowered in ("true", "1", "on", "yes")
+        if kind == "int":
+            return int(text)
+        if kind == "float":
+            return float(text)
+        if kind.startswith("tuple"):
+            return tuple(x for x in text.replace("+", " ").replace(";", " ").split() if x)
+        if kind == "str | None":
+            return None if text.lower() in ("", "none", "auto") else text
+        return text
+    except ValueError:
+        raise ValueError(f"parameter {name}={text!r} is not a valid {kind}") from None
+
+
+def config_with(base: TrainConfig, **overrides) -> TrainConfig:
+    unknown = set(overrides) - set(TrainConfig.field_names())
+    if unknown:
+        raise ValueError(f"unknown parameter(s) {sorted(unknown)}; valid parameters: {', '.join(TrainConfig.field_names())}")
+    return TrainConfig(**{**base.to_dict(), **overrides}).validate()
