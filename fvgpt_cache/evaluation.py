@@ -26,7 +26,7 @@ def _bnh(base: float | None, new: float | None) -> dict:
     return {"base": base, "new": new, "hm": hm}
 
 
-class TestSet:
+class EvalSet:
     """Test features of one cache for one backbone, with helpers to restrict to a class subset."""
 
     def __init__(self, cache: Cache, backbone: str):
@@ -53,7 +53,7 @@ class TestSet:
 
 
 @torch.no_grad()
-def _scores(head: FVGPTHead, ts: TestSet, class_ids: np.ndarray, branch: str) -> dict:
+def _scores(head: FVGPTHead, ts: EvalSet, class_ids: np.ndarray, branch: str) -> dict:
     rows, y, txt_bb, txt_clip = ts.subset(class_ids)
     full, clip = ts.full[rows], ts.clip[rows]
     if branch == "base":
@@ -69,7 +69,7 @@ def _scores(head: FVGPTHead, ts: TestSet, class_ids: np.ndarray, branch: str) ->
 
 
 @torch.no_grad()
-def foreground_shifts(head: FVGPTHead, ts: TestSet, class_ids: np.ndarray, tau: float) -> dict:
+def foreground_shifts(head: FVGPTHead, ts: EvalSet, class_ids: np.ndarray, tau: float) -> dict:
     """D_fg = mean KL(p_full ‖ p_fg) on test images of `class_ids`, for the backbone and for FDC."""
     rows, _, txt_bb, _ = ts.subset(class_ids)
     if not rows.any():
@@ -84,7 +84,7 @@ def foreground_shifts(head: FVGPTHead, ts: TestSet, class_ids: np.ndarray, tau: 
 
 def evaluate(head: FVGPTHead, cache: Cache, backbone: str, classes: str = "base") -> dict:
     """Metrics of a trained head on its own cache's test split."""
-    ts = TestSet(cache, backbone)
+    ts = EvalSet(cache, backbone)
     if classes == "all":
         every = np.arange(len(cache.classnames))
         s = _scores(head, ts, every, "base")
@@ -105,5 +105,5 @@ def evaluate_transfer(head: FVGPTHead, target: Cache, backbone: str) -> dict:
             f"{target.path} has no text features for backbone {backbone!r} (it has {target.text_groups}); "
             "write the same backbone into the target cache first"
         )
-    s = _scores(head, TestSet(target, backbone), np.arange(len(target.classnames)), "new")
+    s = _scores(head, EvalSet(target, backbone), np.arange(len(target.classnames)), "new")
     return {"dataset": target.provenance.get("dataset"), "cache": str(target.path), "test_images": s.pop("n"), **s}

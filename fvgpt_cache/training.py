@@ -13,7 +13,7 @@ from dataclasses import asdict, dataclass, field, fields
 import numpy as np
 import torch
 
-from .heads import BRG_INDICATORS, FRG_INDICATORS, FVGPTHead
+from .heads import BRG_INDICATORS, FRG_INDICATORS, R_WITHOUT_FRG, FVGPTHead
 from .store import Cache, CacheError
 
 CLASS_SETS = ("base", "all")
@@ -81,8 +81,17 @@ class TrainConfig:
         need(self.tau > 0, "tau", "use a positive temperature")
         need(self.lambda_d >= 0, "lambda_d", "use a non-negative weight")
         need(self.device in ("auto", "cpu", "cuda"), "device", "choose auto, cpu or cuda")
+        for name in ("fdc_layers", "frg_layers", "brg_layers"):
+            need(getattr(self, name) in (1, 2, 3), name, "choose 1, 2 or 3 (Table 5)")
+        for name in ("fdc_hidden", "gate_hidden"):
+            need(isinstance(getattr(self, name), int) and getattr(self, name) >= 1, name, "use a positive width")
+        need(self.r_without_frg in R_WITHOUT_FRG, "r_without_frg", f"choose one of {R_WITHOUT_FRG}")
         self.frg_indicators = tuple(self.frg_indicators)
         self.brg_indicators = tuple(self.brg_indicators)
+        for name, known in (("frg_indicators", FRG_INDICATORS), ("brg_indicators", BRG_INDICATORS)):
+            value = getattr(self, name)
+            need(bool(value) and set(value) <= set(known) and len(set(value)) == len(value), name,
+                 f"use a non-empty subset of {known}, each once")
         return self
 
     def head_kwargs(self) -> dict:

@@ -1,0 +1,171 @@
+import json
+import math
+
+import h5py
+import numpy as np
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from fvgpt_cache.cli.main import app
+from fvgpt_cache.evaluation import EvalSet, accuracy, evaluate
+from fvgpt_cache.heads import FVGPTHead, clip_logits
+from fvgpt_cache.runs import load_head, run_training
+from fvgpt_cache.store import CacheError, open_cache, write_text_group
+from fvgpt_cache.synthetic import write_feature_cache
+from fvgpt_cache.training import TrainConfig, config_with, lr_at_epoch, parse_value, subsample_per_class
+
+SMALL = dict(num_classes=6, shots=8, views=2, dim=32, test_per_class=10)
+
+
+@pytest.fixture()
+def syn(tmp_path):
+    return write_feature_cache(tmp_path / "syn.h5", **SMALL)
+
+
+def test_lr_schedule_matches_dassl_constant_warmup_then_cosine():
+    cfg = TrainConfig()
+    assert lr_at_epoch(0, cfg) == 1e-5
+    assert lr_at_epoch(1, cfg) == pytest.approx(0.0035)
+    assert lr_at_epoch(2, cfg) == pytest.approx(0.5 * 0.0035 * (1 + math.cos(math.pi / 10)))
+    assert lr_at_epoch(9, cfg) == pytest.approx(0.5 * 0.0035 * (1 + math.cos(math.pi * 8 / 10)))
+
+
+def test_same_seed_same_numbers_other_seed_other_weights(syn, tmp_path):
+    a = run_training(syn, TrainConfig(seed=1), tmp_path / "a")
+    b = run_training(syn, TrainConfig(seed=1), tmp_path / "b")
+    c = run_training(syn, TrainConfig(seed=2), tmp_path / "c")
+    assert a["metrics"] == b["metrics"] and a["history"] == b["history"]
+    wa, wb, wc = (torch.load(tmp_path / x / "head.pt", weights_only=True)["state_dict"] for x in "abc")
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+    assert any(not torch.equal(wa[k], wc[k]) for k in wa)
+
+
+def test_results_json_schema_and_head_reload(syn, tmp_path):
+    rec = run_training(syn, TrainConfig(), tmp_path / "run")
+    saved = json.loads((tmp_path / "run" / "results.json").read_text())
+    for key in ("fvgpt", "backbone", "zeroshot"):
+        assert set(saved["metrics"][key]) == {"base", "new", "hm"}
+        b, n, hm = (saved["metrics"][key][k] for k in ("base", "new", "hm"))
+        assert hm == pytest.approx(2 * b * n / (b + n))
+    assert saved["backbone"] == "synthetic_bb" and saved["seed"] == 1
+    assert saved["config"]["lambda_d"] == 10.0 and saved["cache_provenance"]["model"] == "synthetic-features"
+    d, h = 32, 64
+    assert saved["head_parameters"] == 2 * (d * h + h + h * d + d) + 2 * (3 * 32 + 32 + 32 + 1)
+    assert saved["train_images"] == 3 * 8 and saved["views"] == 2
+    head, cfg = load_head(tmp_path / "run" / "head.pt", dim=32)
+    again = evaluate(head, open_cache(syn), cfg.backbone, cfg.classes)
+    assert again["metrics"] == rec["metrics"]
+
+
+def test_inference_routing_base_via_fdc_new_via_pc(syn, tmp_path):
+    cache = open_cache(syn)
+    rec = run_training(syn, TrainConfig(epochs=3), tmp_path / "run")
+    head, _ = load_head(tmp_path / "run" / "head.pt")
+    ts = EvalSet(cache, "synthetic_bb")
+    rows, y, txt_bb, txt_clip = ts.subset(cache.base)
+    with torch.no_grad():
+        assert rec["metrics"]["fvgpt"]["base"] == pytest.approx(accuracy(head.fdc(ts.full[rows], txt_bb, ts.scale), y))
+    rows, y, txt_bb, txt_clip = ts.subset(cache.new)
+    with torch.no_grad():
+        z_pc = head.predict_new(ts.full[rows], ts.clip[rows], txt_bb, txt_clip, ts.scale)
+    assert rec["metrics"]["fvgpt"]["new"] == pytest.approx(accuracy(z_pc, y))
+    assert rec["metrics"]["backbone"]["new"] == pytest.approx(accuracy(clip_logits(ts.full[rows], txt_bb, ts.scale), y))
+    with torch.no_grad():  # the new branch never calls FDC
+        for p in head.fdc.parameters():
+            p.fill_(float("nan"))
+    assert evaluate(head, cache, "synthetic_bb")["metrics"]["fvgpt"]["new"] == rec["metrics"]["fvgpt"]["new"]
+
+
+def test_no_mask_is_needed_at_test_time(syn, tmp_path):
+    rec = run_training(syn, TrainConfig(epochs=3), tmp_path / "run")
+    with h5py.File(syn, "r+") as f:
+        f["image/clip/test/fg"][...] = np.nan
+    head, cfg = load_head(tmp_path / "run" / "head.pt")
+    assert evaluate(head, open_cache(syn), cfg.backbone)["metrics"] == rec["metrics"]
+
+
+def test_modules_off_fall_back_to_the_backbone(syn):
+    rec = run_training(syn, TrainConfig(use_fdc=False, use_pc=False, epochs=2), save=False)
+    assert rec["metrics"]["fvgpt"] == rec["metrics"]["backbone"]
+    assert rec["head_parameters"] == 0
+
+
+def test_backbone_choice_and_refusals(syn, tmp_path):
+    cache = open_cache(syn)
+    assert run_training(syn, TrainConfig(epochs=2), save=False)["backbone"] == "synthetic_bb"
+    write_text_group(syn, "other_bb", cache.text("clip").numpy(), {"method": "test"})
+    with pytest.raises(CacheError, match=r"several backbones \['other_bb', 'synthetic_bb'\]"):
+        run_training(syn, TrainConfig(epochs=2), save=False)
+    with pytest.raises(CacheError, match="no backbone 'coop'"):
+        run_training(syn, TrainConfig(epochs=2, backbone="coop"), save=False)
+    with pytest.raises(CacheError, match="shape"):
+        write_text_group(syn, "bad", np.ones((3, 32)), {})
+    other = write_feature_cache(tmp_path / "other.h5", **{**SMALL, "dim": 16})
+    with h5py.File(other, "r+") as f:
+        prov = json.loads(f.attrs["provenance"])
+        f.attrs["provenance"] = json.dumps({**prov, "model": "another-model"})
+    with pytest.raises(CacheError, match="different models"):
+        run_training(syn, TrainConfig(epochs=2, backbone="synthetic_bb"), eval_caches=[other], save=False)
+
+
+def test_head_checkpoint_refusals(syn, tmp_path):
+    run_training(syn, TrainConfig(epochs=2), tmp_path / "run")
+    with pytest.raises(ValueError, match="trained on 32-d features but the cache has 512-d"):
+        load_head(tmp_path / "run" / "head.pt", dim=512)
+    torch.save({"weights": torch.zeros(3)}, tmp_path / "x.pt")
+    with pytest.raises(ValueError, match="not an fvgpt-cache head checkpoint"):
+        load_head(tmp_path / "x.pt")
+    blob = torch.load(tmp_path / "run" / "head.pt", weights_only=True)
+    blob["state_dict"]["fdc.image.mlp.0.weight"] = torch.zeros(5, 5)
+    torch.save(blob, tmp_path / "bad.pt")
+    with pytest.raises(ValueError, match="does not fit"):
+        load_head(tmp_path / "bad.pt")
+
+
+def test_cross_dataset_all_classes_then_targets(tmp_path):
+    src = write_feature_cache(tmp_path / "src.h5", **SMALL, seed=0)
+    tgt = write_feature_cache(tmp_path / "tgt.h5", **{**SMALL, "num_classes": 4}, seed=5)
+    rec = run_training(src, TrainConfig(classes="all", epochs=2), save=False, eval_caches=[tgt])
+    assert rec["metrics"]["fvgpt"]["base"] is None and rec["metrics"]["fvgpt"]["all"] is not None
+    assert rec["train_images"] == 6 * 8
+    (t,) = rec["cross_dataset"]
+    assert t["test_images"] == 40 and set(t) >= {"fvgpt", "backbone", "zeroshot"}
+
+
+def test_data_fraction_keeps_ceil_per_class():
+    labels = np.repeat(np.arange(3), [4, 5, 7])
+    keep = subsample_per_class(labels, 0.5, seed=1)
+    assert np.bincount(labels[keep]).tolist() == [2, 3, 4]
+    assert keep.tolist() == sorted(keep.tolist())
+
+
+def test_parse_and_validate_parameters():
+    assert parse_value("use_frg", "off") is False
+    assert parse_value("frg_indicators", "dH+area") == ("dH", "area")
+    with pytest.raises(ValueError, match="unknown parameter 'lamda_d'.*lambda_d"):
+        parse_value("lamda_d", "3")
+    with pytest.raises(ValueError, match="epochs=0"):
+        config_with(TrainConfig(), epochs=0)
+    with pytest.raises(ValueError, match=r"frg_indicators=\('dH', 'size'\): use a non-empty subset"):
+        config_with(TrainConfig(), frg_indicators=("dH", "size"))
+    with pytest.raises(ValueError, match="frg_layers=4"):
+        config_with(TrainConfig(), frg_layers=4)
+
+
+def test_param_count_for_vit_b16_width():
+    assert FVGPTHead(512).num_parameters() == 132_546
+
+
+def test_train_command_table_and_json(syn, tmp_path):
+    runner = CliRunner()
+    res = runner.invoke(app, ["train", str(syn), "--lambda-d", "5", "--epochs", "2", "--out", str(tmp_path / "r")])
+    assert res.exit_code == 0, res.output
+    assert "+ FVG-PT" in res.output and "zero-shot CLIP" in res.output and "D_fg" in res.output
+    res = runner.invoke(app, ["train", str(syn), "--epochs", "2", "--no-frg", "--set", "fdc_hidden=8", "--json",
+                              "--out", str(tmp_path / "j")])
+    assert res.exit_code == 0, res.output
+    rec = json.loads(res.stdout)
+    assert rec["config"]["use_frg"] is False and rec["config"]["fdc_hidden"] == 8
+    res = runner.invoke(app, ["train", str(syn), "--set", "nope=1"])
+    assert res.exit_code == 2 and "unknown parameter 'nope'" in res.output
