@@ -167,20 +167,6 @@ def inspect(
         print_inspection(report)
 
 
-@app.command()
-def demo(out: Path = typer.Option(Path("cache/demo"), help="Folder for the demo's data, model and cache.")):
-    """Offline smoke test: synthetic shapes with masks, a tiny random CLIP, extraction and inspection."""
-    from fvgpt_cache.demo import run_demo
-
-    console.rule("[bold]fvgpt-cache demo")
-    console.print("[bold yellow]This demo uses a tiny CLIP with RANDOM weights (seeded) on synthetic shapes. "
-                  "Its numbers are a smoke test of the pipeline, not a result.[/]")
-    with split_progress() as update:
-        summary, report = run_demo(out, progress=update)
-    console.print(f"extracted {summary.out} in {summary.seconds:.1f}s")
-    print_inspection(report)
-
-
 def _pct(x) -> str:
     return "-" if x is None else f"{x:.2f}"
 
@@ -272,6 +258,21 @@ def train(
         print(json.dumps(record, indent=1))
     else:
         print_results(record)
+
+
+@app.command()
+def demo(out: Path = typer.Option(Path("cache/demo"), help="Folder for the demo's data, model and cache.")):
+    """Offline smoke test: synthetic shapes with masks, a tiny random CLIP, extraction, inspection, FVG-PT."""
+    from fvgpt_cache.demo import run_demo
+
+    console.rule("[bold]fvgpt-cache demo")
+    console.print("[bold yellow]This demo uses a tiny CLIP with RANDOM weights (seeded) on synthetic shapes. "
+                  "Its numbers are a smoke test of the pipeline, not a result.[/]")
+    with split_progress() as update:
+        summary, report, results = run_demo(out, progress=update)
+    console.print(f"extracted {summary.out} in {summary.seconds:.1f}s")
+    print_inspection(report)
+    print_results(results)
 
 
 if __name__ == "__main__":

@@ -9,6 +9,8 @@ from .data import generic_dataset
 from .extraction import ExtractOptions, ExtractSummary, extract
 from .inspection import inspect_cache
 from .models import load_clip
+from .runs import run_training
+from .training import TrainConfig
 
 DEMO_MODEL = {
     "embed_dim": 64,
@@ -19,7 +21,9 @@ DEMO_TEMPLATE = "a photo of a {}."
 
 
 def run_demo(root: Path = Path("cache/demo"), progress: Callable[[str, int, int], None] | None = None,
-             per_class: tuple[int, int, int] = (16, 4, 10), shots: int = 16, seed: int = 1) -> tuple[ExtractSummary, dict]:
+             per_class: tuple[int, int, int] = (16, 4, 10), shots: int = 16,
+             seed: int = 1) -> tuple[ExtractSummary, dict, dict]:
+    """Data → extraction → inspection → FVG-PT on zero-shot CLIP. Returns (summary, inspection, results)."""
     from .synthetic import write_shapes_dataset
 
     root.mkdir(parents=True, exist_ok=True)
@@ -31,4 +35,6 @@ def run_demo(root: Path = Path("cache/demo"), progress: Callable[[str, int, int]
     dataset.name = "demo-shapes"
     summary = extract(dataset, loaded, root / "demo-shapes.h5",
                       ExtractOptions(shots=shots, seed=seed, train_views=2, workers=0, force=True), progress=progress)
-    return summary, inspect_cache(summary.out)
+    report = inspect_cache(summary.out)
+    results = run_training(summary.out, TrainConfig(backbone="clip", seed=seed), out_dir=root / "run")
+    return summary, report, results

@@ -75,3 +75,4 @@ def test_demo_runs_offline(tmp_path):
     assert "RANDOM weights" in res.output
     cache = open_cache(tmp_path / "demo" / "demo-shapes.h5")
     assert cache.image("train").shape[:2] == (96, 2)
+    assert "+ FVG-PT" in res.output and (tmp_path / "demo" / "run" / "results.json").exists()
