@@ -18,7 +18,7 @@ HEAD_FORMAT = "fvgpt-cache-head"
 
 
 def run_id(cache_path: Path, cfg: TrainConfig) -> str:
-    digest = hashlib.sha256(json.dumps([str(cache_path), cfg.to_dict()], sort_keys=True).encode()).hexdigest()
+    digest = hashlib.sha256(json.dumps([str(Path(cache_path).resolve()), cfg.to_dict()], sort_keys=True).encode()).hexdigest()
     return digest[:10]
 
 
@@ -61,31 +61,37 @@ def run_training(cache_path: str | Path, cfg: TrainConfig, out_dir: Path | None 
     cfg_used = TrainConfig(**{**cfg.to_dict(), "backbone": data.meta["backbone"]}).validate()
     t1 = time.perf_counter()
     head, history = train_head(data, cfg_used, progress)
+    return finish_run(cache, cfg_used, data, head, history, {"load": t1 - t0, "train": time.perf_counter() - t1},
+                      targets, out_dir, save)
+
+
+def finish_run(cache, cfg: TrainConfig, data, head: FVGPTHead, history: list[dict], seconds: dict,
+               targets=(), out_dir: Path | None = None, save: bool = True) -> dict:
+    """Evaluate a trained head and build (and optionally write) its results record."""
     t2 = time.perf_counter()
-    results = evaluate(head, cache, cfg_used.backbone, cfg_used.classes)
-    results["cross_dataset"] = [evaluate_transfer(head, t, cfg_used.backbone) for t in targets]
-    t3 = time.perf_counter()
-    out_dir = Path(out_dir) if out_dir else default_run_dir(cache.path, cfg_used, cfg_used.backbone)
+    results = evaluate(head, cache, cfg.backbone, cfg.classes)
+    results["cross_dataset"] = [evaluate_transfer(head, t, cfg.backbone) for t in targets]
+    out_dir = Path(out_dir) if out_dir else default_run_dir(cache.path, cfg, cfg.backbone)
     record = {
         "format": RESULTS_FORMAT,
         "version": 1,
-        "run_id": run_id(cache.path, cfg_used),
+        "run_id": run_id(cache.path, cfg),
         "cache": str(cache.path),
         "dataset": cache.provenance.get("dataset"),
         "cache_provenance": cache.provenance,
-        "backbone": cfg_used.backbone,
-        "seed": cfg_used.seed,
-        "config": cfg_used.to_dict(),
+        "backbone": cfg.backbone,
+        "seed": cfg.seed,
+        "config": cfg.to_dict(),
         **results,
         "head_parameters": head.num_parameters(),
         "train_images": data.meta["train_images"],
         "views": data.meta["views"],
-        "seconds": {"load": t1 - t0, "train": t2 - t1, "evaluate": t3 - t2},
+        "seconds": {**seconds, "evaluate": time.perf_counter() - t2},
         "history": history,
-        "run_dir": str(out_dir),
+        "run_dir": str(out_dir) if save else None,
     }
     if save:
         out_dir.mkdir(parents=True, exist_ok=True)
-        save_head(head, cfg_used, data.full.shape[-1], out_dir / "head.pt")
+        save_head(head, cfg, data.full.shape[-1], out_dir / "head.pt")
         (out_dir / "results.json").write_text(json.dumps(record, indent=1))
     return record

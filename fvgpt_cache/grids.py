@@ -1,0 +1,294 @@
+"""Ablation grids: many FVG-PT configurations trained together, batched across configurations.
+
+Configurations that share every shape and data setting (a *group*) train in one loop: their
+parameters are stacked, one `torch.func.vmap`-ed gradient call serves all of them per step, and
+a vectorised SGD update (same arithmetic as `torch.optim.SGD`) applies each configuration's own
+learning rate, momentum and weight decay. Each configuration keeps its own initialisation,
+shuffling and view draws (from its seed), so its numbers equal a single `train` run of it
+within float tolerance. Groups that cannot be batched (AdamW) run one by one with `train_head`.
+"""
+from __future__ import annotations
+
+import itertools
+import json
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+from torch.func import functional_call, vmap
+
+from .runs import finish_run, run_id
+from .store import check_same_model, open_cache
+from .training import (
+    TrainConfig, TrainData, build_head, config_with, epoch_batches, lr_at_epoch, parse_value, prepare,
+    resolve_device, subsample_per_class, train_head,
+)
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+# Fields that may differ between configurations trained in one batched group.
+PER_CONFIG = ("seed", "lr", "lambda_d", "momentum", "weight_decay", "warmup_lr", "warmup_epochs", "device")
+
+# The paper's ablations as lists of overrides (each list item is one configuration).
+PRESETS: dict[str, list[dict]] = {
+    # Table 3: (1) FDC, (2) PC, (3) FRG+FDC, (4) FDC+PC, (5) full
+    "components": [
+        {"use_frg": False, "use_pc": False}, {"use_fdc": False}, {"use_pc": False}, {"use_frg": False}, {},
+    ],
+    # Table 12: drop one loss at a time, and the full model
+    "losses": [{"loss_frg": False}, {"loss_ce_fdc": False}, {"loss_dist": False}, {"loss_ce_pc": False},
+               {"loss_kl_pc": False}, {}],
+    # Table 6: drop one indicator group at a time (FRG: distribution, similarity, geometric; BRG: distribution, similarity)
+    "indicators": [{"frg_indicators": ("cos", "area")}, {"frg_indicators": ("dH", "area")},
+                   {"frg_indicators": ("dH", "cos")}, {"brg_indicators": ("cos",)},
+                   {"brg_indicators": ("H_bb", "H_clip")}, {}],
+    # Table 5: layers of the gate MLPs
+    "depth": [{"frg_layers": n, "brg_layers": n} for n in (1, 2, 3)],
+    # Table 4: hidden widths of the FDC adapters, then of the gates
+    "width": [{"fdc_hidden": w} for w in (16, 32, 64, 128)] + [{"gate_hidden": w} for w in (16, 64, 128)],
+    # Fig. 4(b)
+    "lambda": [{"lambda_d": v} for v in (0.1, 1.0, 5.0, 10.0, 20.0)],
+    # Fig. 9
+    "data-fraction": [{"data_fraction": f} for f in (0.25, 0.5, 0.75, 1.0)],
+    # Table 13
+    "fdc-branches": [{"fdc_textual": True}, {"fdc_textual": False}],
+    # Table 15
+    "epochs": [{"epochs": e} for e in (10, 15, 20)],
+}
+
+
+@dataclass
+class GridRun:
+    cache: Path
+    config: TrainConfig
+    params: dict
+    run_id: str
+
+
+def parse_params(items: list[str]) -> dict[str, list]:
+    """`--param lambda_d=0.1,1,5` → {"lambda_d": [0.1, 1.0, 5.0]}, typed and validated."""
+    out: dict[str, list] = {}
+    for item in items:
+        if "=" not in item:
+            raise ValueError(f"--param {item!r}: write NAME=V1,V2,…")
+        name, values = item.split("=", 1)
+        name = name.strip()
+        out[name] = [parse_value(name, v) for v in values.split(",") if v.strip()]
+        if not out[name]:
+            raise ValueError(f"--param {name}: give at least one value")
+    return out
+
+
+def read_grid_file(path: Path) -> tuple[dict[str, list], dict]:
+    """A TOML grid: `[params]` lists per parameter, optional `[base]` fixed settings, `seeds`, `preset`."""
+    try:
+        raw = tomllib.loads(Path(path).read_text())
+    except (OSError, tomllib.TOMLDecodeError) as exc:
+        raise ValueError(f"cannot read grid file {path}: {exc}") from exc
+    params = {}
+    for name, values in raw.get("params", {}).items():
+        values = values if isinstance(values, list) else [values]
+        params[name] = [parse_value(name, v if isinstance(v, str) else _toml_text(v)) for v in values]
+    base = {k: parse_value(k, v if isinstance(v, str) else _toml_text(v)) for k, v in raw.get("base", {}).items()}
+    extra = {k: raw[k] for k in ("seeds", "preset") if k in raw}
+    return params, {"base": base, **extra}
+
+
+def _toml_text(value) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, list):
+        return "+".join(map(str, value))
+    return str(value)
+
+
+def expand(caches: list[Path], seeds: list[int], params: dict[str, list], base: TrainConfig,
+           preset: str | None = None) -> list[GridRun]:
+    """Every (cache, seed, preset variant, parameter combination); all validated before any training."""
+    if preset is not None and preset not in PRESETS:
+        raise ValueError(f"unknown preset {preset!r}; presets: {', '.join(PRESETS)}")
+    variants = PRESETS[preset] if preset else [{}]
+    names = list(params)
+    runs, seen = [], set()
+    for cache in caches:
+        for seed in seeds:
+            for variant in variants:
+                for combo in itertools.product(*(params[n] for n in names)):
+                    chosen = {**variant, **dict(zip(names, combo))}
+                    cfg = config_with(base, seed=seed, **chosen)
+                    rid = run_id(Path(cache), cfg)
+                    if rid not in seen:
+                        seen.add(rid)
+                        runs.append(GridRun(Path(cache), cfg, _jsonable(chosen), rid))
+    return runs
+
+
+def _jsonable(d: dict) -> dict:
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in d.items()}
+
+
+def group_key(run: GridRun) -> tuple:
+    d = run.config.to_dict()
+    return (str(run.cache),) + tuple((k, json.dumps(d[k])) for k in sorted(d) if k not in PER_CONFIG)
+
+
+def done_run_ids(results: Path) -> set[str]:
+    """Run ids already in a results file; a last line cut by an interruption is removed."""
+    if not results.exists():
+        return set()
+    text = results.read_text()
+    if text and not text.endswith("\n"):
+        results.write_text(text[: text.rfind("\n") + 1])
+    ids = set()
+    for line in results.read_text().splitlines():
+        line = line.strip()
+        if line:
+            try:
+                ids.add(json.loads(line)["run_id"])
+            except (json.JSONDecodeError, KeyError):
+                continue  # a line cut by an interruption; that run is simply redone
+    return ids
+
+
+class _Loss(nn.Module):
+    """Wraps `FVGPTHead.losses_from` as a forward so `functional_call` can swap in stacked parameters."""
+
+    def __init__(self, head, txt_bb, scale, flags):
+        super().__init__()
+        self.head, self.txt_bb, self.scale, self.flags = head, txt_bb, scale, flags
+
+    def forward(self, frozen, lambda_d):
+        return self.head.losses_from(frozen, self.txt_bb, self.scale, lambda_d, **self.flags)
+
+
+def _trained_parameters(head, frozen_probe, txt_bb, scale, cfg: TrainConfig) -> set[str]:
+    """Names of parameters that receive a gradient; torch.optim skips the others entirely."""
+    losses = head.losses_from(frozen_probe, txt_bb, scale, cfg.lambda_d, **cfg.loss_flags())
+    if not losses["total"].requires_grad:
+        return set()
+    named = list(head.named_parameters())
+    grads = torch.autograd.grad(losses["total"], [p for _, p in named], allow_unused=True)
+    return {n for (n, _), g in zip(named, grads) if g is not None}
+
+
+def train_group(data: TrainData, cfgs: list[TrainConfig], labels: np.ndarray) -> list[tuple]:
+    """Train configurations that share shapes and data settings together. Returns (head, history) each."""
+    ref = cfgs[0]
+    device = resolve_device(ref.device)
+    k, (n_all, views) = len(cfgs), data.full.shape[:2]
+    heads = [build_head(data.full.shape[-1], c) for c in cfgs]
+    template = heads[0].to(device)
+    flat = lambda t: t.flatten(0, 1).to(device)  # noqa: E731
+    frozen = template.frozen(flat(data.full), flat(data.fg), flat(data.clip), flat(data.area),
+                             data.y.repeat_interleave(views).to(device), data.txt_bb.to(device),
+                             data.txt_clip.to(device), data.scale)
+    txt_bb = data.txt_bb.to(device)
+    subsets = [torch.from_numpy(subsample_per_class(labels, c.data_fraction, c.seed)) for c in cfgs]
+    n = len(subsets[0])
+    probe_rows = torch.arange(min(views * n_all, 8), device=device)
+    trained = sorted(_trained_parameters(template, {key: v[probe_rows] for key, v in frozen.items()}, txt_bb, data.scale, ref))
+    names = [name for name, _ in template.named_parameters()]
+    params = {name: torch.stack([dict(h.named_parameters())[name].detach() for h in heads]).to(device).requires_grad_(name in trained)
+              for name in names}
+    loss_module = _Loss(template, txt_bb, data.scale, ref.loss_flags())
+
+    def loss_fn(p, batch, lambda_d):
+        return functional_call(loss_module, {f"head.{name}": v for name, v in p.items()}, (batch, lambda_d))
+
+    # vmap only the forward; one ordinary backward of the summed losses gives every configuration
+    # its own gradient (their parameters are disjoint) at the cost of a single graph.
+    forward = vmap(loss_fn, in_dims=(0, 0, 0))
+    col = lambda values: torch.tensor(values, dtype=torch.float32, device=device)  # noqa: E731
+    lambdas, wd, momentum = col([c.lambda_d for c in cfgs]), col([c.weight_decay for c in cfgs]), col([c.momentum for c in cfgs])
+    gens = [torch.Generator().manual_seed(c.seed) for c in cfgs]
+    bufs: dict[str, torch.Tensor] = {}
+    histories: list[list[dict]] = [[] for _ in cfgs]
+    for epoch in range(ref.epochs):
+        lr = col([lr_at_epoch(epoch, c) for c in cfgs])
+        per_config = [epoch_batches(n, views, c, g) for c, g in zip(cfgs, gens)]
+        totals: dict[str, torch.Tensor] = {}
+        for step in range(len(per_config[0])):
+            rows = torch.stack([(subsets[i][per_config[i][step][0]] * views + per_config[i][step][1])
+                                for i in range(k)]).to(device)
+            batch = {key: v[rows] for key, v in frozen.items()}
+            losses = forward(params, batch, lambdas)
+            if trained:
+                grads = torch.autograd.grad(losses["total"].sum(), [params[name] for name in trained])
+            for key, v in losses.items():
+                totals[key] = totals[key] + v.detach() if key in totals else v.detach()
+            with torch.no_grad():  # torch.optim.SGD's arithmetic, in place (large fresh tensors cost page faults)
+                for name, grad in zip(trained, grads if trained else []):
+                    shape = (k,) + (1,) * (params[name].dim() - 1)
+                    grad.addcmul_(wd.view(shape), params[name])
+                    if name in bufs:
+                        bufs[name].mul_(momentum.view(shape)).add_(grad)
+                    else:
+                        bufs[name] = grad
+                    params[name].addcmul_(lr.view(shape), bufs[name], value=-1)
+        steps = max(len(per_config[0]), 1)
+        for i in range(k):
+            histories[i].append({"epoch": epoch, "lr": float(lr[i]),
+                                 **{key: float(v[i]) / steps for key, v in totals.items()}})
+    out = []
+    for i, head in enumerate(heads):
+        head.load_state_dict({name: params[name][i].detach().cpu() for name in names})
+        out.append((head.eval(), histories[i]))
+    return out
+
+
+def run_grid(runs: list[GridRun], out_dir: Path, *, resume: bool = True, batched: bool = True,
+             save_heads: bool = False, eval_caches: list[Path] = (), progress=None) -> list[dict]:
+    """Train and evaluate `runs`, appending one JSON line per finished run to `out_dir/results.jsonl`."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    results_path = out_dir / "results.jsonl"
+    if not resume and results_path.exists():
+        results_path.unlink()
+    done = done_run_ids(results_path) if resume else set()
+    todo = [r for r in runs if r.run_id not in done]
+    if progress:
+        progress(len(runs) - len(todo), len(runs))
+    targets = [open_cache(p) for p in eval_caches]
+    groups: dict[tuple, list[GridRun]] = {}
+    for r in todo:
+        groups.setdefault(group_key(r) if batched else (r.run_id,), []).append(r)
+    records, finished = [], len(runs) - len(todo)
+    caches = {}
+    for members in groups.values():
+        cache_path = members[0].cache
+        if cache_path not in caches:
+            caches[cache_path] = open_cache(cache_path)
+            check_same_model([caches[cache_path], *targets])
+        cache = caches[cache_path]
+        t0 = time.perf_counter()
+        full_cfg = config_with(members[0].config, data_fraction=1.0)
+        data = prepare(cache, full_cfg)
+        cfgs = [config_with(m.config, backbone=data.meta["backbone"]) for m in members]
+        t1 = time.perf_counter()
+        if batched and all(c.optimizer == "sgd" for c in cfgs):
+            labels = data.y.numpy()
+            trained = train_group(data, cfgs, labels)
+        else:
+            trained = [train_head(prepare(cache, c), c) for c in cfgs]
+        seconds = {"load": t1 - t0, "train": (time.perf_counter() - t1) / len(cfgs), "group_size": len(cfgs)}
+        with results_path.open("a") as fh:
+            for m, cfg, (head, history) in zip(members, cfgs, trained):
+                run_data = data if cfg.data_fraction >= 1 else prepare(cache, cfg)
+                record = finish_run(cache, cfg, run_data, head, history, seconds, targets,
+                                    out_dir / "runs" / m.run_id, save=save_heads)
+                record["run_id"] = m.run_id
+                record["params"] = m.params
+                fh.write(json.dumps(record) + "\n")
+                fh.flush()
+                records.append(record)
+                finished += 1
+                if progress:
+                    progress(finished, len(runs))
+    return records
