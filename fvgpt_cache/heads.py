@@ -373,10 +373,15 @@ class FVGPTHead(nn.Module):
 
     def predict_new(self, img_bb: Tensor, img_clip: Tensor, txt_bb: Tensor, txt_clip: Tensor,
                     scale: float | Tensor) -> Tensor:
-        """New branch (Fig. 3b): z_PC (eq. 12); backbone logits when PC is off. Never calls FDC."""
+        """New branch (Fig. 3b): z_PC (eq. 12), which never calls FDC.
+
+        Without PC there is no decoupled new branch, so new classes go through the one adapted
+        head: z_FDC when FDC is on (this is what Table 3 rows (1) and (3) measure: new accuracy
+        falls below the backbone's), else the backbone logits.
+        """
         img_bb, img_clip, txt_bb, txt_clip = self._cast(img_bb, img_clip, txt_bb, txt_clip)
         if self.brg is None:
-            return clip_logits(img_bb, txt_bb, scale)
+            return self.predict_base(img_bb, txt_bb, scale)
         with torch.no_grad():
             z_bb = clip_logits(img_bb, txt_bb, scale)
             z_clip = clip_logits(img_clip, txt_clip, scale)

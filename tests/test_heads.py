@@ -389,3 +389,12 @@ def test_determinism():
     assert torch.equal(h1.losses(**batch())["total"], h2.losses(**batch())["total"])
     h3 = make_head(seed=4)
     assert not torch.equal(h1.brg.mlp[0].weight, h3.brg.mlp[0].weight)
+
+
+def test_without_pc_new_classes_go_through_fdc():
+    """Table 3 rows (1) and (3): with FDC but no PC, new-class accuracy is FDC's, not the backbone's."""
+    torch.manual_seed(0)
+    head = FVGPTHead(8, use_pc=False)
+    img, txt = torch.randn(5, 8), torch.randn(4, 8)
+    close(head.predict_new(img, img, txt, txt, S), head.predict_base(img, txt, S))
+    assert not torch.allclose(head.predict_new(img, img, txt, txt, S), clip_logits(img, txt, S))

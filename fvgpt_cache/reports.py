@@ -1,0 +1,351 @@
+"""Aggregating runs into the paper's tables: mean ± std over seeds, averages over datasets, exports.
+
+Conventions (SPEC §3): Base and New are averaged over seeds first, then HM is taken of the
+averages (the CoOp-family convention); the per-seed HM mean and its standard deviation are
+reported beside it. Standard deviations are sample standard deviations (ddof = 1; 0 for one seed).
+"""
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+
+from .heads import harmonic_mean
+from .training import TrainConfig
+
+METHODS = ("zeroshot", "backbone", "fvgpt")
+METHOD_NAMES = {"zeroshot": "Zero-shot CLIP", "backbone": "{backbone}", "fvgpt": "+FVG-PT"}
+IGNORED_IN_LABEL = ("seed", "device", "backbone")
+PAPER_DATASETS = ("imagenet", "caltech101", "food101", "stanford_cars", "oxford_pets", "oxford_flowers", "dtd",
+                  "eurosat", "fgvc_aircraft", "sun397", "ucf101")
+PAPER_BACKBONES = {"coop": "CoOp", "kgcoop": "KgCoOp", "promptsrc": "PromptSRC", "mmrl": "MMRL"}
+
+
+def load_records(paths: list[str | Path]) -> list[dict]:
+    """Results from `results.jsonl` (grids), `results.json` (train) files, or folders holding them."""
+    files: list[Path] = []
+    for p in map(Path, paths):
+        if p.is_dir():
+            found = sorted(p.rglob("results.jsonl")) + sorted(p.rglob("results.json"))
+            if not found:
+                raise FileNotFoundError(f"no results.jsonl or results.json under {p}")
+            files.extend(found)
+        elif p.is_file():
+            files.append(p)
+        else:
+            raise FileNotFoundError(f"results not found: {p}")
+    records, seen = [], set()
+    for f in files:
+        text = f.read_text()
+        items = [json.loads(line) for line in text.splitlines() if line.strip()] if f.suffix == ".jsonl" else [json.loads(text)]
+        for rec in items:
+            if rec.get("format") != "fvgpt-cache-results":
+                raise ValueError(f"{f} does not hold fvgpt-cache results (format={rec.get('format')!r})")
+            key = (rec["run_id"], rec["cache"])
+            if key not in seen:
+                seen.add(key)
+                records.append(rec)
+    if not records:
+        raise ValueError(f"no runs found in {', '.join(map(str, paths))}")
+    return records
+
+
+def config_label(config: dict) -> str:
+    """The settings that differ from the defaults, e.g. 'lambda_d=5, use_frg=False' ('default' if none)."""
+    defaults = TrainConfig().to_dict()
+    parts = []
+    for key in sorted(config):
+        if key in IGNORED_IN_LABEL or key not in defaults:
+            continue
+        value = config[key]
+        if value != defaults[key]:
+            parts.append(f"{key}={'+'.join(value) if isinstance(value, list) else value}")
+    return ", ".join(parts) or "default"
+
+
+def _mean(xs: list[float]) -> float:
+    return sum(xs) / len(xs)
+
+
+def _std(xs: list[float]) -> float:
+    if len(xs) < 2:
+        return 0.0
+    m = _mean(xs)
+    return math.sqrt(sum((x - m) ** 2 for x in xs) / (len(xs) - 1))
+
+
+@dataclass
+class Cell:
+    """One method on one dataset for one configuration, over seeds."""
+
+    base: list[float] = field(default_factory=list)
+    new: list[float] = field(default_factory=list)
+    all: list[float] = field(default_factory=list)
+
+    def summary(self) -> dict:
+        out: dict = {"n_seeds": max(len(self.base), len(self.all))}
+        if self.base and self.new:
+            b, n = _mean(self.base), _mean(self.new)
+            per_seed = [harmonic_mean(x, y) for x, y in zip(self.base, self.new)]
+            out.update(base=b, base_std=_std(self.base), new=n, new_std=_std(self.new), hm=harmonic_mean(b, n),
+                       hm_seed_mean=_mean(per_seed), hm_seed_std=_std(per_seed))
+        if self.all:
+            out.update(all=_mean(self.all), all_std=_std(self.all))
+        return out
+
+
+def aggregate(records: list[dict]) -> dict:
+    """Nested summary: {(backbone, label): {"datasets": {dataset: {method: summary}}, "average": …, "cross": …}}."""
+    groups: dict[tuple, dict] = {}
+    for rec in records:
+        key = (rec["backbone"], config_label(rec["config"]))
+        g = groups.setdefault(key, {"cells": {}, "cross": {}, "seeds": {}})
+        ds = rec.get("dataset") or Path(rec["cache"]).stem
+        g["seeds"].setdefault(ds, []).append(rec["seed"])
+        for method in METHODS:
+            cell = g["cells"].setdefault(ds, {}).setdefault(method, Cell())
+            m = rec["metrics"][method]
+            if m.get("base") is not None and m.get("new") is not None:
+                cell.base.append(m["base"])
+                cell.new.append(m["new"])
+            if m.get("all") is not None:
+                cell.all.append(m["all"])
+        for target in rec.get("cross_dataset", []):
+            for method in METHODS:
+                g["cross"].setdefault(ds, {}).setdefault(target["dataset"], {}).setdefault(method, []).append(target[method])
+    out = {}
+    for key, g in groups.items():
+        datasets = {ds: {m: c.summary() for m, c in cells.items()} for ds, cells in sorted(g["cells"].items())}
+        out[key] = {"datasets": datasets, "average": _average(datasets), "seeds": g["seeds"],
+                    "cross": {src: {tgt: {m: {"mean": _mean(v), "std": _std(v), "n_seeds": len(v)} for m, v in ms.items()}
+                                    for tgt, ms in tg.items()} for src, tg in g["cross"].items()}}
+    return out
+
+
+def _average(datasets: dict) -> dict | None:
+    """'Average over N datasets': mean of the seed-averaged Base and New, HM of those means."""
+    with_bn = [d for d in datasets.values() if "base" in d["fvgpt"]]
+    if len(with_bn) < 2:
+        return None
+    avg = {"n_datasets": len(with_bn)}
+    for m in METHODS:
+        b, n = _mean([d[m]["base"] for d in with_bn]), _mean([d[m]["new"] for d in with_bn])
+        avg[m] = {"base": b, "new": n, "hm": harmonic_mean(b, n)}
+    return avg
+
+
+def load_paper() -> dict:
+    return json.loads(resources.files("fvgpt_cache").joinpath("reference/paper.json").read_text())
+
+
+def paper_rows(backbone: str, datasets: list[str]) -> dict:
+    """The paper's Table 1 numbers for a backbone name we know (coop, kgcoop, ...), by dataset."""
+    name = PAPER_BACKBONES.get(backbone.lower())
+    if name is None:
+        return {}
+    t1 = load_paper()["table1_base_to_new"]
+    key = {"average": "average"}
+    return {ds: {"backbone": t1[key.get(ds, ds)][name], "fvgpt": t1[key.get(ds, ds)][f"{name}+FVG-PT"]}
+            for ds in [*datasets, "average"] if key.get(ds, ds) in t1}
+
+
+def rows(summary: dict) -> list[dict]:
+    """Flat rows (one per backbone, configuration, dataset, method) for CSV and JSON."""
+    out = []
+    for (backbone, label), g in summary.items():
+        for ds, methods in g["datasets"].items():
+            for method, s in methods.items():
+                out.append({"backbone": backbone, "config": label, "dataset": ds, "method": method, **s})
+        if g["average"]:
+            for method in METHODS:
+                out.append({"backbone": backbone, "config": label, "dataset": f"average ({g['average']['n_datasets']})",
+                            "method": method, **g["average"][method]})
+        for src, targets in g["cross"].items():
+            for tgt, methods in targets.items():
+                for method, s in methods.items():
+                    out.append({"backbone": backbone, "config": label, "dataset": f"{src}->{tgt}", "method": method,
+                                "all": s["mean"], "all_std": s["std"], "n_seeds": s["n_seeds"]})
+    return out
+
+
+def to_csv(summary: dict) -> str:
+    data = rows(summary)
+    cols = ["backbone", "config", "dataset", "method", "n_seeds", "base", "base_std", "new", "new_std", "hm",
+            "hm_seed_mean", "hm_seed_std", "all", "all_std"]
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=cols, extrasaction="ignore")
+    writer.writeheader()
+    for r in data:
+        writer.writerow({k: (f"{v:.4f}" if isinstance(v, float) else v) for k, v in r.items()})
+    return buf.getvalue()
+
+
+def to_json(summary: dict) -> str:
+    return json.dumps(rows(summary), indent=1)
+
+
+def _fmt(s: dict, key: str, std: bool = True) -> str:
+    if s.get(key) is None:
+        return "-"
+    sd = s.get(f"{key}_std")
+    return f"{s[key]:.2f}" + (f" ± {sd:.2f}" if std and sd else "")
+
+
+def table_rows(backbone: str, g: dict, compare_paper: bool = False) -> tuple[list[str], list[list[str]]]:
+    """Table 1 layout: a row per dataset (and the average): zero-shot, backbone, +FVG-PT (B, N, HM), ΔHM."""
+    header = ["Dataset", "CLIP B", "CLIP N", "CLIP HM", f"{backbone} B", f"{backbone} N", f"{backbone} HM",
+              "+FVG-PT B", "+FVG-PT N", "+FVG-PT HM", "ΔHM"]
+    body = []
+    paper = paper_rows(backbone, list(g["datasets"])) if compare_paper else {}
+    items = list(g["datasets"].items())
+    for ds, methods in items:
+        if "base" not in methods["fvgpt"]:
+            continue
+        cells = [ds]
+        for m in METHODS:
+            cells += [_fmt(methods[m], "base"), _fmt(methods[m], "new"), f"{methods[m]['hm']:.2f}"]
+        cells.append(f"{methods['fvgpt']['hm'] - methods['backbone']['hm']:+.2f}")
+        body.append(cells)
+        if ds in paper:
+            body.append(_paper_row(ds, paper[ds]))
+    if g["average"]:
+        a = g["average"]
+        cells = [f"Average over {a['n_datasets']}"]
+        for m in METHODS:
+            cells += [f"{a[m]['base']:.2f}", f"{a[m]['new']:.2f}", f"{a[m]['hm']:.2f}"]
+        cells.append(f"{a['fvgpt']['hm'] - a['backbone']['hm']:+.2f}")
+        body.append(cells)
+        if "average" in paper:
+            body.append(_paper_row("average", paper["average"]))
+    return header, body
+
+
+def _paper_row(ds: str, p: dict) -> list[str]:
+    cells = [f"{ds} (paper)", "", "", ""]
+    for m in ("backbone", "fvgpt"):
+        cells += [f"{p[m]['base']:.2f}", f"{p[m]['new']:.2f}", f"{p[m]['hm']:.2f}"]
+    cells.append(f"{p['fvgpt']['hm'] - p['backbone']['hm']:+.2f}")
+    return cells
+
+
+def cross_rows(backbone: str, g: dict, compare_paper: bool = False) -> tuple[list[str], list[list[str]]] | None:
+    """Table 2 layout: source accuracy (FDC, all classes) and each target (PC branch), mean over seeds."""
+    if not g["cross"]:
+        return None
+    body, header = [], None
+    for src, targets in g["cross"].items():
+        names = sorted(targets)
+        header = ["Method", f"{src} (source)", "Avg. targets", *names]
+        src_cell = g["datasets"].get(src, {})
+        for m in METHODS:
+            vals = [targets[t][m]["mean"] for t in names]
+            source = src_cell.get(m, {}).get("all")
+            body.append([METHOD_NAMES[m].format(backbone=backbone), "-" if source is None else f"{source:.2f}",
+                         f"{_mean(vals):.2f}", *[f"{v:.2f}" for v in vals]])
+        name = PAPER_BACKBONES.get(backbone.lower())
+        if compare_paper and name:
+            t2 = load_paper()["table2_cross_dataset"]
+            for key in (name, f"{name}+FVG-PT"):
+                body.append([f"{key} (paper)", f"{t2[key]['imagenet']:.2f}", f"{t2[key]['average_target']:.2f}",
+                             *[f"{t2[key][t]:.2f}" if t in t2[key] else "" for t in names]])
+    return header, body
+
+
+def to_markdown(summary: dict, compare_paper: bool = False) -> str:
+    parts = []
+    for (backbone, label), g in summary.items():
+        for title, table in ((f"Base-to-new · backbone {backbone} · {label}", table_rows(backbone, g, compare_paper)),
+                             (f"Cross-dataset · backbone {backbone} · {label}", cross_rows(backbone, g, compare_paper))):
+            if not table or not table[1]:
+                continue
+            header, body = table
+            parts.append(f"### {title}\n")
+            parts.append("| " + " | ".join(header) + " |")
+            parts.append("|" + "|".join("---" for _ in header) + "|")
+            parts += ["| " + " | ".join(r) + " |" for r in body]
+            parts.append("")
+    return "\n".join(parts)
+
+
+def to_latex(summary: dict, compare_paper: bool = False) -> str:
+    parts = []
+    esc = lambda s: s.replace("_", r"\_").replace("±", r"$\pm$").replace("Δ", r"$\Delta$")  # noqa: E731
+    for (backbone, label), g in summary.items():
+        for title, table in ((f"Base-to-new, backbone {backbone}, {label}", table_rows(backbone, g, compare_paper)),
+                             (f"Cross-dataset, backbone {backbone}, {label}", cross_rows(backbone, g, compare_paper))):
+            if not table or not table[1]:
+                continue
+            header, body = table
+            parts.append(f"% {esc(title)}")
+            parts.append(r"\begin{tabular}{l" + "r" * (len(header) - 1) + "}")
+            parts.append(r"\toprule")
+            parts.append(" & ".join(esc(h) for h in header) + r" \\")
+            parts.append(r"\midrule")
+            parts += [" & ".join(esc(c) for c in r) + r" \\" for r in body]
+            parts.append(r"\bottomrule")
+            parts.append(r"\end{tabular}")
+            parts.append("")
+    return "\n".join(parts)
+
+
+def sweep(records: list[dict], param: str) -> dict:
+    """A one-parameter sweep: {dataset or 'average': {value: {"base", "new", "hm", "hm_std"}}} of FVG-PT."""
+    if param not in TrainConfig.field_names():
+        raise ValueError(f"unknown parameter {param!r}; valid parameters: {', '.join(TrainConfig.field_names())}")
+    by: dict[str, dict] = {}
+    for rec in records:
+        value = rec["config"][param]
+        value = "+".join(value) if isinstance(value, list) else value
+        m = rec["metrics"]["fvgpt"]
+        if m.get("base") is None:
+            continue
+        by.setdefault(rec.get("dataset"), {}).setdefault(value, []).append((m["base"], m["new"]))
+    out = {}
+    for ds, values in by.items():
+        out[ds] = {}
+        for v, pairs in sorted(values.items(), key=lambda kv: kv[0]):
+            b, n = _mean([p[0] for p in pairs]), _mean([p[1] for p in pairs])
+            out[ds][v] = {"base": b, "new": n, "hm": harmonic_mean(b, n),
+                          "hm_std": _std([harmonic_mean(x, y) for x, y in pairs])}
+    if len(out) > 1:
+        common = set.intersection(*(set(v) for v in out.values()))
+        out["average"] = {}
+        for v in sorted(common):
+            b = _mean([out[ds][v]["base"] for ds in by])
+            n = _mean([out[ds][v]["new"] for ds in by])
+            out["average"][v] = {"base": b, "new": n, "hm": harmonic_mean(b, n), "hm_std": 0.0}
+    return out
+
+
+def plot_sweep(data: dict, param: str, path: Path) -> Path:
+    """HM (and Base, New) against one parameter, one line per dataset; PNG or SVG by the file suffix."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise RuntimeError("plots need matplotlib: pip install 'fvgpt-cache[plot]' (or pip install matplotlib)") from None
+    fig, axes = plt.subplots(1, 3, figsize=(12, 3.5))
+    for ds, values in data.items():
+        xs = list(values)
+        numeric = all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in xs)
+        pos = xs if numeric else list(range(len(xs)))
+        for ax, key in zip(axes, ("base", "new", "hm")):
+            ax.plot(pos, [values[x][key] for x in xs], marker="o", label=ds, lw=2.5 if ds == "average" else 1.2)
+            ax.set_title({"base": "Base", "new": "New", "hm": "HM"}[key])
+            ax.set_xlabel(param)
+            if not numeric:
+                ax.set_xticks(pos, [str(x) for x in xs], rotation=30)
+    axes[0].set_ylabel("accuracy (%)")
+    axes[-1].legend(fontsize=7)
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    plt.close(fig)
+    return path
