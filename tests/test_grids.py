@@ -83,3 +83,28 @@ def test_grid_file_toml(tmp_path):
     params, extra = read_grid_file(path)
     assert params == {"lambda_d": [1.0, 10.0], "use_frg": [True, False], "frg_indicators": [("dH", "cos"), ("area",)]}
     assert extra == {"base": {"epochs": 5}, "seeds": [1, 2], "preset": "depth"}
+
+
+def test_grid_and_report_commands(syn, tmp_path):
+    from typer.testing import CliRunner
+
+    from fvgpt_cache.cli.main import app
+
+    runner = CliRunner()
+    out = tmp_path / "g"
+    res = runner.invoke(app, ["grid", str(syn), "--param", "lambda_d=1,10", "--seeds", "1,2", "--set", "epochs=2",
+                              "--out", str(out)])
+    assert res.exit_code == 0, res.output
+    assert len((out / "results.jsonl").read_text().splitlines()) == 4
+    res = runner.invoke(app, ["grid", str(syn), "--param", "lambda_d=1,10", "--seeds", "1,2", "--set", "epochs=2",
+                              "--out", str(out)])
+    assert res.exit_code == 0 and "0 new run(s); 4 were already done" in res.output
+    res = runner.invoke(app, ["grid", str(syn), "--param", "lamda=1", "--out", str(out)])
+    assert res.exit_code == 2 and "unknown parameter 'lamda'" in res.output
+    res = runner.invoke(app, ["report", str(out), "--format", "csv", "--output", str(tmp_path / "r.csv")])
+    assert res.exit_code == 0, res.output
+    assert (tmp_path / "r.csv").read_text().startswith("backbone,config,dataset,method")
+    res = runner.invoke(app, ["report", str(out), "--format", "markdown"])
+    assert res.exit_code == 0 and "epochs=2, lambda_d=1.0" in res.output
+    res = runner.invoke(app, ["report", str(out), "--format", "xml"])
+    assert res.exit_code == 2 and "choose console" in res.output
