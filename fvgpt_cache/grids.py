@@ -2,10 +2,10 @@
 
 Configurations that share every shape and data setting (a *group*) train in one loop: their
 parameters are stacked, one `torch.func.vmap`-ed gradient call serves all of them per step, and
-a vectorised SGD update (same arithmetic as `torch.optim.SGD`) applies each configuration's own
-learning rate, momentum and weight decay. Each configuration keeps its own initialisation,
-shuffling and view draws (from its seed), so its numbers equal a single `train` run of it
-within float tolerance. Groups that cannot be batched (AdamW) run one by one with `train_head`.
+one optimiser step (the same torch.optim class and settings as `train`) updates all of them.
+Each configuration keeps its own initialisation, shuffling and view draws (from its seed), so
+its numbers equal a single `train` run of it within float tolerance. Configurations that differ
+in shapes, data or optimiser settings go to different groups.
 """
 from __future__ import annotations
 
@@ -24,8 +24,8 @@ from torch.func import functional_call, vmap
 from .runs import finish_run, run_id
 from .store import check_same_model, open_cache
 from .training import (
-    TrainConfig, TrainData, build_head, config_with, epoch_batches, lr_at_epoch, parse_value, prepare,
-    resolve_device, subsample_per_class, train_head,
+    TrainConfig, TrainData, build_head, config_with, epoch_batches, lr_at_epoch, make_optimizer, parse_value,
+    prepare, resolve_device, subsample_per_class,
 )
 
 if sys.version_info >= (3, 11):
@@ -33,8 +33,9 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover
     import tomli as tomllib
 
-# Fields that may differ between configurations trained in one batched group.
-PER_CONFIG = ("seed", "lr", "lambda_d", "momentum", "weight_decay", "warmup_lr", "warmup_epochs", "device")
+# Fields that may differ between configurations trained in one batched group (the optimiser's
+# settings may not: one fused SGD steps the whole group).
+PER_CONFIG = ("seed", "lambda_d", "device")
 
 # The paper's ablations as lists of overrides (each list item is one configuration).
 PRESETS: dict[str, list[dict]] = {
@@ -168,18 +169,13 @@ class _Loss(nn.Module):
         return self.head.losses_from(frozen, self.txt_bb, self.scale, lambda_d, **self.flags)
 
 
-def _trained_parameters(head, frozen_probe, txt_bb, scale, cfg: TrainConfig) -> set[str]:
-    """Names of parameters that receive a gradient; torch.optim skips the others entirely."""
-    losses = head.losses_from(frozen_probe, txt_bb, scale, cfg.lambda_d, **cfg.loss_flags())
-    if not losses["total"].requires_grad:
-        return set()
-    named = list(head.named_parameters())
-    grads = torch.autograd.grad(losses["total"], [p for _, p in named], allow_unused=True)
-    return {n for (n, _), g in zip(named, grads) if g is not None}
-
-
 def train_group(data: TrainData, cfgs: list[TrainConfig], labels: np.ndarray) -> list[tuple]:
-    """Train configurations that share shapes and data settings together. Returns (head, history) each."""
+    """Train configurations that share shapes, data and optimiser settings together.
+
+    Returns (head, history) for each. The stacked parameters are ordinary leaf tensors: a vmapped
+    forward, one backward of the summed losses (configurations share no parameters, so each gets
+    its own gradient) and one optimiser step on the stacks reproduce K separate runs.
+    """
     ref = cfgs[0]
     device = resolve_device(ref.device)
     k, (n_all, views) = len(cfgs), data.full.shape[:2]
@@ -192,50 +188,39 @@ def train_group(data: TrainData, cfgs: list[TrainConfig], labels: np.ndarray) ->
     txt_bb = data.txt_bb.to(device)
     subsets = [torch.from_numpy(subsample_per_class(labels, c.data_fraction, c.seed)) for c in cfgs]
     n = len(subsets[0])
-    probe_rows = torch.arange(min(views * n_all, 8), device=device)
-    trained = sorted(_trained_parameters(template, {key: v[probe_rows] for key, v in frozen.items()}, txt_bb, data.scale, ref))
     names = [name for name, _ in template.named_parameters()]
-    params = {name: torch.stack([dict(h.named_parameters())[name].detach() for h in heads]).to(device).requires_grad_(name in trained)
+    params = {name: torch.stack([dict(h.named_parameters())[name].detach() for h in heads]).to(device).requires_grad_()
               for name in names}
+    optimizer = make_optimizer(params.values(), ref) if params else None
     loss_module = _Loss(template, txt_bb, data.scale, ref.loss_flags())
 
     def loss_fn(p, batch, lambda_d):
         return functional_call(loss_module, {f"head.{name}": v for name, v in p.items()}, (batch, lambda_d))
 
-    # vmap only the forward; one ordinary backward of the summed losses gives every configuration
-    # its own gradient (their parameters are disjoint) at the cost of a single graph.
     forward = vmap(loss_fn, in_dims=(0, 0, 0))
-    col = lambda values: torch.tensor(values, dtype=torch.float32, device=device)  # noqa: E731
-    lambdas, wd, momentum = col([c.lambda_d for c in cfgs]), col([c.weight_decay for c in cfgs]), col([c.momentum for c in cfgs])
+    lambdas = torch.tensor([c.lambda_d for c in cfgs], dtype=torch.float32, device=device)
     gens = [torch.Generator().manual_seed(c.seed) for c in cfgs]
-    bufs: dict[str, torch.Tensor] = {}
     histories: list[list[dict]] = [[] for _ in cfgs]
     for epoch in range(ref.epochs):
-        lr = col([lr_at_epoch(epoch, c) for c in cfgs])
+        lr = lr_at_epoch(epoch, ref)
+        if optimizer is not None:
+            for group in optimizer.param_groups:
+                group["lr"] = lr
         per_config = [epoch_batches(n, views, c, g) for c, g in zip(cfgs, gens)]
         totals: dict[str, torch.Tensor] = {}
         for step in range(len(per_config[0])):
             rows = torch.stack([(subsets[i][per_config[i][step][0]] * views + per_config[i][step][1])
                                 for i in range(k)]).to(device)
-            batch = {key: v[rows] for key, v in frozen.items()}
-            losses = forward(params, batch, lambdas)
-            if trained:
-                grads = torch.autograd.grad(losses["total"].sum(), [params[name] for name in trained])
+            losses = forward(params, {key: v[rows] for key, v in frozen.items()}, lambdas)
+            if optimizer is not None and losses["total"].requires_grad:
+                optimizer.zero_grad(set_to_none=True)
+                losses["total"].sum().backward()
+                optimizer.step()
             for key, v in losses.items():
                 totals[key] = totals[key] + v.detach() if key in totals else v.detach()
-            with torch.no_grad():  # torch.optim.SGD's arithmetic, in place (large fresh tensors cost page faults)
-                for name, grad in zip(trained, grads if trained else []):
-                    shape = (k,) + (1,) * (params[name].dim() - 1)
-                    grad.addcmul_(wd.view(shape), params[name])
-                    if name in bufs:
-                        bufs[name].mul_(momentum.view(shape)).add_(grad)
-                    else:
-                        bufs[name] = grad
-                    params[name].addcmul_(lr.view(shape), bufs[name], value=-1)
         steps = max(len(per_config[0]), 1)
         for i in range(k):
-            histories[i].append({"epoch": epoch, "lr": float(lr[i]),
-                                 **{key: float(v[i]) / steps for key, v in totals.items()}})
+            histories[i].append({"epoch": epoch, "lr": lr, **{key: float(v[i]) / steps for key, v in totals.items()}})
     out = []
     for i, head in enumerate(heads):
         head.load_state_dict({name: params[name][i].detach().cpu() for name in names})
@@ -272,11 +257,7 @@ def run_grid(runs: list[GridRun], out_dir: Path, *, resume: bool = True, batched
         data = prepare(cache, full_cfg)
         cfgs = [config_with(m.config, backbone=data.meta["backbone"]) for m in members]
         t1 = time.perf_counter()
-        if batched and all(c.optimizer == "sgd" for c in cfgs):
-            labels = data.y.numpy()
-            trained = train_group(data, cfgs, labels)
-        else:
-            trained = [train_head(prepare(cache, c), c) for c in cfgs]
+        trained = train_group(data, cfgs, data.y.numpy())
         seconds = {"load": t1 - t0, "train": (time.perf_counter() - t1) / len(cfgs), "group_size": len(cfgs)}
         with results_path.open("a") as fh:
             for m, cfg, (head, history) in zip(members, cfgs, trained):

@@ -219,9 +219,14 @@ def build_head(dim: int, cfg: TrainConfig) -> FVGPTHead:
 
 
 def make_optimizer(params, cfg: TrainConfig) -> torch.optim.Optimizer:
-    if cfg.optimizer == "sgd":
-        return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay, foreach=True)
-    return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, foreach=True)
+    """SGD or AdamW with the config's settings; the fused kernel where this torch has one."""
+    kind, kwargs = ((torch.optim.SGD, {"lr": cfg.lr, "momentum": cfg.momentum, "weight_decay": cfg.weight_decay})
+                    if cfg.optimizer == "sgd" else (torch.optim.AdamW, {"lr": cfg.lr, "weight_decay": cfg.weight_decay}))
+    params = list(params)
+    try:
+        return kind(params, fused=True, **kwargs)
+    except (RuntimeError, TypeError):
+        return kind(params, foreach=True, **kwargs)
 
 
 def epoch_batches(n: int, views: int, cfg: TrainConfig, gen: torch.Generator) -> list[tuple[torch.Tensor, torch.Tensor]]:
