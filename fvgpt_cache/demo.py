@@ -5,6 +5,7 @@ import json
 from pathlib import Path
 from typing import Callable
 
+from .backbones import BackboneConfig, save_coop_checkpoint, train_backbone, write_backbone
 from .data import generic_dataset
 from .extraction import ExtractOptions, ExtractSummary, extract
 from .inspection import inspect_cache
@@ -23,7 +24,7 @@ DEMO_TEMPLATE = "a photo of a {}."
 def run_demo(root: Path = Path("cache/demo"), progress: Callable[[str, int, int], None] | None = None,
              per_class: tuple[int, int, int] = (16, 4, 10), shots: int = 16,
              seed: int = 1) -> tuple[ExtractSummary, dict, dict]:
-    """Data → extraction → inspection → FVG-PT on zero-shot CLIP. Returns (summary, inspection, results)."""
+    """Data → extraction → inspection → CoOp → FVG-PT on CoOp. Returns (summary, inspection, results)."""
     from .synthetic import write_shapes_dataset
 
     root.mkdir(parents=True, exist_ok=True)
@@ -36,5 +37,9 @@ def run_demo(root: Path = Path("cache/demo"), progress: Callable[[str, int, int]
     summary = extract(dataset, loaded, root / "demo-shapes.h5",
                       ExtractOptions(shots=shots, seed=seed, train_views=2, workers=0, force=True), progress=progress)
     report = inspect_cache(summary.out)
-    results = run_training(summary.out, TrainConfig(backbone="clip", seed=seed), out_dir=root / "run")
+    coop = BackboneConfig(method="coop", seed=seed, device="cpu")
+    backbone = train_backbone(summary.out, coop, loaded=loaded)
+    write_backbone(summary.out, "coop", backbone.ctx, coop, loaded,
+                   checkpoint=save_coop_checkpoint(root / "coop", backbone.ctx, coop.epochs))
+    results = run_training(summary.out, TrainConfig(backbone="coop", seed=seed), out_dir=root / "run")
     return summary, report, results

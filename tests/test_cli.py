@@ -76,3 +76,31 @@ def test_demo_runs_offline(tmp_path):
     cache = open_cache(tmp_path / "demo" / "demo-shapes.h5")
     assert cache.image("train").shape[:2] == (96, 2)
     assert "+ FVG-PT" in res.output and (tmp_path / "demo" / "run" / "results.json").exists()
+
+
+def test_backbone_commands_then_train_on_coop(tmp_path, generic_data, tiny_config):
+    split, images, masks = generic_data
+    cache = tmp_path / "c.h5"
+    res = _run("extract", "--split-file", split, "--image-root", images, "--mask-root", masks, "--model", tiny_config,
+               "--pretrained", "none", "--shots", "4", "--workers", "0", "--out", cache)
+    assert res.exit_code == 0, res.output
+    res = _run("backbone", "train", cache, "--method", "coop", "--epochs", "2", "--out", tmp_path / "coop")
+    assert res.exit_code == 0, res.output
+    assert (tmp_path / "coop" / "prompt_learner" / "model.pth.tar-2").is_file()
+    res = _run("backbone", "load", cache, "--checkpoint", tmp_path / "coop", "--name", "coop_again")
+    assert res.exit_code == 0, res.output
+    c = open_cache(cache)
+    assert c.text("coop").shape == c.text("coop_again").shape == (4, 32)
+    assert (c.text("coop") - c.text("coop_again")).abs().max() < 1e-6
+    res = _run("backbone", "ensemble", cache, "--templates", "imagenet7")
+    assert res.exit_code == 0 and "clip_imagenet7" in open_cache(cache).text_groups
+    res = _run("baselines", cache, "--json")
+    assert res.exit_code == 0, res.output
+    rows = json.loads(res.stdout)
+    assert set(rows) == {"clip", "clip_imagenet7", "coop", "coop_again", "linear probe"}
+    assert rows["coop"] == rows["coop_again"]
+    res = _run("train", cache, "--backbone", "coop", "--epochs", "2", "--json", "--out", tmp_path / "run")
+    assert res.exit_code == 0, res.output
+    assert json.loads(res.stdout)["backbone"] == "coop"
+    res = _run("backbone", "load", cache, "--checkpoint", tmp_path / "nothing.pt")
+    assert res.exit_code == 2 and "checkpoint not found" in res.output
