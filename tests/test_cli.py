@@ -69,13 +69,14 @@ def test_inspect_refuses_foreign_file(tmp_path):
     assert res.exit_code == 2 and "not a readable HDF5" in res.output
 
 
-def test_demo_runs_offline(tmp_path):
-    res = _run("demo", "--out", tmp_path / "demo")
+def test_smoke_demo_runs_offline(tmp_path):
+    res = _run("demo", "--smoke", "--out", tmp_path / "demo")
     assert res.exit_code == 0, res.output
-    assert "RANDOM weights" in res.output
-    cache = open_cache(tmp_path / "demo" / "demo-shapes.h5")
+    assert "RANDOM weights" in res.output and "+ FVG-PT" in res.output
+    cache = open_cache(tmp_path / "demo" / "smoke-shapes.h5")
     assert cache.image("train").shape[:2] == (96, 2)
-    assert "+ FVG-PT" in res.output and (tmp_path / "demo" / "run" / "results.json").exists()
+    assert "coop" in cache.text_groups
+    assert (tmp_path / "demo" / "smoke-shapes-run" / "results.json").exists()
 
 
 def test_backbone_commands_then_train_on_coop(tmp_path, generic_data, tiny_config):
