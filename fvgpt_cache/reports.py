@@ -20,8 +20,6 @@ from .training import TrainConfig
 METHODS = ("zeroshot", "backbone", "fvgpt")
 METHOD_NAMES = {"zeroshot": "Zero-shot CLIP", "backbone": "{backbone}", "fvgpt": "+FVG-PT"}
 IGNORED_IN_LABEL = ("seed", "device", "backbone")
-PAPER_DATASETS = ("imagenet", "caltech101", "food101", "stanford_cars", "oxford_pets", "oxford_flowers", "dtd",
-                  "eurosat", "fgvc_aircraft", "sun397", "ucf101")
 PAPER_BACKBONES = {"coop": "CoOp", "kgcoop": "KgCoOp", "promptsrc": "PromptSRC", "mmrl": "MMRL"}
 
 

@@ -7,12 +7,12 @@ cosine schedule after one constant warm-up epoch at 1e-5 (Dassl's ConstantWarmup
 from __future__ import annotations
 
 import math
-import time
 from dataclasses import asdict, dataclass, field, fields
 
 import numpy as np
 import torch
 
+from .extraction import resolve_device
 from .heads import BRG_INDICATORS, FRG_INDICATORS, R_WITHOUT_FRG, FVGPTHead
 from .store import Cache, CacheError
 
@@ -123,12 +123,6 @@ def lr_at_epoch(epoch: int, cfg: TrainConfig) -> float:
         return cfg.warmup_lr
     t = epoch - cfg.warmup_epochs
     return 0.5 * cfg.lr * (1 + math.cos(math.pi * t / cfg.epochs))
-
-
-def resolve_device(device: str) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
 
 
 def pick_backbone(cache: Cache, backbone: str | None) -> str:
@@ -276,12 +270,6 @@ def train_head(data: TrainData, cfg: TrainConfig, progress=None) -> tuple[FVGPTH
             progress(epoch + 1, cfg.epochs, history[-1])
     head.eval()
     return head.cpu(), history
-
-
-def timed(fn, *args, **kwargs):
-    start = time.perf_counter()
-    out = fn(*args, **kwargs)
-    return out, time.perf_counter() - start
 
 
 def parse_value(name: str, text: str):
