@@ -50,3 +50,38 @@ def test_downstream_is_deterministic_and_spurious(tmp_path):
     clean = write_downstream(tmp_path / "c", spurious=False, shots=4, val_per_class=1, test_per_class=1, seed=5)
     assert not any(s["own_background"] for s in json.loads((tmp_path / "c" / "scenes.json").read_text()).values())
     assert clean[0].exists()
+
+
+def test_shipped_world_model_loads_offline_and_knows_the_shapes():
+    import torch.nn.functional as F
+
+    from fvgpt_cache.demo import load_world_model
+    from fvgpt_cache.extraction import encode_images
+    from fvgpt_cache.views import ViewMaker
+
+    loaded = load_world_model()
+    assert loaded.provenance["random_init"] is False and loaded.preprocess["size"] == 64
+    rng = np.random.default_rng(77)
+    maker = ViewMaker(loaded.preprocess)
+    with torch.no_grad():
+        text = F.normalize(loaded.model.encode_text(loaded.tokenizer([f"a photo of a {s}." for s in SHAPES])), dim=-1)
+    correct = 0
+    for label, shape in enumerate(SHAPES):
+        for _ in range(5):
+            img, mask = render(sample_scene(rng, shape=shape), rng)
+            full, _, _ = maker(img, mask, 0)
+            feat = encode_images(loaded.model, full[None], torch.device("cpu"))
+            correct += int((feat @ text.T).argmax() == label)
+    assert correct / 100 > 0.3, f"20-way zero-shot accuracy {correct}% is near chance (5%)"
+
+
+def test_world_demo_end_to_end_small(tmp_path):
+    from fvgpt_cache.demo import run_world_demo
+
+    results = run_world_demo(tmp_path, shots=4, on_own_background=3, val_per_class=1, test_per_class=2,
+                             train_views=1, epochs=2)
+    assert set(results) == {"spurious", "clean"}
+    for rec in results.values():
+        assert rec["backbone"] == "coop" and rec["test_images"] == {"base": 20, "new": 20}
+        for method in ("zeroshot", "backbone", "fvgpt"):
+            assert 0 <= rec["metrics"][method]["hm"] <= 100
