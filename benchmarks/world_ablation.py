@@ -18,6 +18,7 @@ from fvgpt_cache.data import generic_dataset
 from fvgpt_cache.demo import WORLD_TEMPLATE, load_world_model
 from fvgpt_cache.extraction import ExtractOptions, extract
 from fvgpt_cache.grids import expand, run_grid
+from fvgpt_cache.models import load_clip
 from fvgpt_cache.reports import aggregate, load_records, to_markdown
 from fvgpt_cache.training import TrainConfig
 from fvgpt_cache.world import write_downstream
@@ -29,9 +30,12 @@ def main(argv=None) -> None:
     ap.add_argument("--seeds", default="1,2,3")
     ap.add_argument("--train-views", type=int, default=4)
     ap.add_argument("--test-per-class", type=int, default=30)
+    ap.add_argument("--model-dir", type=Path, default=None,
+                    help="a folder with world-clip.json/.pt exported by pretrain_world.py (default: the shipped one)")
     args = ap.parse_args(argv)
 
-    loaded = load_world_model()
+    loaded = (load_clip(str(args.model_dir / "world-clip.json"), str(args.model_dir / "world-clip.pt"))
+              if args.model_dir else load_world_model())
     seeds = [int(s) for s in args.seeds.split(",")]
     caches: dict[str, list[Path]] = {"spurious": [], "clean": []}
     for variant in caches:
