@@ -18,7 +18,6 @@ import time
 from pathlib import Path
 
 import numpy as np
-import open_clip
 import torch
 import torch.nn.functional as F
 from open_clip.loss import ClipLoss

@@ -471,21 +471,17 @@ def report(
         fail(str(exc))
     paper = compare == "paper"
     if fmt == "console":
-        for (backbone, label), g in summary.items():
-            for title, table in ((f"base-to-new · backbone {backbone} · {label}", reports.table_rows(backbone, g, paper)),
-                                 (f"cross-dataset · backbone {backbone} · {label}", reports.cross_rows(backbone, g, paper))):
-                if not table or not table[1]:
-                    continue
-                header, body = table
-                if header[0] == "Dataset":  # fold each method's B, N, HM into one column to fit a terminal
-                    header = ["Dataset", "CLIP B / N / HM", f"{backbone} B / N / HM", "+FVG-PT B / N / HM", "ΔHM"]
-                    body = [[r[0], *(" / ".join(c for c in r[i:i + 3] if c) for i in (1, 4, 7)), r[10]] for r in body]
-                t = Table(title=title)
-                for i, h in enumerate(header):
-                    t.add_column(h, justify="left" if i == 0 else "right")
-                for row in body:
-                    t.add_row(*row)
-                console.print(t)
+        for title, header, body in reports.tables(summary, paper):
+            if header[0] == "Dataset":  # fold each method's B, N, HM into one column to fit a terminal
+                backbone = header[4].rsplit(" ", 1)[0]
+                header = ["Dataset", "CLIP B / N / HM", f"{backbone} B / N / HM", "+FVG-PT B / N / HM", "ΔHM"]
+                body = [[r[0], *(" / ".join(c for c in r[i:i + 3] if c) for i in (1, 4, 7)), r[10]] for r in body]
+            t = Table(title=title)
+            for i, h in enumerate(header):
+                t.add_column(h, justify="left" if i == 0 else "right")
+            for row in body:
+                t.add_row(*row)
+            console.print(t)
         console.print(f"{len(records)} run(s); Base/New are seed means ± sample std, HM is the HM of the means")
         return
     text = formats[fmt](summary, paper) if fmt in ("markdown", "latex") else formats[fmt](summary)

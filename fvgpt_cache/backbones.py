@@ -229,6 +229,14 @@ def model_for_cache(cache: Cache | str | Path, pretrained: str | None = None, de
     return loaded
 
 
+def _model_of(cache: Cache, loaded: LoadedModel | None, pretrained: str | None, device) -> LoadedModel:
+    """The cache's model: rebuilt from provenance, or the one given, checked against the cache."""
+    if loaded is None:
+        return model_for_cache(cache, pretrained, device)
+    verify_model(cache, loaded, device=loaded.model.token_embedding.weight.device)
+    return loaded
+
+
 # --------------------------------------------------------------------------------------------
 # Training
 
@@ -295,10 +303,7 @@ def train_backbone(cache: Cache | str | Path, cfg: BackboneConfig, progress: Cal
     cfg.validate()
     cache = open_cache(cache) if not isinstance(cache, Cache) else cache
     device = resolve_device(cfg.device)
-    if loaded is None:
-        loaded = model_for_cache(cache, pretrained, device)
-    else:
-        verify_model(cache, loaded, device=loaded.model.token_embedding.weight.device)
+    loaded = _model_of(cache, loaded, pretrained, device)
     model = loaded.model.to(device).eval()
     for p in model.parameters():
         p.requires_grad_(False)
@@ -597,10 +602,7 @@ def load_backbone(cache_path: str | Path, checkpoint: str | Path, method: str, n
     if class_token_position not in CLASS_TOKEN_POSITIONS:
         raise ValueError(f"class_token_position={class_token_position!r}: choose one of {CLASS_TOKEN_POSITIONS}")
     cache = open_cache(cache_path)
-    if loaded is None:
-        loaded = model_for_cache(cache, pretrained, device)
-    else:
-        verify_model(cache, loaded, device=loaded.model.token_embedding.weight.device)
+    loaded = _model_of(cache, loaded, pretrained, device)
     ckpt = resolve_checkpoint(checkpoint)
     ctx, info = load_context(ckpt, text_width(loaded.model))
     _check_csc_classes(ctx, cache, str(ckpt))
@@ -645,10 +647,7 @@ def write_ensemble(cache_path: str | Path, template_set: str = "imagenet80", pre
     if template_set not in TEMPLATE_SETS:
         raise ValueError(f"template_set={template_set!r}: choose one of {sorted(TEMPLATE_SETS)}")
     cache = open_cache(cache_path)
-    if loaded is None:
-        loaded = model_for_cache(cache, pretrained, device)
-    else:
-        verify_model(cache, loaded, device=loaded.model.token_embedding.weight.device)
+    loaded = _model_of(cache, loaded, pretrained, device)
     templates = TEMPLATE_SETS[template_set]
     feats = ensemble_text_features(loaded, cache.classnames, templates, loaded.model.token_embedding.weight.device)
     name = name or f"clip_{template_set}"

@@ -178,7 +178,7 @@ def train_group(data: TrainData, cfgs: list[TrainConfig], labels: np.ndarray) ->
     """
     ref = cfgs[0]
     device = resolve_device(ref.device)
-    k, (n_all, views) = len(cfgs), data.full.shape[:2]
+    k, views = len(cfgs), data.full.shape[1]
     heads = [build_head(data.full.shape[-1], c) for c in cfgs]
     template = heads[0].to(device)
     flat = lambda t: t.flatten(0, 1).to(device)  # noqa: E731

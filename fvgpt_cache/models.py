@@ -44,10 +44,6 @@ class LoadedModel:
     def logit_scale(self) -> float:
         return float(self.model.logit_scale.detach().exp().item())
 
-    @property
-    def embed_dim(self) -> int:
-        return int(self.model.text_projection.shape[1]) if hasattr(self.model, "text_projection") else None
-
 
 def _openai_checkpoint_hashes() -> set[str]:
     """SHA-256 values of OpenAI's checkpoints, read from their download URLs in open_clip."""

@@ -253,40 +253,39 @@ def cross_rows(backbone: str, g: dict, compare_paper: bool = False) -> tuple[lis
     return header, body
 
 
+def tables(summary: dict, compare_paper: bool = False):
+    """Every non-empty table of a summary: (title, header, body) in Table 1, then Table 2, layout."""
+    for (backbone, label), g in summary.items():
+        for kind, table in (("Base-to-new", table_rows(backbone, g, compare_paper)),
+                            ("Cross-dataset", cross_rows(backbone, g, compare_paper))):
+            if table and table[1]:
+                yield f"{kind} · backbone {backbone} · {label}", table[0], table[1]
+
+
 def to_markdown(summary: dict, compare_paper: bool = False) -> str:
     parts = []
-    for (backbone, label), g in summary.items():
-        for title, table in ((f"Base-to-new · backbone {backbone} · {label}", table_rows(backbone, g, compare_paper)),
-                             (f"Cross-dataset · backbone {backbone} · {label}", cross_rows(backbone, g, compare_paper))):
-            if not table or not table[1]:
-                continue
-            header, body = table
-            parts.append(f"### {title}\n")
-            parts.append("| " + " | ".join(header) + " |")
-            parts.append("|" + "|".join("---" for _ in header) + "|")
-            parts += ["| " + " | ".join(r) + " |" for r in body]
-            parts.append("")
+    for title, header, body in tables(summary, compare_paper):
+        parts.append(f"### {title}\n")
+        parts.append("| " + " | ".join(header) + " |")
+        parts.append("|" + "|".join("---" for _ in header) + "|")
+        parts += ["| " + " | ".join(r) + " |" for r in body]
+        parts.append("")
     return "\n".join(parts)
 
 
 def to_latex(summary: dict, compare_paper: bool = False) -> str:
     parts = []
-    esc = lambda s: s.replace("_", r"\_").replace("±", r"$\pm$").replace("Δ", r"$\Delta$")  # noqa: E731
-    for (backbone, label), g in summary.items():
-        for title, table in ((f"Base-to-new, backbone {backbone}, {label}", table_rows(backbone, g, compare_paper)),
-                             (f"Cross-dataset, backbone {backbone}, {label}", cross_rows(backbone, g, compare_paper))):
-            if not table or not table[1]:
-                continue
-            header, body = table
-            parts.append(f"% {esc(title)}")
-            parts.append(r"\begin{tabular}{l" + "r" * (len(header) - 1) + "}")
-            parts.append(r"\toprule")
-            parts.append(" & ".join(esc(h) for h in header) + r" \\")
-            parts.append(r"\midrule")
-            parts += [" & ".join(esc(c) for c in r) + r" \\" for r in body]
-            parts.append(r"\bottomrule")
-            parts.append(r"\end{tabular}")
-            parts.append("")
+    esc = lambda s: s.replace("_", r"\_").replace("±", r"$\pm$").replace("Δ", r"$\Delta$").replace("·", ",")  # noqa: E731
+    for title, header, body in tables(summary, compare_paper):
+        parts.append(f"% {esc(title)}")
+        parts.append(r"\begin{tabular}{l" + "r" * (len(header) - 1) + "}")
+        parts.append(r"\toprule")
+        parts.append(" & ".join(esc(h) for h in header) + r" \\")
+        parts.append(r"\midrule")
+        parts += [" & ".join(esc(c) for c in r) + r" \\" for r in body]
+        parts.append(r"\bottomrule")
+        parts.append(r"\end{tabular}")
+        parts.append("")
     return "\n".join(parts)
 
 

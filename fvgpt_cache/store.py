@@ -19,7 +19,6 @@ import torch
 FORMAT = "fvgpt-cache"
 FORMAT_VERSION = 1
 SPLITS = ("train", "val", "test")
-KINDS = ("full", "fg")
 # Provenance keys that must agree before two caches are used together.
 MODEL_KEYS = ("model", "pretrained", "pretrained_sha256", "model_config_sha256", "quick_gelu", "preprocess")
 

@@ -34,7 +34,7 @@ def test_lr_schedule_matches_dassl_constant_warmup_then_cosine():
 def test_same_seed_same_numbers_other_seed_other_weights(syn, tmp_path):
     a = run_training(syn, TrainConfig(seed=1), tmp_path / "a")
     b = run_training(syn, TrainConfig(seed=1), tmp_path / "b")
-    c = run_training(syn, TrainConfig(seed=2), tmp_path / "c")
+    run_training(syn, TrainConfig(seed=2), tmp_path / "c")
     assert a["metrics"] == b["metrics"] and a["history"] == b["history"]
     wa, wb, wc = (torch.load(tmp_path / x / "head.pt", weights_only=True)["state_dict"] for x in "abc")
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
