@@ -16,7 +16,8 @@ import time
 import torch
 import torch.nn.functional as F
 
-from fvgpt_cache.extraction import encode_images, resolve_device
+from fvgpt_cache.device import resolve_device
+from fvgpt_cache.extraction import encode_images
 from fvgpt_cache.models import load_clip
 from fvgpt_cache.prompts import PromptLearner
 

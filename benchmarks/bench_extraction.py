@@ -23,7 +23,8 @@ import torch
 from PIL import Image
 
 from fvgpt_cache.data import generic_dataset
-from fvgpt_cache.extraction import ExtractOptions, encode_images, extract, resolve_device
+from fvgpt_cache.device import resolve_device
+from fvgpt_cache.extraction import ExtractOptions, encode_images, extract
 from fvgpt_cache.models import load_clip
 
 

@@ -25,6 +25,7 @@ from torch.utils.data import Dataset as TorchDataset
 
 from .data import SPLITS, Dataset, base_new_split, fewshot_splits
 from .datasets import find_mask
+from .device import resolve_device
 from .models import LoadedModel
 from .store import FORMAT, FORMAT_VERSION, CacheError, exclusive_lock, partial_path
 from .views import AugmentConfig, ViewMaker, binarize_mask, view_generator
@@ -82,14 +83,6 @@ class ExtractSummary:
     resumed_rows: int
     seconds: float
     images_per_second: float
-
-
-def resolve_device(device: str) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device == "cuda" and not torch.cuda.is_available():
-        raise ValueError("--device cuda was asked for but torch sees no CUDA device; use --device cpu or auto")
-    return torch.device(device)
 
 
 def default_output(dataset: str, model: str, pretrained: str | None, shots: int, seed: int, views: int,

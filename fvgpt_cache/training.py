@@ -12,7 +12,7 @@ from dataclasses import asdict, dataclass, field, fields
 import numpy as np
 import torch
 
-from .extraction import resolve_device
+from .device import resolve_device
 from .heads import BRG_INDICATORS, FRG_INDICATORS, R_WITHOUT_FRG, FVGPTHead
 from .store import Cache, CacheError
 

@@ -1,0 +1,148 @@
+"""`backbone …` and `baselines`: tuned backbones written into a cache, and the baselines it can score."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from rich.table import Table
+
+from .common import _pct, app, console, err, fail
+
+backbone_app = typer.Typer(help="Backbones in the cache: CoOp/KgCoOp prompt learning, official checkpoints, ensembles.",
+                            no_args_is_help=True)
+app.add_typer(backbone_app, name="backbone")
+
+
+@backbone_app.command("train")
+def backbone_train(
+    cache: Path = typer.Argument(..., help="Cache written by `fvgpt-cache extract`."),
+    method: str = typer.Option("coop", help="coop|kgcoop"),
+    name: Optional[str] = typer.Option(None, help="Text group to write (default: the method)."),
+    epochs: Optional[int] = typer.Option(None, help="Default 10 (CoOp on EuroSAT: 20)."),
+    lr: float = typer.Option(0.0035),
+    batch_size: int = typer.Option(4),
+    n_ctx: int = typer.Option(4, help="Context tokens."),
+    ctx_init: str = typer.Option("auto", help="auto (random for CoOp, 'a photo of a' for KgCoOp), none, or words."),
+    csc: bool = typer.Option(False, help="Class-specific context (needs --classes all)."),
+    class_token_position: str = typer.Option("end", help="end|front|middle"),
+    kg_weight: float = typer.Option(2.0, help="KgCoOp's W."),
+    classes: str = typer.Option("base", help="base, or all for a cross-dataset source."),
+    seed: int = typer.Option(1),
+    pretrained: Optional[str] = typer.Option(None, help="Local weights file if the cache's weights must be found again."),
+    device: str = typer.Option("auto"),
+    out: Optional[Path] = typer.Option(None, help="Checkpoint folder (default cache/backbones/<cache>-<name>-seed<S>)."),
+):
+    """Learn CoOp/KgCoOp context from the cached features and write /text/<name> for every class."""
+    from fvgpt_cache.backbones import BackboneConfig, default_epochs, save_coop_checkpoint, train_backbone, write_backbone
+    from fvgpt_cache.store import open_cache
+
+    try:
+        c = open_cache(cache)
+        cfg = BackboneConfig(method=method, n_ctx=n_ctx, ctx_init=ctx_init, csc=csc,
+                             class_token_position=class_token_position,
+                             epochs=epochs or default_epochs(c.provenance.get("dataset"), method), lr=lr,
+                             batch_size=batch_size, kg_weight=kg_weight, classes=classes, seed=seed, device=device).validate()
+        name = name or method
+        with Progress(TextColumn(f"{method}"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[info]}"),
+                      TimeRemainingColumn(), console=err) as bar:
+            task = bar.add_task(method, total=cfg.epochs, info="epochs")
+            result = train_backbone(c, cfg, pretrained=pretrained, progress=lambda e, n, h: bar.update(
+                task, completed=e, info=f"loss {h['loss']:.3f} acc {h['acc']:.1f}%"))
+        folder = out or Path("cache/backbones") / f"{c.path.stem}-{name}-seed{seed}"
+        ckpt = save_coop_checkpoint(folder, result.ctx, cfg.epochs)
+        write_backbone(c.path, name, result.ctx, cfg, result.loaded, checkpoint=ckpt)
+        (folder / "backbone.json").write_text(json.dumps({**result.to_dict(), "cache": str(c.path), "name": name}, indent=1))
+    except (ValueError, FileNotFoundError, RuntimeError) as exc:
+        fail(str(exc))
+    m = result.metrics
+    new = "" if m.get("test_acc_new") is None else f", new-class test accuracy {m['test_acc_new']:.2f}%"
+    console.print(f"{method}: {'base' if classes == 'base' else 'all'}-class test accuracy {m['test_acc']:.2f}% "
+                  f"(before training {m['initial_test_acc']:.2f}%){new}; {result.train_images} images, "
+                  f"{result.seconds:.1f}s")
+    console.print(f"wrote /text/{name} into {c.path} and the checkpoint {ckpt}")
+    console.print(f"next: fvgpt-cache train {c.path} --backbone {name} --lambda-d 10")
+
+
+@backbone_app.command("load")
+def backbone_load(
+    cache: Path = typer.Argument(...),
+    checkpoint: Path = typer.Option(..., help="A CoOp/KgCoOp checkpoint file, or the output folder holding prompt_learner/."),
+    method: str = typer.Option("coop", help="coop|kgcoop"),
+    name: Optional[str] = typer.Option(None, help="Text group to write (default: the method)."),
+    class_token_position: str = typer.Option("end", help="end|front|middle, as the context was trained."),
+    pretrained: Optional[str] = typer.Option(None, help="Local weights file if the cache's weights must be found again."),
+    device: str = typer.Option("auto"),
+):
+    """Import a context trained by the official CoOp/KgCoOp/FVG-PT code and write /text/<name>."""
+    from fvgpt_cache.backbones import load_backbone
+    from fvgpt_cache.device import resolve_device
+
+    try:
+        info = load_backbone(cache, checkpoint, method, name=name, pretrained=pretrained,
+                             class_token_position=class_token_position, device=resolve_device(device))
+    except (ValueError, FileNotFoundError, RuntimeError) as exc:
+        fail(str(exc))
+    console.print(f"wrote /text/{info['name']} {info['shape']} from {info['checkpoint']}")
+
+
+@backbone_app.command("ensemble")
+def backbone_ensemble(
+    cache: Path = typer.Argument(...),
+    templates: str = typer.Option("imagenet80", help="imagenet80 (CLIP's 80 ImageNet templates) or imagenet7."),
+    pretrained: Optional[str] = typer.Option(None),
+    device: str = typer.Option("auto"),
+):
+    """Zero-shot CLIP with an ensemble of templates, written as /text/clip_<templates>."""
+    from fvgpt_cache.backbones import write_ensemble
+    from fvgpt_cache.device import resolve_device
+
+    try:
+        info = write_ensemble(cache, templates, pretrained=pretrained, device=resolve_device(device))
+    except (ValueError, FileNotFoundError, RuntimeError) as exc:
+        fail(str(exc))
+    console.print(f"wrote /text/{info['name']} ({info['templates']} templates)")
+
+
+@app.command()
+def baselines(
+    cache: Path = typer.Argument(...),
+    linear_probe: bool = typer.Option(True, help="Also fit CoOp's linear-probe baseline (C chosen on val)."),
+    as_json: bool = typer.Option(False, "--json"),
+):
+    """Base/New/HM of every text group in the cache (zero-shot, ensembles, backbones) and the linear probe."""
+    import numpy as np
+
+    from fvgpt_cache.evaluation import EvalSet, accuracy
+    from fvgpt_cache.heads import clip_logits, harmonic_mean
+    from fvgpt_cache.linear_probe import linear_probe as fit_probe
+    from fvgpt_cache.store import open_cache
+
+    try:
+        c = open_cache(cache)
+        rows = {}
+        for group in c.text_groups:
+            ts = EvalSet(c, group)
+            acc = {}
+            for split, ids in (("base", c.base), ("new", c.new)):
+                sel, y, txt, _ = ts.subset(np.asarray(ids))
+                acc[split] = accuracy(clip_logits(ts.full[sel], txt, ts.scale), y)
+            both = acc["base"] is not None and acc["new"] is not None
+            rows[group] = {**acc, "hm": harmonic_mean(acc["base"], acc["new"]) if both else None}
+        if linear_probe:
+            lp = fit_probe(c)
+            rows["linear probe"] = {"base": lp["test_acc_base"], "new": None, "hm": None, "C": lp["C"]}
+    except (ValueError, FileNotFoundError, RuntimeError) as exc:
+        fail(str(exc))
+    if as_json:
+        print(json.dumps(rows, indent=1))
+        return
+    table = Table(title=f"baselines · {c.provenance.get('dataset')} (test split)")
+    for col in ("method", "Base", "New", "HM"):
+        table.add_column(col, justify="left" if col == "method" else "right")
+    for group, r in rows.items():
+        table.add_row(group + (f" (C={r['C']:.3g})" if "C" in r else ""), _pct(r["base"]), _pct(r["new"]), _pct(r["hm"]))
+    console.print(table)
+

@@ -1,0 +1,137 @@
+"""`extract` and `inspect`: the one pass over the images, and what a cache holds."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.table import Table
+
+from .common import app, console, err, fail, split_progress
+
+
+@app.command()
+def extract(
+    data: Optional[Path] = typer.Option(None, "--data", help="Data root holding the named dataset folder."),
+    dataset: Optional[str] = typer.Option(None, "--dataset", help="One of the eleven CoOp datasets, e.g. oxford_pets."),
+    split_file: Optional[Path] = typer.Option(None, "--split-file", help="Generic dataset: CoOp-style split JSON."),
+    image_root: Optional[Path] = typer.Option(None, "--image-root", help="Generic dataset: folder the split paths are relative to."),
+    mask_root: Optional[Path] = typer.Option(None, "--mask-root", help="Folder mirroring the image folder with masks."),
+    model: str = typer.Option("ViT-B-16", help="open_clip model name, or the path of an open_clip config JSON."),
+    pretrained: str = typer.Option("openai", help="open_clip tag, local checkpoint file, or 'none' (random, seeded)."),
+    quick_gelu: str = typer.Option("auto", help="auto|on|off. auto: on for OpenAI weights."),
+    shots: str = typer.Option("16", help="Images per class for train (val gets min(K,4)); 0 or 'all' keeps all."),
+    seed: int = typer.Option(1, help="Few-shot sampling seed (Dassl), also seeds the augmented views."),
+    train_views: int = typer.Option(1, help="Views per training image: view 0 is the test-time crop, others augmented."),
+    template: Optional[str] = typer.Option(None, help="Text template with {} for the class name (default: the dataset's)."),
+    batch_size: int = typer.Option(64, help="Images per encoder batch."),
+    workers: int = typer.Option(2, help="DataLoader worker processes for decoding."),
+    device: str = typer.Option("auto", help="auto|cpu|cuda."),
+    missing_mask: str = typer.Option("error", help="error|full|skip for an image without a mask."),
+    bad_image: str = typer.Option("error", help="error|skip for an unreadable image."),
+    fg_mode: str = typer.Option("pixel", help="pixel (x*m before normalisation, black background) or normalized (DAPT)."),
+    dtype: str = typer.Option("float16", help="Storage dtype of image features: float16|float32."),
+    out: Optional[Path] = typer.Option(None, help="Output .h5 (default: cache/<dataset>/<model>/shots<K>_seed<S>.h5)."),
+    resume: bool = typer.Option(True, help="Continue an interrupted extraction of the same output."),
+    force: bool = typer.Option(False, help="Overwrite an existing complete cache."),
+):
+    """Extract CLIP features of full images and foreground views into an HDF5 cache."""
+    from fvgpt_cache.data import generic_dataset, parse_shots
+    from fvgpt_cache.datasets import load_dataset
+    from fvgpt_cache.extraction import ExtractOptions, default_output
+    from fvgpt_cache.extraction import extract as run_extract
+    from fvgpt_cache.models import load_clip
+
+    try:
+        k = parse_shots(shots)
+        if dataset and split_file:
+            fail("give either --dataset (with --data) or --split-file (with --image-root), not both")
+        if dataset:
+            if data is None:
+                fail("--dataset needs --data ROOT, the folder that contains the dataset's folder")
+            ds = load_dataset(dataset, data, mask_root)
+        elif split_file:
+            if image_root is None:
+                fail("--split-file needs --image-root DIR, the folder the split's paths are relative to")
+            ds = generic_dataset(split_file, image_root, mask_root, template=template or "a photo of a {}.")
+        else:
+            fail("say which data to read: --data ROOT --dataset NAME, or --split-file FILE --image-root DIR")
+        options = ExtractOptions(shots=k, seed=seed, train_views=train_views, batch_size=batch_size, workers=workers,
+                                 device=device, missing_mask=missing_mask, bad_image=bad_image, fg_mode=fg_mode,
+                                 template=template, store_dtype=dtype, resume=resume, force=force)
+        options.validate()
+        out = out or default_output(ds.name, model, pretrained, k, seed, train_views)
+        loaded = load_clip(model, pretrained, quick_gelu=quick_gelu)
+        if loaded.provenance["random_init"]:
+            err.print("[bold yellow]warning:[/] --pretrained none: the model has random weights (seeded); "
+                      "its features are only a smoke test")
+        with split_progress() as update:
+            summary = run_extract(ds, loaded, out, options, progress=update)
+    except (ValueError, FileNotFoundError, RuntimeError) as exc:
+        fail(str(exc))
+    console.print(f"wrote [bold]{summary.out}[/]: " + ", ".join(f"{s} {n}" for s, n in summary.counts.items())
+                  + f" in {summary.seconds:.1f}s ({summary.images_per_second:.1f} img/s)")
+    if summary.resumed_rows:
+        console.print(f"resumed: {summary.resumed_rows} rows were already done")
+    for split, items in summary.skipped.items():
+        for item in items:
+            console.print(f"[yellow]skipped[/] {split}: {item['path']} ({item['reason']})")
+    if summary.full_masks:
+        console.print(f"[yellow]{len(summary.full_masks)} image(s) had no mask and use the whole image[/]")
+    empty = sum(summary.empty_masks.values())
+    if empty:
+        console.print(f"{empty} sample(s) have an empty foreground (A = 0) in at least one view")
+
+
+def print_inspection(report: dict) -> None:
+    prov = report["provenance"]
+    console.print(f"[bold]{report['path']}[/]")
+    info = Table(show_header=False, box=None)
+    for key in ("dataset", "model", "pretrained", "quick_gelu", "shots", "seed", "views", "template", "fg_mode",
+                "mask_root", "store_dtype", "open_clip_version", "torch_version", "created"):
+        info.add_row(key, str(prov.get(key)))
+    info.add_row("logit_scale", f"{report['logit_scale']:.3f}")
+    info.add_row("classes", f"{report['classes']['count']} ({len(report['classes']['base'])} base, "
+                            f"{len(report['classes']['new'])} new): {', '.join(report['classes']['names'][:8])}"
+                            + (" …" if report["classes"]["count"] > 8 else ""))
+    console.print(info)
+    def fmt(feat: dict) -> str:
+        return "×".join(map(str, feat["shape"])) + " " + feat["dtype"].replace("float", "f")
+
+    table = Table(title="splits (features: N×V×D dtype)")
+    for col in ("split", "N", "classes", "per class", "full", "fg", "mean A", "empty", "skipped"):
+        table.add_column(col)
+    for split, e in report["splits"].items():
+        feats = e["features"]
+        table.add_row(split, str(e["samples"]), str(e["classes_present"]), f"{e['per_class_min']}–{e['per_class_max']}",
+                      fmt(feats["full"]), fmt(feats["fg"]),
+                      "-" if e["mask_area_mean"] is None else f"{e['mask_area_mean']:.3f}",
+                      str(e["empty_mask_views"]), str(e["skipped"]))
+    console.print(table)
+    for name, t in report["text"].items():
+        console.print(f"text/{name}: {t['shape']} {t['dtype']}" + (f"  template {t['template']!r}" if "template" in t else ""))
+    if report["problems"]:
+        for p in report["problems"]:
+            console.print(f"[yellow]problem:[/] {p}")
+    else:
+        console.print("[green]no problems found[/]")
+
+
+@app.command()
+def inspect(
+    path: Path = typer.Argument(..., help="A cache file written by `fvgpt-cache extract`."),
+    as_json: bool = typer.Option(False, "--json", help="Print the report as JSON."),
+):
+    """Show provenance, classes, splits, shapes, mask statistics and problems of a cache."""
+    from fvgpt_cache.inspection import inspect_cache
+
+    try:
+        report = inspect_cache(path)
+    except (ValueError, FileNotFoundError) as exc:
+        fail(str(exc))
+    if as_json:
+        print(json.dumps(report, indent=2))
+    else:
+        print_inspection(report)
+

@@ -1,0 +1,102 @@
+"""`train`: one FVG-PT run from a cache, and the results table."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from rich.table import Table
+
+from .common import _pct, app, console, err, fail
+
+
+def print_results(record: dict) -> None:
+    m = record["metrics"]
+    all_classes = record["config"]["classes"] == "all"
+    title = f"{record['dataset']} · backbone {record['backbone']} · seed {record['seed']}"
+    table = Table(title=title)
+    cols = ("method", "All") if all_classes else ("method", "Base", "New", "HM", "ΔHM vs backbone")
+    for c in cols:
+        table.add_column(c, justify="right" if c != "method" else "left")
+    names = {"zeroshot": "zero-shot CLIP", "backbone": f"backbone ({record['backbone']})", "fvgpt": "+ FVG-PT"}
+    for key in ("zeroshot", "backbone", "fvgpt"):
+        row = m[key]
+        if all_classes:
+            table.add_row(names[key], _pct(row["all"]))
+        else:
+            delta = row["hm"] - m["backbone"]["hm"] if row["hm"] is not None and m["backbone"]["hm"] is not None else None
+            table.add_row(names[key], _pct(row["base"]), _pct(row["new"]), _pct(row["hm"]),
+                          "" if key == "backbone" or delta is None else f"{delta:+.2f}")
+    console.print(table)
+    shift = record.get("foreground_shift") or {}
+    if shift.get("backbone") is not None:
+        console.print(f"foreground shift D_fg (base test, lower = more foreground): backbone {shift['backbone']:.4f}, "
+                      f"FVG-PT {shift['fvgpt']:.4f}")
+    if record.get("cross_dataset"):
+        cross = Table(title="cross-dataset (PC branch, all target classes)")
+        for c in ("target", "images", "zero-shot", "backbone", "FVG-PT"):
+            cross.add_column(c)
+        for t in record["cross_dataset"]:
+            cross.add_row(str(t["dataset"]), str(t["test_images"]), _pct(t["zeroshot"]), _pct(t["backbone"]), _pct(t["fvgpt"]))
+        console.print(cross)
+    sec = record["seconds"]
+    console.print(f"{record['head_parameters']:,} head parameters · {record['train_images']} training images × "
+                  f"{record['views']} views · trained in {sec['train']:.2f}s · run folder {record['run_dir']}")
+
+
+@app.command()
+def train(
+    cache: Path = typer.Argument(..., help="Cache written by `fvgpt-cache extract`."),
+    backbone: Optional[str] = typer.Option(None, help="Text-feature group to build on (clip = zero-shot CLIP); default: the only tuned one."),
+    classes: str = typer.Option("base", help="base (base-to-new protocol) or all (cross-dataset source)."),
+    lambda_d: float = typer.Option(10.0, "--lambda-d", help="Weight of the distillation loss λ_d."),
+    epochs: int = typer.Option(10),
+    batch_size: int = typer.Option(4),
+    lr: float = typer.Option(0.0035),
+    seed: int = typer.Option(1, help="Seeds head initialisation, shuffling and view choice."),
+    frg: bool = typer.Option(True, "--frg/--no-frg", help="Foreground Reliability Gate."),
+    fdc: bool = typer.Option(True, "--fdc/--no-fdc", help="Foreground Distillation Compensation (base branch)."),
+    pc: bool = typer.Option(True, "--pc/--no-pc", help="Prior Calibration with the Backbone Reliability Gate (new branch)."),
+    loss_frg: bool = typer.Option(True, "--loss-frg/--no-loss-frg"),
+    loss_dist: bool = typer.Option(True, "--loss-dist/--no-loss-dist"),
+    loss_ce_fdc: bool = typer.Option(True, "--loss-ce-fdc/--no-loss-ce-fdc"),
+    loss_ce_pc: bool = typer.Option(True, "--loss-ce-pc/--no-loss-ce-pc"),
+    loss_kl_pc: bool = typer.Option(True, "--loss-kl-pc/--no-loss-kl-pc"),
+    settings: list[str] = typer.Option([], "--set", help="Any other TrainConfig field as KEY=VALUE, e.g. --set fdc_hidden=128."),
+    eval_cache: list[Path] = typer.Option([], "--eval-cache", help="Other caches (same model) to evaluate the PC branch on."),
+    device: str = typer.Option("auto", help="auto|cpu|cuda."),
+    out: Optional[Path] = typer.Option(None, help="Run folder (default: cache/runs/<cache>-<backbone>-seed<S>-<id>)."),
+    as_json: bool = typer.Option(False, "--json", help="Print the results JSON instead of the table."),
+):
+    """Train the FVG-PT heads on base classes from a cache and evaluate Base/New/HM."""
+    from fvgpt_cache.runs import run_training
+    from fvgpt_cache.training import TrainConfig, config_with, parse_value
+
+    try:
+        overrides = {}
+        for item in settings:
+            if "=" not in item:
+                fail(f"--set {item!r}: write KEY=VALUE")
+            key, value = item.split("=", 1)
+            overrides[key.strip()] = parse_value(key.strip(), value)
+        cfg = config_with(TrainConfig(
+            backbone=backbone, classes=classes, lambda_d=lambda_d, epochs=epochs, batch_size=batch_size, lr=lr,
+            seed=seed, use_frg=frg, use_fdc=fdc, use_pc=pc, loss_frg=loss_frg, loss_dist=loss_dist,
+            loss_ce_fdc=loss_ce_fdc, loss_ce_pc=loss_ce_pc, loss_kl_pc=loss_kl_pc, device=device), **overrides)
+        if as_json:
+            record = run_training(cache, cfg, out, eval_cache)
+        else:
+            with Progress(TextColumn("train"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[loss]}"),
+                          TimeRemainingColumn(), console=err, transient=True) as bar:
+                task = bar.add_task("train", total=cfg.epochs, loss="")
+                record = run_training(cache, cfg, out, eval_cache, progress=lambda e, n, h: bar.update(
+                    task, completed=e, loss=f"loss {h.get('total', 0):.3f}"))
+    except (ValueError, FileNotFoundError, RuntimeError) as exc:
+        fail(str(exc))
+    if as_json:
+        print(json.dumps(record, indent=1))
+    else:
+        print_results(record)
+
