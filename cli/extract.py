@@ -23,14 +23,19 @@ def extract(
     quick_gelu: str = typer.Option("auto", help="auto|on|off. auto: on for OpenAI weights."),
     shots: str = typer.Option("16", help="Images per class for train (val gets min(K,4)); 0 or 'all' keeps all."),
     seed: int = typer.Option(1, help="Few-shot sampling seed (Dassl), also seeds the augmented views."),
-    train_views: int = typer.Option(1, help="Views per training image: view 0 is the test-time crop, others augmented."),
+    train_views: int = typer.Option(11, help="Views per training image: view 0 is Dassl's squash (what CoOp trains on), "
+                                             "views 1..V-1 random resized crop + flip (one per FVG-PT epoch)."),
+    rrc_scale: str = typer.Option("0.08,1", help="Scale range of the random resized crop, MIN,MAX (MMRL's configs: 0.5,1)."),
     template: Optional[str] = typer.Option(None, help="Text template with {} for the class name (default: the dataset's)."),
     batch_size: int = typer.Option(64, help="Images per encoder batch."),
     workers: int = typer.Option(2, help="DataLoader worker processes for decoding."),
     device: str = typer.Option("auto", help="auto|cpu|cuda."),
     missing_mask: str = typer.Option("error", help="error|full|skip for an image without a mask."),
     bad_image: str = typer.Option("error", help="error|skip for an unreadable image."),
-    fg_mode: str = typer.Option("pixel", help="pixel (x*m before normalisation, black background) or normalized (DAPT)."),
+    mask_size_mismatch: str = typer.Option("resize", help="resize (nearest, as the release's loader)|error|skip for a "
+                                                          "mask whose size differs from its image."),
+    fg_mode: str = typer.Option("normalized", help="normalized: normalise(x)*m (DAPT, the release; mean-colour "
+                                                   "background) or pixel: x*m before normalisation (black background)."),
     dtype: str = typer.Option("float16", help="Storage dtype of image features: float16|float32."),
     out: Optional[Path] = typer.Option(None, help="Output .h5 (default: cache/<dataset>/<model>/shots<K>_seed<S>.h5)."),
     resume: bool = typer.Option(True, help="Continue an interrupted extraction of the same output."),
@@ -42,6 +47,7 @@ def extract(
     from fvgpt_cache.extraction import ExtractOptions, default_output
     from fvgpt_cache.extraction import extract as run_extract
     from fvgpt_cache.models import load_clip
+    from fvgpt_cache.views import AugmentConfig
 
     try:
         k = parse_shots(shots)
@@ -58,8 +64,10 @@ def extract(
         else:
             fail("say which data to read: --data ROOT --dataset NAME, or --split-file FILE --image-root DIR")
         options = ExtractOptions(shots=k, seed=seed, train_views=train_views, batch_size=batch_size, workers=workers,
-                                 device=device, missing_mask=missing_mask, bad_image=bad_image, fg_mode=fg_mode,
-                                 template=template, store_dtype=dtype, resume=resume, force=force)
+                                 device=device, missing_mask=missing_mask, bad_image=bad_image,
+                                 mask_size_mismatch=mask_size_mismatch, fg_mode=fg_mode, template=template,
+                                 store_dtype=dtype, resume=resume, force=force,
+                                 augment=AugmentConfig(scale=parse_scale(rrc_scale)))
         options.validate()
         out = out or default_output(ds.name, model, pretrained, k, seed, train_views)
         loaded = load_clip(model, pretrained, quick_gelu=quick_gelu)
@@ -77,11 +85,23 @@ def extract(
     for split, items in summary.skipped.items():
         for item in items:
             console.print(f"[yellow]skipped[/] {split}: {item['path']} ({item['reason']})")
+    if summary.resized_masks:
+        console.print(f"[yellow]{len(summary.resized_masks)} mask(s) had another size than their image and were "
+                      "resized (nearest neighbour); listed in the cache's provenance[/]")
     if summary.full_masks:
         console.print(f"[yellow]{len(summary.full_masks)} image(s) had no mask and use the whole image[/]")
     empty = sum(summary.empty_masks.values())
     if empty:
         console.print(f"{empty} sample(s) have an empty foreground (A = 0) in at least one view")
+
+
+def parse_scale(text: str) -> tuple[float, float]:
+    """`--rrc-scale 0.5,1` → (0.5, 1.0)."""
+    try:
+        lo, hi = (float(v) for v in text.split(","))
+    except ValueError:
+        raise ValueError(f"--rrc-scale {text!r}: write MIN,MAX, e.g. 0.08,1 or 0.5,1") from None
+    return lo, hi
 
 
 def print_inspection(report: dict) -> None:
@@ -91,6 +111,11 @@ def print_inspection(report: dict) -> None:
     for key in ("dataset", "model", "pretrained", "quick_gelu", "shots", "seed", "views", "template", "fg_mode",
                 "mask_root", "store_dtype", "open_clip_version", "torch_version", "created"):
         info.add_row(key, str(prov.get(key)))
+    aug = prov.get("augmentation") or {}
+    info.add_row("rrc scale", str(aug.get("random_resized_crop_scale")))
+    masks = report["masks"]
+    info.add_row("masks", f"{masks['resized']} resized to their image, {masks['full']} missing (whole image used); "
+                          f"policy {masks['size_policy']}")
     info.add_row("logit_scale", f"{report['logit_scale']:.3f}")
     info.add_row("classes", f"{report['classes']['count']} ({len(report['classes']['base'])} base, "
                             f"{len(report['classes']['new'])} new): {', '.join(report['classes']['names'][:8])}"

@@ -28,10 +28,14 @@ from .datasets import find_mask
 from .device import resolve_device
 from .models import LoadedModel
 from .store import FORMAT, FORMAT_VERSION, CacheError, exclusive_lock, partial_path
-from .views import AugmentConfig, ViewMaker, binarize_mask, view_generator
+from .views import FG_MODES, NO_BOX, AugmentConfig, ViewMaker, binarize_mask, draw_box, fit_mask, view_generator
 
 MISSING_MASK_POLICIES = ("error", "full", "skip")
 BAD_IMAGE_POLICIES = ("error", "skip")
+MASK_SIZE_POLICIES = ("resize", "error", "skip")
+DEFAULT_TRAIN_VIEWS = 11  # view 0 (deterministic) + one augmented view per epoch of the paper's 10
+# Policies that only decide what happens to one bad row: a rerun may change them and still resume.
+ROW_POLICIES = ("bad_image_policy", "mask_size_policy")
 STORE_DTYPES = {"float16": np.float16, "float32": np.float32}
 PENDING, DONE, SKIPPED = 0, 1, 2
 
@@ -44,13 +48,14 @@ class ExtractionError(RuntimeError):
 class ExtractOptions:
     shots: int = 16
     seed: int = 1
-    train_views: int = 1
+    train_views: int = DEFAULT_TRAIN_VIEWS
     batch_size: int = 64
     workers: int = 2
     device: str = "auto"
     missing_mask: str = "error"
     bad_image: str = "error"
-    fg_mode: str = "pixel"
+    mask_size_mismatch: str = "resize"
+    fg_mode: str = "normalized"
     template: str | None = None
     store_dtype: str = "float16"
     resume: bool = True
@@ -61,6 +66,8 @@ class ExtractOptions:
         checks = [
             ("missing_mask", self.missing_mask, MISSING_MASK_POLICIES),
             ("bad_image", self.bad_image, BAD_IMAGE_POLICIES),
+            ("mask_size_mismatch", self.mask_size_mismatch, MASK_SIZE_POLICIES),
+            ("fg_mode", self.fg_mode, FG_MODES),
             ("store_dtype", self.store_dtype, tuple(STORE_DTYPES)),
             ("device", self.device, ("auto", "cpu", "cuda")),
         ]
@@ -79,6 +86,7 @@ class ExtractSummary:
     counts: dict[str, int]
     skipped: dict[str, list[dict]]
     full_masks: list[str]
+    resized_masks: list[str]
     empty_masks: dict[str, int]
     resumed_rows: int
     seconds: float
@@ -90,7 +98,7 @@ def default_output(dataset: str, model: str, pretrained: str | None, shots: int,
     model_tag = Path(model).stem if model.endswith(".json") else model
     weights = Path(pretrained).stem if pretrained and Path(pretrained).is_file() else (pretrained or "none")
     shot_tag = f"shots{shots}" if shots > 0 else "allshots"
-    view_tag = f"_views{views}" if views > 1 else ""
+    view_tag = f"_views{views}" if views != DEFAULT_TRAIN_VIEWS else ""
     return root / dataset / f"{model_tag}-{weights}" / f"{shot_tag}_seed{seed}{view_tag}.h5"
 
 
@@ -108,11 +116,18 @@ def encode_texts(loaded: LoadedModel, texts: list[str], device: torch.device, ba
 
 
 class _ViewDataset(TorchDataset):
-    """Decodes each image (and its mask) once and returns all of its views."""
+    """Decodes each image (and its mask) once and returns all of its views with their boxes.
 
-    def __init__(self, rows: list[dict], image_root: Path, maker: ViewMaker, views: int, seed: int, split_index: int):
+    Train view 0 is Dassl's training transform without augmentation (squash), train views 1…V−1
+    are random resized crops + flips drawn from `view_generator`; val and test use the test transform.
+    """
+
+    def __init__(self, rows: list[dict], image_root: Path, maker: ViewMaker, views: int, seed: int, split_index: int,
+                 augment: AugmentConfig, mask_size_policy: str):
         self.rows, self.image_root, self.maker = rows, image_root, maker
         self.views, self.seed, self.split_index = views, seed, split_index
+        self.augment, self.mask_size_policy = augment, mask_size_policy
+        self.train = SPLITS[split_index] == "train"
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -120,11 +135,13 @@ class _ViewDataset(TorchDataset):
     def __getitem__(self, i: int) -> dict:
         row = self.rows[i]
         path = self.image_root / row["relpath"]
+        fail = {"index": row["index"], "ok": False}
         try:
             with Image.open(path) as im:
                 img = im.convert("RGB")
         except Exception as exc:  # any decoder failure means the file is unusable
-            return {"index": row["index"], "ok": False, "error": f"cannot read image {path}: {exc}"}
+            return {**fail, "error": f"cannot read image {path}: {exc}"}
+        resized = False
         if row["mask"] is None:
             mask = Image.new("L", img.size, 255)
         else:
@@ -132,22 +149,35 @@ class _ViewDataset(TorchDataset):
                 with Image.open(row["mask"]) as m:
                     mask = binarize_mask(m)
             except Exception as exc:
-                return {"index": row["index"], "ok": False, "fatal": True,
-                        "error": f"cannot read mask {row['mask']} (for image {path}): {exc}; "
-                                 "regenerate or replace that mask file"}
+                return {**fail, "fatal": True, "error": f"cannot read mask {row['mask']} (for image {path}): {exc}; "
+                                                        "regenerate or replace that mask file"}
             if mask.size != img.size:
-                return {"index": row["index"], "ok": False, "fatal": True,
-                        "error": f"mask {row['mask']} is {mask.size[0]}x{mask.size[1]} but image {path} is "
-                                 f"{img.size[0]}x{img.size[1]}; a mask must have its image's size"}
-        fulls, fgs, areas = [], [], []
+                message = (f"mask {row['mask']} is {mask.size[0]}x{mask.size[1]} but image {path} is "
+                           f"{img.size[0]}x{img.size[1]}")
+                if self.mask_size_policy == "error":
+                    return {**fail, "fatal": True, "error": message + "; regenerate the mask at the image's size, or "
+                                                                      "pass --mask-size-mismatch resize (the release's loader) or skip"}
+                if self.mask_size_policy == "skip":
+                    return {**fail, "skip": True, "error": message + " (--mask-size-mismatch skip)"}
+                mask, resized = fit_mask(mask, img.size), True
+        fulls, fgs, areas, boxes = [], [], [], []
         for v in range(self.views):
-            gen = view_generator(self.seed, self.split_index, row["index"], v) if v else None
-            full, fg, area = self.maker(img, mask, v, gen)
+            if not self.train:
+                kind, box = "eval", None
+            elif v == 0:
+                kind, box = "squash", None
+            else:
+                kind = "box"
+                box = draw_box(img.width, img.height, self.augment,
+                               view_generator(self.seed, self.split_index, row["index"], v))
+            full, fg, area = self.maker(img, mask, kind, box)
             fulls.append(full)
             fgs.append(fg)
             areas.append(area)
+            boxes.append(NO_BOX if box is None else box.as_row())
         return {"index": row["index"], "ok": True, "full": torch.stack(fulls), "fg": torch.stack(fgs),
-                "area": torch.tensor(areas, dtype=torch.float32)}
+                "area": torch.tensor(areas, dtype=torch.float32), "box": torch.tensor(boxes, dtype=torch.int32),
+                "mask_resized": resized}
 
 
 def _collate(items: list[dict]) -> list[dict]:
@@ -184,7 +214,7 @@ def _resolve_masks(dataset: Dataset, samples: dict[str, list], policy: str):
 
 
 def _fingerprint(provenance: dict) -> str:
-    volatile = ("created", "skipped", "full_mask_images", "bad_image_policy")
+    volatile = ("created", "skipped", "full_mask_images", "resized_masks", "policy_runs", *ROW_POLICIES)
     stable = {k: v for k, v in provenance.items() if k not in volatile}
     return hashlib.sha256(json.dumps(stable, sort_keys=True).encode()).hexdigest()
 
@@ -199,31 +229,35 @@ def _create_layout(f: h5py.File, rows: dict[str, list[dict]], views: dict[str, i
         f.create_dataset(f"samples/{split}/path", data=[r["relpath"] for r in rows[split]],
                          dtype=h5py.string_dtype("utf-8"))
         f.create_dataset(f"samples/{split}/area", shape=(n, v), dtype=np.float32)
+        f.create_dataset(f"samples/{split}/box", shape=(n, v, 5), dtype=np.int32)
         f.create_dataset(f"progress/{split}/status", data=np.zeros(n, dtype=np.uint8))
+        f.create_dataset(f"progress/{split}/mask_resized", data=np.zeros(n, dtype=np.uint8))
         f.create_dataset(f"progress/{split}/error", data=[""] * n, dtype=h5py.string_dtype("utf-8"))
 
 
-def _finalize(f: h5py.File, skipped_listed: dict[str, list[dict]]) -> dict[str, list[dict]]:
-    """Drop rows skipped during extraction, delete progress, and return the full skip list."""
+def _finalize(f: h5py.File, skipped_listed: dict[str, list[dict]]) -> tuple[dict[str, list[dict]], list[str]]:
+    """Drop rows skipped during extraction, delete progress; return the full skip list and the resized masks."""
     skipped = {s: list(v) for s, v in skipped_listed.items()}
+    resized = []
     for split in SPLITS:
         status = f[f"progress/{split}/status"][()]
         keep = status == DONE
         if (status == PENDING).any():
             raise ExtractionError(f"split {split} still has pending rows; rerun to resume")
+        paths = f[f"samples/{split}/path"][()]
+        resized += [f"{split}/{paths[i].decode()}" for i in np.flatnonzero(f[f"progress/{split}/mask_resized"][()] & keep)]
         if not keep.all():
             errors = f[f"progress/{split}/error"][()]
-            paths = f[f"samples/{split}/path"][()]
             for i in np.flatnonzero(~keep):
                 skipped[split].append({"path": paths[i].decode(), "reason": errors[i].decode()})
             for key in (f"image/clip/{split}/full", f"image/clip/{split}/fg", f"samples/{split}/label",
-                        f"samples/{split}/path", f"samples/{split}/area"):
+                        f"samples/{split}/path", f"samples/{split}/area", f"samples/{split}/box"):
                 data = f[key][()][keep]
                 dtype = f[key].dtype
                 del f[key]
                 f.create_dataset(key, data=data, dtype=dtype)
     del f["progress"]
-    return skipped
+    return skipped, resized
 
 
 def extract(
@@ -258,19 +292,27 @@ def extract(
         "shots": options.shots,
         "seed": options.seed,
         "views": views,
+        "view_geometry": {"train": ["squash"] + ["box"] * (views["train"] - 1), "val": ["eval"], "test": ["eval"]},
+        "geometries": {"squash": "Dassl's training transform without random crops: Resize((S, S)) of the whole image",
+                       "eval": f"test transform: resize {loaded.preprocess['resize_mode']} side to S, centre crop S",
+                       "box": "random resized crop + horizontal flip, box stored in /samples/<split>/box"},
         "augmentation": {"random_resized_crop_scale": list(options.augment.scale),
                          "ratio": list(options.augment.ratio), "hflip_p": options.augment.flip_p,
-                         "interpolation": loaded.preprocess["interpolation"], "mask_interpolation": "nearest"},
+                         "interpolation": loaded.preprocess["interpolation"], "mask_interpolation": "nearest",
+                         "generator": "torch.Generator seeded by (seed, split, sample, view)"},
         "mask_root": str(dataset.mask_root) if dataset.mask_root else None,
+        "mask_reading": "RGB, resized to the image with nearest neighbour if sizes differ, mean over RGB > 0.5",
         "missing_mask_policy": options.missing_mask,
         "bad_image_policy": options.bad_image,
+        "mask_size_policy": options.mask_size_mismatch,
         "fg_mode": options.fg_mode,
         "template": template,
         "store_dtype": options.store_dtype,
         **({"dataset_notes": dataset.extra} if dataset.extra else {}),
     }
     fingerprint = _fingerprint(provenance)
-    maker = ViewMaker(loaded.preprocess, options.augment, options.fg_mode)
+    maker = ViewMaker(loaded.preprocess, options.fg_mode)
+    policies = {k: provenance[k] for k in ROW_POLICIES}
     model = loaded.model.to(device)
     started = time.perf_counter()
     with exclusive_lock(out):
@@ -287,8 +329,8 @@ def extract(
                 raise CacheError(f"partial file {part} is damaged ({exc}); rerun with --no-resume to start over") from exc
             if old != fingerprint:
                 raise CacheError(
-                    f"{part} was started with different settings (model, data, shots, seed, views or masks); "
-                    "rerun with the original settings to resume it, or with --no-resume to start over"
+                    f"{part} was started with different settings (model, data, shots, seed, views, masks or the "
+                    "missing-mask policy); rerun with the original settings to resume it, or with --no-resume to start over"
                 )
         else:
             text = encode_texts(loaded, [class_prompt(template, c) for c in dataset.classnames], device)
@@ -307,6 +349,10 @@ def extract(
         resumed = 0
         batches = 0
         with h5py.File(part, "r+") as f:
+            runs = json.loads(f.attrs.get("policy_runs", "[]"))
+            if not runs or runs[-1] != policies:
+                runs.append(policies)
+            f.attrs["policy_runs"] = json.dumps(runs)
             for split_index, split in enumerate(SPLITS):
                 status = f[f"progress/{split}/status"][()]
                 resumed += int((status != PENDING).sum())
@@ -317,7 +363,8 @@ def extract(
                 if not todo:
                     continue
                 loader = DataLoader(
-                    _ViewDataset(todo, dataset.image_root, maker, views[split], options.seed, split_index),
+                    _ViewDataset(todo, dataset.image_root, maker, views[split], options.seed, split_index,
+                                 options.augment, options.mask_size_mismatch),
                     batch_size=options.batch_size, shuffle=False, num_workers=options.workers,
                     collate_fn=_collate, persistent_workers=False,
                 )
@@ -329,18 +376,22 @@ def extract(
                     done += len(items)
                     if progress:
                         progress(split, done, total)
-            skipped = _finalize(f, skipped_missing)
+            skipped, resized = _finalize(f, skipped_missing)
             provenance["skipped"] = skipped
             provenance["full_mask_images"] = full_masks
+            provenance["resized_masks"] = resized
+            provenance["policy_runs"] = json.loads(f.attrs["policy_runs"])
             provenance["created"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
             f.attrs["provenance"] = json.dumps(provenance)
             del f.attrs["fingerprint"]
+            del f.attrs["policy_runs"]
             counts = {s: int(f[f"samples/{s}/label"].shape[0]) for s in SPLITS}
             empty = {s: int((f[f"samples/{s}/area"][()] == 0).any(axis=1).sum()) if counts[s] else 0 for s in SPLITS}
         os.replace(part, out)
     seconds = time.perf_counter() - started
     encoded = sum(counts.values()) - resumed
-    return ExtractSummary(out=out, counts=counts, skipped=skipped, full_masks=full_masks, empty_masks=empty,
+    return ExtractSummary(out=out, counts=counts, skipped=skipped, full_masks=full_masks, resized_masks=resized,
+                          empty_masks=empty,
                           resumed_rows=resumed, seconds=seconds,
                           images_per_second=max(encoded, 0) / seconds if seconds > 0 else 0.0)
 
@@ -360,7 +411,7 @@ def _encode_batch(f: h5py.File, split: str, items: list[dict], model, device, ba
     for item in items:
         if item["ok"]:
             good.append(item)
-        elif item.get("fatal") or bad_image == "error":
+        elif not item.get("skip") and (item.get("fatal") or bad_image == "error"):
             hint = "" if item.get("fatal") else " Fix or remove the file, or pass --bad-image skip to leave it out."
             raise ExtractionError(item["error"] + "." + hint + " Rerun the same command afterwards: finished batches are kept.")
         else:
@@ -376,5 +427,7 @@ def _encode_batch(f: h5py.File, split: str, items: list[dict], model, device, ba
         f[f"image/clip/{split}/full"][idx] = feats[0].numpy()
         f[f"image/clip/{split}/fg"][idx] = feats[1].numpy()
         f[f"samples/{split}/area"][idx] = torch.stack([g["area"] for g in good]).numpy()
+        f[f"samples/{split}/box"][idx] = torch.stack([g["box"] for g in good]).numpy()
+        f[f"progress/{split}/mask_resized"][idx] = np.array([g["mask_resized"] for g in good], dtype=np.uint8)
         status[idx] = DONE
     f.flush()

@@ -18,6 +18,8 @@ def inspect_cache(path: str | Path) -> dict:
         "logit_scale": cache.logit_scale,
         "classes": {"count": len(cache.classnames), "names": cache.classnames,
                     "base": cache.base.tolist(), "new": cache.new.tolist()},
+        "masks": {"resized": len(prov.get("resized_masks") or []), "full": len(prov.get("full_mask_images") or []),
+                  "size_policy": prov.get("mask_size_policy"), "resized_list": prov.get("resized_masks") or []},
         "text": {},
         "splits": {},
         "problems": [],

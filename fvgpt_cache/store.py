@@ -104,6 +104,15 @@ class Cache:
         with self._h5() as f:
             return torch.from_numpy(f[f"samples/{split}/area"][()].astype(np.float32))
 
+    def boxes(self, split: str) -> torch.Tensor:
+        """(N, V, 5) int32 crop boxes (top, left, height, width, flip) of augmented views; −1 rows for deterministic ones."""
+        with self._h5() as f:
+            key = f"samples/{split}/box"
+            if key not in f:
+                raise CacheError(f"{self.path} stores no view boxes ({key}); it was written before boxes were stored, "
+                                 "re-extract it")
+            return torch.from_numpy(f[key][()].astype(np.int32))
+
     def paths(self, split: str) -> list[str]:
         with self._h5() as f:
             return [p.decode() if isinstance(p, bytes) else str(p) for p in f[f"samples/{split}/path"][()]]

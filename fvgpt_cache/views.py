@@ -1,9 +1,20 @@
-"""Full and foreground views of one image, with the mask following the image's geometry (SPEC §2, §3).
+"""Full and foreground views of one image, with the mask following the image's geometry (SPEC §2, §3, §4).
 
-The deterministic view reproduces open_clip's eval transform (resize, centre crop, to-tensor,
-normalise) on PIL images, so stored features equal `encode_image(preprocess(img))`. Augmented
-views use random resized crop + horizontal flip with parameters drawn once and applied to both
-image and mask; the mask is always resampled with nearest neighbour.
+Three geometries, each applied to image and mask alike (the mask always with nearest neighbour):
+
+* `eval`: the model's test transform (resize the short side, centre crop; open_clip's eval
+  transform and Dassl's test transform), for val and test, so stored features equal
+  `encode_image(preprocess(img))`;
+* `squash`: Dassl's training transform without random crops, `Resize((S, S))` of the whole
+  image (CoOp and KgCoOp train on it), for view 0 of the train split;
+* `box`: random resized crop + horizontal flip (the FVG-PT release's training augmentation),
+  drawn from a generator private to (seed, split, sample, view) and returned as a `Box` so the
+  cache can store it and any later pass can redraw the exact same view.
+
+Masks are read as the release's Dassl loader reads them (`DatasetWrapperFGPT`): converted to
+RGB, resized to the image's size with nearest neighbour when the sizes differ, and binarised as
+mean over the RGB channels > 0.5 (of `to_tensor` values). Binarising before or after the
+nearest-neighbour geometry gives the same pixels (nearest neighbour only selects pixels).
 """
 from __future__ import annotations
 
@@ -16,35 +27,66 @@ from PIL import Image
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms import functional as TF
 
-MASK_THRESHOLD = 127
-FG_MODES = ("pixel", "normalized")
+FG_MODES = ("normalized", "pixel")
+GEOMETRIES = ("eval", "squash", "box")
 _INTERP = {"bicubic": InterpolationMode.BICUBIC, "bilinear": InterpolationMode.BILINEAR,
            "nearest": InterpolationMode.NEAREST}
+NO_BOX = (-1, -1, -1, -1, 0)  # the stored box of a deterministic view
 
 
 @dataclass(frozen=True)
 class AugmentConfig:
-    """SPEC §3 train-time augmentation: random resized crop (scale 0.08–1, bicubic) + h-flip."""
+    """Training augmentation: random resized crop (scale, ratio; bicubic) + horizontal flip (SPEC §3)."""
 
     scale: tuple[float, float] = (0.08, 1.0)
     ratio: tuple[float, float] = (3 / 4, 4 / 3)
     flip_p: float = 0.5
 
+    def __post_init__(self):
+        lo, hi = self.scale
+        if not 0 < lo <= hi <= 1:
+            raise ValueError(f"random resized crop scale {self.scale}: use 0 < min ≤ max ≤ 1, e.g. 0.08,1 (MMRL: 0.5,1)")
+
+
+@dataclass(frozen=True)
+class Box:
+    """One augmented view: crop rows top..top+height, columns left..left+width of the image, then flip."""
+
+    top: int
+    left: int
+    height: int
+    width: int
+    flip: bool
+
+    def as_row(self) -> tuple[int, int, int, int, int]:
+        return (self.top, self.left, self.height, self.width, int(self.flip))
+
+    @classmethod
+    def from_row(cls, row) -> "Box | None":
+        """The box of a stored row, None for a deterministic view."""
+        top, left, height, width, flip = (int(v) for v in row)
+        return None if height < 0 else cls(top, left, height, width, bool(flip))
+
 
 def binarize_mask(mask: Image.Image) -> Image.Image:
-    """White foreground on black: foreground where the first channel is > 127. Returns mode 'L' (0/255)."""
-    first = np.asarray(mask if mask.mode in ("1", "L", "LA", "RGB", "RGBA") else mask.convert("RGB"))
-    if first.ndim == 3:
-        first = first[..., 0]
-    if first.dtype == bool:
-        first = first.astype(np.uint8) * 255
-    return Image.fromarray(np.where(first > MASK_THRESHOLD, 255, 0).astype(np.uint8), mode="L")
+    """The release's binarisation: mean over the RGB channels of `to_tensor(mask)` > 0.5. Returns mode 'L' (0/255)."""
+    rgb = TF.to_tensor(mask.convert("RGB"))
+    fg = rgb.mean(dim=0) > 0.5
+    return Image.fromarray(fg.numpy().astype(np.uint8) * 255, mode="L")
 
 
-def _crop_params(width: int, height: int, aug: AugmentConfig, gen: torch.Generator) -> tuple[int, int, int, int]:
-    """torchvision's RandomResizedCrop.get_params, drawing from a private generator."""
+def fit_mask(mask: Image.Image, size: tuple[int, int]) -> Image.Image:
+    """Resize a mask to the image's (width, height) with nearest neighbour, as the release's loader does."""
+    if mask.size == tuple(size):
+        return mask
+    return TF.resize(mask, [size[1], size[0]], InterpolationMode.NEAREST)
+
+
+def draw_box(width: int, height: int, aug: AugmentConfig, gen: torch.Generator) -> Box:
+    """torchvision's RandomResizedCrop.get_params then RandomHorizontalFlip, from a private generator."""
     area = height * width
     log_ratio = (math.log(aug.ratio[0]), math.log(aug.ratio[1]))
+    crop = None
     for _ in range(10):
         target_area = area * torch.empty(1).uniform_(aug.scale[0], aug.scale[1], generator=gen).item()
         aspect = math.exp(torch.empty(1).uniform_(log_ratio[0], log_ratio[1], generator=gen).item())
@@ -53,21 +95,25 @@ def _crop_params(width: int, height: int, aug: AugmentConfig, gen: torch.Generat
         if 0 < w <= width and 0 < h <= height:
             i = int(torch.randint(0, height - h + 1, (1,), generator=gen).item())
             j = int(torch.randint(0, width - w + 1, (1,), generator=gen).item())
-            return i, j, h, w
-    in_ratio = width / height
-    if in_ratio < min(aug.ratio):
-        w, h = width, int(round(width / min(aug.ratio)))
-    elif in_ratio > max(aug.ratio):
-        h, w = height, int(round(height * max(aug.ratio)))
-    else:
-        w, h = width, height
-    return (height - h) // 2, (width - w) // 2, h, w
+            crop = (i, j, h, w)
+            break
+    if crop is None:
+        in_ratio = width / height
+        if in_ratio < min(aug.ratio):
+            w, h = width, int(round(width / min(aug.ratio)))
+        elif in_ratio > max(aug.ratio):
+            h, w = height, int(round(height * max(aug.ratio)))
+        else:
+            w, h = width, height
+        crop = ((height - h) // 2, (width - w) // 2, h, w)
+    flip = torch.rand(1, generator=gen).item() < aug.flip_p
+    return Box(*crop, flip=flip)
 
 
 class ViewMaker:
     """Turns a decoded RGB image and its binary mask into normalised full / foreground tensors."""
 
-    def __init__(self, preprocess: dict, augment: AugmentConfig = AugmentConfig(), fg_mode: str = "pixel"):
+    def __init__(self, preprocess: dict, fg_mode: str = "normalized"):
         if fg_mode not in FG_MODES:
             raise ValueError(f"fg_mode must be one of {FG_MODES}, got {fg_mode!r}")
         self.size = int(preprocess["size"])
@@ -75,44 +121,40 @@ class ViewMaker:
         self.interp = _INTERP[preprocess.get("interpolation", "bicubic")]
         self.mean = torch.tensor(preprocess["mean"]).view(3, 1, 1)
         self.std = torch.tensor(preprocess["std"]).view(3, 1, 1)
-        self.augment = augment
         self.fg_mode = fg_mode
 
-    def _eval_geometry(self, img: Image.Image, mask: Image.Image) -> tuple[Image.Image, Image.Image]:
-        if self.resize_mode == "squash":
-            size = [self.size, self.size]
-            return (TF.resize(img, size, self.interp), TF.resize(mask, size, InterpolationMode.NEAREST))
-        img = TF.center_crop(TF.resize(img, self.size, self.interp), self.size)
-        mask = TF.center_crop(TF.resize(mask, self.size, InterpolationMode.NEAREST), self.size)
-        return img, mask
-
-    def _aug_geometry(self, img, mask, gen: torch.Generator):
-        i, j, h, w = _crop_params(img.width, img.height, self.augment, gen)
+    def geometry(self, img: Image.Image, mask: Image.Image, kind: str, box: Box | None = None):
+        """(image, mask) after one of the three geometries (see the module docstring)."""
         size = [self.size, self.size]
-        img = TF.resized_crop(img, i, j, h, w, size, self.interp)
-        mask = TF.resized_crop(mask, i, j, h, w, size, InterpolationMode.NEAREST)
-        if torch.rand(1, generator=gen).item() < self.augment.flip_p:
+        if kind == "squash" or (kind == "eval" and self.resize_mode == "squash"):
+            return TF.resize(img, size, self.interp), TF.resize(mask, size, InterpolationMode.NEAREST)
+        if kind == "eval":
+            img = TF.center_crop(TF.resize(img, self.size, self.interp), self.size)
+            mask = TF.center_crop(TF.resize(mask, self.size, InterpolationMode.NEAREST), self.size)
+            return img, mask
+        if kind != "box" or box is None:
+            raise ValueError(f"geometry {kind!r} needs a box" if kind == "box" else f"unknown geometry {kind!r}")
+        img = TF.resized_crop(img, box.top, box.left, box.height, box.width, size, self.interp)
+        mask = TF.resized_crop(mask, box.top, box.left, box.height, box.width, size, InterpolationMode.NEAREST)
+        if box.flip:
             img, mask = TF.hflip(img), TF.hflip(mask)
         return img, mask
 
-    def __call__(self, img: Image.Image, mask: Image.Image, view: int, gen: torch.Generator | None = None):
-        """Return (full, fg, area) for view 0 (test-time crop) or an augmented view (needs `gen`)."""
-        if view == 0:
-            img_v, mask_v = self._eval_geometry(img, mask)
-        else:
-            img_v, mask_v = self._aug_geometry(img, mask, gen)
+    def __call__(self, img: Image.Image, mask: Image.Image, kind: str, box: Box | None = None):
+        """(full, fg, area): normalised tensors of one view and the foreground fraction A(m)."""
+        img_v, mask_v = self.geometry(img, mask, kind, box)
         x = TF.to_tensor(img_v)
         m = (TF.to_tensor(mask_v) > 0.5).to(x.dtype)
         full = (x - self.mean) / self.std
-        if self.fg_mode == "pixel":
-            fg = (x * m - self.mean) / self.std
-        else:  # DAPT: mask the normalised tensor, background becomes the mean colour
+        if self.fg_mode == "normalized":  # DAPT / the release: mask the normalised tensor (mean-colour background)
             fg = full * m
+        else:  # pixel space before normalisation: black background
+            fg = (x * m - self.mean) / self.std
         return full, fg, float(m.mean().item())
 
 
 def view_generator(seed: int, split_index: int, sample_index: int, view: int) -> torch.Generator:
-    """A generator that depends only on (seed, split, sample, view), so resumed runs redraw the same crops."""
+    """A generator that depends only on (seed, split, sample, view): never on batches, workers or ranks."""
     gen = torch.Generator()
     gen.manual_seed((((seed * 1_000_003 + split_index) * 10_000_019 + sample_index) * 101 + view) % (2**63 - 1))
     return gen

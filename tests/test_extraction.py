@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 from torchvision import transforms as T
+from torchvision.transforms import functional as TF
 
 from fvgpt_cache.data import Sample, fewshot_splits, generic_dataset
 from fvgpt_cache.extraction import ExtractionError, ExtractOptions, extract
@@ -32,32 +33,105 @@ def _open_clip_features(loaded, pixels):
         return F.normalize(loaded.model.encode_image(pixels), dim=-1)
 
 
-def test_full_and_foreground_features_equal_open_clip(tmp_path, generic_data, tiny_model):
-    split, image_root, mask_root = generic_data
-    cache = open_cache(extract(_dataset(generic_data), tiny_model, tmp_path / "c.h5",
-                               ExtractOptions(**OPTS, train_views=2)).out)
-    preprocess = _eval_preprocess(tiny_model)
+def _reference(tiny_model, img, mask, geometry, fg_mode="normalized"):
+    """Features of one view computed independently with torchvision and open_clip's encode_image."""
     size = tiny_model.preprocess["size"]
-    mask_tf = T.Compose([T.Resize(size, interpolation=T.InterpolationMode.NEAREST), T.CenterCrop(size), T.ToTensor()])
     mean = torch.tensor(tiny_model.preprocess["mean"]).view(3, 1, 1)
     std = torch.tensor(tiny_model.preprocess["std"]).view(3, 1, 1)
+    img_v, mask_v = geometry(img), geometry(mask, nearest=True)
+    x = T.ToTensor()(img_v)
+    m = (T.ToTensor()(mask_v.convert("RGB")).mean(0, keepdim=True) > 0.5).float()
+    full = (x - mean) / std
+    fg = full * m if fg_mode == "normalized" else (x * m - mean) / std
+    return _open_clip_features(tiny_model, torch.stack([full, fg])), m.mean().item()
+
+
+def _geometries(size, box=None):
+    interp = lambda nearest: T.InterpolationMode.NEAREST if nearest else T.InterpolationMode.BICUBIC  # noqa: E731
+    return {
+        "eval": lambda im, nearest=False: T.CenterCrop(size)(T.Resize(size, interpolation=interp(nearest))(im)),
+        "squash": lambda im, nearest=False: T.Resize((size, size), interpolation=interp(nearest))(im),
+        "box": lambda im, nearest=False: (lambda c: TF.hflip(c) if box[4] else c)(
+            TF.resized_crop(im, int(box[0]), int(box[1]), int(box[2]), int(box[3]), [size, size], interp(nearest))),
+    }
+
+
+@pytest.mark.parametrize("fg_mode", ["normalized", "pixel"])
+def test_every_view_equals_an_independent_torchvision_open_clip_forward(tmp_path, generic_data, tiny_model, fg_mode):
+    """val/test: open_clip's eval transform; train view 0: Dassl's squash Resize((S, S)); train views 1+:
+    the stored random resized crop + flip. Foreground: normalise(x)·m (default) or pixel space."""
+    split, image_root, mask_root = generic_data
+    cache = open_cache(extract(_dataset(generic_data), tiny_model, tmp_path / "c.h5",
+                               ExtractOptions(**OPTS, train_views=3, fg_mode=fg_mode)).out)
+    size = tiny_model.preprocess["size"]
+    preprocess = _eval_preprocess(tiny_model)
+    checked_nonsquare = False
     for split_name in ("train", "test"):
-        full, fg = cache.image(split_name, "full")[:, 0], cache.image(split_name, "fg")[:, 0]
-        areas = cache.areas(split_name)[:, 0]
+        full, fg = cache.image(split_name, "full"), cache.image(split_name, "fg")
+        areas, boxes = cache.areas(split_name), cache.boxes(split_name)
         for i, rel in enumerate(cache.paths(split_name)):
-            img = Image.open(image_root / rel)
-            x = preprocess(img).unsqueeze(0)
-            ref_full = _open_clip_features(tiny_model, x)[0]
-            assert F.cosine_similarity(full[i], ref_full, dim=0) > 0.999
-            m = (mask_tf(Image.open((mask_root / rel).with_suffix(".png")).convert("L")) > 0.5).float()
-            x_fg = ((x[0] * std + mean) * m - mean) / std
-            ref_fg = _open_clip_features(tiny_model, x_fg.unsqueeze(0))[0]
-            assert F.cosine_similarity(fg[i], ref_fg, dim=0) > 0.999
-            assert areas[i].item() == pytest.approx(m.mean().item())
-            assert full[i].norm().item() == pytest.approx(1.0, abs=2e-3)
+            img = Image.open(image_root / rel).convert("RGB")
+            mask = Image.open((mask_root / rel).with_suffix(".png"))
+            checked_nonsquare |= img.width != img.height
+            kinds = ["eval"] if split_name == "test" else ["squash", "box", "box"]
+            for v, kind in enumerate(kinds):
+                box = boxes[i, v].tolist()
+                assert (box[2] < 0) == (kind != "box")
+                ref, area = _reference(tiny_model, img, mask, _geometries(size, box)[kind], fg_mode)
+                assert F.cosine_similarity(full[i, v], ref[0], dim=0) > 0.999
+                assert F.cosine_similarity(fg[i, v], ref[1], dim=0) > 0.999
+                assert areas[i, v].item() == pytest.approx(area)
+            if split_name == "test":  # the eval view is exactly open_clip's own preprocessing
+                ref_full = _open_clip_features(tiny_model, preprocess(img).unsqueeze(0))[0]
+                assert F.cosine_similarity(full[i, 0], ref_full, dim=0) > 0.999
+    assert checked_nonsquare, "the squash must be checked on non-square images"
     train = cache.image("train", "full")
-    assert train.shape[1] == 2
-    assert not torch.allclose(train[:, 0], train[:, 1]), "augmented view must differ from the test-time crop"
+    assert not torch.allclose(train[:, 0], train[:, 1]), "augmented view must differ from the deterministic view"
+    assert cache.provenance["fg_mode"] == fg_mode
+
+
+def test_squash_differs_from_the_centre_crop_on_a_non_square_image(tiny_model):
+    from fvgpt_cache.views import ViewMaker
+
+    img = Image.fromarray(np.random.default_rng(0).integers(0, 255, (40, 64, 3), dtype=np.uint8))
+    mask = Image.new("L", img.size, 255)
+    maker = ViewMaker(tiny_model.preprocess)
+    squash, _, _ = maker(img, mask, "squash")
+    size = tiny_model.preprocess["size"]
+    ref = T.Normalize(tiny_model.preprocess["mean"], tiny_model.preprocess["std"])(
+        T.ToTensor()(T.Resize((size, size), interpolation=T.InterpolationMode.BICUBIC)(img)))
+    assert torch.equal(squash, ref)
+    centre, _, _ = maker(img, mask, "eval")
+    assert not torch.allclose(squash, centre)
+
+
+def test_normalized_foreground_is_normalised_image_times_mask_by_hand(tiny_model):
+    from fvgpt_cache.views import ViewMaker
+
+    rng = np.random.default_rng(1)
+    img = Image.fromarray(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8))
+    m = np.zeros((32, 32), np.uint8)
+    m[4:20, 8:30] = 255
+    full, fg, area = ViewMaker(tiny_model.preprocess)(img, Image.fromarray(m), "eval")
+    mean = torch.tensor(tiny_model.preprocess["mean"]).view(3, 1, 1)
+    std = torch.tensor(tiny_model.preprocess["std"]).view(3, 1, 1)
+    x = torch.from_numpy(np.array(img)).permute(2, 0, 1).float() / 255
+    by_hand = (x - mean) / std * torch.from_numpy(m > 0).float()
+    assert torch.allclose(fg, by_hand, atol=1e-6)
+    assert torch.allclose(full, (x - mean) / std, atol=1e-6)
+    assert area == pytest.approx(16 * 22 / 32 / 32)
+
+
+def test_grey_rgb_mask_is_binarised_by_channel_mean():
+    from fvgpt_cache.views import binarize_mask
+
+    # channel means 0.6, 0.4, 0.502 (128/255) and 0.498 (127/255): > 0.5 is foreground
+    px = np.array([[[255, 255, 0], [0, 0, 255], [128, 128, 128], [127, 127, 127]]], dtype=np.uint8)
+    got = np.asarray(binarize_mask(Image.fromarray(px)))
+    assert got.tolist() == [[255, 0, 255, 0]]
+    # the first channel alone would have said otherwise for the first two pixels' colours
+    px2 = np.array([[[255, 0, 0], [0, 255, 255]]], dtype=np.uint8)
+    assert np.asarray(binarize_mask(Image.fromarray(px2))).tolist() == [[0, 255]]
 
 
 def test_text_features_equal_open_clip_encode_text(tmp_path, generic_data, tiny_model):
@@ -191,11 +265,39 @@ def test_bad_image_policies(tmp_path, generic_data, tiny_model):
     assert cache.image("test", "full").shape[0] == 11
 
 
-def test_bad_masks_fail_with_the_file_named(tmp_path, generic_data, tiny_model):
+def test_missized_mask_is_resized_and_counted_refused_under_error_and_skipped_under_skip(tmp_path, generic_data, tiny_model):
     split, image_root, mask_root = generic_data
-    Image.new("L", (5, 5), 255).save(mask_root / "green_triangle/test_0.png")
-    with pytest.raises(ExtractionError, match=r"green_triangle/test_0.png is 5x5 but image"):
-        extract(_dataset(generic_data), tiny_model, tmp_path / "a.h5", ExtractOptions(**OPTS, bad_image="skip"))
+    w, h = Image.open(image_root / "green_triangle/test_0.jpg").size
+    small = np.zeros((10, 8), np.uint8)
+    small[2:7, 1:5] = 255
+    Image.fromarray(small).save(mask_root / "green_triangle/test_0.png")
+    ds = _dataset(generic_data)
+    out = tmp_path / "a.h5"
+    with pytest.raises(ExtractionError, match=r"green_triangle/test_0.png is 8x10 but image .* --mask-size-mismatch resize"):
+        extract(ds, tiny_model, out, ExtractOptions(**OPTS, mask_size_mismatch="error"))
+    assert partial_path(out).exists()
+    # rerunning with only the policy changed continues the same partial file
+    summary = extract(ds, tiny_model, out, ExtractOptions(**OPTS))
+    assert summary.resumed_rows > 0
+    assert summary.resized_masks == ["test/green_triangle/test_0.jpg"]
+    cache = open_cache(out)
+    assert cache.provenance["resized_masks"] == ["test/green_triangle/test_0.jpg"]
+    assert [r["mask_size_policy"] for r in cache.provenance["policy_runs"]] == ["error", "resize"]
+    i = cache.paths("test").index("green_triangle/test_0.jpg")
+    by_hand = Image.fromarray(small).resize((w, h), Image.NEAREST)
+    ref, area = _reference(tiny_model, Image.open(image_root / "green_triangle/test_0.jpg").convert("RGB"), by_hand,
+                           _geometries(tiny_model.preprocess["size"])["eval"])
+    assert F.cosine_similarity(cache.image("test", "fg")[i, 0], ref[1], dim=0) > 0.999
+    assert cache.areas("test")[i, 0].item() == pytest.approx(area)
+    from fvgpt_cache.inspection import inspect_cache
+    assert inspect_cache(out)["masks"]["resized"] == 1
+    skipped = open_cache(extract(ds, tiny_model, tmp_path / "s.h5", ExtractOptions(**OPTS, mask_size_mismatch="skip")).out)
+    assert "green_triangle/test_0.jpg" not in skipped.paths("test")
+    assert "--mask-size-mismatch skip" in skipped.provenance["skipped"]["test"][0]["reason"]
+
+
+def test_unreadable_mask_fails_with_the_file_named(tmp_path, generic_data, tiny_model):
+    split, image_root, mask_root = generic_data
     (mask_root / "green_triangle/test_0.png").write_bytes(b"garbage")
     with pytest.raises(ExtractionError, match=r"cannot read mask .*green_triangle/test_0.png"):
         extract(_dataset(generic_data), tiny_model, tmp_path / "b.h5", ExtractOptions(**OPTS, bad_image="skip"))

@@ -69,7 +69,7 @@ def test_shipped_world_model_loads_offline_and_knows_the_shapes():
     for label, shape in enumerate(SHAPES):
         for _ in range(5):
             img, mask = render(sample_scene(rng, shape=shape), rng)
-            full, _, _ = maker(img, mask, 0)
+            full, _, _ = maker(img, mask, "eval")
             feat = encode_images(loaded.model, full[None], torch.device("cpu"))
             correct += int((feat @ text.T).argmax() == label)
     assert correct / 100 > 0.3, f"20-way zero-shot accuracy {correct}% is near chance (5%)"
