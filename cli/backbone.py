@@ -116,7 +116,7 @@ def baselines(
     import numpy as np
 
     from fvgpt_cache.evaluation import EvalSet, accuracy
-    from fvgpt_cache.heads import clip_logits, harmonic_mean
+    from fvgpt_cache.heads import backbone_logits, harmonic_mean
     from fvgpt_cache.linear_probe import linear_probe as fit_probe
     from fvgpt_cache.store import open_cache
 
@@ -128,7 +128,8 @@ def baselines(
             acc = {}
             for split, ids in (("base", c.base), ("new", c.new)):
                 sel, y, txt, _ = ts.subset(np.asarray(ids))
-                acc[split] = accuracy(clip_logits(ts.full[sel], txt, ts.scale), y)
+                img = ts.full if split == "base" else ts.full_new
+                acc[split] = accuracy(backbone_logits(img[sel], txt, ts.scale), y)
             both = acc["base"] is not None and acc["new"] is not None
             rows[group] = {**acc, "hm": harmonic_mean(acc["base"], acc["new"]) if both else None}
         if linear_probe:

@@ -8,10 +8,11 @@ from __future__ import annotations
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
-from .heads import FVGPTHead, clip_logits, foreground_shift, harmonic_mean
+from .heads import FVGPTHead, backbone_logits, clip_logits, foreground_shift, harmonic_mean
 from .store import Cache, CacheError
-from .training import ZERO_SHOT, backbone_image_encoder
+from .training import ZERO_SHOT, backbone_image_encoder, backbone_images
 
 
 def accuracy(logits: torch.Tensor, y: torch.Tensor) -> float | None:
@@ -34,9 +35,10 @@ class EvalSet:
             raise CacheError(f"{cache.path} has no test images to evaluate on")
         encoder = backbone_image_encoder(cache, backbone)
         self.labels = cache.labels("test")
-        self.full = cache.image("test", "full", encoder)[:, 0]
-        self.fg = cache.image("test", "fg", encoder)[:, 0]
-        self.clip = self.full if encoder == "clip" else cache.image("test", "full", "clip")[:, 0]
+        self.full = backbone_images(cache, backbone, "test", "full", "base")[:, 0]
+        self.fg = backbone_images(cache, backbone, "test", "fg", "base")[:, 0]
+        self.full_new = backbone_images(cache, backbone, "test", "full", "new")[:, 0]
+        self.clip = self.full_new if encoder == "clip" else F.normalize(cache.image("test", "full", "clip")[:, 0], dim=-1)
         self.txt_bb, self.txt_clip = cache.text(backbone), cache.text(ZERO_SHOT)
         if self.txt_bb.shape != self.txt_clip.shape:
             raise CacheError(f"{cache.path}: backbone {backbone!r} has text features of shape "
@@ -55,14 +57,14 @@ class EvalSet:
 @torch.no_grad()
 def _scores(head: FVGPTHead, ts: EvalSet, class_ids: np.ndarray, branch: str) -> dict:
     rows, y, txt_bb, txt_clip = ts.subset(class_ids)
-    full, clip = ts.full[rows], ts.clip[rows]
+    full, clip = (ts.full if branch == "base" else ts.full_new)[rows], ts.clip[rows]
     if branch == "base":
         z = head.predict_base(full, txt_bb, ts.scale)
     else:
         z = head.predict_new(full, clip, txt_bb, txt_clip, ts.scale)
     return {
         "fvgpt": accuracy(z, y),
-        "backbone": accuracy(clip_logits(full, txt_bb, ts.scale), y),
+        "backbone": accuracy(backbone_logits(full, txt_bb, ts.scale), y),
         "zeroshot": accuracy(clip_logits(clip, txt_clip, ts.scale), y),
         "n": int(y.numel()),
     }
@@ -75,7 +77,8 @@ def foreground_shifts(head: FVGPTHead, ts: EvalSet, class_ids: np.ndarray, tau: 
     if not rows.any():
         return {"backbone": None, "fvgpt": None}
     full, fg = ts.full[rows], ts.fg[rows]
-    out = {"backbone": float(foreground_shift(clip_logits(full, txt_bb, ts.scale), clip_logits(fg, txt_bb, ts.scale), tau))}
+    out = {"backbone": float(foreground_shift(backbone_logits(full, txt_bb, ts.scale),
+                                              backbone_logits(fg, txt_bb, ts.scale), tau))}
     out["fvgpt"] = (float(foreground_shift(head.predict_base(full, txt_bb, ts.scale),
                                            head.predict_base(fg, txt_bb, ts.scale), tau))
                     if head.fdc is not None else out["backbone"])

@@ -35,8 +35,17 @@ LAYER_CHOICES = (1, 2, 3)
 # ---------------------------------------------------------------------------------------------
 
 def clip_logits(img: Tensor, txt: Tensor, scale: float | Tensor) -> Tensor:
-    """Backbone / CLIP logits (SPEC §2, eq. 11): `s · n(img) @ n(txt)ᵀ`, shape (B, C)."""
+    """CLIP logits (SPEC §2, eq. 11): `s · n(img) @ n(txt)ᵀ`, shape (B, C)."""
     return scale * F.normalize(img, dim=-1) @ F.normalize(txt, dim=-1).T
+
+
+def backbone_logits(img: Tensor, txt: Tensor, scale: float | Tensor) -> Tensor:
+    """Backbone logits z(x) = `s · v @ n(txt)ᵀ` for the image vector v a backbone scores with.
+
+    v is n(f(x)) for every backbone but MMRL, whose base-class logits use the fused vector
+    α·n(f_cls) + (1 − α)·n(f_rep), shorter than 1 (`training.backbone_images` builds v).
+    """
+    return scale * img @ F.normalize(txt, dim=-1).T
 
 
 def entropy(p: Tensor) -> Tensor:
@@ -286,8 +295,8 @@ class FVGPTHead(nn.Module):
         img_bb, img_bb_fg, img_clip, area, txt_bb, txt_clip = self._cast(
             img_bb, img_bb_fg, img_clip, area, txt_bb, txt_clip)
         with torch.no_grad():
-            z_full = clip_logits(img_bb, txt_bb, scale)
-            z_fg = clip_logits(img_bb_fg, txt_bb, scale)
+            z_full = backbone_logits(img_bb, txt_bb, scale)
+            z_fg = backbone_logits(img_bb_fg, txt_bb, scale)
             z_clip = clip_logits(img_clip, txt_clip, scale)
             out = {
                 "img_bb": img_bb, "y": y, "z_full": z_full, "z_clip": z_clip,
@@ -368,7 +377,7 @@ class FVGPTHead(nn.Module):
         """Base branch (Fig. 3a): z_FDC from the full image; backbone logits when FDC is off."""
         img_bb, txt_bb = self._cast(img_bb, txt_bb)
         if self.fdc is None:
-            return clip_logits(img_bb, txt_bb, scale)
+            return backbone_logits(img_bb, txt_bb, scale)
         return self.fdc(img_bb, txt_bb, scale)
 
     def predict_new(self, img_bb: Tensor, img_clip: Tensor, txt_bb: Tensor, txt_clip: Tensor,
@@ -383,7 +392,7 @@ class FVGPTHead(nn.Module):
         if self.brg is None:
             return self.predict_base(img_bb, txt_bb, scale)
         with torch.no_grad():
-            z_bb = clip_logits(img_bb, txt_bb, scale)
+            z_bb = backbone_logits(img_bb, txt_bb, scale)
             z_clip = clip_logits(img_clip, txt_clip, scale)
             v = brg_indicators(z_bb, z_clip, self.tau, self.brg_names)
         return pc_logits(z_bb, z_clip, self.brg(v))

@@ -88,6 +88,15 @@ class Cache:
         with self._h5() as f:
             return dict(f[f"text/{name}"].attrs)
 
+    def text_provenance(self, name: str) -> dict:
+        """The provenance a backbone's writer stored with `/text/<name>` ({} for CLIP's own group)."""
+        raw = self.text_attrs(name).get("provenance")
+        return json.loads(raw) if raw else {}
+
+    def has_image(self, split: str, kind: str, encoder: str = "clip") -> bool:
+        with self._h5() as f:
+            return f"image/{encoder}/{split}/{kind}" in f
+
     def image(self, split: str, kind: str = "full", encoder: str = "clip") -> torch.Tensor:
         """(N, V, D) float32 features of one split and view kind."""
         key = f"image/{encoder}/{split}/{kind}"

@@ -11,6 +11,7 @@ from dataclasses import asdict, dataclass, field, fields
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from .device import resolve_device
 from .heads import BRG_INDICATORS, FRG_INDICATORS, R_WITHOUT_FRG, FVGPTHead
@@ -143,8 +144,27 @@ def pick_backbone(cache: Cache, backbone: str | None) -> str:
 
 
 def backbone_image_encoder(cache: Cache, backbone: str) -> str:
-    """Image features a backbone reads: CLIP's for CLIP-family backbones (CoOp, KgCoOp, ...)."""
-    return str(cache.text_attrs(backbone).get("image_encoder", "clip")) if backbone != ZERO_SHOT else "clip"
+    """Image features a backbone reads: CLIP's for CLIP-family backbones (CoOp, KgCoOp, ...), its own otherwise."""
+    if backbone == ZERO_SHOT or backbone.startswith(ZERO_SHOT + "_"):
+        return "clip"
+    return str(cache.text_provenance(backbone).get("image_encoder", "clip"))
+
+
+def backbone_images(cache: Cache, backbone: str, split: str, kind: str = "full", branch: str = "base") -> torch.Tensor:
+    """(N, V, D) float32 image vectors v whose backbone logits are `s · v · n(g)ᵀ` (`heads.backbone_logits`).
+
+    v = n(f(x)) from the backbone's image group; a group that also stores representation
+    features (`<kind>_rep`, MMRL) scores base classes with α·n(f_cls) + (1 − α)·n(f_rep), α from
+    the backbone's provenance, and new classes (`branch="new"`) with the class token alone.
+    """
+    if branch not in ("base", "new"):
+        raise ValueError(f"branch={branch!r}: choose base or new")
+    encoder = backbone_image_encoder(cache, backbone)
+    v = F.normalize(cache.image(split, kind, encoder), dim=-1)
+    if branch == "base" and encoder != "clip" and cache.has_image(split, f"{kind}_rep", encoder):
+        alpha = float(cache.text_provenance(backbone)["alpha"])
+        v = alpha * v + (1 - alpha) * F.normalize(cache.image(split, f"{kind}_rep", encoder), dim=-1)
+    return v
 
 
 @dataclass
@@ -190,11 +210,11 @@ def prepare(cache: Cache, cfg: TrainConfig) -> TrainData:
     rows = rows[subsample_per_class(labels[rows], cfg.data_fraction, cfg.seed)]
     if rows.size == 0:
         raise CacheError(f"{cache.path} has no training images of the {cfg.classes} classes")
-    full = cache.image("train", "full", encoder)[rows]
+    full = backbone_images(cache, backbone, "train", "full")[rows]
     return TrainData(
         class_ids=class_ids,
         full=full,
-        fg=cache.image("train", "fg", encoder)[rows],
+        fg=backbone_images(cache, backbone, "train", "fg")[rows],
         clip=full if encoder == "clip" else cache.image("train", "full", "clip")[rows],
         area=cache.areas("train")[rows],
         y=torch.from_numpy(position[labels[rows]]),

@@ -8,6 +8,7 @@ from fvgpt_cache.heads import (
     Adapter,
     FVGPTHead,
     GateMLP,
+    backbone_logits,
     brg_indicators,
     clip_logits,
     distill_loss,
@@ -46,6 +47,13 @@ def close(actual, expected, tol=1e-9):
 
 
 # --- statistics ---------------------------------------------------------------------------------
+
+def test_backbone_logits_keep_the_image_vector_as_given():
+    """MMRL's fused base vector is shorter than 1 and must not be renormalised; the text side is."""
+    img, txt = t([0.6, 0.0]), t([2.0, 0.0], [0.0, 3.0])
+    close(backbone_logits(img, txt, 100.0), [[60.0, 0.0]])
+    close(clip_logits(img, txt, 100.0), [[100.0, 0.0]])
+
 
 def test_clip_logits_normalises_both_sides():
     close(clip_logits(t([3.0, 4.0]), t([1.0, 0.0], [0.0, 2.0]), 10.0), [[6.0, 8.0]])
@@ -313,7 +321,7 @@ def test_head_loss_flags_and_disabled_parts():
     assert set(make_head(use_pc=False).losses(**b)) == {"frg", "ce_fdc", "dist", "base", "total"}
     empty = make_head(use_fdc=False, use_pc=False)
     assert empty.losses(**b)["total"].item() == 0.0
-    z_bb = clip_logits(b["img_bb"], b["txt_bb"], S)
+    z_bb = backbone_logits(b["img_bb"], b["txt_bb"], S)
     close(empty.predict_base(b["img_bb"], b["txt_bb"], S), z_bb)
     close(empty.predict_new(b["img_bb"], b["img_clip"], b["txt_bb"], b["txt_clip"], S), z_bb)
 
