@@ -583,3 +583,9 @@ def test_cli_imports_both_and_trains_on_them(tmp_path, tmp_path_factory, deep):
         assert res.exit_code == 0, res.output
         record = json.loads(res.stdout)
         assert record["backbone"] == backbone and record["metrics"]["backbone"]["base"] == rows[backbone]["base"]
+    res = run("grid", cache, "--set", "backbone=mmrl", "--set", "epochs=2", "--param", "lambda_d=5,10",
+              "--out", tmp_path / "grid")
+    assert res.exit_code == 0, res.output
+    res = run("report", tmp_path / "grid", "--format", "json", "--compare", "paper")
+    assert res.exit_code == 0, res.output
+    assert {r["backbone"] for r in json.loads(res.stdout)} == {"mmrl"}
