@@ -25,7 +25,7 @@ from .runs import finish_run, run_id
 from .store import check_same_model, open_cache
 from .training import (
     TrainConfig, TrainData, build_head, config_with, epoch_batches, lr_at_epoch, make_optimizer, parse_value,
-    prepare, resolve_device, subsample_per_class,
+    prepare, resolve_device, subsample_per_class, view_schedule,
 )
 
 if sys.version_info >= (3, 11):
@@ -200,16 +200,17 @@ def train_group(data: TrainData, cfgs: list[TrainConfig], labels: np.ndarray) ->
     forward = vmap(loss_fn, in_dims=(0, 0, 0))
     lambdas = torch.tensor([c.lambda_d for c in cfgs], dtype=torch.float32, device=device)
     gens = [torch.Generator().manual_seed(c.seed) for c in cfgs]
+    schedules = [view_schedule(n, views, c.epochs, c.seed) for c in cfgs]
     histories: list[list[dict]] = [[] for _ in cfgs]
     for epoch in range(ref.epochs):
         lr = lr_at_epoch(epoch, ref)
         if optimizer is not None:
             for group in optimizer.param_groups:
                 group["lr"] = lr
-        per_config = [epoch_batches(n, views, c, g) for c, g in zip(cfgs, gens)]
+        per_config = [epoch_batches(n, c, g) for c, g in zip(cfgs, gens)]
         totals: dict[str, torch.Tensor] = {}
         for step in range(len(per_config[0])):
-            rows = torch.stack([(subsets[i][per_config[i][step][0]] * views + per_config[i][step][1])
+            rows = torch.stack([subsets[i][per_config[i][step]] * views + schedules[i][epoch, per_config[i][step]]
                                 for i in range(k)]).to(device)
             losses = forward(params, {key: v[rows] for key, v in frozen.items()}, lambdas)
             if optimizer is not None and losses["total"].requires_grad:
