@@ -394,3 +394,23 @@ def config_with(base: TrainConfig, **overrides) -> TrainConfig:
     if unknown:
         raise ValueError(f"unknown parameter(s) {sorted(unknown)}; valid parameters: {', '.join(TrainConfig.field_names())}")
     return TrainConfig(**{**base.to_dict(), **overrides}).validate()
+
+
+COLLAPSE_DROP = 5.0  # points of FDC training accuracy lost between the first and the last epoch
+
+
+def stability(history: list[dict], drop: float = COLLAPSE_DROP) -> dict:
+    """Did the FDC branch collapse? Compares its accuracy and cross-entropy on the training views in the
+    last epoch with the first (the warm-up epoch, where FDC is still ≈ the backbone): a collapsed run
+    ends less accurate (by more than `drop` points) or with a higher CE than it started."""
+    out = {"collapsed": False, "checked": False, "drop_threshold": drop}
+    if not history or "acc_fdc" not in history[0]:
+        return out
+    first, last = history[0], history[-1]
+    out.update(checked=True, acc_fdc_first=first["acc_fdc"], acc_fdc_last=last["acc_fdc"],
+               ce_fdc_first=first.get("ce_fdc"), ce_fdc_last=last.get("ce_fdc"))
+    worse_acc = last["acc_fdc"] < first["acc_fdc"] - drop
+    worse_ce = "ce_fdc" in first and last["ce_fdc"] > first["ce_fdc"]
+    out["collapsed"] = bool(worse_acc or worse_ce)
+    out["reason"] = ", ".join(r for r, on in (("accuracy fell", worse_acc), ("cross-entropy rose", worse_ce)) if on) or None
+    return out
