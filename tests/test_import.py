@@ -546,6 +546,7 @@ def test_changed_masks_or_images_are_refused(cache, deep, tmp_path):
         import_backbone(cache, "promptsrc", path, ImportOptions(workers=0, mask_root=str(tmp_path)), loaded=deep)
 
 
+@pytest.mark.slow
 def test_cli_imports_both_and_trains_on_them(tmp_path, tmp_path_factory, deep):
     """extract → backbone import (folder, older MMRL folder name) → baselines → train, on a generated dataset."""
     run = lambda *args: CliRunner().invoke(app, [str(a) for a in args])  # noqa: E731
