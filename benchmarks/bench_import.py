@@ -97,7 +97,7 @@ def main(argv=None) -> dict:
             end_to_end = args.images / summary.seconds
             backbone = IMPORTERS[method].from_state(torch.load(path, weights_only=True)["state_dict"], model, str(path))
             backbone.to(device)
-            forward = lambda: run_encoder(lambda x: backbone.image_features(model, x), pixels, device)  # noqa: E731
+            forward = lambda b=backbone: run_encoder(lambda x: b.image_features(model, x), pixels, device)  # noqa: E731
             prompted = n_batches * args.batch_size / timed(forward, n_batches, device)
             bare = (before + bare_rate()) / 2
             result[method] = {"import_images_per_s": round(end_to_end, 2), "prompted_forward_images_per_s": round(prompted, 2),

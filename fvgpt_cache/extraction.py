@@ -4,6 +4,10 @@ Crash safety: work goes to `<out>.partial`, each finished batch is flushed with 
 done in `/progress/<split>`, and the file is renamed to `<out>` only when every split is
 complete. Rerunning the same command resumes from the partial file; the settings are compared
 first so a partial file written with other settings is never continued by mistake.
+
+The loop over the images (`run_view_pass`), the decoding of an image with its mask into views
+(`ViewDataset`, whose view plan says which geometry and box each view gets) and the encoder call
+(`encode_views`) are shared with later passes over a cache (`backbones.image_pass`).
 """
 from __future__ import annotations
 

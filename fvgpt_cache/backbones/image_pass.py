@@ -35,7 +35,6 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..data import SPLITS
 from ..datasets import find_mask
 from ..device import resolve_device
 from ..extraction import DONE, STORE_DTYPES, ExtractionError, ViewDataset, encode_views, run_view_pass
@@ -381,8 +380,8 @@ def import_backbone(cache_path: str | Path, method: str, checkpoint: str | Path,
                     row = rows[split][int(idx[j])]
                     raise ExtractionError(
                         f"view {v} of {split} image {row['relpath']}: its foreground area is {got[j, v]:.4f} but the cache "
-                        f"stores {areas[split][idx[j], v]:.4f}; the mask {row['mask'] or '(all ones)'} is not the one the "
-                        "cache was extracted with. Pass --mask-root with the original masks")
+                        f"stores {areas[split][idx[j], v]:.4f}; the mask {row['mask'] or '(all ones)'} (or the image) is "
+                        "not the one the cache was extracted with. Pass --mask-root / --image-root with the original folders")
                 for suffix, feats in encode_views(forward, items, device).items():
                     f[f"image/{name}/{split}/full{suffix}"][idx] = feats[0].numpy()
                     f[f"image/{name}/{split}/fg{suffix}"][idx] = feats[1].numpy()
