@@ -22,10 +22,12 @@ def check_vit_clip(model: nn.Module, method: str) -> None:
     if not isinstance(visual, VisionTransformer):
         raise ValueError(f"{method} prompts a ViT image encoder; the cache's model has a {type(visual).__name__} image "
                          "tower. Use a cache extracted with a ViT model (the official checkpoints use ViT-B/16)")
-    if visual.attn_pool is not None or visual.pool_type != "tok" or not visual.transformer.batch_first:
+    if visual.attn_pool is not None or visual.pool_type != "tok" or not visual.transformer.batch_first \
+            or visual.proj is None:
         raise ValueError(f"{method}: the cache's ViT pools with {visual.pool_type!r}"
-                         f"{' and an attentional pooler' if visual.attn_pool is not None else ''}; only OpenAI-style "
-                         "ViTs (class-token pooling) are supported")
+                         f"{' and an attentional pooler' if visual.attn_pool is not None else ''}"
+                         f"{' and has no projection' if visual.proj is None else ''}; only OpenAI-style ViTs (class-token "
+                         "pooling, projected) are supported")
     if getattr(model, "text_pool_type", "argmax") != "argmax" or not model.transformer.batch_first:
         raise ValueError(f"{method}: the cache's text tower does not pool at the end token (argmax); only OpenAI-style "
                          "CLIP text towers are supported")
