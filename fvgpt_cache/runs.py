@@ -62,8 +62,8 @@ def run_training(cache_path: str | Path, cfg: TrainConfig, out_dir: Path | None 
     data = prepare(cache, cfg)
     cfg_used = TrainConfig(**{**cfg.to_dict(), "backbone": data.meta["backbone"]}).validate()
     t1 = time.perf_counter()
-    head, history = train_head(data, cfg_used, progress)
-    return finish_run(cache, cfg_used, data, head, history, {"load": t1 - t0, "train": time.perf_counter() - t1},
+    head, history, images = train_head(data, cfg_used, progress)
+    return finish_run(cache, cfg_used, data.subset(images), head, history, {"load": t1 - t0, "train": time.perf_counter() - t1},
                       targets, out_dir, save, preset)
 
 
