@@ -12,12 +12,12 @@ import itertools
 import json
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from .engine import group_key as engine_group_key
 from .engine import train_group
-from .runs import finish_run, run_id
+from .runs import eval_sets, finish_run, run_id
 from .store import check_same_model, open_cache
 from .training import TrainConfig, config_with, configure, parse_value, prepare, resolve_device
 
@@ -27,33 +27,33 @@ else:  # pragma: no cover
     import tomli as tomllib
 
 # The paper's ablations as lists of overrides (each list item is one configuration).
-PRESETS: dict[str, list[dict]] = {
-    # Table 3: (1) FDC, (2) PC, (3) FRG+FDC, (4) FDC+PC, (5) full
-    "components": [
-        {"use_frg": False, "use_pc": False}, {"use_fdc": False}, {"use_pc": False}, {"use_frg": False}, {},
-    ],
-    # Table 12: drop one loss at a time, and the full model
-    "losses": [{"loss_frg": False}, {"loss_ce_fdc": False}, {"loss_dist": False}, {"loss_ce_pc": False},
-               {"loss_kl_pc": False}, {}],
-    # Table 6: drop one indicator group at a time (FRG: distribution, similarity, geometric; BRG: distribution, similarity)
-    "indicators": [{"frg_indicators": ("cos", "area")}, {"frg_indicators": ("dH", "area")},
-                   {"frg_indicators": ("dH", "cos")}, {"brg_indicators": ("cos",)},
-                   {"brg_indicators": ("H_bb", "H_clip")}, {}],
-    # Table 5: layers of the gate MLPs
-    "depth": [{"frg_layers": n, "brg_layers": n} for n in (1, 2, 3)],
-    # Table 4: hidden widths of the FDC adapters, then of the gates
-    "width": [{"fdc_hidden": w} for w in (16, 32, 64, 128)] + [{"gate_hidden": w} for w in (16, 64, 128)],
-    # Fig. 4(b)
-    "lambda": [{"lambda_d": v} for v in (0.1, 1.0, 5.0, 10.0, 20.0)],
-    # Fig. 9
-    "data-fraction": [{"data_fraction": f} for f in (0.25, 0.5, 0.75, 1.0)],
-    # Table 13
-    "fdc-branches": [{"fdc_textual": True}, {"fdc_textual": False}],
-    # Table 15
-    "epochs": [{"epochs": e} for e in (10, 15, 20)],
-    # is a gain the foreground's or the anchoring to the backbone's? r from FRG, always 0 (full view), always 1
-    "foreground-control": [{}, {"r_source": "full"}, {"r_source": "fg"}],
+# The paper's ablations: preset name → (title, rows); a row is (label, overrides of the full model).
+ABLATIONS: dict[str, tuple[str, list[tuple[str, dict]]]] = {
+    "components": ("Table 3: components", [
+        ("(1) FDC", {"use_frg": False, "use_pc": False}), ("(2) PC", {"use_fdc": False}),
+        ("(3) FRG+FDC", {"use_pc": False}), ("(4) FDC+PC", {"use_frg": False}), ("(5) FRG+FDC+PC", {})]),
+    "width": ("Table 4: hidden widths", [(f"FDC {w}", {"fdc_hidden": w}) for w in (16, 32, 64, 128)]
+              + [(f"gates {w}", {"gate_hidden": w}) for w in (16, 64, 128)]),
+    "depth": ("Table 5: gate depth", [(f"{n} layer{'s' if n > 1 else ''}", {"frg_layers": n, "brg_layers": n})
+                                      for n in (1, 2, 3)]),
+    "indicators": ("Table 6: indicators", [
+        ("FRG w/o ΔH", {"frg_indicators": ("cos", "area")}), ("FRG w/o cos", {"frg_indicators": ("dH", "area")}),
+        ("FRG w/o A(m)", {"frg_indicators": ("dH", "cos")}), ("BRG w/o entropies", {"brg_indicators": ("cos",)}),
+        ("BRG w/o cos", {"brg_indicators": ("H_bb", "H_clip")}), ("all indicators", {})]),
+    "losses": ("Table 12: losses", [
+        ("w/o L_FRG", {"loss_frg": False}), ("w/o CE_FDC", {"loss_ce_fdc": False}), ("w/o L_dist", {"loss_dist": False}),
+        ("w/o CE_PC", {"loss_ce_pc": False}), ("w/o KL_PC", {"loss_kl_pc": False}), ("all losses", {})]),
+    "fdc-branches": ("Table 13: FDC branches", [("visual + textual", {"fdc_textual": True}),
+                                                ("visual only", {"fdc_textual": False})]),
+    "epochs": ("Table 15: epochs", [(f"{e} epochs", {"epochs": e}) for e in (10, 15, 20)]),
+    "lambda": ("Fig. 4(b): λ_d", [(f"λ_d = {v:g}", {"lambda_d": v}) for v in (0.1, 1.0, 5.0, 10.0, 20.0)]),
+    "data-fraction": ("Fig. 9: training data", [(f"{f:.0%} of the shots", {"data_fraction": f})
+                                                for f in (0.25, 0.5, 0.75, 1.0)]),
+    "foreground-control": ("Foreground control: where L_dist's r comes from", [
+        ("r from FRG (FVG-PT)", {}), ("r = 0: full view", {"r_source": "full"}), ("r = 1: foreground", {"r_source": "fg"})]),
 }
+PAPER = ("components", "width", "depth", "indicators", "losses", "fdc-branches", "epochs", "lambda", "data-fraction")
+PRESETS = (*ABLATIONS, "paper")
 
 
 @dataclass
@@ -63,6 +63,7 @@ class GridRun:
     params: dict
     run_id: str
     preset: dict | None = None
+    ablations: list = field(default_factory=list)  # [(ablation preset, row label)] this run serves
 
 
 def parse_params(items: list[str]) -> dict[str, list]:
@@ -113,21 +114,23 @@ def expand(caches: list[Path], seeds: list[int], params: dict[str, list], base: 
     if preset is not None and preset not in PRESETS:
         raise ValueError(f"unknown preset {preset!r}; presets: {', '.join(PRESETS)}")
     base = base.to_dict() if isinstance(base, TrainConfig) else dict(base or {})
-    variants = PRESETS[preset] if preset else [{}]
+    tables = PAPER if preset == "paper" else (preset,) if preset else ()
+    variants = [(name, label, overrides) for name in tables for label, overrides in ABLATIONS[name][1]] or \
+        [(None, None, {})]
     names = list(params)
-    runs, seen = [], set()
+    runs: dict[str, GridRun] = {}
     for cache_path in caches:
         cache = open_cache(cache_path)
         for seed in seeds:
-            for variant in variants:
+            for ablation, label, variant in variants:
                 for combo in itertools.product(*(params[n] for n in names)):
                     chosen = {**variant, **dict(zip(names, combo))}
                     cfg, info = configure(cache, {**base, **chosen, "seed": seed}, preset_of)
                     rid = run_id(Path(cache_path), cfg)
-                    if rid not in seen:
-                        seen.add(rid)
-                        runs.append(GridRun(Path(cache_path), cfg, _jsonable(chosen), rid, info))
-    return runs
+                    run = runs.setdefault(rid, GridRun(Path(cache_path), cfg, _jsonable(chosen), rid, info))
+                    if ablation is not None:  # the full model serves every table once per seed
+                        run.ablations.append([ablation, label])
+    return list(runs.values())
 
 
 def _jsonable(d: dict) -> dict:
@@ -187,12 +190,14 @@ def run_grid(runs: list[GridRun], out_dir: Path, *, resume: bool = True, batched
         t1 = time.perf_counter()
         trained = train_group(data, cfgs, resolve_device(cfgs[0].device))
         seconds = {"load": t1 - t0, "train": (time.perf_counter() - t1) / len(cfgs), "group_size": len(cfgs)}
+        sets = eval_sets(cache, targets, cfgs[0].backbone)
         with results_path.open("a") as fh:
             for m, cfg, (head, history, images) in zip(members, cfgs, trained):
                 record = finish_run(cache, cfg, data.subset(images), head, history, seconds, targets,
-                                    out_dir / "runs" / m.run_id, save=save_heads, preset=m.preset)
+                                    out_dir / "runs" / m.run_id, save=save_heads, preset=m.preset, evalsets=sets)
                 record["run_id"] = m.run_id
                 record["params"] = m.params
+                record["ablations"] = m.ablations
                 fh.write(json.dumps(record) + "\n")
                 fh.flush()
                 records.append(record)

@@ -170,3 +170,40 @@ def test_padded_units_of_a_narrower_configuration_stay_exactly_zero(tmp_path):
     # its unused indicator columns (dH, area) stay zero
     assert torch.count_nonzero(p["frg.0.w"][1][:, [0, 2]]) == 0
     assert not torch.equal(p["fdc_img.0.w"][1, :8], before["fdc_img.0.w"][:8])  # while its real units train
+
+
+def test_paper_preset_is_one_group_with_the_full_model_once_per_seed(syn):
+    from fvgpt_cache.grids import ABLATIONS, PAPER, group_key
+
+    runs = expand([syn], [1, 2, 3], {}, FAST, preset="paper")
+    assert len({group_key(r) for r in runs}) == 1
+    rows = sum(len(ABLATIONS[name][1]) for name in PAPER)
+    full = [r for r in runs if ["components", "(5) FRG+FDC+PC"] in r.ablations]
+    assert len(full) == 3, "the full model is trained once per seed"
+    # it serves every table that has the full model as a row (all but none: each table includes the default)
+    assert {a for a, _ in full[0].ablations} == {"components", "width", "indicators", "losses", "depth",
+                                                 "fdc-branches", "lambda", "data-fraction"}
+    assert len(runs) < 3 * rows and all(r.ablations for r in runs)
+
+
+def test_paper_preset_end_to_end_prints_each_table_in_the_paper_layout(tmp_path):
+    from typer.testing import CliRunner
+
+    from fvgpt_cache.cli.main import app
+    from fvgpt_cache.reports import ablation_tables
+
+    syn = write_feature_cache(tmp_path / "syn.h5", **{**SMALL, "shots": 4})
+    out = CliRunner().invoke(app, ["grid", str(syn), "--preset", "paper", "--seeds", "1,2", "--set", "epochs=2",
+                                   "--out", str(tmp_path / "g")])
+    assert out.exit_code == 0, out.output
+    records = load_records([tmp_path / "g"])
+    tables = {t[0].split(" · ")[0]: t for t in ablation_tables(records)}
+    assert "Table 3: components" in tables and "Table 12: losses" in tables and "Fig. 9: training data" in tables
+    title, header, body = tables["Table 3: components"]
+    assert [r[0] for r in body] == ["(1) FDC", "(2) PC", "(3) FRG+FDC", "(4) FDC+PC", "(5) FRG+FDC+PC"]
+    full = next(r for r in records if ["components", "(5) FRG+FDC+PC"] in r["ablations"] and r["seed"] == 1)
+    other = next(r for r in records if ["components", "(5) FRG+FDC+PC"] in r["ablations"] and r["seed"] == 2)
+    mean_base = (full["metrics"]["fvgpt"]["base"] + other["metrics"]["fvgpt"]["base"]) / 2
+    assert body[4][1] == f"{mean_base:.2f}" and body[4][4] == "" and body[4][5] == "2"
+    text = CliRunner().invoke(app, ["report", str(tmp_path / "g"), "--format", "markdown"]).output
+    assert "### Table 5: gate depth" in text and "| 3 layers |" in text
