@@ -461,9 +461,12 @@ def test_checkpoint_folders_dtypes_and_pointer_file(cache, deep, tmp_path):
     assert summary.epoch == 10 and open_cache(cache).text_provenance("mmrl")["rep_token_dtype"] == "float16"
     only = tmp_path / "ptr" / "VLPromptLearner"
     only.mkdir(parents=True)
-    torch.save(_dassl(promptsrc_checkpoint(deep.model, deep.tokenizer, names), 7), only / "model-last.pth.tar")
+    state = promptsrc_checkpoint(deep.model, deep.tokenizer, names, dtype=torch.float16)  # PREC fp16 throughout
+    torch.save(_dassl(state, 7), only / "model-last.pth.tar")
     (only / "checkpoint").write_text("model-last.pth.tar\n")
     assert find_checkpoint(tmp_path / "ptr", "promptsrc") == (only / "model-last.pth.tar", "named by checkpoint")
+    summary = import_backbone(cache, "promptsrc", tmp_path / "ptr", ImportOptions(workers=0, batch_size=16), loaded=deep)
+    assert summary.epoch == 7 and open_cache(cache).text_provenance("promptsrc")["checkpoint_choice"] == "named by checkpoint"
 
 
 class Unlisted:
