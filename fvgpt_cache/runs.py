@@ -80,6 +80,7 @@ def finish_run(cache, cfg: TrainConfig, data, head: FVGPTHead, history: list[dic
         "dataset": cache.provenance.get("dataset"),
         "cache_provenance": cache.provenance,
         "backbone": cfg.backbone,
+        "backbone_provenance": cache.text_provenance(cfg.backbone),
         "seed": cfg.seed,
         "config": cfg.to_dict(),
         **results,
