@@ -22,7 +22,7 @@ from rich.text import Text
 from typer.core import TyperGroup
 
 console = Console()
-err = Console(stderr=True)
+err = Console(stderr=True, soft_wrap=True)  # an error is one paragraph; the terminal wraps it
 _state = {"debug": os.environ.get("FVGPT_CACHE_DEBUG", "").lower() in ("1", "true", "yes"), "resumable": False}
 INTERRUPTED = 130
 

@@ -15,7 +15,10 @@ from .common import app, console, err, fail, narrow_table, resumable
 def grid(
     caches: list[Path] = typer.Argument(..., help="One or more caches of one model (shell globs work: cache/*/*.h5)."),
     param: list[str] = typer.Option([], "--param", help="NAME=V1,V2,… ; the grid is the Cartesian product."),
-    preset: Optional[str] = typer.Option(None, help="components|losses|indicators|depth|width|lambda|data-fraction|fdc-branches|epochs"),
+    preset: Optional[str] = typer.Option(None, help="components|losses|indicators|depth|width|lambda|data-fraction|"
+                                                    "fdc-branches|epochs|foreground-control"),
+    preset_of: str = typer.Option("auto", help="Training preset per cache: auto (from the backbone's method and the "
+                                               "dataset), none, or coop|kgcoop|promptsrc|mmrl|clip."),
     grid_file: Optional[Path] = typer.Option(None, "--grid-file", help="TOML with [params], optional [base], seeds, preset."),
     seeds: str = typer.Option("1", help="Comma-separated seeds, e.g. 1,2,3."),
     backbone: Optional[str] = typer.Option(None, help="Text-feature group to build on (clip = zero-shot CLIP), as in "
@@ -32,7 +35,7 @@ def grid(
     from fvgpt_cache.grids import (
         check_caches, check_grid, expand, merge_params, parse_params, parse_seeds, read_grid_file, run_grid,
     )
-    from fvgpt_cache.training import TrainConfig, config_with, parse_value
+    from fvgpt_cache.training import parse_value
 
     resumable()
     params, base = {}, {}
@@ -56,10 +59,15 @@ def grid(
             fail(f"--backbone {backbone} and --set backbone={base['backbone']} disagree; give one")
         base["backbone"] = parse_value("backbone", backbone)
     check_grid(params, base, preset)
-    runs = expand(caches, seed_list, params, config_with(TrainConfig(device=device), **base), preset)
     check_caches(caches, eval_cache)
+    runs = expand(caches, seed_list, params, {"device": device, **base}, preset, preset_of)
     console.print(f"{len(runs)} runs ({len(caches)} cache(s) × {len(seed_list)} seed(s) × configurations) → "
-                  f"{out}/results.jsonl")
+                  f"{escape(str(out))}/results.jsonl")
+    used = sorted({(r.preset or {}).get("preset", {}).get("name", "none") if (r.preset or {}).get("preset") else "none"
+                   for r in runs})
+    console.print(f"training preset(s): {', '.join(used)}")
+    for w in sorted({w for r in runs for w in (r.preset or {}).get("warnings", [])}):
+        err.print(f"[bold yellow]warning:[/] {escape(w)}")
     with Progress(TextColumn("grid"), BarColumn(), MofNCompleteColumn(), TextColumn("runs"), TimeRemainingColumn(),
                   console=err) as bar:
         task = bar.add_task("grid", total=len(runs))

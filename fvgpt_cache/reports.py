@@ -144,8 +144,10 @@ def run_fields(records: list[dict]) -> list[dict]:
     models, backbones, rows = {}, {}, []
     for rec in records:
         prov = rec.get("cache_provenance") or {}
-        model_key = _json(model_identity(prov)) if prov else "?"
-        models.setdefault(model_key, (_model_base_label(prov), model_identity(prov) if prov else {}))
+        ident = {**(model_identity(prov) if prov else {}), "D": rec.get("feature_dim")}
+        model_key = _json(ident)
+        dim = "" if rec.get("feature_dim") is None else f" D{rec['feature_dim']}"
+        models.setdefault(model_key, (_model_base_label(prov) + dim, ident))
         bb_ident = _backbone_identity(rec.get("backbone_provenance"))
         bb_key = _json(bb_ident)
         backbones.setdefault(bb_key, (str(bb_ident.get("method", "-")), bb_ident))
