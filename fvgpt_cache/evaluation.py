@@ -140,6 +140,7 @@ def gate_diagnostics(head: FVGPTHead, data, cache: Cache, backbone: str, classes
     train = head.frozen(flat(data.full), flat(data.fg), flat(data.clip), flat(data.area),
                         data.y.repeat_interleave(n_aug), data.txt_bb, data.txt_clip, data.scale)
     out = {"train": gate_summary(head.gates(train).get("r"), train["r_star"], train["usable"])}
+    out["train"]["backbone_acc"] = accuracy(train["z_full"], train["y"])
     ts = EvalSet(cache, backbone)
     base_ids = cache.base if classes == "base" else np.arange(len(cache.classnames))
     rows, y, txt_bb, txt_clip = ts.subset(base_ids)

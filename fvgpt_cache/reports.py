@@ -195,9 +195,10 @@ class Cell:
     base: list[float] = field(default_factory=list)
     new: list[float] = field(default_factory=list)
     all: list[float] = field(default_factory=list)
+    collapsed: list[int] = field(default_factory=list)  # seeds whose run was flagged as collapsed
 
     def summary(self) -> dict:
-        out: dict = {"n_seeds": max(len(self.base), len(self.all))}
+        out: dict = {"n_seeds": max(len(self.base), len(self.all)), "collapsed_seeds": sorted(self.collapsed)}
         if self.base and self.new:
             b, n = _mean(self.base), _mean(self.new)
             per_seed = [harmonic_mean(x, y) for x, y in zip(self.base, self.new)]
@@ -242,6 +243,8 @@ def aggregate(records: list[dict]) -> dict:
                 cell.new.append(m["new"])
             if m.get("all") is not None:
                 cell.all.append(m["all"])
+            if method == "fvgpt" and (rec.get("stability") or {}).get("collapsed"):
+                cell.collapsed.append(rec["seed"])
         for target in rec.get("cross_dataset", []):
             for method in METHODS:
                 g["cross"].setdefault(ds, {}).setdefault(target["dataset"], {}).setdefault(method, []).append(target[method])
@@ -304,8 +307,8 @@ def rows(summary: dict) -> list[dict]:
 
 def to_csv(summary: dict) -> str:
     data = rows(summary)
-    cols = [*SETTING_FIELDS[:2], "dataset", "method", "n_seeds", "base", "base_std", "new", "new_std", "hm",
-            "hm_seed_mean", "hm_seed_std", "all", "all_std", *SETTING_FIELDS[2:]]
+    cols = [*SETTING_FIELDS[:2], "dataset", "method", "n_seeds", "collapsed_seeds", "base", "base_std", "new", "new_std",
+            "hm", "hm_seed_mean", "hm_seed_std", "all", "all_std", *SETTING_FIELDS[2:]]
     buf = io.StringIO()
     writer = csv.DictWriter(buf, fieldnames=cols, extrasaction="ignore")
     writer.writeheader()
@@ -339,6 +342,9 @@ def table_rows(backbone: str, g: dict, compare_paper: bool = False) -> tuple[lis
         for m in METHODS:
             cells += [_fmt(methods[m], "base"), _fmt(methods[m], "new"), f"{methods[m]['hm']:.2f}"]
         cells.append(f"{methods['fvgpt']['hm'] - methods['backbone']['hm']:+.2f}")
+        flagged = methods["fvgpt"].get("collapsed_seeds")
+        if flagged:
+            cells[0] += f" (collapsed: seed {', '.join(map(str, flagged))})"
         body.append(cells)
         if ds in paper:
             body.append(_paper_row(ds, paper[ds]))
@@ -419,7 +425,9 @@ def console_tables(summary: dict, compare_paper: bool = False):
         if g["average"]:
             entries.append((f"Average over {g['average']['n_datasets']}", g["average"], ""))
         for ds, methods, n in entries:
-            body.append([ds, "", "", "", "", n])
+            flagged = methods["fvgpt"].get("collapsed_seeds")
+            label = ds + (f" (collapsed: seed {', '.join(map(str, flagged))})" if flagged else "")
+            body.append([label, "", "", "", "", n])
             kinds.append("dataset")
             for m in METHODS:
                 s = methods[m]

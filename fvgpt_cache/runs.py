@@ -74,7 +74,7 @@ def finish_run(cache, cfg: TrainConfig, data, head: FVGPTHead, history: list[dic
     results = evaluate(head, cache, cfg.backbone, cfg.classes)
     results["cross_dataset"] = [evaluate_transfer(head, t, cfg.backbone) for t in targets]
     results["diagnostics"] = gate_diagnostics(head, data, cache, cfg.backbone, cfg.classes)
-    results["stability"] = stability(history)
+    results["stability"] = stability(history, results["diagnostics"]["train"]["backbone_acc"])
     warnings = list(data.meta.get("warnings", [])) + list((preset or {}).get("warnings", []))
     out_dir = Path(out_dir) if out_dir else default_run_dir(cache.path, cfg, cfg.backbone)
     record = {

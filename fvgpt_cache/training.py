@@ -264,9 +264,12 @@ def configure(cache: Cache, overrides: dict, preset_of: str = "auto") -> tuple[T
     method = method_of(backbone, cache.text_provenance(backbone) if backbone in cache.text_groups else {})
     preset = choose_preset(method, cache.provenance.get("dataset"), overrides.get("classes", "base"), preset_of)
     settings = dict(preset.settings) if preset else {}
-    cfg = TrainConfig(**{**TrainConfig().to_dict(), **settings, **overrides, "backbone": backbone}).validate()
+    preset_only = {**TrainConfig().to_dict(), **settings}
+    cfg = TrainConfig(**{**preset_only, **overrides, "backbone": backbone}).validate()
+    final = cfg.to_dict()
+    run_keys = ("backbone", "seed", "device", "classes")
     info = {"method": method, "preset_of": preset_of, "preset": preset.to_dict() if preset else None,
-            "overridden": sorted(k for k in settings if k in overrides and overrides[k] != settings[k]),
+            "overridden": sorted(k for k in overrides if k not in run_keys and final[k] != preset_only[k]),
             "warnings": []}
     if preset is None and preset_of == "auto":
         info["warnings"].append(f"no preset for the backbone method {method!r}: the plain defaults (CoOp's) are used")
@@ -399,17 +402,20 @@ def config_with(base: TrainConfig, **overrides) -> TrainConfig:
 COLLAPSE_DROP = 5.0  # points of FDC training accuracy lost between the first and the last epoch
 
 
-def stability(history: list[dict], drop: float = COLLAPSE_DROP) -> dict:
-    """Did the FDC branch collapse? Compares its accuracy and cross-entropy on the training views in the
-    last epoch with the first (the warm-up epoch, where FDC is still ≈ the backbone): a collapsed run
-    ends less accurate (by more than `drop` points) or with a higher CE than it started."""
+def stability(history: list[dict], backbone_acc: float | None = None, drop: float = COLLAPSE_DROP) -> dict:
+    """Did the FDC branch collapse? Its accuracy and cross-entropy on the training views in the last epoch
+    against the first (the warm-up epoch, where FDC is still ≈ the backbone) and against the backbone's
+    own accuracy on those views: a collapsed run ends more than `drop` points below the better of the two
+    references, or with a higher CE than in its first epoch. (Without a warm-up the first epoch is
+    already trained at the full lr, so the backbone is the reference that still holds.)"""
     out = {"collapsed": False, "checked": False, "drop_threshold": drop}
     if not history or "acc_fdc" not in history[0]:
         return out
     first, last = history[0], history[-1]
-    out.update(checked=True, acc_fdc_first=first["acc_fdc"], acc_fdc_last=last["acc_fdc"],
+    reference = max(first["acc_fdc"], backbone_acc if backbone_acc is not None else -math.inf)
+    out.update(checked=True, acc_fdc_first=first["acc_fdc"], acc_fdc_last=last["acc_fdc"], acc_backbone=backbone_acc,
                ce_fdc_first=first.get("ce_fdc"), ce_fdc_last=last.get("ce_fdc"))
-    worse_acc = last["acc_fdc"] < first["acc_fdc"] - drop
+    worse_acc = last["acc_fdc"] < reference - drop
     worse_ce = "ce_fdc" in first and last["ce_fdc"] > first["ce_fdc"]
     out["collapsed"] = bool(worse_acc or worse_ce)
     out["reason"] = ", ".join(r for r, on in (("accuracy fell", worse_acc), ("cross-entropy rose", worse_ce)) if on) or None
