@@ -22,7 +22,7 @@ from rich.text import Text
 from typer.core import TyperGroup
 
 console = Console()
-err = Console(stderr=True, soft_wrap=True)  # an error is one paragraph; the terminal wraps it
+err = Console(stderr=True)
 _state = {"debug": os.environ.get("FVGPT_CACHE_DEBUG", "").lower() in ("1", "true", "yes"), "resumable": False}
 INTERRUPTED = 130
 
@@ -34,7 +34,7 @@ def resumable() -> None:
 
 def _show_traceback() -> None:
     if _state["debug"] and sys.exc_info()[0] is not None:
-        err.print(escape("".join(traceback.format_exc())), highlight=False)
+        err.print(escape("".join(traceback.format_exc())), highlight=False, soft_wrap=True)
 
 
 def _report(exc: BaseException) -> None:
@@ -43,7 +43,7 @@ def _report(exc: BaseException) -> None:
         message = (f"{type(exc).__name__}: {message} (an unexpected error; rerun with fvgpt-cache --debug … for the "
                    "traceback and report it)")
     _show_traceback()
-    err.print(f"[bold red]error:[/] {escape(message)}", highlight=False)
+    err.print(f"[bold red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)
 
 
 class HandledGroup(TyperGroup):
@@ -110,7 +110,7 @@ def fail(message: str) -> None:
     if isinstance(current, (typer.Exit, click.exceptions.Exit)):
         raise current
     _show_traceback()
-    err.print(f"[bold red]error:[/] {escape(message)}", highlight=False)
+    err.print(f"[bold red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)  # one paragraph
     raise typer.Exit(code=2)
 
 

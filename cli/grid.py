@@ -126,8 +126,9 @@ def print_report(summary: dict, compare_paper: bool = False) -> None:
     for title, header, body, kinds in console_tables(summary, compare_paper):
         table = narrow_table(escape(title), title_justify="left")
         for i, name in enumerate(header):
+            # numbers never wrap; only an overlong dataset name folds onto a second line
             table.add_column(name, justify="left" if i == 0 else "right", no_wrap=i > 0,
-                             overflow="fold" if i == 0 else "ignore")
+                             overflow="fold" if i == 0 else "ellipsis")
         for row, kind in zip(body, kinds):
             style = "bold" if kind == "dataset" else ("dim" if kind == "paper" else None)
             table.add_row(*map(escape, row), style=style)

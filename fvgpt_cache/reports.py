@@ -412,14 +412,14 @@ def _pm(s: dict, key: str) -> str:
 def console_tables(summary: dict, compare_paper: bool = False):
     """The same tables in a layout that fits 80 columns: (title, header, rows, kinds).
 
-    Base-to-new: a line with the dataset and its number of runs, then one line per method
+    Base-to-new: a line with the dataset and its number of runs (n), then one line per method
     (Base, New, HM, ΔHM vs the backbone). Cross-dataset: one line per target, one column per
     method. `kinds[i]` is "dataset", "method" or "paper" for row i.
     """
     for g in summary.values():
         backbone = g["setting"]["backbone"]
         names = {"zeroshot": "CLIP", "backbone": backbone, "fvgpt": "+FVG-PT"}
-        header, body, kinds = ["", "Base", "New", "HM", "ΔHM", "runs"], [], []
+        header, body, kinds = ["", "Base", "New", "HM", "ΔHM", "n"], [], []
         paper = paper_rows(backbone, list(g["datasets"])) if compare_paper else {}
         entries = [(ds, m, str(len(g["seeds"][ds]))) for ds, m in g["datasets"].items() if "base" in m["fvgpt"]]
         if g["average"]:
