@@ -6,7 +6,6 @@ traceback (`fvgpt-cache --debug …` or FVGPT_CACHE_DEBUG=1 shows it). Ctrl-C ex
 """
 from __future__ import annotations
 
-import os
 import sys
 import traceback
 from contextlib import contextmanager
@@ -23,7 +22,7 @@ from typer.core import TyperGroup
 
 console = Console()
 err = Console(stderr=True)
-_state = {"debug": os.environ.get("FVGPT_CACHE_DEBUG", "").lower() in ("1", "true", "yes"), "resumable": False}
+_state = {"debug": False, "resumable": False}
 INTERRUPTED = 130
 
 
@@ -50,7 +49,7 @@ class HandledGroup(TyperGroup):
     """The root command group: one place that turns exceptions and Ctrl-C into messages and exit codes."""
 
     def invoke(self, ctx: click.Context):
-        _state["resumable"] = False
+        _state.update(resumable=False, debug=False)
         try:
             return super().invoke(ctx)
         except (typer.Exit, typer.Abort, click.exceptions.Exit, click.exceptions.Abort, click.ClickException):
@@ -71,9 +70,9 @@ app = typer.Typer(help="FVG-PT heads trained from cached CLIP features.", no_arg
 
 
 @app.callback()
-def _root(debug: bool = typer.Option(False, "--debug", help="Show the traceback of an error.")) -> None:
-    if debug:
-        _state["debug"] = True
+def _root(debug: bool = typer.Option(False, "--debug", envvar="FVGPT_CACHE_DEBUG",
+                                     help="Show the traceback of an error.")) -> None:
+    _state["debug"] = debug
 
 
 def narrow_table(title: str | None = None, **kwargs) -> Table:

@@ -13,7 +13,7 @@ from typer.testing import CliRunner
 from fvgpt_cache.cli import common
 from fvgpt_cache.cli.main import app
 from fvgpt_cache.data import default_dataset_name, read_split_json
-from fvgpt_cache.reports import aggregate, to_csv
+from fvgpt_cache.reports import aggregate
 from fvgpt_cache.store import open_cache
 from fvgpt_cache.synthetic import write_feature_cache
 from fvgpt_cache.training import TrainConfig
@@ -384,8 +384,10 @@ def test_second_writer_is_refused_with_the_pid_holding_the_lock(tmp_path):
     from fvgpt_cache.store import CacheError, exclusive_lock
 
     out = tmp_path / "c.h5"
-    code = ("import sys, time\nfrom fvgpt_cache.store import exclusive_lock\n"
-            "with exclusive_lock(sys.argv[1]):\n    print('locked', flush=True)\n    time.sleep(60)\n")
+    # the holder takes the same POSIX record lock as `store.lock_file` (without importing torch)
+    code = ("import fcntl, os, sys, time\nfd = os.open(sys.argv[1] + '.lock', os.O_RDWR | os.O_CREAT)\n"
+            "fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)\nos.write(fd, str(os.getpid()).encode())\n"
+            "print('locked', flush=True)\ntime.sleep(60)\n")
     holder = subprocess.Popen([sys.executable, "-c", code, str(out)], stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout.readline().strip() == "locked"
