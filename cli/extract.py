@@ -46,7 +46,7 @@ def extract(
     force: bool = typer.Option(False, help="Overwrite an existing complete cache."),
 ):
     """Extract CLIP features of full images and foreground views into an HDF5 cache."""
-    from fvgpt_cache.data import format_short_classes, generic_dataset, parse_shots
+    from fvgpt_cache.data import format_short_classes, generic_dataset, parse_shots, short_classes
     from fvgpt_cache.datasets import load_dataset
     from fvgpt_cache.extraction import ExtractOptions, default_output
     from fvgpt_cache.extraction import extract as run_extract
@@ -78,6 +78,9 @@ def extract(
                                  augment=AugmentConfig(scale=parse_scale(rrc_scale)))
         options.validate()
         out = out or default_output(ds.name, model, pretrained, k, seed, train_views)
+        for line in format_short_classes(short_classes(ds.splits, k, ds.classnames)):  # before the long pass
+            err.print(f"[bold yellow]warning:[/] fewer images than --shots {k} asks for; all of them are taken "
+                      f"(listed in provenance): {escape(line)}", highlight=False)
         loaded = load_clip(model, pretrained, quick_gelu=quick_gelu)
         if loaded.provenance["random_init"]:
             err.print("[bold yellow]warning:[/] --pretrained none: the model has random weights (seeded); "
@@ -86,16 +89,13 @@ def extract(
             summary = run_extract(ds, loaded, out, options, progress=update)
     except (ValueError, FileNotFoundError, RuntimeError) as exc:
         fail(str(exc))
-    for line in format_short_classes(summary.short_classes):
-        err.print(f"[bold yellow]warning:[/] fewer images than --shots {k} asks for; all of them were taken "
-                  f"(listed in provenance): {escape(line)}", highlight=False)
     console.print(f"wrote [bold]{escape(str(summary.out))}[/]: " + ", ".join(f"{s} {n}" for s, n in summary.counts.items())
                   + f" in {summary.seconds:.1f}s ({summary.images_per_second:.1f} img/s)")
     if summary.resumed_rows:
         console.print(f"resumed: {summary.resumed_rows} rows were already done")
     for split, items in summary.skipped.items():
         for item in items:
-            console.print(f"[yellow]skipped[/] {split}: {item['path']} ({item['reason']})")
+            console.print(f"[yellow]skipped[/] {split}: {escape(item['path'])} ({escape(item['reason'])})")
     if summary.resized_masks:
         console.print(f"[yellow]{len(summary.resized_masks)} mask(s) had another size than their image and were "
                       "resized (nearest neighbour); listed in the cache's provenance[/]")
