@@ -97,6 +97,7 @@ def report(
         fail(f"--compare {compare!r}: only 'paper' is known")
     records = reports.load_records(results)
     summary = reports.aggregate(records)
+    ablations = reports.ablation_tables(records)
     if plot:
         averaged = reports.averaged_over(records, plot)
         path = reports.plot_sweep(reports.sweep(records, plot), plot, plot_out, averaged)
@@ -107,11 +108,11 @@ def report(
         console.print(f"wrote {escape(str(path))}")
     paper = compare == "paper"
     if fmt == "console":
-        print_report(summary, paper)
+        print_report(summary, paper, ablations)
         console.print(f"{len(records)} run(s) in {len(summary)} group(s) of comparable runs; Base/New are seed means ± "
                       "sample std, HM is the HM of the means")
         return
-    text = formats[fmt](summary, paper) if fmt in ("markdown", "latex") else formats[fmt](summary)
+    text = formats[fmt](summary, paper, ablations) if fmt in ("markdown", "latex") else formats[fmt](summary)
     if output:
         output.write_text(text)
         console.print(f"wrote {escape(str(output))}" + (" (LaTeX: needs \\usepackage{booktabs})" if fmt == "latex" else ""))
@@ -119,11 +120,11 @@ def report(
         print(text)
 
 
-def print_report(summary: dict, compare_paper: bool = False) -> None:
+def print_report(summary: dict, compare_paper: bool = False, extra=()) -> None:
     """The report's tables in a layout that fits an 80-column terminal (no wrapped rows, no cut numbers)."""
     from fvgpt_cache.reports import console_tables
 
-    for title, header, body, kinds in console_tables(summary, compare_paper):
+    for title, header, body, kinds in console_tables(summary, compare_paper, extra):
         table = narrow_table(escape(title), title_justify="left")
         for i, name in enumerate(header):
             # numbers never wrap; only an overlong dataset name folds onto a second line

@@ -391,14 +391,15 @@ def cross_rows(backbone: str, g: dict, compare_paper: bool = False) -> tuple[lis
     return header, body
 
 
-def tables(summary: dict, compare_paper: bool = False):
-    """Every non-empty table of a summary: (title, header, body) in Table 1, then Table 2, layout."""
+def tables(summary: dict, compare_paper: bool = False, extra=()):
+    """Every non-empty table of a summary: (title, header, body) in Table 1, then Table 2, layout; then `extra`."""
     for g in summary.values():
         backbone = g["setting"]["backbone"]
         for kind, table in (("Base-to-new", table_rows(backbone, g, compare_paper)),
                             ("Cross-dataset", cross_rows(backbone, g, compare_paper))):
             if table and table[1]:
                 yield f"{kind} · {g['title']}", table[0], table[1]
+    yield from extra
 
 
 def _pm(s: dict, key: str) -> str:
@@ -409,12 +410,13 @@ def _pm(s: dict, key: str) -> str:
     return f"{s[key]:.2f}" + (f"±{sd:.2f}" if sd else "")
 
 
-def console_tables(summary: dict, compare_paper: bool = False):
+def console_tables(summary: dict, compare_paper: bool = False, extra=()):
     """The same tables in a layout that fits 80 columns: (title, header, rows, kinds).
 
     Base-to-new: a line with the dataset and its number of runs (n), then one line per method
     (Base, New, HM, ΔHM vs the backbone). Cross-dataset: one line per target, one column per
-    method. `kinds[i]` is "dataset", "method" or "paper" for row i.
+    method. `extra` tables (the ablations, already narrow) follow as they are. `kinds[i]` is
+    "dataset", "method" or "paper" for row i.
     """
     for g in summary.values():
         backbone = g["setting"]["backbone"]
@@ -455,11 +457,80 @@ def console_tables(summary: dict, compare_paper: bool = False):
                 body.append([label.replace(" (source)", " (src)"), *[r[i] for r in methods], *[r[i] for r in papers]])
                 kinds.append("method")
             yield f"Cross-dataset · {g['title']}", header, body, kinds
+    for title, header, body in extra:
+        yield title, header, body, ["method"] * len(body)
 
 
-def to_markdown(summary: dict, compare_paper: bool = False) -> str:
+FULL_ROWS = ("(5) FRG+FDC+PC", "all indicators", "all losses", "visual + textual", "2 layers", "FDC 64", "λ_d = 10",
+             "100% of the shots", "10 epochs", "r from FRG (FVG-PT)")
+
+
+def ablation_tables(records: list[dict]) -> list[tuple[str, list[str], list[list[str]]]]:
+    """The paper's ablation tables from grid runs that carry `ablations` (grid --preset …):
+
+    one table per ablation and backbone, a row per variant in the paper's order: Base and New as
+    means over datasets of the seed means, HM of those, ΔHM against the full model's row, and the
+    seeds of each row whose run collapsed. Runs of different datasets are averaged only for a
+    variant that has runs on every dataset of the table. As in `aggregate`, runs are pooled only
+    when their setting agrees (model, shots, views, …, backbone, and every TrainConfig field the
+    ablation does not vary); settings that differ get tables of their own, named in the titles."""
+    from .grids import ABLATIONS
+
+    cells: dict[tuple, dict] = {}
+    settings: dict[tuple, dict] = {}
+    for rec, f in zip(records, run_fields(records)):
+        for ablation, label in rec.get("ablations") or []:
+            varied = {k for _, overrides in ABLATIONS[ablation][1] for k in overrides}
+            setting = {**{k: f[k] for k in SETTING_FIELDS},
+                       "config": config_label({k: v for k, v in rec["config"].items() if k not in varied})}
+            key = (ablation, tuple(setting.values()))
+            settings[key] = setting
+            row = cells.setdefault(key, {}).setdefault(label, {})
+            m = rec["metrics"]["fvgpt"]
+            if m.get("base") is None:
+                continue
+            ds = row.setdefault(rec.get("dataset"), {"base": [], "new": [], "collapsed": []})
+            ds["base"].append(m["base"])
+            ds["new"].append(m["new"])
+            if (rec.get("stability") or {}).get("collapsed"):
+                ds["collapsed"].append(rec["seed"])
+    varying = {ablation: varying_fields([v for k, v in settings.items() if k[0] == ablation]) for ablation, _ in settings}
+    out = []
+    for (ablation, key), rows in cells.items():
+        setting = settings[(ablation, key)]
+        backbone = setting["backbone"]
+        title, order = ABLATIONS[ablation]
+        datasets = sorted(set.union(*(set(r) for r in rows.values())))
+        body, full_hm = [], None
+        summaries = {}
+        for label, _ in order:
+            per_ds = rows.get(label, {})
+            if set(per_ds) != set(datasets):
+                continue
+            b = _mean([_mean(per_ds[d]["base"]) for d in datasets])
+            n = _mean([_mean(per_ds[d]["new"]) for d in datasets])
+            seeds = min(len(per_ds[d]["base"]) for d in datasets)
+            flagged = sorted({s for d in datasets for s in per_ds[d]["collapsed"]})
+            summaries[label] = (b, n, harmonic_mean(b, n), seeds, flagged)
+            if label in FULL_ROWS:
+                full_hm = harmonic_mean(b, n)
+        for label, (b, n, hm, seeds, flagged) in summaries.items():
+            delta = "" if full_hm is None or label in FULL_ROWS else f"{hm - full_hm:+.2f}"
+            body.append([label, f"{b:.2f}", f"{n:.2f}", f"{hm:.2f}", delta, str(seeds),
+                         ", ".join(map(str, flagged)) or "-"])
+        if body:
+            where = datasets[0] if len(datasets) == 1 else f"average over {len(datasets)} datasets"
+            parts = [f"{SHORT_NAMES.get(k, k)} {setting[k]}" for k in varying[ablation] if k not in ("backbone", "config")]
+            if setting["config"] != "default":
+                parts.insert(0, setting["config"])
+            out.append((" · ".join([title, f"backbone {backbone}", *parts, where]),
+                        ["Variant", "Base", "New", "HM", "ΔHM", "seeds", "collapsed"], body))
+    return out
+
+
+def to_markdown(summary: dict, compare_paper: bool = False, extra=()) -> str:
     parts = []
-    for title, header, body in tables(summary, compare_paper):
+    for title, header, body in tables(summary, compare_paper, extra):
         parts.append(f"### {title}\n")
         parts.append("| " + " | ".join(header) + " |")
         parts.append("|" + "|".join("---" for _ in header) + "|")
@@ -476,11 +547,11 @@ def _latex_escape(text: str) -> str:
     return "".join(LATEX_SPECIAL.get(c, c) for c in text)
 
 
-def to_latex(summary: dict, compare_paper: bool = False) -> str:
+def to_latex(summary: dict, compare_paper: bool = False, extra=()) -> str:
     """tabular environments with booktabs rules (\\usepackage{booktabs} in the preamble)."""
     parts = [r"% needs \usepackage{booktabs}", ""]
     esc = _latex_escape
-    for title, header, body in tables(summary, compare_paper):
+    for title, header, body in tables(summary, compare_paper, extra):
         parts.append(f"% {esc(title)}")
         parts.append(r"\begin{tabular}{l" + "r" * (len(header) - 1) + "}")
         parts.append(r"\toprule")
