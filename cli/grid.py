@@ -58,7 +58,8 @@ def grid(
         if "backbone" in base and base["backbone"] != backbone:
             fail(f"--backbone {backbone} and --set backbone={base['backbone']} disagree; give one")
         base["backbone"] = parse_value("backbone", backbone)
-    check_grid(params, base, preset)
+    for warning in check_grid(params, base, preset):
+        err.print(f"[bold yellow]warning:[/] {escape(warning)}", highlight=False)
     check_caches(caches, eval_cache)
     runs = expand(caches, seed_list, params, {"device": device, **base}, preset, preset_of)
     console.print(f"{len(runs)} runs ({len(caches)} cache(s) × {len(seed_list)} seed(s) × configurations) → "
@@ -125,7 +126,8 @@ def print_report(summary: dict, compare_paper: bool = False, extra=()) -> None:
     from fvgpt_cache.reports import console_tables
 
     for title, header, body, kinds in console_tables(summary, compare_paper, extra):
-        table = narrow_table(escape(title), title_justify="left")
+        console.print(f"\n[bold]{escape(title)}[/]")  # a line of its own: as wide as the terminal, not the table
+        table = narrow_table()
         for i, name in enumerate(header):
             # numbers never wrap; only an overlong dataset name folds onto a second line
             table.add_column(name, justify="left" if i == 0 else "right", no_wrap=i > 0,

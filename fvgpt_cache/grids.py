@@ -115,9 +115,14 @@ def merge_params(first: dict[str, list], second: dict[str, list], where: tuple[s
     return {**first, **second}
 
 
-def check_grid(params: dict[str, list], fixed: dict, preset: str | None) -> None:
-    """Refuse settings that would silently override each other: a --set of a grid parameter, or
-    either of them for a field the preset varies."""
+def check_grid(params: dict[str, list], fixed: dict, preset: str | None) -> list[str]:
+    """Refuse settings that would silently override each other; return warnings for partial ones.
+
+    Refused: a --set (or [base]) of a parameter the grid varies, a --param of a field the preset's
+    rows vary (the rows would collapse into one), a --set of a field every table of the preset
+    varies (it would have no effect). A --set of a field only some tables of `--preset paper`
+    vary applies to the other tables: that is a warning.
+    """
     for name in fixed:
         if name in OWN_OPTIONS:
             raise ValueError(f"--set {name}: use {OWN_OPTIONS[name]} for {name}")
@@ -125,15 +130,23 @@ def check_grid(params: dict[str, list], fixed: dict, preset: str | None) -> None
     if both:
         raise ValueError(f"{', '.join(both)} is both fixed (--set/--backbone or [base]) and varied (--param or "
                          "[params]); keep one")
-    if preset is not None:
-        if preset not in PRESETS:
-            raise ValueError(f"unknown preset {preset!r}; presets: {', '.join(PRESETS)}")
-        tables = PAPER if preset == "paper" else (preset,)
-        varied = sorted({k for name in tables for _, overrides in ABLATIONS[name][1] for k in overrides})
-        clash = sorted((set(params) | set(fixed)) & set(varied))
-        if clash:
-            raise ValueError(f"preset {preset!r} varies {', '.join(varied)}; {', '.join(clash)} cannot also be set or "
-                             "varied (run another grid for that)")
+    if preset is None:
+        return []
+    if preset not in PRESETS:
+        raise ValueError(f"unknown preset {preset!r}; presets: {', '.join(PRESETS)}")
+    tables = PAPER if preset == "paper" else (preset,)
+    varies = {name: {k for _, overrides in ABLATIONS[name][1] for k in overrides} for name in tables}
+    everywhere = set.intersection(*varies.values())
+    anywhere = set.union(*varies.values())
+    clash = sorted(set(params) & anywhere)
+    if clash:
+        raise ValueError(f"preset {preset!r} varies {', '.join(clash)} in its rows; a --param of it would make those "
+                         "rows equal (run another grid for that)")
+    clash = sorted(set(fixed) & everywhere)
+    if clash:
+        raise ValueError(f"preset {preset!r} varies {', '.join(clash)}; a --set of it would have no effect")
+    return [f"--set {k}={fixed[k]} applies to every table except {', '.join(n for n in tables if k in varies[n])}, "
+            f"whose rows set {k} themselves" for k in sorted(set(fixed) & anywhere)]
 
 
 def parse_seeds(text: str) -> list[int]:

@@ -206,7 +206,8 @@ def test_grid_backbone_option_equals_set_backbone(tmp_path):
     (["--seeds", "1,,2"], "--seeds '1,,2': empty entry"),
     (["--seeds", "1,1"], "a seed is given twice"),
     (["--param", "lambda_d=1,10", "--set", "lambda_d=5"], "lambda_d is both fixed"),
-    (["--preset", "lambda", "--param", "lambda_d=1,10"], "preset 'lambda' varies lambda_d"),
+    (["--preset", "lambda", "--param", "lambda_d=1,10"], "preset 'lambda' varies lambda_d in its rows"),
+    (["--preset", "lambda", "--set", "lambda_d=5"], "preset 'lambda' varies lambda_d; a --set of it would have no"),
     (["--set", "epochs"], "--set 'epochs': write KEY=VALUE"),
 ])
 def test_grid_refuses_ambiguous_parameters_by_name(tmp_path, args, message):
