@@ -79,7 +79,8 @@ def test_two_models_of_one_dataset_are_never_pooled(two_models, tmp_path, consol
     assert res.exit_code == 0, res.output
     titles = [line for line in res.output.splitlines() if line.startswith("Base-to-new")]
     assert len(titles) == 2 and all("model" in t for t in titles), res.output
-    assert "ViT-B-16/openai D32" in res.output and "small-clip/sha abababab D16" in res.output
+    text = " ".join(res.output.split())
+    assert "model ViT-B-16/openai D32" in text and "model small-clip/sha abababab D16" in text
 
 
 def _rec(seed, b=80.0, n=60.0, prov=None, **config):

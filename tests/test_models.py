@@ -102,7 +102,8 @@ def test_offline_default_weights_fail_at_once_with_one_message(offline, monkeypa
         monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     split, images, masks = write_generic_dataset(tmp_path / "data", per_class=(1, 1, 1))
     res = CliRunner().invoke(app, ["extract", "--split-file", str(split), "--image-root", str(images),
-                                   "--mask-root", str(masks), "--out", str(tmp_path / "c.h5")])  # default: ViT-B-16 openai
+                                   "--mask-root", str(masks), "--shots", "all", "--out", str(tmp_path / "c.h5")])
+    # (the model and weights are the defaults: ViT-B-16, openai)
     assert res.exit_code == 2
     lines = res.output.strip().splitlines()
     assert 1 <= len(lines) <= 5 and "Traceback" not in res.output, res.output
@@ -143,12 +144,12 @@ def test_pickle_as_weights_is_one_paragraph_naming_the_file(tmp_path, tiny_confi
     bad.write_bytes(pickle.dumps({"weights": [1, 2, 3], "saved": datetime.date(2024, 1, 1)}))
     split, images, masks = map(str, generic_data)
     res = CliRunner().invoke(app, ["extract", "--split-file", split, "--image-root", images, "--model", str(tiny_config),
-                                   "--pretrained", str(bad)])
+                                   "--pretrained", str(bad), "--shots", "2"])
     assert res.exit_code == 2
     assert "Traceback" not in res.output and len(res.output.strip().splitlines()) == 1, res.output
     assert str(bad) in res.output and "expected an open_clip checkpoint" in res.output and "found a Python pickle" in res.output
     res = CliRunner().invoke(app, ["--debug", "extract", "--split-file", split, "--image-root", images, "--model",
-                                   str(tiny_config), "--pretrained", str(bad)])
+                                   str(tiny_config), "--pretrained", str(bad), "--shots", "2"])
     assert res.exit_code == 2 and "Traceback" in res.output, "--debug shows it"
 
 
