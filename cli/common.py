@@ -38,7 +38,7 @@ def _show_traceback() -> None:
 
 def _report(exc: BaseException) -> None:
     message = str(exc) or type(exc).__name__
-    if not isinstance(exc, (ValueError, LookupError, OSError, RuntimeError)):
+    if not isinstance(exc, (ValueError, OSError, RuntimeError)) or isinstance(exc, (NotImplementedError, RecursionError)):
         message = (f"{type(exc).__name__}: {message} (an unexpected error; rerun with fvgpt-cache --debug … for the "
                    "traceback and report it)")
     _show_traceback()
@@ -111,7 +111,6 @@ def fail(message: str) -> None:
     _show_traceback()
     err.print(f"[bold red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)  # one paragraph
     raise typer.Exit(code=2)
-
 
 
 def _pct(x) -> str:

@@ -78,9 +78,10 @@ def extract(
                                  augment=AugmentConfig(scale=parse_scale(rrc_scale)))
         options.validate()
         out = out or default_output(ds.name, model, pretrained, k, seed, train_views)
-        for line in format_short_classes(short_classes(ds.splits, k, ds.classnames)):  # before the long pass
-            err.print(f"[bold yellow]warning:[/] fewer images than --shots {k} asks for; all of them are taken "
-                      f"(listed in provenance): {escape(line)}", highlight=False)
+        short = format_short_classes(short_classes(ds.splits, k, ds.classnames))
+        if short:  # said before the long pass, so it can be stopped
+            err.print(f"[bold yellow]warning:[/] fewer images than --shots {k} asks for (all of them are taken; "
+                      f"listed in provenance): {escape('; '.join(short))}", highlight=False)
         loaded = load_clip(model, pretrained, quick_gelu=quick_gelu)
         if loaded.provenance["random_init"]:
             err.print("[bold yellow]warning:[/] --pretrained none: the model has random weights (seeded); "
