@@ -448,3 +448,23 @@ def test_extraction_killed_with_sigkill_is_resumed_by_an_immediate_rerun(tmp_pat
     done = re.search(r"resumed: (\d+) rows were already done", res.stdout)
     assert done and int(done.group(1)) >= 4, res.stdout
     assert open_cache(out).image("train").shape[:2] == (24, 2)
+
+
+def test_ablation_tables_do_not_pool_two_models():
+    from fvgpt_cache.reports import ablation_tables
+
+    recs = []
+    for prov, base in ((MODEL_A, 80.0), (MODEL_B, 60.0)):
+        for seed in (1, 2):
+            for label, overrides in (("(5) FRG+FDC+PC", {}), ("(2) PC", {"use_fdc": False})):
+                rec = _rec(seed, base, prov=prov, **overrides)
+                rec["ablations"] = [["components", label]]
+                rec["run_id"] += label
+                recs.append(rec)
+    tables = ablation_tables(recs)
+    assert len(tables) == 2
+    titles = [t[0] for t in tables]
+    assert any("ViT-B-16/openai" in t for t in titles) and any("small-clip" in t for t in titles)
+    for _, header, body in tables:
+        assert [row[header.index("seeds")] for row in body] == ["2", "2"]
+    assert sorted(body[0][1] for _, _, body in tables) == ["60.00", "80.00"]
