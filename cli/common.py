@@ -83,7 +83,7 @@ def narrow_table(title: str | None = None, **kwargs) -> Table:
 class RateColumn(ProgressColumn):
     def render(self, task) -> Text:
         speed = task.finished_speed or task.speed
-        return Text(f"{speed:.1f} img/s" if speed else "… img/s", style="progress.data.speed")
+        return Text(f"{speed:.1f} img/s" if speed else "- img/s", style="progress.data.speed")
 
 
 @contextmanager
