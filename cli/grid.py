@@ -59,7 +59,7 @@ def grid(
                       console=err) as bar:
             task = bar.add_task("grid", total=len(runs))
             records = run_grid(runs, out, resume=resume, batched=batched, save_heads=save_heads,
-                               eval_caches=list(eval_cache),
+                               eval_caches=list(eval_cache), log=lambda message: bar.console.print(message),
                                progress=lambda done, total: bar.update(task, completed=done))
     except (ValueError, FileNotFoundError, RuntimeError) as exc:
         fail(str(exc))
