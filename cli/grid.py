@@ -25,7 +25,8 @@ def grid(
     eval_cache: list[Path] = typer.Option([], "--eval-cache", help="Caches to evaluate the PC branch on (cross-dataset)."),
     out: Path = typer.Option(Path("cache/grids/grid"), help="Run folder; results stream to OUT/results.jsonl."),
     resume: bool = typer.Option(True, help="Skip runs already in OUT/results.jsonl."),
-    batched: bool = typer.Option(True, help="Train configurations that share shapes together (vmap)."),
+    batched: bool = typer.Option(True, help="Train runs that share a group (cache, classes, backbone, batch size, "
+                                            "device, FDC depth) together."),
     save_heads: bool = typer.Option(False, help="Also write each run's head.pt under OUT/runs/."),
     device: str = typer.Option("auto", help="auto|cpu|cuda."),
 ):
