@@ -27,7 +27,8 @@ def grid(
     eval_cache: list[Path] = typer.Option([], "--eval-cache", help="Caches to evaluate the PC branch on (cross-dataset)."),
     out: Path = typer.Option(Path("cache/grids/grid"), help="Run folder; results stream to OUT/results.jsonl."),
     resume: bool = typer.Option(True, help="Skip runs already in OUT/results.jsonl."),
-    batched: bool = typer.Option(True, help="Train configurations that share shapes together (vmap)."),
+    batched: bool = typer.Option(True, help="Train runs that share a group (cache, classes, backbone, batch size, "
+                                            "device, FDC depth) together."),
     save_heads: bool = typer.Option(False, help="Also write each run's head.pt under OUT/runs/."),
     device: str = typer.Option("auto", help="auto|cpu|cuda."),
 ):
@@ -73,7 +74,7 @@ def grid(
                   console=err) as bar:
         task = bar.add_task("grid", total=len(runs))
         records = run_grid(runs, out, resume=resume, batched=batched, save_heads=save_heads,
-                           eval_caches=list(eval_cache),
+                           eval_caches=list(eval_cache), log=lambda message: bar.console.print(message),
                            progress=lambda done, total: bar.update(task, completed=done))
     console.print(f"{len(records)} new run(s); {len(runs) - len(records)} were already done. "
                   f"Summarise with: fvgpt-cache report {out}")

@@ -15,8 +15,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .engine import available_memory, memory_estimate, split_for_memory, train_group
 from .engine import group_key as engine_group_key
-from .engine import train_group
 from .runs import eval_sets, finish_run, run_id
 from .store import check_same_model, open_cache
 from .training import TrainConfig, config_with, configure, parse_value, prepare, resolve_device
@@ -250,8 +250,12 @@ def done_run_ids(results: Path) -> set[str]:
 
 
 def run_grid(runs: list[GridRun], out_dir: Path, *, resume: bool = True, batched: bool = True,
-             save_heads: bool = False, eval_caches: list[Path] = (), progress=None) -> list[dict]:
-    """Train and evaluate `runs`, appending one JSON line per finished run to `out_dir/results.jsonl`."""
+             save_heads: bool = False, eval_caches: list[Path] = (), progress=None, log=None,
+             memory_budget: int | None = None) -> list[dict]:
+    """Train and evaluate `runs`, appending one JSON line per finished run to `out_dir/results.jsonl`.
+
+    A group whose estimated memory exceeds `memory_budget` (default: 80 % of the device's free
+    memory) is trained in parts; `log(message)` hears how much memory each group needs."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     results_path = out_dir / "results.jsonl"
@@ -276,8 +280,16 @@ def run_grid(runs: list[GridRun], out_dir: Path, *, resume: bool = True, batched
         t0 = time.perf_counter()
         data = prepare(cache, members[0].config)
         cfgs = [config_with(m.config, backbone=data.meta["backbone"]) for m in members]
+        device = resolve_device(cfgs[0].device)
+        budget = memory_budget or int(0.8 * available_memory(device))
+        parts = split_for_memory(data, cfgs, budget)
+        if log:
+            shared, each = memory_estimate(data, cfgs)
+            log(f"group of {len(cfgs)} configuration(s) on {cache.path.name}: {shared / 2**20:.0f} MB shared + "
+                f"{each / 2**20:.1f} MB each = {(shared + len(cfgs) * each) / 2**20:.0f} MB"
+                + (f"; trained in {len(parts)} parts to fit {budget / 2**20:.0f} MB" if len(parts) > 1 else ""))
         t1 = time.perf_counter()
-        trained = train_group(data, cfgs, resolve_device(cfgs[0].device))
+        trained = [item for part in parts for item in train_group(data, part, device)]
         seconds = {"load": t1 - t0, "train": (time.perf_counter() - t1) / len(cfgs), "group_size": len(cfgs)}
         sets = eval_sets(cache, targets, cfgs[0].backbone)
         with results_path.open("a") as fh:
