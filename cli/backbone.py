@@ -12,6 +12,7 @@ from rich.table import Table
 from .common import _pct, app, console, err, fail
 
 backbone_app = typer.Typer(help="Backbones in the cache: CoOp/KgCoOp prompt learning, official checkpoints, ensembles.",
+                            rich_markup_mode=None,
                             no_args_is_help=True)
 app.add_typer(backbone_app, name="backbone")
 
