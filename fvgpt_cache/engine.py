@@ -211,8 +211,8 @@ def mlp_backward(d_out: Tensor, layers: list[tuple[Tensor, Tensor]], inputs: lis
         if i == 0:
             break
         dh = torch.bmm(d, w)
-        positive = h > 0  # h = relu(pre) where active: the ReLU's gradient gate
-        d = dh * positive if act is None else torch.where(act[:, i - 1].view(-1, 1, 1) > 0, dh * positive, dh)
+        through = torch.ops.aten.threshold_backward(dh, h, 0)  # h = relu(pre): the ReLU's gradient gate
+        d = through if act is None else torch.where(act[:, i - 1].view(-1, 1, 1) > 0, through, dh)
 
 
 def _normalize_backward(df: Tensor, f: Tensor, norm: Tensor) -> Tensor:
@@ -548,7 +548,8 @@ class Group:
             for j in range(steps):
                 out = self.step_losses(rows[j], weight[j])
                 self.optimizer_step(None if all_active else active[j])
-                sums += torch.stack([out[key] for key in TERMS]) * active[j]
+                terms = torch.stack([out[key] for key in TERMS])
+                sums += terms if all_active else terms * active[j]
             terms = dict(zip(TERMS, sums / active.sum(0).clamp_min(1)))
             means = {k: v.tolist() for k, v in {**terms, **self.weighted_terms(terms)}.items()}
             for k, c in enumerate(cfgs):
