@@ -13,6 +13,7 @@ from .common import _pct, app, console, err, fail, split_progress
 
 backbone_app = typer.Typer(help="Backbones in the cache: CoOp/KgCoOp prompt learning, official checkpoints "
                                 "(CoOp, KgCoOp, PromptSRC, MMRL), ensembles.",
+                            rich_markup_mode=None,
                             no_args_is_help=True)
 app.add_typer(backbone_app, name="backbone")
 

@@ -23,6 +23,11 @@ def demo(
     console.rule("[bold]fvgpt-cache demo")
     try:
         if smoke:
+            import torch
+
+            # the smoke model is tiny: one thread is as fast, and on a busy machine two threads
+            # spinning against other processes made this 4-5x slower
+            torch.set_num_threads(1)
             console.print("[bold yellow]Smoke test: a tiny CLIP with RANDOM weights (seeded) on synthetic shapes. "
                           "Its numbers only show that the pipeline runs.[/]")
             with split_progress() as update:

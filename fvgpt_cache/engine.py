@@ -35,6 +35,7 @@ from .training import TrainConfig, TrainData, build_head, epoch_batches, lr_at_e
 
 # fields that must be equal inside one group (besides the cache); all others may differ
 GROUP_FIELDS = ("backbone", "classes", "batch_size", "device", "fdc_layers")
+TERMS = ("frg", "ce_fdc", "dist", "acc_fdc", "ce_pc", "kl_pc")
 HISTORY_KEYS = ("frg", "ce_fdc", "dist", "base", "acc_fdc", "ce_pc", "kl_pc", "pc", "total")
 BETAS, ADAM_EPS = (0.9, 0.999), 1e-8
 
@@ -82,17 +83,19 @@ class Layout:
         self.numel = offset
 
     def views(self, flat: Tensor) -> dict[str, Tensor]:
+        """Contiguous (K, *shape) views of each parameter into a flat buffer."""
         return {n: flat[b.offset:b.offset + self.k * b.size].view(self.k, *b.shape) for n, b in self.blocks.items()}
+
+    def rows(self, flat: Tensor) -> dict[str, Tensor]:
+        """(K, size) views of each block: one row per configuration, for per-configuration factors."""
+        return {n: flat[b.offset:b.offset + self.k * b.size].view(self.k, b.size) for n, b in self.blocks.items()}
+
+    def config_index(self) -> Tensor:
+        """(numel,) the configuration of each flat element."""
+        return torch.cat([torch.arange(self.k).repeat_interleave(b.size) for b in self.blocks.values()])
 
     def layers(self, views: dict[str, Tensor], module: str) -> list[tuple[Tensor, Tensor]]:
         return [(views[f"{module}.{i}.w"], views[f"{module}.{i}.b"]) for i in range(len(self.dims[module]) - 1)]
-
-    def config_index(self) -> Tensor:
-        """(numel,) the configuration each flat element belongs to."""
-        idx = torch.empty(self.numel, dtype=torch.long)
-        for b in self.blocks.values():
-            idx[b.offset:b.offset + self.k * b.size] = torch.arange(self.k).repeat_interleave(b.size)
-        return idx.to(self.device)
 
 
 def _linears(seq: nn.Sequential | None) -> list[nn.Linear]:
@@ -181,8 +184,11 @@ def mlp_forward(x: Tensor, layers: list[tuple[Tensor, Tensor]], act: Tensor | No
     h = x
     for i, (w, b) in enumerate(layers):
         inputs.append(h)
-        pre = torch.baddbmm(b.unsqueeze(1), h, w.transpose(1, 2)) if h.dim() == 3 else \
-            torch.matmul(h, w.transpose(1, 2)) + b.unsqueeze(1)
+        if h.dim() == 3:
+            pre = torch.baddbmm(b.unsqueeze(1), h, w.transpose(1, 2))
+        else:  # an input shared by all configurations: one (N, in) @ (in, K·out) product
+            k, out = w.shape[:2]
+            pre = (h @ w.reshape(k * out, -1).T).view(h.shape[0], k, out).transpose(0, 1) + b.unsqueeze(1)
         if i < len(layers) - 1:
             relu = torch.relu(pre)
             h = relu if act is None else torch.where(act[:, i].view(-1, 1, 1) > 0, relu, pre)
@@ -199,14 +205,14 @@ def mlp_backward(d_out: Tensor, layers: list[tuple[Tensor, Tensor]], inputs: lis
         (w, _), (gw, gb), h = layers[i], grads[i], inputs[i]
         if h.dim() == 3:
             torch.bmm(d.transpose(1, 2), h, out=gw)
-        else:
-            torch.matmul(d.transpose(1, 2), h, out=gw)
+        else:  # shared input: one (K·out, N) @ (N, in) product
+            torch.mm(d.transpose(1, 2).reshape(-1, h.shape[0]), h, out=gw.view(-1, h.shape[1]))
         torch.sum(d, dim=1, out=gb)
         if i == 0:
             break
         dh = torch.bmm(d, w)
-        positive = h > 0  # h = relu(pre) where active: the ReLU's gradient gate
-        d = dh * positive if act is None else torch.where(act[:, i - 1].view(-1, 1, 1) > 0, dh * positive, dh)
+        through = torch.ops.aten.threshold_backward(dh, h, 0)  # h = relu(pre): the ReLU's gradient gate
+        d = through if act is None else torch.where(act[:, i - 1].view(-1, 1, 1) > 0, through, dh)
 
 
 def _normalize_backward(df: Tensor, f: Tensor, norm: Tensor) -> Tensor:
@@ -229,26 +235,23 @@ class Group:
         self.layout = Layout(dim, cfgs, device)
         self.heads = [build_head(dim, c) for c in cfgs]
         lay = self.layout
-        self.flat = torch.zeros(lay.numel, device=device)
-        self.grad = torch.zeros(lay.numel, device=device)
-        mask = torch.zeros(lay.numel)
-        params_cpu, mask_views = lay.views(torch.zeros(lay.numel)), lay.views(mask)
+        flat, mask = torch.zeros(lay.numel), torch.zeros(lay.numel)
         self.acts = {m: torch.ones(self.k, max(lay.gate_depth - 1, 1)) for m in ("frg", "brg")}
         for k, (head, cfg) in enumerate(zip(self.heads, cfgs)):
-            scatter(lay, k, head, cfg, params_cpu, mask_views, self.acts)
-        self.flat.copy_(torch.cat([v.reshape(-1) for v in params_cpu.values()]))
-        self.mask = mask.to(device)
+            scatter(lay, k, head, cfg, lay.views(flat), lay.views(mask), self.acts)
+        self.flat, self.grad = flat.to(device), torch.zeros(lay.numel, device=device)
+        # Entries outside every configuration's real parameters stay exactly zero when they are only width
+        # padding (zero activations, zero gradients, zero decay). Frozen identity/embedding layers, unused
+        # indicator columns and a switched-off adapter's last bias do receive gradients or decay: the gate
+        # blocks and the adapters' last biases are masked where their mask is not all ones.
+        last = {f"fdc_img.{lay.fdc_depth - 1}.b", f"fdc_txt.{lay.fdc_depth - 1}.b"}
+        masks = lay.views(mask.to(device))
+        self.masks = {n: m for n, m in masks.items()
+                      if (n.startswith(("frg.", "brg.")) or n in last) and not bool((m == 1).all())}
         self.acts = {m: (None if bool((a > 0).all()) else a.to(device)) for m, a in self.acts.items()}
         self.params, self.grads = lay.views(self.flat), lay.views(self.grad)
         self.layers = {m: lay.layers(self.params, m) for m in lay.dims}
         self.grad_layers = {m: lay.layers(self.grads, m) for m in lay.dims}
-        # Entries outside every configuration's real parameters stay exactly zero through training when
-        # they are only width padding (zero activations, zero gradients). Frozen identity/embedding
-        # layers, unused indicator columns and switched-off modules receive gradients: those need the mask.
-        full = [c.use_fdc and c.use_frg and c.use_pc and c.fdc_visual and c.fdc_textual
-                and len(c.frg_indicators) == 3 and len(c.brg_indicators) == 3
-                and c.frg_layers == c.brg_layers == lay.gate_depth for c in cfgs]
-        self.needs_mask = not all(full)
         self._factors()
 
     def _factors(self) -> None:
@@ -270,8 +273,6 @@ class Group:
         }
         self.scale_on = col(x.use_scale for x in c)
         self.tau = col(x.tau for x in c)
-        self.margin = col(x.frg_margin for x in c)
-        self.area_lo, self.area_hi = col(x.area_min for x in c), col(x.area_max for x in c)
         # r = usable · (A·σ(q) + B·r* + C), see FVGPTHead.distill_weight
         a, b, cc = [], [], []
         for x, frg in zip(c, has_frg):
@@ -285,15 +286,24 @@ class Group:
                 coef = {"one": (0, 0, 1), "target": (0, 1, 0), "half": (0, 0, 0.5)}[x.r_without_frg]
             a.append(coef[0]), b.append(coef[1]), cc.append(coef[2])
         self.r_a, self.r_b, self.r_c = col(a), col(b), col(cc)
-        self.r_grad = col(not x.detach_r for x in c) * self.r_a
+        # ∂L/∂q_FRG through r when r is not detached: λ_d · usable · σ'(q) · (KL_fg − KL_full)
+        self.r_grad_dist = col(not x.detach_r for x in c) * self.r_a * self.w["dist"]
+        scale = self.scale_on * self.data.scale + (1 - self.scale_on)
+        # the same factors shaped (K, 1, 1) for (K, B, C) tensors
+        self.f3 = {"scale": scale.unsqueeze(-1), "tau": self.tau.unsqueeze(-1), "ce_fdc": self.w["ce_fdc"].unsqueeze(-1),
+                   "dist_tau": (self.w["dist"] / self.tau).unsqueeze(-1),
+                   "ce_pc": (self.w["lambda_pc"] * self.w["ce_pc"]).unsqueeze(-1),
+                   "kl_pc_tau": (self.w["lambda_pc"] * self.w["kl_pc"] / self.tau).unsqueeze(-1)}
 
     # -- frozen statistics -----------------------------------------------------------------------
 
     def prepare(self) -> None:
         """Frozen per-row statistics of the group's training rows (flattened image × view), once.
 
-        τ-independent: z_full, z_clip (for PC), ce_full, ce_fg, area; per distinct τ: p_full, p_fg,
-        p_clip, their negative entropies and the FRG/BRG indicators."""
+        Shared by all configurations: the backbone image vectors, z_full, z_clip − z_full and the
+        one-hot labels. Per *variant* (a distinct τ, FRG margin and area gate): the teacher
+        distributions p_full, p_fg, p_clip at τ, their negative entropies, the FRG and BRG indicators,
+        r* and the area gate's verdict."""
         d, dev = self.data, self.device
         views = d.full.shape[1]
         flat = lambda t: t.flatten(0, 1).to(dev, torch.float32)  # noqa: E731
@@ -308,19 +318,22 @@ class Group:
             z_clip = s * F.normalize(x_clip, dim=-1) @ F.normalize(txt_clip, dim=-1).T
             ce_full = F.cross_entropy(z_full, y, reduction="none")
             ce_fg = F.cross_entropy(z_fg, y, reduction="none")
-            self.x, self.y, self.txt = x, y, txt_bb
+            self.x, self.txt = x, txt_bb
             onehot = F.one_hot(y, z_full.shape[1]).to(z_full.dtype)
-            self.const = torch.cat([z_full, z_clip, ce_full[:, None], ce_fg[:, None], area[:, None], onehot], dim=1)
-            self.taus = sorted({c.tau for c in self.cfgs})
+            self.const = torch.cat([z_full, z_clip - z_full, onehot], dim=1)
+            keys = [(c.tau, c.frg_margin, c.area_min, c.area_max) for c in self.cfgs]
+            self.variants = sorted(set(keys))
             packs = []
-            for tau in self.taus:
+            for tau, margin, lo, hi in self.variants:
                 p = [(z / tau).softmax(-1) for z in (z_full, z_fg, z_clip)]
                 neg_h = [torch.xlogy(q, q).sum(-1, keepdim=True) for q in p]
                 u = frg_indicators(z_full, z_fg, area, tau, FRG_INDICATORS)
                 v = brg_indicators(z_full, z_clip, tau, BRG_INDICATORS)
-                packs.append(torch.cat([*p, *neg_h, u, v], dim=1))
-            self.pack = torch.stack(packs)  # (T, rows, 3C + 3 + 6)
-        self.tau_index = torch.tensor([self.taus.index(c.tau) for c in self.cfgs], device=dev)
+                usable = ((area >= lo) & (area <= hi)).to(x.dtype)
+                r_star = (ce_fg + margin < ce_full).to(x.dtype) * usable
+                packs.append(torch.cat([*p, *neg_h, u, v, r_star[:, None], usable[:, None]], dim=1))
+            self.pack = torch.stack(packs)  # (variants, rows, 3C + 11)
+        self.variant_index = torch.tensor([self.variants.index(k) for k in keys], device=dev).view(-1, 1)
         self.n_classes = z_full.shape[1]
 
     # -- one step --------------------------------------------------------------------------------
@@ -329,20 +342,18 @@ class Group:
         """Losses (each (K,)) of one batch of rows (K, B) and their gradients, written into `self.grad`.
 
         `weight` (K, B) holds 1/n for the n real rows of each configuration's batch and 0 for padding
-        (a last batch shorter than the others), so every mean over the batch is `(· * weight).sum(-1)`."""
-        K, B = rows.shape
+        (a last batch shorter than the others), so every mean over the batch is `(· * weight).sum(-1)`.
+        Returns the unweighted terms; `weighted_terms` combines them into base, pc and total."""
         C = self.n_classes
         x = self.x[rows]  # (K, B, D)
-        y = self.y[rows]
         const = self.const[rows]
-        pack = self.pack[self.tau_index.view(-1, 1), rows]
-        z_full, z_clip = const[..., :C], const[..., C:2 * C]
-        ce_full, ce_fg, area = const[..., 2 * C], const[..., 2 * C + 1], const[..., 2 * C + 2]
+        pack = self.pack[self.variant_index, rows]
+        z_full, z_diff, onehot = const[..., :C], const[..., C:2 * C], const[..., 2 * C:]
         p_full, p_fg, p_clip = pack[..., :C], pack[..., C:2 * C], pack[..., 2 * C:3 * C]
         nh_full, nh_fg, nh_clip = pack[..., 3 * C], pack[..., 3 * C + 1], pack[..., 3 * C + 2]
         u, v = pack[..., 3 * C + 3:3 * C + 6], pack[..., 3 * C + 6:3 * C + 9]
-        onehot = const[..., 2 * C + 3:]
-        tau = self.tau.unsqueeze(-1)  # (K, 1, 1)
+        r_star, usable = pack[..., 3 * C + 9], pack[..., 3 * C + 10]
+        f3 = self.f3
         out: dict[str, Tensor] = {}
 
         # FDC (eqs. 7-8)
@@ -354,123 +365,148 @@ class Group:
         t = self.txt + a_txt
         n_t = t.norm(dim=-1, keepdim=True)
         g = t / n_t
-        cos = torch.bmm(f, g.transpose(1, 2))
-        scale = self.scale_on * self.data.scale + (1 - self.scale_on)
-        z = scale.unsqueeze(-1) * cos
+        z = f3["scale"] * torch.bmm(f, g.transpose(1, 2))
         logp = z.log_softmax(-1)
-        out["ce_fdc"] = -(logp * onehot).sum(-1).mul(weight).sum(-1)
-        out["acc_fdc"] = (z.argmax(-1) == y).to(x.dtype).mul(weight).sum(-1) * 100
-        logq = (z / tau).log_softmax(-1)
+        logp_y = (logp * onehot).sum(-1)
+        out["ce_fdc"] = -(logp_y * weight).sum(-1)
+        out["acc_fdc"] = ((logp_y >= logp.amax(-1)) * weight).sum(-1) * 100
+        logq = (z / f3["tau"]).log_softmax(-1)
 
         # FRG (eqs. 3-6) and the distillation weight r
-        usable = ((area >= self.area_lo) & (area <= self.area_hi)).to(x.dtype)
-        r_star = (ce_fg + self.margin < ce_full).to(x.dtype) * usable
         q_frg, in_frg = mlp_forward(u, self.layers["frg"], self.acts["frg"])
         q_frg = q_frg.squeeze(-1)
         sig = torch.sigmoid(q_frg)
-        out["frg"] = F.binary_cross_entropy_with_logits(q_frg, r_star, reduction="none").mul(weight).sum(-1)
+        out["frg"] = (F.binary_cross_entropy_with_logits(q_frg, r_star, reduction="none") * weight).sum(-1)
         r = usable * (self.r_a * sig + self.r_b * r_star + self.r_c)
-        teacher = p_full + r.unsqueeze(-1) * (p_fg - p_full)
-        cross_fg, cross_full = (p_fg * logq).sum(-1), (p_full * logq).sum(-1)
-        out["dist"] = (r * (nh_fg - cross_fg) + (1 - r) * (nh_full - cross_full)).mul(weight).sum(-1)
+        kl_fg = nh_fg - (p_fg * logq).sum(-1)
+        kl_full = nh_full - (p_full * logq).sum(-1)
+        out["dist"] = ((kl_full + r * (kl_fg - kl_full)) * weight).sum(-1)
 
         # PC with BRG (eqs. 11-15)
         q_brg, in_brg = mlp_forward(v, self.layers["brg"], self.acts["brg"])
         b = torch.sigmoid(q_brg.squeeze(-1))
-        z_pc = z_full + b.unsqueeze(-1) * (z_clip - z_full)
+        z_pc = z_full + b.unsqueeze(-1) * z_diff
         lp_pc = z_pc.log_softmax(-1)
-        lq_pc = (z_pc / tau).log_softmax(-1)
-        out["ce_pc"] = -(lp_pc * onehot).sum(-1).mul(weight).sum(-1)
-        out["kl_pc"] = (nh_clip - (p_clip * lq_pc).sum(-1)).mul(weight).sum(-1)
-
-        w = self.w
-        out["base"] = (w["ce_fdc"] * out["ce_fdc"][:, None] + w["frg"] * out["frg"][:, None]
-                       + w["dist"] * out["dist"][:, None]).squeeze(-1)
-        out["pc"] = (w["ce_pc"] * out["ce_pc"][:, None] + w["kl_pc"] * out["kl_pc"][:, None]).squeeze(-1)
-        out["total"] = out["base"] + w["lambda_pc"].squeeze(-1) * out["pc"]
+        lq_pc = (z_pc / f3["tau"]).log_softmax(-1)
+        out["ce_pc"] = -((lp_pc * onehot).sum(-1) * weight).sum(-1)
+        out["kl_pc"] = ((nh_clip - (p_clip * lq_pc).sum(-1)) * weight).sum(-1)
 
         # gradients
         wb = weight.unsqueeze(-1)
-        dz = (w["ce_fdc"].unsqueeze(-1) * (logp.exp() - onehot)
-              + (w["dist"] / self.tau).unsqueeze(-1) * (logq.exp() - teacher)) * wb
-        dcos = scale.unsqueeze(-1) * dz
+        teacher = p_full + r.unsqueeze(-1) * (p_fg - p_full)
+        dz = (f3["ce_fdc"] * (logp.exp() - onehot) + f3["dist_tau"] * (logq.exp() - teacher)) * wb
+        dcos = f3["scale"] * dz
         df = torch.bmm(dcos, g)
         dg = torch.bmm(dcos.transpose(1, 2), f)
         mlp_backward(_normalize_backward(df, f, n_e), self.layers["fdc_img"], in_img, None, self.grad_layers["fdc_img"])
         mlp_backward(_normalize_backward(dg, g, n_t), self.layers["fdc_txt"], in_txt, None, self.grad_layers["fdc_txt"])
-        d_r = w["dist"] * ((nh_fg - cross_fg) - (nh_full - cross_full)) * weight
-        dq_frg = w["frg"] * (sig - r_star) * weight + self.r_grad * usable * sig * (1 - sig) * d_r
+        w = self.w
+        dq_frg = (w["frg"] * (sig - r_star) + self.r_grad_dist * usable * sig * (1 - sig) * (kl_fg - kl_full)) * weight
         mlp_backward(dq_frg.unsqueeze(-1), self.layers["frg"], in_frg, self.acts["frg"], self.grad_layers["frg"])
-        dz_pc = w["lambda_pc"].unsqueeze(-1) * (w["ce_pc"].unsqueeze(-1) * (lp_pc.exp() - onehot)
-                                                + (w["kl_pc"] / self.tau).unsqueeze(-1) * (lq_pc.exp() - p_clip)) * wb
-        db = (dz_pc * (z_clip - z_full)).sum(-1)
+        dz_pc = (f3["ce_pc"] * (lp_pc.exp() - onehot) + f3["kl_pc_tau"] * (lq_pc.exp() - p_clip)) * wb
+        db = (dz_pc * z_diff).sum(-1)
         mlp_backward((db * b * (1 - b)).unsqueeze(-1), self.layers["brg"], in_brg, self.acts["brg"],
                      self.grad_layers["brg"])
         return out
 
+    def weighted_terms(self, terms: dict[str, Tensor]) -> dict[str, Tensor]:
+        """base = CE_FDC + λ_frg·L_FRG + λ_d·L_dist, pc = CE_PC + KL_PC, total = base + λ_pc·pc (switched terms
+        count 0). Linear in the terms, so epoch means of the terms give the epoch means of these."""
+        w = {k: v.squeeze(-1) for k, v in self.w.items()}
+        base = w["ce_fdc"] * terms["ce_fdc"] + w["frg"] * terms["frg"] + w["dist"] * terms["dist"]
+        pc = w["ce_pc"] * terms["ce_pc"] + w["kl_pc"] * terms["kl_pc"]
+        return {"base": base, "pc": pc, "total": base + w["lambda_pc"] * pc}
+
     # -- the optimiser -----------------------------------------------------------------------------
 
     def _optimizer_setup(self) -> None:
-        dev, cfgs = self.device, self.cfgs
-        self.cfg_of = self.layout.config_index()
-        def per(values):  # a scalar when every configuration has the same value, else one per flat element
+        cfgs, dev = self.cfgs, self.device
+        self.cfg_of = self.layout.config_index().to(dev)
+
+        def col(values) -> Tensor:
+            return torch.tensor([float(v) for v in values], device=dev).view(-1, 1)
+
+        def elementwise(values):  # a Python scalar when uniform, else one value per flat element
             values = [float(v) for v in values]
             return values[0] if len(set(values)) == 1 else torch.tensor(values, device=dev)[self.cfg_of]
 
-        self.wd_flat = per(c.weight_decay for c in cfgs)
-        self.adam = [c.optimizer == "adamw" for c in cfgs]
-        self.sgd_flat = per(not a for a in self.adam) if any(self.adam) else None
-        self.mom_flat = per(c.momentum for c in cfgs)
-        self.buf = torch.zeros_like(self.flat) if not all(self.adam) else None
-        self.m = torch.zeros_like(self.flat) if any(self.adam) else None
-        self.v = torch.zeros_like(self.flat) if any(self.adam) else None
-        self.adam_steps = torch.zeros(self.k, device=dev)
+        self.wd_k, self.mom_k = col(c.weight_decay for c in cfgs), col(c.momentum for c in cfgs)
+        self.wd_e, self.mom_e = elementwise(c.weight_decay for c in cfgs), elementwise(c.momentum for c in cfgs)
+        kinds = {c.optimizer for c in cfgs}
+        self.kind = kinds.pop() if len(kinds) == 1 else "mixed"
+        self.is_adam = col(c.optimizer == "adamw" for c in cfgs)
+        self.buf = torch.zeros_like(self.flat) if self.kind != "adamw" else None
+        self.m = torch.zeros_like(self.flat) if self.kind != "sgd" else None
+        self.v = torch.zeros_like(self.flat) if self.kind != "sgd" else None
+        self.adam_steps = torch.zeros(self.k, 1, device=dev)
+        rows = [None if t is None else self.layout.rows(t) for t in (self.flat, self.grad, self.buf, self.m, self.v)]
+        self.block_rows = {name: [None if r is None else r[name] for r in rows] for name in self.layout.blocks}
 
     def set_lr(self, lr: Tensor) -> None:
         """The learning rate of each configuration for the coming epoch (0: it takes no step)."""
+        self.lr_k = lr.view(-1, 1)
         values = lr.tolist()
-        self.lr_flat = values[0] if len(set(values)) == 1 else lr[self.cfg_of]
+        self.lr_e = values[0] if len(set(values)) == 1 else lr[self.cfg_of]
 
     def optimizer_step(self, active: Tensor | None) -> None:
-        """One step of every active configuration: SGD (momentum, coupled weight decay) or AdamW, as
-        torch.optim does them, on the flat buffers; masked entries (frozen layers, unused inputs) stay put."""
-        g = self.grad.mul_(self.mask) if self.needs_mask else self.grad
-        if active is None:
-            lr_flat, keep = self.lr_flat, None
+        """One step of every active configuration, as torch.optim's SGD (momentum, coupled weight decay)
+        and AdamW compute it. Masked entries (frozen layers, unused inputs, switched-off adapters) stay
+        put; an inactive configuration (its epochs are over, or its smaller data fraction has no batch
+        left in this epoch) keeps its parameters and states. Only plain multiplications and additions
+        are used (no fused multiply-add), so a configuration gets the same bits whatever its group."""
+        for name, m in self.masks.items():
+            self.grads[name].mul_(m)
+        on = torch.ones(self.k, 1, device=self.device) if active is None else active.view(-1, 1)
+        if self.kind != "sgd":
+            self.adam_steps += on * self.is_adam
+        if active is None and self.kind != "mixed":
+            self._update(self.flat, self.grad, self.buf, self.m, self.v, self.lr_e, self.wd_e, self.mom_e,
+                         None, self.kind, self.masks)
+            return
+        lr_on = self.lr_k * on
+        for name, (p, g, buf, m, v) in self.block_rows.items():
+            mask = self.masks.get(name)
+            mask = None if mask is None else mask.view(self.k, -1)
+            for kind, weight in (("sgd", 1 - self.is_adam), ("adamw", self.is_adam)):
+                if self.kind in (kind, "mixed"):
+                    self._update(p, g, buf, m, v, lr_on * weight if self.kind == "mixed" else lr_on, self.wd_k,
+                                 self.mom_k, on, kind, {None: mask} if mask is not None else {})
+
+    def _update(self, p, g, buf, m, v, lr, wd, mom, on, kind, masks) -> None:
+        """The update of one optimiser on a buffer (flat, or one block's (K, n) rows with `on` (K, 1))."""
+        if kind == "sgd":
+            u = torch.mul(p, wd).add_(g)  # coupled weight decay
+            self._mask(u, masks)
+            if on is None:
+                buf.mul_(mom).add_(u)
+            else:  # inactive: buf·1 + u·0
+                buf.mul_(torch.where(on > 0, mom, 1.0)).add_(u.mul_(on))
+            p.sub_(torch.mul(buf, lr, out=u))
+            return
+        b1, b2 = BETAS
+        steps = self.adam_steps.clamp_min(1)  # (K, 1), this step counted
+        if on is None:  # the flat buffer: per element, or one number when every configuration is at the same step
+            counts = steps.view(-1).tolist()
+            steps = counts[0] if len(set(counts)) == 1 else steps.view(-1)[self.cfg_of]
+            m.mul_(b1).add_(g * (1 - b1))
+            v.mul_(b2).add_(g * g * (1 - b2))
         else:
-            keep = active[self.cfg_of] > 0
-            lr_flat = self.lr_flat * keep
-        p = self.flat
-        update = torch.zeros_like(p) if any(self.adam) and not all(self.adam) else None
-        if self.buf is not None:  # SGD: g' = g + wd·p (masked), buf = μ·buf + g', p −= lr·buf
-            gs = g + self.wd_flat * p
-            if self.needs_mask:
-                gs.mul_(self.mask)
-            new_buf = gs + self.mom_flat * self.buf
-            self.buf = new_buf if keep is None else torch.where(keep, new_buf, self.buf)
-            sgd = lr_flat * self.buf
-            if update is None:
-                p.sub_(sgd)
-            else:
-                update.addcmul_(sgd, self.sgd_flat)
-        if self.m is not None:  # AdamW: p −= lr·wd·p; m, v moments; p −= lr/bc1 · m / (√v/√bc2 + ε)
-            b1, b2 = BETAS
-            steps = self.adam_steps + (1 if active is None else active)
-            new_m = torch.lerp(self.m, g, 1 - b1)
-            new_v = torch.addcmul(self.v * b2, g, g, value=1 - b2)
-            self.m = new_m if keep is None else torch.where(keep, new_m, self.m)
-            self.v = new_v if keep is None else torch.where(keep, new_v, self.v)
-            self.adam_steps = steps
-            bc1 = (1 - b1 ** steps.clamp_min(1))[self.cfg_of]
-            bc2 = (1 - b2 ** steps.clamp_min(1))[self.cfg_of]
-            decay = lr_flat * self.wd_flat * (self.mask * p if self.needs_mask else p)
-            adam = decay + lr_flat / bc1 * self.m / (self.v.sqrt() / bc2.sqrt() + ADAM_EPS)
-            if update is None:
-                p.sub_(adam)
-            else:
-                update.addcmul_(adam, 1 - self.sgd_flat)
-        if update is not None:
-            p.sub_(update)
+            keep = on > 0
+            m.mul_(torch.where(keep, b1, 1.0)).add_(g * ((1 - b1) * on))
+            v.mul_(torch.where(keep, b2, 1.0)).add_(g * g * ((1 - b2) * on))
+        decay = p * (lr * wd)  # decoupled weight decay
+        self._mask(decay, masks)
+        bc1, bc2 = 1 - b1 ** steps, 1 - b2 ** steps
+        p.sub_(decay).sub_(m / ((v.sqrt() / bc2 ** 0.5) + ADAM_EPS) * (lr / bc1))
+
+    def _mask(self, t: Tensor, masks: dict) -> None:
+        if None in masks:  # a block's rows
+            t.mul_(masks[None])
+            return
+        if masks:  # the flat buffer: mask the masked blocks through their views
+            views = self.layout.views(t)
+            for name, mk in masks.items():
+                views[name].mul_(mk)
 
     # -- the loop ---------------------------------------------------------------------------------
 
@@ -495,7 +531,12 @@ class Group:
             rows = torch.zeros(steps, K, batch, dtype=torch.long)
             weight = torch.zeros(steps, K, batch)
             for k, plan in enumerate(plans):
-                for j, idx in enumerate(plan):
+                full = [idx for idx in plan if len(idx) == batch]
+                if full:
+                    idx = torch.stack(full)
+                    rows[:len(full), k] = subsets[k][idx] * views + schedules[k][epoch][idx]
+                    weight[:len(full), k] = 1.0 / batch
+                for j, idx in enumerate(plan[len(full):], start=len(full)):  # a last, shorter batch
                     rows[j, k, :len(idx)] = subsets[k][idx] * views + schedules[k][epoch, idx]
                     weight[j, k, :len(idx)] = 1.0 / len(idx)
             active = (weight.sum(-1) > 0).to(torch.float32)
@@ -503,21 +544,22 @@ class Group:
             rows, weight, active = rows.to(self.device), weight.to(self.device), active.to(self.device)
             lr = torch.tensor([lr_at_epoch(epoch, c) if on else 0.0 for c, on in zip(cfgs, running)], device=self.device)
             self.set_lr(lr)
-            sums = torch.zeros(len(HISTORY_KEYS), K, device=self.device)
+            sums = torch.zeros(len(TERMS), K, device=self.device)
             for j in range(steps):
                 out = self.step_losses(rows[j], weight[j])
                 self.optimizer_step(None if all_active else active[j])
-                sums += torch.stack([out[key] for key in HISTORY_KEYS]) * active[j]
-            counts = active.sum(0).clamp_min(1)
-            means = (sums / counts).tolist()
+                terms = torch.stack([out[key] for key in TERMS])
+                sums += terms if all_active else terms * active[j]
+            terms = dict(zip(TERMS, sums / active.sum(0).clamp_min(1)))
+            means = {k: v.tolist() for k, v in {**terms, **self.weighted_terms(terms)}.items()}
             for k, c in enumerate(cfgs):
                 if running[k]:
                     record = {"epoch": epoch, "lr": float(lr[k])}
-                    record.update({key: means[i][k] for i, key in enumerate(HISTORY_KEYS) if _logged(key, c)})
+                    record.update({key: means[key][k] for key in HISTORY_KEYS if _logged(key, c)})
                     histories[k].append(record)
             if progress:
-                progress(epoch + 1, max(c.epochs for c in cfgs), {key: means[i][0] for i, key in enumerate(HISTORY_KEYS)})
-        params_cpu = {name: v.detach().cpu() for name, v in self.params.items()}
+                progress(epoch + 1, max(c.epochs for c in cfgs), {key: values[0] for key, values in means.items()})
+        params_cpu = self.layout.views(self.flat.cpu())
         out = []
         for k, (head, c) in enumerate(zip(self.heads, cfgs)):
             gather(self.layout, k, head, c, params_cpu)
@@ -531,6 +573,45 @@ def _logged(key: str, cfg: TrainConfig) -> bool:
     return {"frg": frg and cfg.loss_frg, "ce_fdc": fdc and cfg.loss_ce_fdc, "dist": fdc and cfg.loss_dist,
             "base": fdc, "acc_fdc": fdc, "ce_pc": pc and cfg.loss_ce_pc, "kl_pc": pc and cfg.loss_kl_pc,
             "pc": pc, "total": True}[key]
+
+
+def memory_estimate(data: TrainData, cfgs: list[TrainConfig]) -> tuple[int, int]:
+    """Bytes a group needs: (shared by all its configurations, added by each configuration).
+
+    Shared: the frozen statistics of every training row (features, logits, one-hot labels, and the
+    teacher distributions and indicators per distinct τ). Per configuration: its padded parameters
+    with gradient, mask and optimiser states, and the activations of one step."""
+    n, views, dim = data.full.shape
+    rows, c, b = n * views, len(data.txt_bb), cfgs[0].batch_size
+    taus = len({x.tau for x in cfgs})
+    shared = 4 * rows * (dim + 3 * c + 3 + taus * (3 * c + 9)) + 8 * rows
+    h, g = max(x.fdc_hidden for x in cfgs), max(x.gate_hidden for x in cfgs)
+    layers = cfgs[0].fdc_layers
+    fdc = 2 * (dim * dim + dim) if layers == 1 else 2 * (2 * dim * h + h + dim + (layers - 2) * (h * h + h))
+    params = fdc + 2 * (3 * g + g + g * g + g + g + 1)
+    step = b * (16 * c + 6 * dim + 8 * h) + c * (4 * dim + 4 * h)
+    return shared, 4 * (7 * params + step)
+
+
+def available_memory(device: torch.device) -> int:
+    """Free memory of the device in bytes (CUDA: free device memory; CPU: the kernel's MemAvailable)."""
+    if device.type == "cuda":
+        return int(torch.cuda.mem_get_info(device)[0])
+    try:
+        with open("/proc/meminfo") as fh:
+            for line in fh:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 8 << 30  # no way to ask: assume 8 GiB
+
+
+def split_for_memory(data: TrainData, cfgs: list[TrainConfig], budget: int) -> list[list[TrainConfig]]:
+    """Cut a group into parts that each fit `budget` bytes (at least one configuration per part)."""
+    shared, each = memory_estimate(data, cfgs)
+    room = max(1, (budget - shared) // max(each, 1))
+    return [cfgs[i:i + room] for i in range(0, len(cfgs), room)]
 
 
 def train_group(data: TrainData, cfgs: list[TrainConfig], device: torch.device, progress=None):

@@ -27,12 +27,13 @@ from PIL import Image
 from torch.utils.data import DataLoader
 from torch.utils.data import Dataset as TorchDataset
 
-from .data import SPLITS, Dataset, base_new_split, fewshot_splits
+from .data import SPLITS, Dataset, base_new_split, fewshot_splits, short_classes
 from .datasets import find_mask
 from .device import resolve_device
 from .models import LoadedModel
 from .store import FORMAT, FORMAT_VERSION, CacheError, exclusive_lock, partial_path
 from .views import FG_MODES, NO_BOX, AugmentConfig, Box, ViewMaker, binarize_mask, draw_box, fit_mask, view_generator
+from .workers import worker_init
 
 MISSING_MASK_POLICIES = ("error", "full", "skip")
 BAD_IMAGE_POLICIES = ("error", "skip")
@@ -95,12 +96,14 @@ class ExtractSummary:
     resumed_rows: int
     seconds: float
     images_per_second: float
+    short_classes: dict[str, list[dict]] = field(default_factory=dict)
 
 
 def default_output(dataset: str, model: str, pretrained: str | None, shots: int, seed: int, views: int,
                    root: Path = Path("cache")) -> Path:
     model_tag = Path(model).stem if model.endswith(".json") else model
-    weights = Path(pretrained).stem if pretrained and Path(pretrained).is_file() else (pretrained or "none")
+    is_file = pretrained and ("/" in pretrained or os.sep in pretrained or Path(pretrained).is_file())
+    weights = Path(pretrained).stem if is_file else (pretrained or "none")
     shot_tag = f"shots{shots}" if shots > 0 else "allshots"
     view_tag = f"_views{views}" if views != DEFAULT_TRAIN_VIEWS else ""
     return root / dataset / f"{model_tag}-{weights}" / f"{shot_tag}_seed{seed}{view_tag}.h5"
@@ -229,7 +232,7 @@ def _resolve_masks(dataset: Dataset, samples: dict[str, list], policy: str):
 
 
 def _fingerprint(provenance: dict) -> str:
-    volatile = ("created", "skipped", "full_mask_images", "resized_masks", "policy_runs", *ROW_POLICIES)
+    volatile = ("created", "skipped", "full_mask_images", "resized_masks", "policy_runs", "short_classes", *ROW_POLICIES)
     stable = {k: v for k, v in provenance.items() if k not in volatile}
     return hashlib.sha256(json.dumps(stable, sort_keys=True).encode()).hexdigest()
 
@@ -298,7 +301,8 @@ def run_view_pass(f: h5py.File, splits, dataset_for: Callable[[str, np.ndarray],
         if not len(pending):
             continue
         loader = DataLoader(dataset_for(split, pending), batch_size=batch_size, shuffle=False, num_workers=workers,
-                            collate_fn=_collate, persistent_workers=False)
+                            collate_fn=_collate, persistent_workers=False,
+                            worker_init_fn=worker_init() if workers > 0 else None)
         for items in loader:
             if stop_after_batches is not None and batches >= stop_after_batches:
                 raise KeyboardInterrupt(f"stopped after {batches} batches (simulated interruption)")
@@ -331,6 +335,7 @@ def extract(
     if "{}" not in template:
         raise ValueError(f"template {template!r} must contain '{{}}' where the class name goes")
     samples = fewshot_splits(dataset.splits, options.shots, options.seed)
+    short = short_classes(dataset.splits, options.shots, dataset.classnames)
     rows, full_masks, skipped_missing = _resolve_masks(dataset, samples, options.missing_mask)
     base, new = base_new_split(dataset.num_classes)
     views = {"train": options.train_views, "val": 1, "test": 1}
@@ -359,6 +364,7 @@ def extract(
         "fg_mode": options.fg_mode,
         "template": template,
         "store_dtype": options.store_dtype,
+        "short_classes": short,
         **({"dataset_notes": dataset.extra} if dataset.extra else {}),
     }
     fingerprint = _fingerprint(provenance)
@@ -431,7 +437,7 @@ def extract(
     return ExtractSummary(out=out, counts=counts, skipped=skipped, full_masks=full_masks, resized_masks=resized,
                           empty_masks=empty,
                           resumed_rows=resumed, seconds=seconds,
-                          images_per_second=max(encoded, 0) / seconds if seconds > 0 else 0.0)
+                          images_per_second=max(encoded, 0) / seconds if seconds > 0 else 0.0, short_classes=short)
 
 
 @torch.no_grad()

@@ -207,3 +207,31 @@ def test_paper_preset_end_to_end_prints_each_table_in_the_paper_layout(tmp_path)
     assert body[4][1] == f"{mean_base:.2f}" and body[4][4] == "" and body[4][5] == "2"
     text = CliRunner().invoke(app, ["report", str(tmp_path / "g"), "--format", "markdown"]).output
     assert "### Table 5: gate depth" in text and "| 3 layers |" in text
+
+
+def test_a_group_too_big_for_the_budget_trains_in_parts_with_the_same_results(syn, tmp_path):
+    from fvgpt_cache.engine import memory_estimate
+    from fvgpt_cache.store import open_cache
+    from fvgpt_cache.training import prepare
+
+    runs = expand([syn], [1, 2, 3], parse_params(["lambda_d=1,10"]), FAST)
+    data = prepare(open_cache(syn), runs[0].config)
+    shared, each = memory_estimate(data, [r.config for r in runs])
+    messages = []
+    small = run_grid(runs, tmp_path / "small", memory_budget=shared + 2 * each, log=messages.append)
+    assert "trained in 3 parts" in messages[0] and "MB shared" in messages[0]
+    whole = {r["run_id"]: r for r in run_grid(runs, tmp_path / "whole")}
+    for rec in small:
+        assert rec["metrics"] == whole[rec["run_id"]]["metrics"]
+        _close_histories(rec["history"], whole[rec["run_id"]]["history"], tol=1e-5)
+
+
+def test_training_modules_do_not_import_open_clip_or_torchvision():
+    import subprocess
+    import sys
+
+    code = ("import sys; import fvgpt_cache.training, fvgpt_cache.grids, fvgpt_cache.reports, fvgpt_cache.runs, "
+            "fvgpt_cache.engine; bad = [m for m in ('open_clip', 'torchvision', 'timm', 'fvgpt_cache.extraction') "
+            "if m in sys.modules]; print(bad); sys.exit(1 if bad else 0)")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert done.returncode == 0, done.stdout + done.stderr
