@@ -9,7 +9,7 @@ import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
-from .common import _pct, app, console, err, fail, split_progress
+from .common import _pct, app, console, err, fail, resumable, split_progress
 
 backbone_app = typer.Typer(help="Backbones in the cache: CoOp/KgCoOp prompt learning, official checkpoints "
                                 "(CoOp, KgCoOp, PromptSRC, MMRL), ensembles.",
@@ -116,6 +116,8 @@ def backbone_import(
 ):
     """Import a PromptSRC or MMRL checkpoint: its text features and one pass over every cached view."""
     from fvgpt_cache.backbones import ImportOptions, import_backbone
+
+    resumable()
 
     try:
         layers = None
