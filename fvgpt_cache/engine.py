@@ -112,63 +112,60 @@ def _gate_slots(layout: Layout, depth: int, names: tuple[str, ...], known: tuple
     return [("embed", None)] + [("identity", None)] * (layout.gate_depth - 2) + [("real", 0)], cols
 
 
-def scatter(layout: Layout, k: int, head: FVGPTHead, cfg: TrainConfig, params: dict[str, Tensor],
-            mask: dict[str, Tensor], acts: dict[str, Tensor]) -> None:
-    """Put configuration k's head into the padded stacks; mark its trainable entries in `mask`."""
+def _gates(head: FVGPTHead, cfg: TrainConfig):
+    return (("frg", head.frg, cfg.frg_layers, head.frg_names, FRG_INDICATORS),
+            ("brg", head.brg, cfg.brg_layers, head.brg_names, BRG_INDICATORS))
+
+
+def _placements(layout: Layout, head: FVGPTHead, cfg: TrainConfig):
+    """Where each real parameter of a head sits in the padded stacks: (block, rows, columns or None, parameter)."""
     for module, adapter in (("fdc_img", head.fdc and head.fdc.image), ("fdc_txt", head.fdc and head.fdc.text)):
         for i, lin in enumerate(_linears(adapter.mlp if adapter is not None else None)):
             out, inp = lin.weight.shape
-            params[f"{module}.{i}.w"][k, :out, :inp] = lin.weight.detach()
-            params[f"{module}.{i}.b"][k, :out] = lin.bias.detach()
-            mask[f"{module}.{i}.w"][k, :out, :inp] = 1
-            mask[f"{module}.{i}.b"][k, :out] = 1
-    for module, gate, depth, names, known in (("frg", head.frg, cfg.frg_layers, head.frg_names, FRG_INDICATORS),
-                                             ("brg", head.brg, cfg.brg_layers, head.brg_names, BRG_INDICATORS)):
+            yield f"{module}.{i}.w", out, list(range(inp)), lin.weight
+            yield f"{module}.{i}.b", out, None, lin.bias
+    for module, gate, depth, names, known in _gates(head, cfg):
         if gate is None:
             continue
         lins = _linears(gate.mlp)
         slots, cols = _gate_slots(layout, depth, names, known)
         for i, (kind, j) in enumerate(slots):
-            w, b = params[f"{module}.{i}.w"], params[f"{module}.{i}.b"]
+            if kind == "real":
+                out, inp = lins[j].weight.shape
+                in_cols = cols if i == 0 or slots[0][0] == "embed" else list(range(inp))
+                yield f"{module}.{i}.w", out, in_cols, lins[j].weight
+                yield f"{module}.{i}.b", out, None, lins[j].bias
+
+
+def scatter(layout: Layout, k: int, head: FVGPTHead, cfg: TrainConfig, params: dict[str, Tensor],
+            mask: dict[str, Tensor], acts: dict[str, Tensor]) -> None:
+    """Put configuration k's head into the padded stacks; mark its trainable entries in `mask`; set up
+    the frozen layers (identity, input embedding) and activation switches of a shallower gate."""
+    for name, out, cols, param in _placements(layout, head, cfg):
+        if cols is None:
+            params[name][k, :out] = param.detach()
+            mask[name][k, :out] = 1
+        else:
+            params[name][k, :out][:, cols] = param.detach()
+            mask[name][k, :out][:, cols] = 1
+    for module, gate, depth, names, known in _gates(head, cfg):
+        if gate is None:
+            continue
+        slots, cols = _gate_slots(layout, depth, names, known)
+        for i, (kind, _) in enumerate(slots):
             if i < len(slots) - 1:  # a 1-layer gate (embedding first) is linear: no ReLU anywhere
                 acts[module][k, i] = 0.0 if slots[0][0] == "embed" else 1.0
             if kind == "identity":
-                w[k] = torch.eye(layout.gate_hidden)
-                continue
-            if kind == "embed":
-                w[k, cols, cols] = 1.0
-                continue
-            lin = lins[j]
-            out, inp = lin.weight.shape
-            in_cols = cols if i == 0 or slots[0][0] == "embed" else list(range(inp))
-            w[k, :out][:, in_cols] = lin.weight.detach()
-            b[k, :out] = lin.bias.detach()
-            mask[f"{module}.{i}.w"][k, :out][:, in_cols] = 1
-            mask[f"{module}.{i}.b"][k, :out] = 1
+                params[f"{module}.{i}.w"][k] = torch.eye(layout.gate_hidden)
+            elif kind == "embed":
+                params[f"{module}.{i}.w"][k, cols, cols] = 1.0
 
 
 def gather(layout: Layout, k: int, head: FVGPTHead, cfg: TrainConfig, params: dict[str, Tensor]) -> FVGPTHead:
     """The inverse of `scatter`: configuration k's trained values back into its own head."""
     with torch.no_grad():
-        for module, adapter in (("fdc_img", head.fdc and head.fdc.image), ("fdc_txt", head.fdc and head.fdc.text)):
-            for i, lin in enumerate(_linears(adapter.mlp if adapter is not None else None)):
-                out, inp = lin.weight.shape
-                lin.weight.copy_(params[f"{module}.{i}.w"][k, :out, :inp])
-                lin.bias.copy_(params[f"{module}.{i}.b"][k, :out])
-        for module, gate, depth, names, known in (("frg", head.frg, cfg.frg_layers, head.frg_names, FRG_INDICATORS),
-                                                 ("brg", head.brg, cfg.brg_layers, head.brg_names, BRG_INDICATORS)):
-            if gate is None:
-                continue
-            lins = _linears(gate.mlp)
-            slots, cols = _gate_slots(layout, depth, names, known)
-            for i, (kind, j) in enumerate(slots):
-                if kind != "real":
-                    continue
-                lin = lins[j]
-                out, inp = lin.weight.shape
-                in_cols = cols if i == 0 or slots[0][0] == "embed" else list(range(inp))
-                lin.weight.copy_(params[f"{module}.{i}.w"][k, :out][:, in_cols])
-                lin.bias.copy_(params[f"{module}.{i}.b"][k, :out])
+        for name, out, cols, param in _placements(layout, head, cfg):
+            param.copy_(params[name][k, :out] if cols is None else params[name][k, :out][:, cols])
     return head
 
 
