@@ -53,9 +53,13 @@ def inspect_cache(path: str | Path) -> dict:
                 "skipped": len(prov.get("skipped", {}).get(split, [])),
                 "features": {},
             }
-            for kind, ds in f[f"image/clip/{split}"].items():
-                entry["features"][kind] = {"shape": list(ds.shape), "dtype": str(ds.dtype)}
-                _check_features(ds[()].astype(np.float32), f"image/clip/{split}/{kind}", problems)
+            for encoder in f["image"]:  # clip, and the groups of imported backbones (PromptSRC, MMRL)
+                if split not in f[f"image/{encoder}"]:
+                    continue
+                for kind, ds in f[f"image/{encoder}/{split}"].items():
+                    entry["features"][kind if encoder == "clip" else f"{encoder}/{kind}"] = {
+                        "shape": list(ds.shape), "dtype": str(ds.dtype)}
+                    _check_features(ds[()].astype(np.float32), f"image/{encoder}/{split}/{kind}", problems)
             if labels.size and labels.max() >= len(cache.classnames):
                 problems.append(f"{split} has label {labels.max()} but only {len(cache.classnames)} classes")
             report["splits"][split] = entry

@@ -275,7 +275,7 @@ def write_text_group(path: str | Path, name: str, features: np.ndarray | torch.T
         raise CacheError("the text group 'clip' holds zero-shot CLIP features written by extraction; choose another name")
     feats = torch.as_tensor(features, dtype=torch.float32)
     feats = torch.nn.functional.normalize(feats, dim=-1).numpy()
-    with h5py.File(path, "r+") as f:
+    with exclusive_lock(Path(path)), h5py.File(path, "r+") as f:
         expected = f["text/clip"].shape
         if feats.shape != expected:
             raise CacheError(f"text features for {name!r} have shape {feats.shape}; {path} needs {expected} "

@@ -223,17 +223,13 @@ def test_coop_checkpoint_round_trip(cache_copy, tmp_path, tiny_model):
     assert torch.allclose(open_cache(cache_copy).text("coop_direct"), written, atol=1e-6)
 
 
-class CosineAnnealingLR(torch.optim.lr_scheduler.CosineAnnealingLR):
-    """Stands for Dassl's scheduler classes, pickled by module path like theirs."""
-
-
 def _official(kind: str, ctx: torch.Tensor) -> object:
     prefix = torch.zeros(4, 1, 64, dtype=ctx.dtype)
     suffix = torch.zeros(4, 72, 64, dtype=ctx.dtype)
     if kind == "dassl_fp16":  # CoOp as Dassl saves it: fp16 ctx, token buffers, optimiser and scheduler objects
         p = torch.nn.Parameter(ctx.clone())
         opt = torch.optim.SGD([p], lr=0.002, momentum=0.9)
-        sched = CosineAnnealingLR(opt, 10)
+        sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, 10)  # the successor Dassl's scheduler state holds
         return {"state_dict": collections.OrderedDict(ctx=ctx, token_prefix=prefix, token_suffix=suffix),
                 "epoch": 10, "optimizer": opt.state_dict(),
                 "scheduler": {"successor": sched, "warmup_epoch": 1, "cons_lr": 1e-5}, "val_result": None}
