@@ -361,12 +361,12 @@ class Group:
 
     # -- one step --------------------------------------------------------------------------------
 
-    def step_losses(self, rows: Tensor, weight: Tensor) -> dict[str, Tensor]:
-        """Losses (each (K,)) of one batch of rows (K, B) and their gradients, written into `self.grad`.
+    def step_losses(self, rows: Tensor, weight: Tensor) -> Tensor:
+        """Loss terms (len(TERMS), K) of one batch of rows (K, B); their gradients go into `self.grad`.
 
         `weight` (K, B) holds 1/n for the n real rows of each configuration's batch and 0 for padding
         (a last batch shorter than the others), so every mean over the batch is `(· * weight).sum(-1)`.
-        Returns the unweighted terms; `weighted_terms` combines them into base, pc and total."""
+        Returns the unweighted terms in `TERMS` order; `weighted_terms` combines them into base, pc and total."""
         C = self.n_classes
         x = self.x[rows]  # (K, B, D)
         const = self.const[rows]
@@ -377,7 +377,7 @@ class Group:
         u, v = pack[..., 3 * C + 3:3 * C + 6], pack[..., 3 * C + 6:3 * C + 9]
         r_star, usable = pack[..., 3 * C + 9], pack[..., 3 * C + 10]
         f2, f3 = self.f2, self.f3
-        out: dict[str, Tensor] = {}
+        per_row: dict[str, Tensor] = {}  # the loss terms of every row, averaged over the batch at the end
 
         # FDC (eqs. 7-8)
         a_img, in_img = mlp_forward(x, self.layers["fdc_img"], None)
@@ -391,21 +391,21 @@ class Group:
         z = _times(torch.bmm(f, g.transpose(1, 2)), f3["scale"])
         logp = z.log_softmax(-1)
         logp_y = (logp * onehot).sum(-1)
-        out["ce_fdc"] = -(logp_y * weight).sum(-1)
-        out["acc_fdc"] = torch.where(logp_y >= logp.amax(-1), weight, 0.0).sum(-1)  # a fraction; ×100 per epoch
+        per_row["ce_fdc"] = -logp_y
+        per_row["acc_fdc"] = (logp_y >= logp.amax(-1)).to(logp.dtype)  # a fraction; ×100 per epoch
         logq = (z / f3["tau"]).log_softmax(-1)
 
         # FRG (eqs. 3-6) and the distillation weight r
         q_frg, in_frg = mlp_forward(u, self.layers["frg"], self.acts["frg"])
         q_frg = q_frg.squeeze(-1)
         sig = torch.sigmoid(q_frg)
-        out["frg"] = (F.binary_cross_entropy_with_logits(q_frg, r_star, reduction="none") * weight).sum(-1)
+        per_row["frg"] = F.binary_cross_entropy_with_logits(q_frg, r_star, reduction="none")
         r = _sum_terms(_times(sig, f2["r_a"]), _times(r_star, f2["r_b"]), f2["r_c"], like=sig)
         r = usable * r
         kl_fg = nh_fg - (p_fg * logq).sum(-1)
         kl_full = nh_full - (p_full * logq).sum(-1)
         kl_gap = kl_fg - kl_full
-        out["dist"] = ((kl_full + r * kl_gap) * weight).sum(-1)
+        per_row["dist"] = kl_full + r * kl_gap
 
         # PC with BRG (eqs. 11-15)
         q_brg, in_brg = mlp_forward(v, self.layers["brg"], self.acts["brg"])
@@ -413,8 +413,8 @@ class Group:
         z_pc = z_full + b.unsqueeze(-1) * z_diff
         lp_pc = z_pc.log_softmax(-1)
         lq_pc = (z_pc / f3["tau"]).log_softmax(-1)
-        out["ce_pc"] = -((lp_pc * onehot).sum(-1) * weight).sum(-1)
-        out["kl_pc"] = ((nh_clip - (p_clip * lq_pc).sum(-1)) * weight).sum(-1)
+        per_row["ce_pc"] = -(lp_pc * onehot).sum(-1)
+        per_row["kl_pc"] = nh_clip - (p_clip * lq_pc).sum(-1)
 
         # gradients
         wb = weight.unsqueeze(-1)
@@ -435,7 +435,7 @@ class Group:
         db = (dz_pc * z_diff).sum(-1)
         mlp_backward((db * b * (1 - b)).unsqueeze(-1), self.layers["brg"], in_brg, self.acts["brg"],
                      self.grad_layers["brg"])
-        return out
+        return (torch.stack([per_row[key] for key in TERMS]) * weight).sum(-1)  # (len(TERMS), K)
 
     def weighted_terms(self, terms: dict[str, Tensor]) -> dict[str, Tensor]:
         """base = CE_FDC + λ_frg·L_FRG + λ_d·L_dist, pc = CE_PC + KL_PC, total = base + λ_pc·pc (switched terms
@@ -574,8 +574,7 @@ class Group:
             for j in range(steps):
                 out = self.step_losses(rows[j], weight[j])
                 self.optimizer_step(None if all_active else active[j])
-                terms = torch.stack([out[key] for key in TERMS])
-                sums += terms if all_active else terms * active[j]
+                sums += out if all_active else out * active[j]
             terms = dict(zip(TERMS, sums / active.sum(0).clamp_min(1)))
             terms["acc_fdc"] = terms["acc_fdc"] * 100
             means = {k: v.tolist() for k, v in {**terms, **self.weighted_terms(terms)}.items()}
