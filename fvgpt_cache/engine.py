@@ -39,6 +39,7 @@ from .training import (
 # fields that must be equal inside one group (besides the cache); all others may differ
 GROUP_FIELDS = ("backbone", "classes", "batch_size", "device", "fdc_layers")
 TERMS = ("frg", "ce_fdc", "dist", "acc_fdc", "ce_pc", "kl_pc")
+SMALL_STEP_FLOPS = 2e8  # a step below this trains single-threaded on the CPU (see Group.train)
 HISTORY_KEYS = ("frg", "ce_fdc", "dist", "base", "acc_fdc", "ce_pc", "kl_pc", "pc", "total")
 BETAS, ADAM_EPS = (0.9, 0.999), 1e-8
 
@@ -538,8 +539,26 @@ class Group:
 
     # -- the loop ---------------------------------------------------------------------------------
 
+    def step_flops(self) -> float:
+        """Multiply-adds ×2 of the matrix products of one step (all configurations)."""
+        d, h, c, b = self.layout.dim, self.layout.fdc_hidden, len(self.data.txt_bb), self.cfgs[0].batch_size
+        return self.k * (10 * (c + b) * d * h + 6 * b * c * d)
+
     def train(self, progress=None) -> list[tuple[FVGPTHead, list[dict], np.ndarray]]:
-        """Train every configuration; returns (head, per-epoch history, training image indices) for each."""
+        """Train every configuration; returns (head, per-epoch history, training image indices) for each.
+
+        On the CPU a group whose step is small (under SMALL_STEP_FLOPS) trains on one intra-op
+        thread: more threads only add synchronisation to its many small operations, and on a busy
+        machine a descheduled thread stalls every parallel region (we saw 20× slower steps)."""
+        threads = torch.get_num_threads()
+        if self.device.type == "cpu" and self.step_flops() < SMALL_STEP_FLOPS:
+            torch.set_num_threads(1)
+        try:
+            return self._train(progress)
+        finally:
+            torch.set_num_threads(threads)
+
+    def _train(self, progress=None) -> list[tuple[FVGPTHead, list[dict], np.ndarray]]:
         data, cfgs, K = self.data, self.cfgs, self.k
         n, views = data.full.shape[:2]
         labels = data.y.numpy()
