@@ -15,7 +15,10 @@ from .common import app, console, err, fail
 def grid(
     caches: list[Path] = typer.Argument(..., help="One or more caches (shell globs work: cache/*/*.h5)."),
     param: list[str] = typer.Option([], "--param", help="NAME=V1,V2,… ; the grid is the Cartesian product."),
-    preset: Optional[str] = typer.Option(None, help="components|losses|indicators|depth|width|lambda|data-fraction|fdc-branches|epochs"),
+    preset: Optional[str] = typer.Option(None, help="components|losses|indicators|depth|width|lambda|data-fraction|"
+                                                    "fdc-branches|epochs|foreground-control"),
+    preset_of: str = typer.Option("auto", help="Training preset per cache: auto (from the backbone's method and the "
+                                               "dataset), none, or coop|kgcoop|promptsrc|mmrl|clip."),
     grid_file: Optional[Path] = typer.Option(None, "--grid-file", help="TOML with [params], optional [base], seeds, preset."),
     seeds: str = typer.Option("1", help="Comma-separated seeds, e.g. 1,2,3."),
     settings: list[str] = typer.Option([], "--set", help="Fixed TrainConfig field for every run, KEY=VALUE."),
@@ -28,7 +31,7 @@ def grid(
 ):
     """Train a grid of FVG-PT configurations over caches and seeds, batched across configurations."""
     from fvgpt_cache.grids import expand, parse_params, read_grid_file, run_grid
-    from fvgpt_cache.training import TrainConfig, config_with, parse_value
+    from fvgpt_cache.training import parse_value
 
     try:
         params, base = {}, {}
@@ -42,10 +45,15 @@ def grid(
         for item in settings:
             key, _, value = item.partition("=")
             base[key.strip()] = parse_value(key.strip(), value)
-        runs = expand(caches, seed_list, params, config_with(TrainConfig(device=device), **base), preset)
+        runs = expand(caches, seed_list, params, {"device": device, **base}, preset, preset_of)
     except (ValueError, FileNotFoundError) as exc:
         fail(str(exc))
     console.print(f"{len(runs)} runs ({len(caches)} cache(s) × {len(seed_list)} seed(s) × configurations) → {out}/results.jsonl")
+    used = sorted({(r.preset or {}).get("preset", {}).get("name", "none") if (r.preset or {}).get("preset") else "none"
+                   for r in runs})
+    console.print(f"training preset(s): {', '.join(used)}")
+    for w in sorted({w for r in runs for w in (r.preset or {}).get("warnings", [])}):
+        err.print(f"[bold yellow]warning:[/] {w}")
     try:
         with Progress(TextColumn("grid"), BarColumn(), MofNCompleteColumn(), TextColumn("runs"), TimeRemainingColumn(),
                       console=err) as bar:

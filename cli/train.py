@@ -12,6 +12,40 @@ from rich.table import Table
 from .common import _pct, app, console, err, fail
 
 
+def _num(x, fmt: str = ".2f") -> str:
+    return "-" if x is None else format(x, fmt)
+
+
+def print_preset(record: dict) -> None:
+    preset = record.get("preset") or {}
+    p = preset.get("preset")
+    if p:
+        changed = f"; you overrode {', '.join(preset['overridden'])}" if preset.get("overridden") else ""
+        console.print(f"preset [bold]{p['name']}[/] ({p['source']}){changed}")
+    elif preset.get("preset_of") == "none":
+        console.print("preset none: the plain defaults")
+    for w in record.get("warnings") or []:
+        err.print(f"[bold yellow]warning:[/] {w}")
+
+
+def print_diagnostics(record: dict) -> None:
+    """The gates' behaviour and the stability check, one short line each."""
+    d = record.get("diagnostics") or {}
+    tr, te = d.get("train") or {}, d.get("test_base") or {}
+    if tr.get("r_mean") is not None:
+        flat = "" if d.get("frg_learned") in (True, None) else "  [bold yellow]FRG learned nothing (AUC ≈ 0.5)[/]"
+        console.print(f"FRG train: r*=1 {_num(tr['r_star_share'])}, mean r {_num(tr['r_mean'])}, "
+                      f"AUC {_num(tr['frg_auc'])}, area-cut {_num(tr['area_cut_share'])}; "
+                      f"test AUC {_num(te.get('frg_auc'))}{flat}")
+    if d.get("b_mean_base") is not None or d.get("b_mean_new") is not None:
+        console.print(f"BRG mean b: base {_num(d.get('b_mean_base'))}, new {_num(d.get('b_mean_new'))}")
+    st = record.get("stability") or {}
+    if st.get("collapsed"):
+        console.print(f"[bold red]collapsed:[/] FDC train acc {st['acc_fdc_first']:.1f} → {st['acc_fdc_last']:.1f}%, "
+                      f"CE {_num(st.get('ce_fdc_first'), '.3f')} → {_num(st.get('ce_fdc_last'), '.3f')} "
+                      f"({st['reason']}); see the README on stability")
+
+
 def print_results(record: dict) -> None:
     m = record["metrics"]
     all_classes = record["config"]["classes"] == "all"
@@ -41,6 +75,7 @@ def print_results(record: dict) -> None:
         for t in record["cross_dataset"]:
             cross.add_row(str(t["dataset"]), str(t["test_images"]), _pct(t["zeroshot"]), _pct(t["backbone"]), _pct(t["fvgpt"]))
         console.print(cross)
+    print_diagnostics(record)
     sec = record["seconds"]
     console.print(f"{record['head_parameters']:,} head parameters · {record['train_images']} training images × "
                   f"{record['views']} views · trained in {sec['train']:.2f}s · run folder {record['run_dir']}")
@@ -51,10 +86,13 @@ def train(
     cache: Path = typer.Argument(..., help="Cache written by `fvgpt-cache extract`."),
     backbone: Optional[str] = typer.Option(None, help="Text-feature group to build on (clip = zero-shot CLIP); default: the only tuned one."),
     classes: str = typer.Option("base", help="base (base-to-new protocol) or all (cross-dataset source)."),
-    lambda_d: float = typer.Option(10.0, "--lambda-d", help="Weight of the distillation loss λ_d."),
-    epochs: int = typer.Option(10),
-    batch_size: int = typer.Option(4),
-    lr: float = typer.Option(0.0035),
+    preset_of: str = typer.Option("auto", help="Training preset: auto (from the backbone's method and the dataset), "
+                                               "none (plain defaults), or coop|kgcoop|promptsrc|mmrl|clip."),
+    lambda_d: Optional[float] = typer.Option(None, "--lambda-d", help="Weight λ_d of the distillation loss [preset; 10]."),
+    lambda_new: Optional[float] = typer.Option(None, "--lambda-new", help="Weight λ_pc of the PC loss (the release's --lambda_new) [1]."),
+    epochs: Optional[int] = typer.Option(None, help="[preset; 10]"),
+    batch_size: Optional[int] = typer.Option(None, help="[preset; 4]"),
+    lr: Optional[float] = typer.Option(None, help="[preset; 0.0035]"),
     seed: int = typer.Option(1, help="Seeds head initialisation, shuffling and view choice."),
     frg: bool = typer.Option(True, "--frg/--no-frg", help="Foreground Reliability Gate."),
     fdc: bool = typer.Option(True, "--fdc/--no-fdc", help="Foreground Distillation Compensation (base branch)."),
@@ -70,33 +108,41 @@ def train(
     out: Optional[Path] = typer.Option(None, help="Run folder (default: cache/runs/<cache>-<backbone>-seed<S>-<id>)."),
     as_json: bool = typer.Option(False, "--json", help="Print the results JSON instead of the table."),
 ):
-    """Train the FVG-PT heads on base classes from a cache and evaluate Base/New/HM."""
+    """Train the FVG-PT heads on base classes from a cache and evaluate Base/New/HM.
+
+    Settings come from the TrainConfig defaults, then the backbone's preset (the release's config for
+    CoOp, KgCoOp, PromptSRC, MMRL; EuroSAT and cross-dataset variants), then what you pass here.
+    """
     from fvgpt_cache.runs import run_training
-    from fvgpt_cache.training import TrainConfig, config_with, parse_value
+    from fvgpt_cache.store import open_cache
+    from fvgpt_cache.training import configure, parse_value
 
     try:
-        overrides = {}
+        overrides = {"classes": classes, "seed": seed, "device": device}
+        explicit = {"backbone": backbone, "lambda_d": lambda_d, "lambda_pc": lambda_new, "epochs": epochs,
+                    "batch_size": batch_size, "lr": lr}
+        overrides.update({k: v for k, v in explicit.items() if v is not None})
+        switches = {"use_frg": frg, "use_fdc": fdc, "use_pc": pc, "loss_frg": loss_frg, "loss_dist": loss_dist,
+                    "loss_ce_fdc": loss_ce_fdc, "loss_ce_pc": loss_ce_pc, "loss_kl_pc": loss_kl_pc}
+        overrides.update({k: v for k, v in switches.items() if not v})
         for item in settings:
             if "=" not in item:
                 fail(f"--set {item!r}: write KEY=VALUE")
             key, value = item.split("=", 1)
             overrides[key.strip()] = parse_value(key.strip(), value)
-        cfg = config_with(TrainConfig(
-            backbone=backbone, classes=classes, lambda_d=lambda_d, epochs=epochs, batch_size=batch_size, lr=lr,
-            seed=seed, use_frg=frg, use_fdc=fdc, use_pc=pc, loss_frg=loss_frg, loss_dist=loss_dist,
-            loss_ce_fdc=loss_ce_fdc, loss_ce_pc=loss_ce_pc, loss_kl_pc=loss_kl_pc, device=device), **overrides)
+        cfg, preset = configure(open_cache(cache), overrides, preset_of)
         if as_json:
-            record = run_training(cache, cfg, out, eval_cache)
+            record = run_training(cache, cfg, out, eval_cache, preset=preset)
         else:
             with Progress(TextColumn("train"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[loss]}"),
                           TimeRemainingColumn(), console=err, transient=True) as bar:
                 task = bar.add_task("train", total=cfg.epochs, loss="")
-                record = run_training(cache, cfg, out, eval_cache, progress=lambda e, n, h: bar.update(
+                record = run_training(cache, cfg, out, eval_cache, preset=preset, progress=lambda e, n, h: bar.update(
                     task, completed=e, loss=f"loss {h.get('total', 0):.3f}"))
     except (ValueError, FileNotFoundError, RuntimeError) as exc:
         fail(str(exc))
     if as_json:
         print(json.dumps(record, indent=1))
     else:
+        print_preset(record)
         print_results(record)
-

@@ -10,7 +10,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .heads import FVGPTHead, backbone_logits, clip_logits, foreground_shift, harmonic_mean
+from .heads import FVGPTHead, backbone_logits, clip_logits, foreground_shift, harmonic_mean, roc_auc
 from .store import Cache, CacheError
 from .training import ZERO_SHOT, backbone_image_encoder, backbone_images
 
@@ -38,6 +38,7 @@ class EvalSet:
         self.full = backbone_images(cache, backbone, "test", "full", "base")[:, 0]
         self.fg = backbone_images(cache, backbone, "test", "fg", "base")[:, 0]
         self.full_new = backbone_images(cache, backbone, "test", "full", "new")[:, 0]
+        self.area = cache.areas("test")[:, 0]
         self.clip = self.full_new if encoder == "clip" else F.normalize(cache.image("test", "full", "clip")[:, 0], dim=-1)
         self.txt_bb, self.txt_clip = cache.text(backbone), cache.text(ZERO_SHOT)
         if self.txt_bb.shape != self.txt_clip.shape:
@@ -110,3 +111,45 @@ def evaluate_transfer(head: FVGPTHead, target: Cache, backbone: str) -> dict:
         )
     s = _scores(head, EvalSet(target, backbone), np.arange(len(target.classnames)), "new")
     return {"dataset": target.provenance.get("dataset"), "cache": str(target.path), "test_images": s.pop("n"), **s}
+
+
+AUC_FLAT = 0.05  # |AUC − 0.5| below this: the gate did not learn to tell r* = 1 from r* = 0
+
+
+def gate_summary(r: torch.Tensor | None, r_star: torch.Tensor, usable: torch.Tensor) -> dict:
+    """What FRG learned on a set of views: share of r* = 1, mean r, AUC of r against r* and the share
+    of views the area gate cuts. The AUC is taken on the views the area gate keeps (on cut views
+    r* = 0 by rule and the gate sees A(m), so they would only measure the rule); `frg_auc_all` on all."""
+    keep = usable > 0.5
+    out = {"views": int(r_star.numel()), "r_star_share": float(r_star.float().mean()) if r_star.numel() else None,
+           "area_cut_share": float(1 - usable.float().mean()) if usable.numel() else None,
+           "r_mean": None, "frg_auc": None, "frg_auc_all": None}
+    if r is not None and r.numel():
+        out.update(r_mean=float(r.mean()), frg_auc=roc_auc(r[keep], r_star[keep]), frg_auc_all=roc_auc(r, r_star))
+    return out
+
+
+@torch.no_grad()
+def gate_diagnostics(head: FVGPTHead, data, cache: Cache, backbone: str, classes: str = "base") -> dict:
+    """What the gates learned: FRG on the training views used for training (`data`, a TrainData) and on
+    base test images; BRG's mean b on base and on new test images."""
+    views = data.full.shape[1]
+    aug = slice(1, None) if views > 1 else slice(0, 1)
+    flat = lambda t: t[:, aug].flatten(0, 1)  # noqa: E731
+    n_aug = data.full[:, aug].shape[1]
+    train = head.frozen(flat(data.full), flat(data.fg), flat(data.clip), flat(data.area),
+                        data.y.repeat_interleave(n_aug), data.txt_bb, data.txt_clip, data.scale)
+    out = {"train": gate_summary(head.gates(train).get("r"), train["r_star"], train["usable"])}
+    ts = EvalSet(cache, backbone)
+    base_ids = cache.base if classes == "base" else np.arange(len(cache.classnames))
+    rows, y, txt_bb, txt_clip = ts.subset(base_ids)
+    test = head.frozen(ts.full[rows], ts.fg[rows], ts.clip[rows], ts.area[rows], y, txt_bb, txt_clip, ts.scale)
+    gates = head.gates(test)
+    out["test_base"] = gate_summary(gates.get("r"), test["r_star"], test["usable"])
+    for name, ids in (("base", base_ids), ("new", cache.new if classes == "base" else np.zeros(0, dtype=np.int64))):
+        rows, _, txt_bb, txt_clip = ts.subset(ids)
+        b = head.new_gate(ts.full_new[rows], ts.clip[rows], txt_bb, txt_clip, ts.scale)[2] if rows.any() else None
+        out[f"b_mean_{name}"] = float(b.mean()) if b is not None and b.numel() else None
+    auc = out["train"]["frg_auc"]
+    out["frg_learned"] = None if auc is None else abs(auc - 0.5) >= AUC_FLAT
+    return out

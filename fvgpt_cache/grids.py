@@ -24,8 +24,8 @@ from torch.func import functional_call, vmap
 from .runs import finish_run, run_id
 from .store import check_same_model, open_cache
 from .training import (
-    TrainConfig, TrainData, build_head, config_with, epoch_batches, lr_at_epoch, make_optimizer, parse_value,
-    prepare, resolve_device, subsample_per_class,
+    TrainConfig, TrainData, build_head, config_with, configure, epoch_batches, lr_at_epoch, make_optimizer, parse_value,
+    prepare, resolve_device, subsample_per_class, view_schedule,
 )
 
 if sys.version_info >= (3, 11):
@@ -62,6 +62,8 @@ PRESETS: dict[str, list[dict]] = {
     "fdc-branches": [{"fdc_textual": True}, {"fdc_textual": False}],
     # Table 15
     "epochs": [{"epochs": e} for e in (10, 15, 20)],
+    # is a gain the foreground's or the anchoring to the backbone's? r from FRG, always 0 (full view), always 1
+    "foreground-control": [{}, {"r_source": "full"}, {"r_source": "fg"}],
 }
 
 
@@ -71,6 +73,7 @@ class GridRun:
     config: TrainConfig
     params: dict
     run_id: str
+    preset: dict | None = None
 
 
 def parse_params(items: list[str]) -> dict[str, list]:
@@ -110,24 +113,31 @@ def _toml_text(value) -> str:
     return str(value)
 
 
-def expand(caches: list[Path], seeds: list[int], params: dict[str, list], base: TrainConfig,
-           preset: str | None = None) -> list[GridRun]:
-    """Every (cache, seed, preset variant, parameter combination); all validated before any training."""
+def expand(caches: list[Path], seeds: list[int], params: dict[str, list], base: dict | TrainConfig | None = None,
+           preset: str | None = None, preset_of: str = "auto") -> list[GridRun]:
+    """Every (cache, seed, preset variant, parameter combination); all validated before any training.
+
+    Each configuration is `training.configure`d on its cache: TrainConfig defaults < the backbone's
+    training preset (`preset_of`) < `base` (fixed settings; a TrainConfig counts as all set) < the
+    grid's variant and parameters.
+    """
     if preset is not None and preset not in PRESETS:
         raise ValueError(f"unknown preset {preset!r}; presets: {', '.join(PRESETS)}")
+    base = base.to_dict() if isinstance(base, TrainConfig) else dict(base or {})
     variants = PRESETS[preset] if preset else [{}]
     names = list(params)
     runs, seen = [], set()
-    for cache in caches:
+    for cache_path in caches:
+        cache = open_cache(cache_path)
         for seed in seeds:
             for variant in variants:
                 for combo in itertools.product(*(params[n] for n in names)):
                     chosen = {**variant, **dict(zip(names, combo))}
-                    cfg = config_with(base, seed=seed, **chosen)
-                    rid = run_id(Path(cache), cfg)
+                    cfg, info = configure(cache, {**base, **chosen, "seed": seed}, preset_of)
+                    rid = run_id(Path(cache_path), cfg)
                     if rid not in seen:
                         seen.add(rid)
-                        runs.append(GridRun(Path(cache), cfg, _jsonable(chosen), rid))
+                        runs.append(GridRun(Path(cache_path), cfg, _jsonable(chosen), rid, info))
     return runs
 
 
@@ -200,16 +210,17 @@ def train_group(data: TrainData, cfgs: list[TrainConfig], labels: np.ndarray) ->
     forward = vmap(loss_fn, in_dims=(0, 0, 0))
     lambdas = torch.tensor([c.lambda_d for c in cfgs], dtype=torch.float32, device=device)
     gens = [torch.Generator().manual_seed(c.seed) for c in cfgs]
+    schedules = [view_schedule(n, views, c.epochs, c.seed) for c in cfgs]
     histories: list[list[dict]] = [[] for _ in cfgs]
     for epoch in range(ref.epochs):
         lr = lr_at_epoch(epoch, ref)
         if optimizer is not None:
             for group in optimizer.param_groups:
                 group["lr"] = lr
-        per_config = [epoch_batches(n, views, c, g) for c, g in zip(cfgs, gens)]
+        per_config = [epoch_batches(n, c, g) for c, g in zip(cfgs, gens)]
         totals: dict[str, torch.Tensor] = {}
         for step in range(len(per_config[0])):
-            rows = torch.stack([(subsets[i][per_config[i][step][0]] * views + per_config[i][step][1])
+            rows = torch.stack([subsets[i][per_config[i][step]] * views + schedules[i][epoch, per_config[i][step]]
                                 for i in range(k)]).to(device)
             losses = forward(params, {key: v[rows] for key, v in frozen.items()}, lambdas)
             if optimizer is not None and losses["total"].requires_grad:
@@ -263,7 +274,7 @@ def run_grid(runs: list[GridRun], out_dir: Path, *, resume: bool = True, batched
             for m, cfg, (head, history) in zip(members, cfgs, trained):
                 run_data = data if cfg.data_fraction >= 1 else prepare(cache, cfg)
                 record = finish_run(cache, cfg, run_data, head, history, seconds, targets,
-                                    out_dir / "runs" / m.run_id, save=save_heads)
+                                    out_dir / "runs" / m.run_id, save=save_heads, preset=m.preset)
                 record["run_id"] = m.run_id
                 record["params"] = m.params
                 fh.write(json.dumps(record) + "\n")

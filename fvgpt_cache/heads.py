@@ -27,6 +27,7 @@ EPS = 1e-12
 FRG_INDICATORS = ("dH", "cos", "area")
 BRG_INDICATORS = ("H_bb", "H_clip", "cos")
 R_WITHOUT_FRG = ("one", "target", "half")
+R_SOURCES = ("frg", "full", "fg")
 LAYER_CHOICES = (1, 2, 3)
 
 
@@ -67,11 +68,47 @@ def kl_div(p: Tensor, q: Tensor) -> Tensor:
     return _kl_from_log(p, q.clamp_min(EPS).log())
 
 
-def frg_target(z_full: Tensor, z_fg: Tensor, y: Tensor) -> Tensor:
-    """FRG target (eq. 3): `r* = 1[CE(z_fg, y) < CE(z_full, y)]` as float, shape (B,)."""
+def frg_target(z_full: Tensor, z_fg: Tensor, y: Tensor, margin: float = 0.0) -> Tensor:
+    """FRG target (eq. 3 with the release's margin δ): `r* = 1[CE(z_fg, y) + δ < CE(z_full, y)]`, shape (B,)."""
     ce_full = F.cross_entropy(z_full, y, reduction="none")
     ce_fg = F.cross_entropy(z_fg, y, reduction="none")
-    return (ce_fg < ce_full).to(z_full.dtype)
+    return (ce_fg + margin < ce_full).to(z_full.dtype)
+
+
+def usable_foreground(area: Tensor, area_min: float = 0.02, area_max: float = 0.98) -> Tensor:
+    """The area gate: 1 where `area_min ≤ A(m) ≤ area_max` (a usable foreground view), else 0; shape (B,).
+
+    Our reading of the release's `RDBOOST_AREA_MIN/MAX`: outside the range r* = 0 and r = 0 in L_dist.
+    """
+    area = area.reshape(-1)
+    return ((area >= area_min) & (area <= area_max)).to(area.dtype)
+
+
+def roc_auc(scores: Tensor, labels: Tensor) -> float | None:
+    """Area under the ROC curve of `scores` against binary `labels` (ties count one half); None if one class is absent."""
+    scores, labels = scores.reshape(-1).double(), labels.reshape(-1) > 0.5
+    n_pos, n_neg = int(labels.sum()), int((~labels).sum())
+    if n_pos == 0 or n_neg == 0:
+        return None
+    pos, neg = scores[labels], scores[~labels]
+    greater = (pos[:, None] > neg[None, :]).double().sum() if pos.numel() * neg.numel() <= 4_000_000 else None
+    if greater is None:  # rank formula (average ranks for ties) when the pairwise table would be large
+        order = torch.cat([pos, neg])
+        ranks = _average_ranks(order)
+        return float((ranks[: pos.numel()].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
+    ties = (pos[:, None] == neg[None, :]).double().sum()
+    return float((greater + 0.5 * ties) / (n_pos * n_neg))
+
+
+def _average_ranks(x: Tensor) -> Tensor:
+    sorted_x, order = torch.sort(x)
+    ranks = torch.empty_like(x)
+    ranks[order] = torch.arange(1, x.numel() + 1, dtype=x.dtype)
+    unique, inverse = torch.unique_consecutive(sorted_x, return_inverse=True)
+    sums = torch.zeros(unique.numel(), dtype=x.dtype).index_add_(0, inverse, ranks[order])
+    counts = torch.zeros(unique.numel(), dtype=x.dtype).index_add_(0, inverse, torch.ones_like(x))
+    ranks[order] = (sums / counts)[inverse]
+    return ranks
 
 
 def _check_names(use: Sequence[str], known: tuple[str, ...], what: str) -> tuple[str, ...]:
@@ -200,19 +237,24 @@ class GateMLP(nn.Module):
 class Adapter(nn.Module):
     """Residual bottleneck adapter (eq. 7): `n(x + MLP(x))`; `enabled=False` is `n(x)`, no parameters.
 
-    `zero_init` zeroes the last layer so training starts at `n(x)` (Houlsby-style); the paper
-    does not say how its adapters are initialised, so the default is PyTorch's."""
+    The adapter starts near the identity as in the release (`RDBOOST_FDC_INIT_SCALE`): the last
+    layer's weight is PyTorch's default initialisation multiplied by `init_scale` and its bias is
+    zero; `init_scale=0` is an exact zero init (training starts at `n(x)`). Earlier layers keep
+    PyTorch's default initialisation."""
 
     def __init__(self, dim: int, hidden: int = 64, layers: int = 2, enabled: bool = True,
-                 zero_init: bool = False):
+                 init_scale: float = 1e-3):
         super().__init__()
         if not isinstance(dim, int) or dim < 1:
             raise ValueError(f"adapter dim={dim!r}; pass the feature width D (e.g. 512 for ViT-B/16)")
         _check_layers(layers, hidden, "adapter")
+        if not init_scale >= 0:
+            raise ValueError(f"adapter init_scale={init_scale!r}; use a scale ≥ 0 (release: 1e-3; 0 = zero init)")
         self.mlp = _mlp(dim, hidden, dim, layers) if enabled else None
-        if self.mlp is not None and zero_init:
-            nn.init.zeros_(self.mlp[-1].weight)
-            nn.init.zeros_(self.mlp[-1].bias)
+        if self.mlp is not None:
+            with torch.no_grad():
+                self.mlp[-1].weight.mul_(init_scale)
+                self.mlp[-1].bias.zero_()
 
     @property
     def enabled(self) -> bool:
@@ -228,10 +270,10 @@ class FDC(nn.Module):
     `visual` / `textual` switch each adapter (Table 13); `use_scale` (D1) multiplies z_FDC by s."""
 
     def __init__(self, dim: int, hidden: int = 64, layers: int = 2, visual: bool = True,
-                 textual: bool = True, use_scale: bool = True, zero_init: bool = False):
+                 textual: bool = True, use_scale: bool = True, init_scale: float = 1e-3):
         super().__init__()
-        self.image = Adapter(dim, hidden, layers, enabled=visual, zero_init=zero_init)
-        self.text = Adapter(dim, hidden, layers, enabled=textual, zero_init=zero_init)
+        self.image = Adapter(dim, hidden, layers, enabled=visual, init_scale=init_scale)
+        self.text = Adapter(dim, hidden, layers, enabled=textual, init_scale=init_scale)
         self.use_scale = use_scale
 
     def forward(self, img: Tensor, txt: Tensor, scale: float | Tensor) -> Tensor:
@@ -246,9 +288,12 @@ class FVGPTHead(nn.Module):
     Submodules `frg`, `fdc`, `brg` are None when switched off. `frg` exists only together with
     `fdc`, since nothing but the FDC distillation reads r. FDC+FRG and BRG share no parameters.
 
-    Without FRG (`use_frg=False`, Table 3 row 4) the distillation weight r is `r_without_frg`:
-    "one" (default: distil towards the foreground view only), "target" (the hard target r*),
-    or "half" (equal weights for p_fg and p_full).
+    The distillation weight r of a view (eq. 9) comes from `r_source`: "frg" (the gate, default),
+    "full" (r = 0: always distil towards the full view, the control for "is it the foreground or
+    the anchoring?") or "fg" (r = 1). Without FRG and with `r_source="frg"`, r is
+    `r_without_frg`: "one" (distil towards the foreground view), "target" (the hard target r*) or
+    "half". Whatever the source, a view outside the area gate `[area_min, area_max]` has r = 0 and
+    r* = 0 (not a usable foreground view); `area_min=0, area_max=1` turns the gate off.
 
     Backbone and CLIP features are frozen inputs: all logits derived from them, the indicators,
     r* and the teacher distributions are computed under `torch.no_grad()` (D4). Inputs are
@@ -262,18 +307,26 @@ class FVGPTHead(nn.Module):
                  use_frg: bool = True, use_fdc: bool = True, use_pc: bool = True,
                  fdc_visual: bool = True, fdc_textual: bool = True, tau: float = 2.0,
                  use_scale: bool = True, detach_r: bool = True, r_without_frg: str = "one",
-                 fdc_zero_init: bool = False):
+                 fdc_init_scale: float = 1e-3, r_source: str = "frg", frg_margin: float = 0.0,
+                 area_min: float = 0.02, area_max: float = 0.98):
         super().__init__()
         if r_without_frg not in R_WITHOUT_FRG:
             raise ValueError(f"r_without_frg={r_without_frg!r}; choose one of {list(R_WITHOUT_FRG)}")
+        if r_source not in R_SOURCES:
+            raise ValueError(f"r_source={r_source!r}; choose one of {list(R_SOURCES)}")
         if not tau > 0:
             raise ValueError(f"tau={tau!r}; the distillation temperature must be positive (paper: 2.0)")
+        if not 0 <= area_min <= area_max <= 1:
+            raise ValueError(f"area gate [{area_min}, {area_max}]: use 0 ≤ area_min ≤ area_max ≤ 1 (release: 0.02, 0.98)")
         self.frg_names = _check_names(frg_indicators, FRG_INDICATORS, "FRG")
         self.brg_names = _check_names(brg_indicators, BRG_INDICATORS, "BRG")
         self.tau = float(tau)
         self.detach_r = detach_r
         self.r_without_frg = r_without_frg
-        self.fdc = (FDC(dim, fdc_hidden, fdc_layers, fdc_visual, fdc_textual, use_scale, fdc_zero_init)
+        self.r_source = r_source
+        self.frg_margin = float(frg_margin)
+        self.area_range = (float(area_min), float(area_max))
+        self.fdc = (FDC(dim, fdc_hidden, fdc_layers, fdc_visual, fdc_textual, use_scale, fdc_init_scale)
                     if use_fdc else None)
         self.frg = GateMLP(len(self.frg_names), gate_hidden, frg_layers) if use_fdc and use_frg else None
         self.brg = GateMLP(len(self.brg_names), gate_hidden, brg_layers) if use_pc else None
@@ -298,10 +351,12 @@ class FVGPTHead(nn.Module):
             z_full = backbone_logits(img_bb, txt_bb, scale)
             z_fg = backbone_logits(img_bb_fg, txt_bb, scale)
             z_clip = clip_logits(img_clip, txt_clip, scale)
+            usable = usable_foreground(area, *self.area_range)
             out = {
                 "img_bb": img_bb, "y": y, "z_full": z_full, "z_clip": z_clip,
                 "p_full": (z_full / self.tau).softmax(-1), "p_fg": (z_fg / self.tau).softmax(-1),
-                "p_clip": (z_clip / self.tau).softmax(-1), "r_star": frg_target(z_full, z_fg, y),
+                "p_clip": (z_clip / self.tau).softmax(-1), "usable": usable,
+                "r_star": frg_target(z_full, z_fg, y, self.frg_margin) * usable,
                 "v": brg_indicators(z_full, z_clip, self.tau, self.brg_names),
             }
             if self.frg is not None:
@@ -310,54 +365,65 @@ class FVGPTHead(nn.Module):
 
     def losses(self, img_bb: Tensor, img_bb_fg: Tensor, img_clip: Tensor, area: Tensor, y: Tensor,
                txt_bb: Tensor, txt_clip: Tensor, scale: float | Tensor, lambda_d: float = 10.0,
-               **flags: bool) -> dict[str, Tensor]:
+               **kwargs) -> dict[str, Tensor]:
         """Training losses on one batch of base-class samples (eqs. 3–15).
 
-        img_bb, img_bb_fg: backbone features of the full image and its foreground view (B, D);
+        img_bb, img_bb_fg: backbone image vectors of the full image and its foreground view (B, D);
         img_clip: zero-shot CLIP features of the full image (B, D); area: A(m) (B,);
         y: labels (B,) indexing the rows of txt_bb / txt_clip, the base-class text features (Cb, D).
-        `flags` are those of `losses_from`.
+        Other keyword arguments are those of `losses_from`.
         """
         frozen = self.frozen(img_bb, img_bb_fg, img_clip, area, y, txt_bb, txt_clip, scale)
-        return self.losses_from(frozen, txt_bb, scale, lambda_d, **flags)
+        return self.losses_from(frozen, txt_bb, scale, lambda_d, **kwargs)
+
+    def distill_weight(self, frozen: dict[str, Tensor], q: Tensor | None) -> Tensor:
+        """r of eq. 9 for each sample (see the class docstring), zero outside the area gate."""
+        r_star = frozen["r_star"]
+        if self.r_source == "full":
+            r = torch.zeros_like(r_star)
+        elif self.r_source == "fg":
+            r = torch.ones_like(r_star)
+        elif q is not None:
+            r = torch.sigmoid(q)
+        else:
+            r = {"one": torch.ones_like(r_star), "target": r_star,
+                 "half": torch.full_like(r_star, 0.5)}[self.r_without_frg]
+        return r * frozen["usable"]
 
     def losses_from(self, frozen: dict[str, Tensor], txt_bb: Tensor, scale: float | Tensor,
-                    lambda_d: float = 10.0, *, loss_frg: bool = True, loss_dist: bool = True,
-                    loss_ce_fdc: bool = True, loss_ce_pc: bool = True,
-                    loss_kl_pc: bool = True) -> dict[str, Tensor]:
+                    lambda_d: float = 10.0, *, lambda_frg: float = 1.0, lambda_pc: float = 1.0,
+                    loss_frg: bool = True, loss_dist: bool = True, loss_ce_fdc: bool = True,
+                    loss_ce_pc: bool = True, loss_kl_pc: bool = True) -> dict[str, Tensor]:
         """The losses from `frozen` statistics of a batch (see `frozen`).
 
+        L = CE(z_FDC) + λ_frg·L_FRG + λ_d·L_dist + λ_pc·L_PC (weights of the release's train.py).
         The `loss_*` flags switch single terms off (Table 12); with `loss_frg=False` the gate is
         still read, so r comes from an FRG that nothing trains (the literal Table 12 ablation).
-        Returns the terms that are on — "frg", "dist" (unweighted), "ce_fdc" and their sum
-        "base" = CE + L_FRG + λ_d·L_dist when FDC is on; "ce_pc", "kl_pc" and "pc" when PC is
-        on — and "total" = base + pc.
+        Returns the terms that are on — "frg", "dist" (unweighted), "ce_fdc" and their weighted
+        sum "base" when FDC is on; "ce_pc", "kl_pc" and "pc" (unweighted) when PC is on — the
+        objective "total" = base + λ_pc·pc, and "acc_fdc", the FDC branch's batch accuracy (%).
         """
         (txt_bb,) = self._cast(txt_bb)
         img_bb, y = frozen["img_bb"], frozen["y"]
         out: dict[str, Tensor] = {}
         total = img_bb.new_zeros(())
         if self.fdc is not None:
-            r_star = frozen["r_star"]
             base = img_bb.new_zeros(())
-            if self.frg is not None:
-                q = self.frg.logit(frozen["u"])
-                r = torch.sigmoid(q)
-                if loss_frg:
-                    out["frg"] = F.binary_cross_entropy_with_logits(q, r_star)
-                    base = base + out["frg"]
-            else:
-                r = {"one": torch.ones_like(r_star), "target": r_star,
-                     "half": torch.full_like(r_star, 0.5)}[self.r_without_frg]
+            q = self.frg.logit(frozen["u"]) if self.frg is not None else None
+            if q is not None and loss_frg:
+                out["frg"] = F.binary_cross_entropy_with_logits(q, frozen["r_star"])
+                base = base + lambda_frg * out["frg"]
             z_fdc = self.fdc(img_bb, txt_bb, scale)
             if loss_ce_fdc:
                 out["ce_fdc"] = F.cross_entropy(z_fdc, y)
                 base = base + out["ce_fdc"]
             if loss_dist:
                 log_q = (z_fdc / self.tau).log_softmax(-1)
+                r = self.distill_weight(frozen, q)
                 out["dist"] = distill_loss(r, frozen["p_fg"], frozen["p_full"], log_q, self.detach_r)
                 base = base + lambda_d * out["dist"]
             out["base"] = base
+            out["acc_fdc"] = (z_fdc.detach().argmax(-1) == y).to(img_bb.dtype).mean() * 100
             total = total + base
         if self.brg is not None:
             z_pc = pc_logits(frozen["z_full"], frozen["z_clip"], self.brg(frozen["v"]))
@@ -369,8 +435,18 @@ class FVGPTHead(nn.Module):
                 out["kl_pc"] = _kl_from_log(frozen["p_clip"], (z_pc / self.tau).log_softmax(-1)).mean()
                 pc = pc + out["kl_pc"]
             out["pc"] = pc
-            total = total + pc
+            total = total + lambda_pc * pc
         out["total"] = total
+        return out
+
+    @torch.no_grad()
+    def gates(self, frozen: dict[str, Tensor]) -> dict[str, Tensor]:
+        """What the gates output on frozen statistics: r (FRG, before the area gate), b (BRG), per sample."""
+        out = {}
+        if self.frg is not None:
+            out["r"] = torch.sigmoid(self.frg.logit(frozen["u"]))
+        if self.brg is not None:
+            out["b"] = self.brg(frozen["v"])
         return out
 
     def predict_base(self, img_bb: Tensor, txt_bb: Tensor, scale: float | Tensor) -> Tensor:
@@ -380,6 +456,16 @@ class FVGPTHead(nn.Module):
             return backbone_logits(img_bb, txt_bb, scale)
         return self.fdc(img_bb, txt_bb, scale)
 
+    def new_gate(self, img_bb: Tensor, img_clip: Tensor, txt_bb: Tensor, txt_clip: Tensor,
+                 scale: float | Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """(z_bb, z_clip, b) of the new branch; b is None without PC."""
+        img_bb, img_clip, txt_bb, txt_clip = self._cast(img_bb, img_clip, txt_bb, txt_clip)
+        with torch.no_grad():
+            z_bb = backbone_logits(img_bb, txt_bb, scale)
+            z_clip = clip_logits(img_clip, txt_clip, scale)
+            v = brg_indicators(z_bb, z_clip, self.tau, self.brg_names)
+        return z_bb, z_clip, (self.brg(v) if self.brg is not None else None)
+
     def predict_new(self, img_bb: Tensor, img_clip: Tensor, txt_bb: Tensor, txt_clip: Tensor,
                     scale: float | Tensor) -> Tensor:
         """New branch (Fig. 3b): z_PC (eq. 12), which never calls FDC.
@@ -388,14 +474,10 @@ class FVGPTHead(nn.Module):
         head: z_FDC when FDC is on (this is what Table 3 rows (1) and (3) measure: new accuracy
         falls below the backbone's), else the backbone logits.
         """
-        img_bb, img_clip, txt_bb, txt_clip = self._cast(img_bb, img_clip, txt_bb, txt_clip)
         if self.brg is None:
             return self.predict_base(img_bb, txt_bb, scale)
-        with torch.no_grad():
-            z_bb = backbone_logits(img_bb, txt_bb, scale)
-            z_clip = clip_logits(img_clip, txt_clip, scale)
-            v = brg_indicators(z_bb, z_clip, self.tau, self.brg_names)
-        return pc_logits(z_bb, z_clip, self.brg(v))
+        z_bb, z_clip, b = self.new_gate(img_bb, img_clip, txt_bb, txt_clip, scale)
+        return pc_logits(z_bb, z_clip, b)
 
     def num_parameters(self, part: str | None = None) -> int:
         """Learnable parameters of the head, or of one part: "frg", "fdc" or "brg"."""

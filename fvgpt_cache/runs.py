@@ -8,10 +8,10 @@ from pathlib import Path
 
 import torch
 
-from .evaluation import evaluate, evaluate_transfer
+from .evaluation import evaluate, evaluate_transfer, gate_diagnostics
 from .heads import FVGPTHead
 from .store import check_same_model, open_cache
-from .training import TrainConfig, build_head, prepare, train_head
+from .training import TrainConfig, build_head, prepare, stability, train_head
 
 RESULTS_FORMAT = "fvgpt-cache-results"
 HEAD_FORMAT = "fvgpt-cache-head"
@@ -51,7 +51,9 @@ def load_head(path: Path, dim: int | None = None) -> tuple[FVGPTHead, TrainConfi
 
 
 def run_training(cache_path: str | Path, cfg: TrainConfig, out_dir: Path | None = None,
-                 eval_caches: list[str | Path] = (), progress=None, save: bool = True) -> dict:
+                 eval_caches: list[str | Path] = (), progress=None, save: bool = True,
+                 preset: dict | None = None) -> dict:
+    """Train, evaluate and (with `save`) write one run. `preset` is `training.configure`'s record, if used."""
     cfg.validate()
     t0 = time.perf_counter()
     cache = open_cache(cache_path)
@@ -62,15 +64,18 @@ def run_training(cache_path: str | Path, cfg: TrainConfig, out_dir: Path | None 
     t1 = time.perf_counter()
     head, history = train_head(data, cfg_used, progress)
     return finish_run(cache, cfg_used, data, head, history, {"load": t1 - t0, "train": time.perf_counter() - t1},
-                      targets, out_dir, save)
+                      targets, out_dir, save, preset)
 
 
 def finish_run(cache, cfg: TrainConfig, data, head: FVGPTHead, history: list[dict], seconds: dict,
-               targets=(), out_dir: Path | None = None, save: bool = True) -> dict:
+               targets=(), out_dir: Path | None = None, save: bool = True, preset: dict | None = None) -> dict:
     """Evaluate a trained head and build (and optionally write) its results record."""
     t2 = time.perf_counter()
     results = evaluate(head, cache, cfg.backbone, cfg.classes)
     results["cross_dataset"] = [evaluate_transfer(head, t, cfg.backbone) for t in targets]
+    results["diagnostics"] = gate_diagnostics(head, data, cache, cfg.backbone, cfg.classes)
+    results["stability"] = stability(history)
+    warnings = list(data.meta.get("warnings", [])) + list((preset or {}).get("warnings", []))
     out_dir = Path(out_dir) if out_dir else default_run_dir(cache.path, cfg, cfg.backbone)
     record = {
         "format": RESULTS_FORMAT,
@@ -82,6 +87,8 @@ def finish_run(cache, cfg: TrainConfig, data, head: FVGPTHead, history: list[dic
         "backbone": cfg.backbone,
         "seed": cfg.seed,
         "config": cfg.to_dict(),
+        "preset": preset,
+        "warnings": warnings,
         **results,
         "head_parameters": head.num_parameters(),
         "train_images": data.meta["train_images"],

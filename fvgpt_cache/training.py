@@ -1,8 +1,10 @@
-"""Training FVG-PT heads from a cache (SPEC §3): data preparation, schedule, the loop.
+"""Training FVG-PT heads from a cache (SPEC §3): configuration, data preparation, schedule, the loop.
 
-The paper's defaults: 10 epochs, batch 4, SGD (momentum 0.9, weight decay 5e-4), lr 0.0035,
-cosine schedule after one constant warm-up epoch at 1e-5 (Dassl's ConstantWarmupScheduler),
-τ_d = 2, λ_d = 10. Each epoch draws one stored view per training image.
+The defaults are the release's CoOp setting (`presets.py` has the other backbones'): 10 epochs,
+batch 4, SGD (momentum 0.9, weight decay 5e-4), lr 0.0035, cosine schedule after one constant
+warm-up epoch at 1e-5 (Dassl's ConstantWarmupScheduler), τ_d = 2, λ_d = 10, λ_frg = λ_pc = 1.
+Each epoch trains on one augmented stored view per image (`view_schedule`), as the release
+draws a new random resized crop every epoch.
 """
 from __future__ import annotations
 
@@ -14,7 +16,8 @@ import torch
 import torch.nn.functional as F
 
 from .device import resolve_device
-from .heads import BRG_INDICATORS, FRG_INDICATORS, R_WITHOUT_FRG, FVGPTHead
+from .heads import BRG_INDICATORS, FRG_INDICATORS, R_SOURCES, R_WITHOUT_FRG, FVGPTHead
+from .presets import choose_preset, method_of
 from .store import Cache, CacheError
 
 CLASS_SETS = ("base", "all")
@@ -39,6 +42,8 @@ class TrainConfig:
     warmup_lr: float = 1e-5
     drop_last: bool = True
     lambda_d: float = 10.0
+    lambda_frg: float = 1.0
+    lambda_pc: float = 1.0
     tau: float = 2.0
     data_fraction: float = 1.0
     # modules and their shapes (Tables 3, 4, 5, 6, 13)
@@ -60,11 +65,16 @@ class TrainConfig:
     loss_ce_fdc: bool = True
     loss_ce_pc: bool = True
     loss_kl_pc: bool = True
-    # decisions D1, D2 and what r is without FRG
+    # the release's constants (train.py): FDC init, FRG margin, area gate
+    fdc_init_scale: float = 1e-3
+    frg_margin: float = 0.0
+    area_min: float = 0.02
+    area_max: float = 0.98
+    # where r comes from (frg; controls: full, fg), decisions D1, D2 and what r is without FRG
+    r_source: str = "frg"
     use_scale: bool = True
     detach_r: bool = True
     r_without_frg: str = "one"
-    fdc_zero_init: bool = False
     device: str = "auto"
 
     def validate(self) -> "TrainConfig":
@@ -80,7 +90,11 @@ class TrainConfig:
         need(0 <= self.warmup_epochs < self.epochs, "warmup_epochs", "use 0 ≤ warmup_epochs < epochs")
         need(0 < self.data_fraction <= 1, "data_fraction", "use a fraction in (0, 1]")
         need(self.tau > 0, "tau", "use a positive temperature")
-        need(self.lambda_d >= 0, "lambda_d", "use a non-negative weight")
+        for name in ("lambda_d", "lambda_frg", "lambda_pc", "fdc_init_scale", "frg_margin"):
+            need(getattr(self, name) >= 0, name, "use a non-negative value")
+        need(0 <= self.area_min <= self.area_max <= 1, "area_min",
+             f"use 0 ≤ area_min ≤ area_max ≤ 1 (area_max={self.area_max}; release: 0.02, 0.98; 0 and 1 turn the gate off)")
+        need(self.r_source in R_SOURCES, "r_source", f"choose one of {R_SOURCES}")
         need(self.device in ("auto", "cpu", "cuda"), "device", "choose auto, cpu or cuda")
         for name in ("fdc_layers", "frg_layers", "brg_layers"):
             need(getattr(self, name) in (1, 2, 3), name, "choose 1, 2 or 3 (Table 5)")
@@ -98,11 +112,14 @@ class TrainConfig:
     def head_kwargs(self) -> dict:
         keys = ("fdc_hidden", "gate_hidden", "fdc_layers", "frg_layers", "brg_layers", "frg_indicators",
                 "brg_indicators", "use_frg", "use_fdc", "use_pc", "fdc_visual", "fdc_textual", "tau",
-                "use_scale", "detach_r", "r_without_frg", "fdc_zero_init")
+                "use_scale", "detach_r", "r_without_frg", "fdc_init_scale", "r_source", "frg_margin",
+                "area_min", "area_max")
         return {k: getattr(self, k) for k in keys}
 
     def loss_flags(self) -> dict:
-        return {k: getattr(self, k) for k in ("loss_frg", "loss_dist", "loss_ce_fdc", "loss_ce_pc", "loss_kl_pc")}
+        """Keyword arguments of `FVGPTHead.losses_from` besides λ_d: the other weights and the term switches."""
+        return {k: getattr(self, k) for k in ("lambda_frg", "lambda_pc", "loss_frg", "loss_dist", "loss_ce_fdc",
+                                              "loss_ce_pc", "loss_kl_pc")}
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -222,8 +239,44 @@ def prepare(cache: Cache, cfg: TrainConfig) -> TrainData:
         txt_clip=cache.text(ZERO_SHOT)[class_ids],
         scale=cache.logit_scale,
         meta={"backbone": backbone, "image_encoder": encoder, "train_images": int(rows.size),
-              "views": int(full.shape[1])},
+              "views": int(full.shape[1]), "warnings": view_warnings(int(full.shape[1]))},
     )
+
+
+def view_warnings(views: int) -> list[str]:
+    if views > 1:
+        return []
+    return ["the cache holds no augmented training views (extracted with --train-views 1): every epoch trains on "
+            "view 0, unlike the release, which draws a new random resized crop each epoch; re-extract with the "
+            "default --train-views 11"]
+
+
+def configure(cache: Cache, overrides: dict, preset_of: str = "auto") -> tuple[TrainConfig, dict]:
+    """The run's TrainConfig: defaults < the backbone's preset < `overrides` (what the user set).
+
+    Returns the config and a record of the preset: its name, source file and settings, which of
+    them the user overrode, and warnings (a cache whose augmentation differs from the preset's).
+    """
+    unknown = set(overrides) - set(TrainConfig.field_names())
+    if unknown:
+        raise ValueError(f"unknown parameter(s) {sorted(unknown)}; valid parameters: {', '.join(TrainConfig.field_names())}")
+    backbone = pick_backbone(cache, overrides.get("backbone"))
+    method = method_of(backbone, cache.text_provenance(backbone) if backbone in cache.text_groups else {})
+    preset = choose_preset(method, cache.provenance.get("dataset"), overrides.get("classes", "base"), preset_of)
+    settings = dict(preset.settings) if preset else {}
+    cfg = TrainConfig(**{**TrainConfig().to_dict(), **settings, **overrides, "backbone": backbone}).validate()
+    info = {"method": method, "preset_of": preset_of, "preset": preset.to_dict() if preset else None,
+            "overridden": sorted(k for k in settings if k in overrides and overrides[k] != settings[k]),
+            "warnings": []}
+    if preset is None and preset_of == "auto":
+        info["warnings"].append(f"no preset for the backbone method {method!r}: the plain defaults (CoOp's) are used")
+    scale = (cache.provenance.get("augmentation") or {}).get("random_resized_crop_scale")
+    if preset is not None and scale is not None and tuple(scale) != tuple(preset.rrc_scale):
+        info["warnings"].append(
+            f"the cache's training views were cropped with scale {tuple(scale)}, the {preset.name} preset's release "
+            f"config uses {tuple(preset.rrc_scale)}; re-extract with --rrc-scale {preset.rrc_scale[0]},{preset.rrc_scale[1]} "
+            "to match it")
+    return cfg, info
 
 
 def build_head(dim: int, cfg: TrainConfig) -> FVGPTHead:
@@ -243,12 +296,28 @@ def make_optimizer(params, cfg: TrainConfig) -> torch.optim.Optimizer:
         return kind(params, foreach=True, **kwargs)
 
 
-def epoch_batches(n: int, views: int, cfg: TrainConfig, gen: torch.Generator) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """One epoch: a shuffled order, one random stored view per image, batches of `batch_size`."""
+def view_schedule(n: int, views: int, epochs: int, seed: int) -> torch.Tensor:
+    """(epochs, n) stored view of each image in each epoch: an augmented view (1…V−1), walking a
+    seeded per-image permutation so that no view repeats before all were used; view 0 when the
+    cache holds no augmented views. Independent of batch size and shuffling."""
+    if views <= 1:
+        return torch.zeros(epochs, n, dtype=torch.long)
+    aug = views - 1
+    out = torch.empty(epochs, n, dtype=torch.long)
+    for cycle in range(math.ceil(epochs / aug)):
+        gen = torch.Generator().manual_seed(seed * 1_000_003 + cycle)
+        perm = torch.rand(n, aug, generator=gen).argsort(dim=1) + 1  # (n, aug), a permutation per image
+        first = cycle * aug
+        take = min(aug, epochs - first)
+        out[first:first + take] = perm[:, :take].T
+    return out
+
+
+def epoch_batches(n: int, cfg: TrainConfig, gen: torch.Generator) -> list[torch.Tensor]:
+    """One epoch: a shuffled order cut into batches of `batch_size` (the last incomplete one dropped as Dassl does)."""
     order = torch.randperm(n, generator=gen)
-    view = torch.randint(0, views, (n,), generator=gen)
     stop = n - n % cfg.batch_size if cfg.drop_last and n >= cfg.batch_size else n
-    return [(order[i:i + cfg.batch_size], view[order[i:i + cfg.batch_size]]) for i in range(0, stop, cfg.batch_size)]
+    return [order[i:i + cfg.batch_size] for i in range(0, stop, cfg.batch_size)]
 
 
 def train_head(data: TrainData, cfg: TrainConfig, progress=None) -> tuple[FVGPTHead, list[dict]]:
@@ -266,6 +335,7 @@ def train_head(data: TrainData, cfg: TrainConfig, progress=None) -> tuple[FVGPTH
     params = [p for p in head.parameters() if p.requires_grad]
     optimizer = make_optimizer(params, cfg) if params else None
     gen = torch.Generator().manual_seed(cfg.seed)
+    schedule = view_schedule(n, views, cfg.epochs, cfg.seed)
     history = []
     for epoch in range(cfg.epochs):
         lr = lr_at_epoch(epoch, cfg)
@@ -274,9 +344,9 @@ def train_head(data: TrainData, cfg: TrainConfig, progress=None) -> tuple[FVGPTH
                 group["lr"] = lr
         head.train()
         totals: dict[str, torch.Tensor] = {}
-        batches = epoch_batches(n, views, cfg, gen)
-        for idx, view in batches:
-            rows = (idx * views + view).to(device)
+        batches = epoch_batches(n, cfg, gen)
+        for idx in batches:
+            rows = (idx * views + schedule[epoch, idx]).to(device)
             losses = head.losses_from({k: v[rows] for k, v in frozen.items()}, txt_bb, data.scale,
                                       cfg.lambda_d, **cfg.loss_flags())
             if optimizer is not None and losses["total"].requires_grad:
@@ -319,7 +389,28 @@ def parse_value(name: str, text: str):
 
 
 def config_with(base: TrainConfig, **overrides) -> TrainConfig:
+    """`base` with some fields replaced, validated."""
     unknown = set(overrides) - set(TrainConfig.field_names())
     if unknown:
         raise ValueError(f"unknown parameter(s) {sorted(unknown)}; valid parameters: {', '.join(TrainConfig.field_names())}")
     return TrainConfig(**{**base.to_dict(), **overrides}).validate()
+
+
+COLLAPSE_DROP = 5.0  # points of FDC training accuracy lost between the first and the last epoch
+
+
+def stability(history: list[dict], drop: float = COLLAPSE_DROP) -> dict:
+    """Did the FDC branch collapse? Compares its accuracy and cross-entropy on the training views in the
+    last epoch with the first (the warm-up epoch, where FDC is still ≈ the backbone): a collapsed run
+    ends less accurate (by more than `drop` points) or with a higher CE than it started."""
+    out = {"collapsed": False, "checked": False, "drop_threshold": drop}
+    if not history or "acc_fdc" not in history[0]:
+        return out
+    first, last = history[0], history[-1]
+    out.update(checked=True, acc_fdc_first=first["acc_fdc"], acc_fdc_last=last["acc_fdc"],
+               ce_fdc_first=first.get("ce_fdc"), ce_fdc_last=last.get("ce_fdc"))
+    worse_acc = last["acc_fdc"] < first["acc_fdc"] - drop
+    worse_ce = "ce_fdc" in first and last["ce_fdc"] > first["ce_fdc"]
+    out["collapsed"] = bool(worse_acc or worse_ce)
+    out["reason"] = ", ".join(r for r, on in (("accuracy fell", worse_acc), ("cross-entropy rose", worse_ce)) if on) or None
+    return out

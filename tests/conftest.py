@@ -3,7 +3,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
+
+# Every test uses tiny tensors: one intra-op thread is as fast, and it does not spin against other
+# processes on a shared machine (two threads on a busy 2-core machine made steps ~30× slower).
+torch.set_num_threads(1)
 
 TINY_CONFIG = {
     "embed_dim": 32,

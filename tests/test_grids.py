@@ -39,7 +39,7 @@ def test_grid_equals_single_runs(syn, tmp_path, params):
         grid = records[run.run_id]
         assert grid["params"] == run.params
         assert grid["metrics"] == single["metrics"], run.params
-        _close_histories(grid["history"], single["history"])
+        _close_histories(grid["history"], single["history"], tol=1e-3)  # vmapped sums drift; see issue 13
 
 
 def test_grid_resumes_and_streams_jsonl(syn, tmp_path):

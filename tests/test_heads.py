@@ -21,7 +21,10 @@ from fvgpt_cache.heads import (
     pc_logits,
     pc_loss,
     prob_cosine,
+    roc_auc,
+    usable_foreground,
 )
+import torch.nn.functional as F_
 
 ln = math.log
 P = [0.5, 0.25, 0.25]
@@ -227,7 +230,7 @@ def test_adapter_with_zero_last_layer_is_normalisation():
         adapter.mlp[-1].weight.zero_()
         adapter.mlp[-1].bias.zero_()
     assert torch.equal(adapter(x), torch.nn.functional.normalize(x, dim=-1))
-    assert torch.equal(Adapter(16, hidden=4, zero_init=True)(x), torch.nn.functional.normalize(x, dim=-1))
+    assert torch.equal(Adapter(16, hidden=4, init_scale=0)(x), torch.nn.functional.normalize(x, dim=-1))
     off = Adapter(16, enabled=False)
     assert list(off.parameters()) == [] and torch.equal(off(x), torch.nn.functional.normalize(x, dim=-1))
 
@@ -278,7 +281,7 @@ def batch(seed=0, dtype=torch.float32):
     img_bb = n(torch.randn(B, D, generator=g), dim=-1)
     img_fg = n(img_bb + 0.5 * torch.randn(B, D, generator=g), dim=-1)
     img_clip = n(img_bb + 0.3 * torch.randn(B, D, generator=g), dim=-1)
-    area = torch.rand(B, generator=g)
+    area = 0.1 + 0.8 * torch.rand(B, generator=g)  # inside the area gate [0.02, 0.98]
     y = torch.randint(0, CB, (B,), generator=g)
     return dict(img_bb=img_bb.to(dtype), img_bb_fg=img_fg.to(dtype), img_clip=img_clip.to(dtype),
                 area=area, y=y, txt_bb=txt_bb.to(dtype), txt_clip=txt_clip.to(dtype), scale=S)
@@ -292,7 +295,7 @@ def make_head(seed=0, **kw):
 def test_head_losses_match_the_equations():
     head, b = make_head(), batch()
     out = head.losses(**b, lambda_d=10.0)
-    assert set(out) == {"frg", "ce_fdc", "dist", "base", "ce_pc", "kl_pc", "pc", "total"}
+    assert set(out) == {"frg", "ce_fdc", "dist", "base", "ce_pc", "kl_pc", "pc", "total", "acc_fdc"}
     F = torch.nn.functional
     z_full = clip_logits(b["img_bb"], b["txt_bb"], S)
     z_fg = clip_logits(b["img_bb_fg"], b["txt_bb"], S)
@@ -315,10 +318,10 @@ def test_head_losses_match_the_equations():
 def test_head_loss_flags_and_disabled_parts():
     b = batch()
     out = make_head().losses(**b, loss_frg=False, loss_kl_pc=False)
-    assert set(out) == {"ce_fdc", "dist", "base", "ce_pc", "pc", "total"}
+    assert set(out) == {"ce_fdc", "dist", "base", "ce_pc", "pc", "total", "acc_fdc"}
     close(out["total"], out["ce_fdc"] + 10.0 * out["dist"] + out["ce_pc"], 1e-5)
     assert set(make_head(use_fdc=False).losses(**b)) == {"ce_pc", "kl_pc", "pc", "total"}
-    assert set(make_head(use_pc=False).losses(**b)) == {"frg", "ce_fdc", "dist", "base", "total"}
+    assert set(make_head(use_pc=False).losses(**b)) == {"frg", "ce_fdc", "dist", "base", "total", "acc_fdc"}
     empty = make_head(use_fdc=False, use_pc=False)
     assert empty.losses(**b)["total"].item() == 0.0
     z_bb = backbone_logits(b["img_bb"], b["txt_bb"], S)
@@ -406,3 +409,100 @@ def test_without_pc_new_classes_go_through_fdc():
     img, txt = torch.randn(5, 8), torch.randn(4, 8)
     close(head.predict_new(img, img, txt, txt, S), head.predict_base(img, txt, S))
     assert not torch.allclose(head.predict_new(img, img, txt, txt, S), clip_logits(img, txt, S))
+
+
+# --- the release's constants (issue 10) ------------------------------------------------------------
+
+def test_fdc_last_layer_starts_at_a_thousandth_of_the_default_init_with_zero_bias():
+    for layers in (1, 2, 3):
+        torch.manual_seed(5)
+        ref = Adapter(16, hidden=64, layers=layers, init_scale=1.0)
+        torch.manual_seed(5)
+        scaled = Adapter(16, hidden=64, layers=layers)  # default init_scale = 1e-3 (RDBOOST_FDC_INIT_SCALE)
+        assert torch.allclose(scaled.mlp[-1].weight, 1e-3 * ref.mlp[-1].weight)
+        assert torch.count_nonzero(scaled.mlp[-1].bias) == 0 and torch.count_nonzero(ref.mlp[-1].bias) == 0
+        if layers > 1:  # earlier layers keep PyTorch's default
+            assert torch.equal(scaled.mlp[0].weight, ref.mlp[0].weight)
+    zero = Adapter(16, hidden=8, init_scale=0)
+    assert torch.count_nonzero(zero.mlp[-1].weight) == 0
+    with pytest.raises(ValueError, match="init_scale"):
+        Adapter(16, init_scale=-1)
+
+
+def test_area_gate_on_hand_made_areas():
+    area = t(0.0, 0.01, 0.02, 0.5, 0.98, 0.99, 1.0)
+    assert usable_foreground(area).tolist() == [0, 0, 1, 1, 1, 0, 0]
+    assert usable_foreground(area, 0.0, 1.0).tolist() == [1] * 7
+
+
+def test_frg_margin_moves_the_target():
+    z_full = t([2.0, 0.0], [2.0, 0.0])
+    z_fg = t([2.5, 0.0], [3.0, 0.0])  # the foreground lowers CE by a little and by more
+    y = torch.tensor([0, 0])
+    gain = F_.cross_entropy(z_full, y, reduction="none") - F_.cross_entropy(z_fg, y, reduction="none")
+    assert frg_target(z_full, z_fg, y).tolist() == [1, 1]
+    delta = float((gain[0] + gain[1]) / 2)  # between the two gains
+    assert frg_target(z_full, z_fg, y, margin=delta).tolist() == [0, 1]
+
+
+def test_each_weight_changes_the_loss_by_the_hand_computed_amount():
+    head, b = make_head(), batch()
+    ref = head.losses(**b)
+    for key, term in (("lambda_frg", "frg"), ("lambda_pc", "pc")):
+        out = head.losses(**b, **{key: 3.0})
+        close(out["total"] - ref["total"], 2.0 * ref[term], 1e-5)
+    out = head.losses(**b, lambda_d=4.0)
+    close(out["total"] - ref["total"], -6.0 * ref["dist"], 1e-4)
+    close(ref["total"], ref["ce_fdc"] + ref["frg"] + 10 * ref["dist"] + ref["pc"], 1e-4)
+
+
+def test_area_gate_zeroes_target_and_distillation_weight():
+    b = batch()
+    b["area"] = t(0.5, 0.01, 0.99, 0.5, 0.5, 0.0).float()
+    head = make_head()
+    frozen = head.frozen(b["img_bb"], b["img_bb_fg"], b["img_clip"], b["area"], b["y"], b["txt_bb"], b["txt_clip"], S)
+    cut = torch.tensor([False, True, True, False, False, True])
+    assert frozen["usable"].tolist() == (~cut).float().tolist()
+    assert (frozen["r_star"][cut] == 0).all()
+    z_full, z_fg = backbone_logits(b["img_bb"], b["txt_bb"], S), backbone_logits(b["img_bb_fg"], b["txt_bb"], S)
+    assert torch.equal(frozen["r_star"][~cut], frg_target(z_full, z_fg, b["y"])[~cut])
+    q = head.frg.logit(frozen["u"])
+    r = head.distill_weight(frozen, q)
+    assert (r[cut] == 0).all() and torch.allclose(r[~cut], torch.sigmoid(q)[~cut])
+    out = head.losses_from(frozen, b["txt_bb"], S)
+    log_q = (head.predict_base(b["img_bb"], b["txt_bb"], S) / 2).log_softmax(-1)
+    by_hand = distill_loss(torch.sigmoid(q) * (~cut), (z_fg / 2).softmax(-1), (z_full / 2).softmax(-1), log_q)
+    close(out["dist"], by_hand, 1e-5)
+
+
+@pytest.mark.parametrize("source, expected", [("full", 0.0), ("fg", 1.0)])
+def test_r_source_controls(source, expected):
+    b = batch()
+    head = make_head(r_source=source)
+    assert head.frg is not None  # the gate still exists and trains; only L_dist ignores it
+    out = head.losses(**b)
+    z_full, z_fg = backbone_logits(b["img_bb"], b["txt_bb"], S), backbone_logits(b["img_bb_fg"], b["txt_bb"], S)
+    log_q = (head.predict_base(b["img_bb"], b["txt_bb"], S) / 2).log_softmax(-1)
+    r = torch.full((B,), expected)
+    close(out["dist"], distill_loss(r, (z_fg / 2).softmax(-1), (z_full / 2).softmax(-1), log_q), 1e-5)
+    assert "frg" in out
+    with pytest.raises(ValueError, match="r_source"):
+        make_head(r_source="gate")
+
+
+def test_roc_auc_by_hand():
+    # scores of positives 0.9, 0.4; negatives 0.4, 0.1: pairs (0.9>0.4, 0.9>0.1, 0.4=0.4, 0.4>0.1) → 3.5 / 4
+    assert roc_auc(t(0.9, 0.4, 0.4, 0.1), t(1, 1, 0, 0)) == pytest.approx(0.875)
+    assert roc_auc(t(0.1, 0.2), t(1, 0)) == 0.0
+    assert roc_auc(t(0.3, 0.3, 0.3), t(1, 0, 1)) == 0.5
+    assert roc_auc(t(0.3, 0.2), t(1, 1)) is None
+    g = torch.Generator().manual_seed(0)
+    scores, labels = torch.rand(5000, generator=g), (torch.rand(5000, generator=g) > 0.6).float()  # > 4M pairs: rank path
+    scores = torch.round(scores * 20) / 20  # many ties
+    pos, neg = scores[labels > 0], scores[labels == 0]
+    pairwise = float(((pos[:, None] > neg[None]).double().sum() + 0.5 * (pos[:, None] == neg[None]).double().sum())
+                     / (pos.numel() * neg.numel()))
+    assert roc_auc(scores, labels) == pytest.approx(pairwise)
+    from fvgpt_cache.heads import _average_ranks
+    ranks = _average_ranks(t(3.0, 1.0, 3.0, 2.0))
+    assert ranks.tolist() == [3.5, 1.0, 3.5, 2.0]
