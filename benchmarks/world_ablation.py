@@ -57,10 +57,12 @@ def main(argv=None) -> None:
     ap.add_argument("--results", type=Path, default=Path("benchmarks/results"))
     ap.add_argument("--seeds", default="1,2,3")
     ap.add_argument("--test-per-class", type=int, default=30)
+    ap.add_argument("--presets", default="components,foreground-control", help="grid presets to run, comma-separated")
     ap.add_argument("--model-dir", type=Path, default=None,
                     help="a folder with world-clip.json/.pt exported by pretrain_world.py (default: the shipped one)")
     args = ap.parse_args(argv)
-    for preset in ("components", "foreground-control"):
+    presets = [p for p in args.presets.split(",") if p]
+    for preset in presets:
         if preset not in PRESETS:
             raise SystemExit(f"this version of fvgpt-cache has no grid preset {preset!r}")
 
@@ -79,7 +81,7 @@ def main(argv=None) -> None:
 
     args.results.mkdir(parents=True, exist_ok=True)
     summary = {}
-    for preset in ("components", "foreground-control"):
+    for preset in presets:
         folder = args.out / preset
         # the seed of a run is the seed its data and its CoOp were drawn with
         runs = [r for seed in seeds for cache in caches[seed].values()

@@ -23,11 +23,9 @@ from typing import Callable
 from .backbones import BackboneConfig, save_coop_checkpoint, train_backbone, write_backbone
 from .data import generic_dataset
 from .extraction import ExtractOptions, extract
-from .grids import GridRun, run_grid
+from .grids import expand, run_grid
 from .heads import harmonic_mean
 from .models import LoadedModel, load_clip
-from .runs import run_id
-from .training import TrainConfig, config_with
 
 SMOKE_MODEL = {
     "embed_dim": 32,
@@ -37,7 +35,7 @@ SMOKE_MODEL = {
 WORLD_TEMPLATE = "a photo of a {}."
 DEMO_SEEDS = (1, 2, 3)
 # what the demo trains on every cache: the method with its defaults, and the control
-VARIANTS = {"fvgpt": {}, "control_full": {"r_source": "full"}}
+VARIANTS = {"fvgpt": "frg", "control_full": "full"}  # r_source of each
 METHOD_KEYS = ("zeroshot", "backbone", "fvgpt", "control_full")
 
 
@@ -58,7 +56,7 @@ def load_world_model() -> LoadedModel:
 
 def world_caches(root: Path, loaded: LoadedModel, *, splits=None, classes=None, seed: int = 1, shots: int = 16,
                  val_per_class: int = 4, test_per_class: int = 30, train_views: int | None = None,
-                 coop_epochs: int | None = None, coop_seed: int = 1, progress: Callable[[str, int, int], None] | None = None) -> dict[str, Path]:
+                 coop_seed: int = 1, progress: Callable[[str, int, int], None] | None = None) -> dict[str, Path]:
     """Draw the world's datasets (one per test split, sharing train and val), extract each once into
     `root/world-<split>.h5`, train CoOp once (`coop_seed`) on the shared training set and write it
     as `/text/coop` into every cache. Returns {split: cache path}."""
@@ -77,7 +75,7 @@ def world_caches(root: Path, loaded: LoadedModel, *, splits=None, classes=None, 
                           ExtractOptions(shots=0, seed=seed, workers=0, force=True, device="cpu", **options),
                           progress=progress)
         caches[split] = summary.out
-    coop = BackboneConfig(method="coop", seed=coop_seed, device="cpu", **({} if coop_epochs is None else {"epochs": coop_epochs}))
+    coop = BackboneConfig(method="coop", seed=coop_seed, device="cpu")
     result = train_backbone(caches[splits[0]], coop, loaded=loaded)  # train and val are the same in every cache
     checkpoint = save_coop_checkpoint(root / "coop", result.ctx, coop.epochs)
     for cache in caches.values():
@@ -166,33 +164,31 @@ def story(summary: dict) -> list[str]:
                  if over_control >= 1 and gain > 0 else
                  "this run does not show a gain that only the foreground view brings."))
     auc, shift = cf["frg_auc"], cf["foreground_shift"]
-    lower = shift["fvgpt"] < shift["backbone"]
+    quality = ("no better than" if auc is None or auc < 0.6 else "above" if auc < 0.7 else "well above")
+    auc_text = "n/a" if auc is None else f"{auc:.2f}"
+    diff = shift["fvgpt"] - shift["backbone"]
+    compare = "as much as" if abs(diff) < 5e-4 else "less than" if diff < 0 else "more than"
     third = (f"The foreground gate ranks training views whose foreground view is the better teacher with AUC "
-             f"{auc:.2f} ({'well above' if auc >= 0.7 else 'close to' if auc < 0.6 else 'above'} chance, 0.5), and "
-             f"FVG-PT's predictions on counterfactual base images shift {'less' if lower else 'more'} when the "
-             f"context is masked away than CoOp's (D_fg {shift['fvgpt']:.3f} vs {shift['backbone']:.3f}; lower means "
-             f"more foreground).")
+             f"{auc_text} ({quality} chance, 0.5), and FVG-PT's predictions on counterfactual base images change "
+             f"{compare} CoOp's when the context is masked away (D_fg {shift['fvgpt']:.3f} vs "
+             f"{shift['backbone']:.3f}; lower means more foreground).")
     return [first, second, third]
 
 
 def run_world_demo(root: Path = Path("cache/demo"), seeds=DEMO_SEEDS, loaded: LoadedModel | None = None,
-                   progress: Callable[[str, int, int], None] | None = None, base: TrainConfig | None = None,
-                   **world) -> dict:
-    """Caches once per split, then FVG-PT and the control for every seed on every cache. Returns the
-    summary (`summarize`) with `story`, `caches` and `runs` (ids, collapse flags) added; also
-    written to `root/demo.json`."""
+                   progress: Callable[[str, int, int], None] | None = None, **world) -> dict:
+    """Caches once per split, then FVG-PT (defaults) and the control for every seed on every cache.
+    Returns the summary (`summarize`) with `story`, `caches` and `runs` (ids, collapse flags)
+    added; also written to `root/demo.json`."""
     root = Path(root)
     loaded = loaded or load_world_model()
     caches = world_caches(root, loaded, progress=progress, **world)
-    base = base or TrainConfig(backbone="coop")
     runs, where = [], {}
     for split, cache in caches.items():
-        for seed in seeds:
-            for variant, overrides in VARIANTS.items():
-                cfg = config_with(base, seed=seed, **overrides)
-                rid = run_id(cache, cfg)
-                runs.append(GridRun(cache, cfg, {"variant": variant, **overrides}, rid))
-                where[rid] = (split, seed, variant)
+        # the same configuration `fvgpt-cache train CACHE --backbone coop --seed S` builds, and its control
+        for run in expand([cache], list(seeds), {"r_source": [VARIANTS[v] for v in VARIANTS]}, {"backbone": "coop"}):
+            runs.append(run)
+            where[run.run_id] = (split, run.config.seed, next(v for v, r in VARIANTS.items() if r == run.config.r_source))
     records: dict[str, dict[int, dict]] = {split: {s: {} for s in seeds} for split in caches}
     for rec in run_grid(runs, root / "runs", resume=False):
         split, seed, variant = where[rec["run_id"]]
@@ -214,5 +210,4 @@ def run_smoke_demo(root: Path = Path("cache/demo-smoke"), progress: Callable[[st
     config.write_text(json.dumps(SMOKE_MODEL, indent=1))
     loaded = load_clip(str(config), "none", seed=0)
     return run_world_demo(root, seeds=(1,), loaded=loaded, progress=progress,
-                          base=TrainConfig(backbone="coop", epochs=2),
-                          classes=SHAPES[:4], shots=4, val_per_class=1, test_per_class=3, train_views=3, coop_epochs=2)
+                          classes=SHAPES[:4], shots=4, val_per_class=1, test_per_class=3, train_views=3)
