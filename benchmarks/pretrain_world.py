@@ -37,7 +37,7 @@ from fvgpt_cache.world import (
 
 MODEL_CFG = {
     "embed_dim": 64,
-    "vision_cfg": {"image_size": SIZE, "layers": [1, 1, 1, 1], "width": 16},
+    "vision_cfg": {"image_size": SIZE, "layers": [1, 1, 1, 1], "width": 8},
     "text_cfg": {"context_length": 32, "vocab_size": 49408, "width": 64, "heads": 4, "layers": 3},
 }
 MEAN, STD = (0.5, 0.5, 0.5), (0.25, 0.25, 0.25)
@@ -173,7 +173,7 @@ def main(argv=None) -> None:
     ap.add_argument("--batch-size", type=int, default=128)
     ap.add_argument("--lr", type=float, default=2e-3)
     ap.add_argument("--warmup", type=int, default=200)
-    ap.add_argument("--hard", type=float, default=0.25, help="fraction of each batch in hard-negative pairs")
+    ap.add_argument("--hard", type=float, default=0.5, help="fraction of each batch in hard-negative pairs")
     ap.add_argument("--crop-p", type=float, default=0.5, help="fraction of images given a random resized crop")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=1, help="torch threads (one leaves a core free)")

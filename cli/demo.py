@@ -52,7 +52,7 @@ def demo(
     as_json: bool = typer.Option(False, "--json", help="Print the summary JSON instead of the tables."),
 ):
     """Offline: the synthetic world and its shipped tiny CLIP; zero-shot CLIP, CoOp, CoOp + FVG-PT and the
-    full-view control on natural, clean and counterfactual test splits, three seeds."""
+    full-view control on a clean and a counterfactual test split, three seeds."""
     from fvgpt_cache.demo import run_smoke_demo, run_world_demo
 
     if not as_json:
@@ -64,9 +64,9 @@ def demo(
             console.print("The synthetic world: 20 shape classes (10 base, 10 new). Every class lives in its own "
                           "habitat (a background texture) beside a small companion shape, and the tiny CLIP shipped "
                           "with fvgpt-cache was pretrained on that world, so it reads the context as well as the shape. "
-                          "Training images follow the world's mixture; test splits: [bold]natural[/] (the same "
-                          "mixture), [bold]clean[/] (no context), [bold]counterfactual[/] (each shape in another "
-                          "class's context).")
+                          "Training images follow the world's mixture (mostly in their own context); test splits: "
+                          "[bold]clean[/] (no context) and [bold]counterfactual[/] (each shape in another class's "
+                          "context).")
     try:
         if smoke:
             summary = run_smoke_demo(out) if as_json else _with_progress(run_smoke_demo, out)

@@ -44,6 +44,9 @@ SIZE = 64
 SPLITS = ("natural", "clean", "counterfactual")
 # the natural mixture: own context, another class's context, no context
 NATURAL_MIX = (0.6, 0.2, 0.2)
+RADIUS = (0.2, 0.32)  # the main shape's radius, as a fraction of the image side (pretraining scenes)
+# downstream datasets are object-centric, like the paper's benchmarks: the object fills more of the frame
+DOWNSTREAM_RADIUS = (0.27, 0.37)
 
 
 def _habitats() -> tuple[tuple[str, tuple[str, str]], ...]:
@@ -185,7 +188,8 @@ def texture(kind: str, colors: tuple[str, str], rng: np.random.Generator, size: 
 
 def sample_scene(rng: np.random.Generator, shape: str | None = None, texture_name: str | None = None,
                  bg_colors: tuple[str, str] | None = None, color: str | None = None,
-                 context: int | None = None, companion: str | None = None) -> Scene:
+                 context: int | None = None, companion: str | None = None,
+                 radius: tuple[float, float] = RADIUS) -> Scene:
     """One scene. `context=k` draws class k's habitat and companion (unless texture, colours or
     companion are given); `context=None` a random background and, unless given, no companion."""
     names = list(COLORS)
@@ -201,16 +205,19 @@ def sample_scene(rng: np.random.Generator, shape: str | None = None, texture_nam
     if color is None:
         choices = [c for c in names if c not in bg_colors]
         color = choices[rng.integers(len(choices))]
-    r = float(rng.uniform(0.2, 0.32)) * SIZE
-    cx, cy = rng.uniform(r, SIZE - r, size=2)
+    r = float(rng.uniform(*radius)) * SIZE
     angle = float(rng.uniform(-0.35, 0.35))  # within ±20°: square/diamond and cross/letter X stay apart
     if companion is None:
+        cx, cy = rng.uniform(r, SIZE - r, size=2)
         return Scene(shape, color, texture_name, tuple(bg_colors), float(cx), float(cy), r, angle, context=context)
     cr = float(rng.uniform(0.1, 0.13)) * SIZE
-    for _ in range(200):  # beside the main shape, never on it
+    for _ in range(1000):  # the companion stands beside the main shape, never on it
+        cx, cy = rng.uniform(r, SIZE - r, size=2)
         px, py = rng.uniform(cr, SIZE - cr, size=2)
         if math.hypot(px - cx, py - cy) > r + cr + 1:
             break
+    else:
+        raise ValueError(f"no room for a companion beside a shape of radius {r:.1f}px; use a smaller radius range")
     choices = [c for c in names if c not in bg_colors and c != color]
     ccolor = choices[rng.integers(len(choices))]
     return Scene(shape, color, texture_name, tuple(bg_colors), float(cx), float(cy), r, angle, companion, ccolor,
@@ -218,7 +225,8 @@ def sample_scene(rng: np.random.Generator, shape: str | None = None, texture_nam
 
 
 def sample_natural(rng: np.random.Generator, label: int, kind: str | None = None,
-                   mix: tuple[float, float, float] = NATURAL_MIX, classes: int = len(SHAPES)) -> Scene:
+                   mix: tuple[float, float, float] = NATURAL_MIX, classes: int = len(SHAPES),
+                   radius: tuple[float, float] = RADIUS) -> Scene:
     """A scene of class `label` from the natural mixture: its own context, another class's, or none.
     `kind` ("own", "other", "none") fixes the branch instead of drawing it."""
     if kind is None:
@@ -231,7 +239,7 @@ def sample_natural(rng: np.random.Generator, label: int, kind: str | None = None
         context = None
     else:
         raise ValueError(f"context kind {kind!r}: choose own, other or none")
-    return sample_scene(rng, shape=SHAPES[label], context=context)
+    return sample_scene(rng, shape=SHAPES[label], context=context, radius=radius)
 
 
 def render(scene: Scene, rng: np.random.Generator) -> tuple[Image.Image, Image.Image]:
@@ -276,13 +284,15 @@ def _counts(n: int, mix: tuple[float, float, float]) -> list[str]:
 
 def write_downstream(root: Path, split: str = "natural", *, shots: int = 16, val_per_class: int = 8,
                      test_per_class: int = 30, classes: tuple[str, ...] = SHAPES, seed: int = 0,
-                     mix: tuple[float, float, float] = NATURAL_MIX) -> tuple[Path, Path, Path]:
+                     mix: tuple[float, float, float] = NATURAL_MIX,
+                     radius: tuple[float, float] = DOWNSTREAM_RADIUS) -> tuple[Path, Path, Path]:
     """A downstream dataset in the generic split-file layout (images/, masks/, split.json), with
     each image's drawn attributes in scenes.json.
 
     train (exactly `shots` per class, so few-shot sampling keeps them all) and val follow the
     natural mixture in exact proportions and depend only on `seed`; the test split is `split`:
-    natural, clean (no context) or counterfactual (the swap partner's context).
+    natural, clean (no context) or counterfactual (the swap partner's context). Shapes are drawn
+    with `radius` (default `DOWNSTREAM_RADIUS`, larger than in pretraining captions).
     """
     if split not in SPLITS:
         raise ValueError(f"split {split!r}: choose one of {', '.join(SPLITS)}")
@@ -298,11 +308,11 @@ def write_downstream(root: Path, split: str = "natural", *, shots: int = 16, val
             kinds = _counts(count, mix) if part != "test" or split == "natural" else [split] * count
             for i, kind in enumerate(kinds):
                 if kind == "clean":
-                    scene = sample_scene(rng, shape=shape)
+                    scene = sample_scene(rng, shape=shape, radius=radius)
                 elif kind == "counterfactual":
-                    scene = sample_scene(rng, shape=shape, context=ids[swap_partner(label, len(classes))])
+                    scene = sample_scene(rng, shape=shape, context=ids[swap_partner(label, len(classes))], radius=radius)
                 else:
-                    scene = sample_natural(rng, ids[label], kind)
+                    scene = sample_natural(rng, ids[label], kind, radius=radius)
                 img, mask = render(scene, rng)
                 rel = f"{shape.replace(' ', '_')}/{part}_{i:03d}.png"
                 for folder, im in (("images", img), ("masks", mask)):

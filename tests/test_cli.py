@@ -73,7 +73,7 @@ def test_smoke_demo_runs_offline_and_prints_the_schema(tmp_path):
     res = _run("demo", "--smoke", "--json", "--out", tmp_path / "demo")
     assert res.exit_code == 0, res.output
     summary = json.loads(res.stdout)
-    assert summary["seeds"] == [1] and set(summary["splits"]) == {"natural", "clean", "counterfactual"}
+    assert summary["seeds"] == [1] and set(summary["splits"]) == {"clean", "counterfactual"}
     for split in summary["splits"]:
         cache = open_cache(tmp_path / "demo" / f"world-{split}.h5")
         assert cache.image("train").shape[:2] == (16, 3) and "coop" in cache.text_groups

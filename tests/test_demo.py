@@ -22,7 +22,7 @@ def small_demo(tmp_path_factory):
 
 def test_demo_json_has_the_issue_schema(small_demo):
     _, summary = small_demo
-    assert summary["seeds"] == [1, 2] and set(summary["splits"]) == {"natural", "clean", "counterfactual"}
+    assert summary["seeds"] == [1, 2] and set(summary["splits"]) == {"clean", "counterfactual"}
     for entry in summary["splits"].values():
         assert set(entry) == {*METHOD_KEYS, "frg_auc", "foreground_shift", "per_seed"}
         assert set(entry["per_seed"]) == {"1", "2"}
@@ -78,7 +78,10 @@ def test_story_is_written_from_the_numbers():
                 "foreground_shift": {"backbone": d[0], "fvgpt": d[1], "control_full": d[0]}}
 
     good = story({"splits": {"clean": entry(80, 82, 84, 83), "counterfactual": entry(40, 45, 60, 50)}})
-    assert "costs zero-shot CLIP 40.0 points" in good[0] and "37.0 points" in good[0]
+    assert "45.0% base accuracy, 5.0 points above zero-shot CLIP" in good[0] and "2.0 points above it" in good[0]
+    assert good[0].endswith("(82.0% vs 80.0%).")
+    cf_hurts = story({"splits": {"clean": entry(80, 82, 84, 83), "counterfactual": entry(60, 50, 58, 51)}})
+    assert "10.0 points below zero-shot CLIP" in cf_hurts[0] and "learned to read the context" in cf_hurts[0]
     assert "15.0 points above CoOp" in good[1] and "10.0 points above the control" in good[1]
     assert "comes from the foreground view" in good[1] and "well above chance" in good[2] and "less than" in good[2]
     bad = story({"splits": {"clean": entry(80, 82, 84, 83), "counterfactual": entry(40, 45, 44, 44.5, 0.52, (0.2, 0.3))}})
