@@ -59,7 +59,7 @@ def grid(
                       console=err) as bar:
             task = bar.add_task("grid", total=len(runs))
             records = run_grid(runs, out, resume=resume, batched=batched, save_heads=save_heads,
-                               eval_caches=list(eval_cache),
+                               eval_caches=list(eval_cache), log=lambda message: bar.console.print(message),
                                progress=lambda done, total: bar.update(task, completed=done))
     except (ValueError, FileNotFoundError, RuntimeError) as exc:
         fail(str(exc))
@@ -87,6 +87,7 @@ def report(
     try:
         records = reports.load_records(results)
         summary = reports.aggregate(records)
+        ablations = reports.ablation_tables(records)
         if plot:
             path = reports.plot_sweep(reports.sweep(records, plot), plot, plot_out)
             console.print(f"wrote {path}")
@@ -94,7 +95,7 @@ def report(
         fail(str(exc))
     paper = compare == "paper"
     if fmt == "console":
-        for title, header, body in reports.tables(summary, paper):
+        for title, header, body in reports.tables(summary, paper, ablations):
             if header[0] == "Dataset":  # fold each method's B, N, HM into one column to fit a terminal
                 backbone = header[4].rsplit(" ", 1)[0]
                 header = ["Dataset", "CLIP B / N / HM", f"{backbone} B / N / HM", "+FVG-PT B / N / HM", "ΔHM"]
@@ -107,7 +108,7 @@ def report(
             console.print(t)
         console.print(f"{len(records)} run(s); Base/New are seed means ± sample std, HM is the HM of the means")
         return
-    text = formats[fmt](summary, paper) if fmt in ("markdown", "latex") else formats[fmt](summary)
+    text = formats[fmt](summary, paper, ablations) if fmt in ("markdown", "latex") else formats[fmt](summary)
     if output:
         output.write_text(text)
         console.print(f"wrote {output}")

@@ -33,6 +33,9 @@ class EvalSet:
     def __init__(self, cache: Cache, backbone: str):
         if "test" not in cache.splits or len(cache.labels("test")) == 0:
             raise CacheError(f"{cache.path} has no test images to evaluate on")
+        if backbone not in cache.text_groups:
+            raise CacheError(f"{cache.path} has no text features for backbone {backbone!r} (it has "
+                             f"{cache.text_groups}); write the same backbone into that cache first")
         encoder = backbone_image_encoder(cache, backbone)
         self.labels = cache.labels("test")
         self.full = backbone_images(cache, backbone, "test", "full", "base")[:, 0]
@@ -86,9 +89,9 @@ def foreground_shifts(head: FVGPTHead, ts: EvalSet, class_ids: np.ndarray, tau: 
     return out
 
 
-def evaluate(head: FVGPTHead, cache: Cache, backbone: str, classes: str = "base") -> dict:
-    """Metrics of a trained head on its own cache's test split."""
-    ts = EvalSet(cache, backbone)
+def evaluate(head: FVGPTHead, cache: Cache, backbone: str, classes: str = "base", ts: EvalSet | None = None) -> dict:
+    """Metrics of a trained head on its own cache's test split (`ts`: its EvalSet, if already read)."""
+    ts = ts or EvalSet(cache, backbone)
     if classes == "all":
         every = np.arange(len(cache.classnames))
         s = _scores(head, ts, every, "base")
@@ -102,14 +105,9 @@ def evaluate(head: FVGPTHead, cache: Cache, backbone: str, classes: str = "base"
             "foreground_shift": foreground_shifts(head, ts, cache.base, head.tau)}
 
 
-def evaluate_transfer(head: FVGPTHead, target: Cache, backbone: str) -> dict:
+def evaluate_transfer(head: FVGPTHead, target: Cache, backbone: str, ts: EvalSet | None = None) -> dict:
     """Cross-dataset: the PC branch over all classes of another cache (same model, Table 2)."""
-    if backbone not in target.text_groups:
-        raise CacheError(
-            f"{target.path} has no text features for backbone {backbone!r} (it has {target.text_groups}); "
-            "write the same backbone into the target cache first"
-        )
-    s = _scores(head, EvalSet(target, backbone), np.arange(len(target.classnames)), "new")
+    s = _scores(head, ts or EvalSet(target, backbone), np.arange(len(target.classnames)), "new")
     return {"dataset": target.provenance.get("dataset"), "cache": str(target.path), "test_images": s.pop("n"), **s}
 
 
@@ -130,7 +128,8 @@ def gate_summary(r: torch.Tensor | None, r_star: torch.Tensor, usable: torch.Ten
 
 
 @torch.no_grad()
-def gate_diagnostics(head: FVGPTHead, data, cache: Cache, backbone: str, classes: str = "base") -> dict:
+def gate_diagnostics(head: FVGPTHead, data, cache: Cache, backbone: str, classes: str = "base",
+                     ts: EvalSet | None = None) -> dict:
     """What the gates learned: FRG on the training views used for training (`data`, a TrainData) and on
     base test images; BRG's mean b on base and on new test images."""
     views = data.full.shape[1]
@@ -140,7 +139,8 @@ def gate_diagnostics(head: FVGPTHead, data, cache: Cache, backbone: str, classes
     train = head.frozen(flat(data.full), flat(data.fg), flat(data.clip), flat(data.area),
                         data.y.repeat_interleave(n_aug), data.txt_bb, data.txt_clip, data.scale)
     out = {"train": gate_summary(head.gates(train).get("r"), train["r_star"], train["usable"])}
-    ts = EvalSet(cache, backbone)
+    out["train"]["backbone_acc"] = accuracy(train["z_full"], train["y"])
+    ts = ts or EvalSet(cache, backbone)
     base_ids = cache.base if classes == "base" else np.arange(len(cache.classnames))
     rows, y, txt_bb, txt_clip = ts.subset(base_ids)
     test = head.frozen(ts.full[rows], ts.fg[rows], ts.clip[rows], ts.area[rows], y, txt_bb, txt_clip, ts.scale)

@@ -1,11 +1,10 @@
-"""Ablation grids: many FVG-PT configurations trained together, batched across configurations.
+"""Ablation grids: many FVG-PT configurations over caches and seeds, trained in batched groups.
 
-Configurations that share every shape and data setting (a *group*) train in one loop: their
-parameters are stacked, one `torch.func.vmap`-ed gradient call serves all of them per step, and
-one optimiser step (the same torch.optim class and settings as `train`) updates all of them.
-Each configuration keeps its own initialisation, shuffling and view draws (from its seed), so
-its numbers equal a single `train` run of it within float tolerance. Configurations that differ
-in shapes, data or optimiser settings go to different groups.
+Runs over one cache that share `engine.GROUP_FIELDS` (class set, backbone, batch size, device,
+FDC depth) train together in one `engine.Group`, whatever else differs (components, losses,
+indicators, widths, gate depths, λs, lr, optimiser, epochs, data fraction, seed); each keeps its own
+initialisation, batch order and views, so a grid row equals its single `train` run (a single run is
+a group of one in the same engine). Results stream to `results.jsonl`; a rerun skips finished runs.
 """
 from __future__ import annotations
 
@@ -13,58 +12,48 @@ import itertools
 import json
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
-import torch
-from torch import nn
-from torch.func import functional_call, vmap
-
-from .runs import finish_run, run_id
+from .engine import available_memory, memory_estimate, split_for_memory, train_group
+from .engine import group_key as engine_group_key
+from .runs import eval_sets, finish_run, run_id
 from .store import check_same_model, open_cache
-from .training import (
-    TrainConfig, TrainData, build_head, config_with, configure, epoch_batches, lr_at_epoch, make_optimizer, parse_value,
-    prepare, resolve_device, subsample_per_class, view_schedule,
-)
+from .training import TrainConfig, config_with, configure, parse_value, prepare, resolve_device
 
 if sys.version_info >= (3, 11):
     import tomllib
 else:  # pragma: no cover
     import tomli as tomllib
 
-# Fields that may differ between configurations trained in one batched group (the optimiser's
-# settings may not: one fused SGD steps the whole group).
-PER_CONFIG = ("seed", "lambda_d", "device")
-
 # The paper's ablations as lists of overrides (each list item is one configuration).
-PRESETS: dict[str, list[dict]] = {
-    # Table 3: (1) FDC, (2) PC, (3) FRG+FDC, (4) FDC+PC, (5) full
-    "components": [
-        {"use_frg": False, "use_pc": False}, {"use_fdc": False}, {"use_pc": False}, {"use_frg": False}, {},
-    ],
-    # Table 12: drop one loss at a time, and the full model
-    "losses": [{"loss_frg": False}, {"loss_ce_fdc": False}, {"loss_dist": False}, {"loss_ce_pc": False},
-               {"loss_kl_pc": False}, {}],
-    # Table 6: drop one indicator group at a time (FRG: distribution, similarity, geometric; BRG: distribution, similarity)
-    "indicators": [{"frg_indicators": ("cos", "area")}, {"frg_indicators": ("dH", "area")},
-                   {"frg_indicators": ("dH", "cos")}, {"brg_indicators": ("cos",)},
-                   {"brg_indicators": ("H_bb", "H_clip")}, {}],
-    # Table 5: layers of the gate MLPs
-    "depth": [{"frg_layers": n, "brg_layers": n} for n in (1, 2, 3)],
-    # Table 4: hidden widths of the FDC adapters, then of the gates
-    "width": [{"fdc_hidden": w} for w in (16, 32, 64, 128)] + [{"gate_hidden": w} for w in (16, 64, 128)],
-    # Fig. 4(b)
-    "lambda": [{"lambda_d": v} for v in (0.1, 1.0, 5.0, 10.0, 20.0)],
-    # Fig. 9
-    "data-fraction": [{"data_fraction": f} for f in (0.25, 0.5, 0.75, 1.0)],
-    # Table 13
-    "fdc-branches": [{"fdc_textual": True}, {"fdc_textual": False}],
-    # Table 15
-    "epochs": [{"epochs": e} for e in (10, 15, 20)],
-    # is a gain the foreground's or the anchoring to the backbone's? r from FRG, always 0 (full view), always 1
-    "foreground-control": [{}, {"r_source": "full"}, {"r_source": "fg"}],
+# The paper's ablations: preset name → (title, rows); a row is (label, overrides of the full model).
+ABLATIONS: dict[str, tuple[str, list[tuple[str, dict]]]] = {
+    "components": ("Table 3: components", [
+        ("(1) FDC", {"use_frg": False, "use_pc": False}), ("(2) PC", {"use_fdc": False}),
+        ("(3) FRG+FDC", {"use_pc": False}), ("(4) FDC+PC", {"use_frg": False}), ("(5) FRG+FDC+PC", {})]),
+    "width": ("Table 4: hidden widths", [(f"FDC {w}", {"fdc_hidden": w}) for w in (16, 32, 64, 128)]
+              + [(f"gates {w}", {"gate_hidden": w}) for w in (16, 64, 128)]),
+    "depth": ("Table 5: gate depth", [(f"{n} layer{'s' if n > 1 else ''}", {"frg_layers": n, "brg_layers": n})
+                                      for n in (1, 2, 3)]),
+    "indicators": ("Table 6: indicators", [
+        ("FRG w/o ΔH", {"frg_indicators": ("cos", "area")}), ("FRG w/o cos", {"frg_indicators": ("dH", "area")}),
+        ("FRG w/o A(m)", {"frg_indicators": ("dH", "cos")}), ("BRG w/o entropies", {"brg_indicators": ("cos",)}),
+        ("BRG w/o cos", {"brg_indicators": ("H_bb", "H_clip")}), ("all indicators", {})]),
+    "losses": ("Table 12: losses", [
+        ("w/o L_FRG", {"loss_frg": False}), ("w/o CE_FDC", {"loss_ce_fdc": False}), ("w/o L_dist", {"loss_dist": False}),
+        ("w/o CE_PC", {"loss_ce_pc": False}), ("w/o KL_PC", {"loss_kl_pc": False}), ("all losses", {})]),
+    "fdc-branches": ("Table 13: FDC branches", [("visual + textual", {"fdc_textual": True}),
+                                                ("visual only", {"fdc_textual": False})]),
+    "epochs": ("Table 15: epochs", [(f"{e} epochs", {"epochs": e}) for e in (10, 15, 20)]),
+    "lambda": ("Fig. 4(b): λ_d", [(f"λ_d = {v:g}", {"lambda_d": v}) for v in (0.1, 1.0, 5.0, 10.0, 20.0)]),
+    "data-fraction": ("Fig. 9: training data", [(f"{f:.0%} of the shots", {"data_fraction": f})
+                                                for f in (0.25, 0.5, 0.75, 1.0)]),
+    "foreground-control": ("Foreground control: where L_dist's r comes from", [
+        ("r from FRG (FVG-PT)", {}), ("r = 0: full view", {"r_source": "full"}), ("r = 1: foreground", {"r_source": "fg"})]),
 }
+PAPER = ("components", "width", "depth", "indicators", "losses", "fdc-branches", "epochs", "lambda", "data-fraction")
+PRESETS = (*ABLATIONS, "paper")
 
 
 @dataclass
@@ -74,6 +63,7 @@ class GridRun:
     params: dict
     run_id: str
     preset: dict | None = None
+    ablations: list = field(default_factory=list)  # [(ablation preset, row label)] this run serves
 
 
 def parse_params(items: list[str]) -> dict[str, list]:
@@ -124,21 +114,23 @@ def expand(caches: list[Path], seeds: list[int], params: dict[str, list], base: 
     if preset is not None and preset not in PRESETS:
         raise ValueError(f"unknown preset {preset!r}; presets: {', '.join(PRESETS)}")
     base = base.to_dict() if isinstance(base, TrainConfig) else dict(base or {})
-    variants = PRESETS[preset] if preset else [{}]
+    tables = PAPER if preset == "paper" else (preset,) if preset else ()
+    variants = [(name, label, overrides) for name in tables for label, overrides in ABLATIONS[name][1]] or \
+        [(None, None, {})]
     names = list(params)
-    runs, seen = [], set()
+    runs: dict[str, GridRun] = {}
     for cache_path in caches:
         cache = open_cache(cache_path)
         for seed in seeds:
-            for variant in variants:
+            for ablation, label, variant in variants:
                 for combo in itertools.product(*(params[n] for n in names)):
                     chosen = {**variant, **dict(zip(names, combo))}
                     cfg, info = configure(cache, {**base, **chosen, "seed": seed}, preset_of)
                     rid = run_id(Path(cache_path), cfg)
-                    if rid not in seen:
-                        seen.add(rid)
-                        runs.append(GridRun(Path(cache_path), cfg, _jsonable(chosen), rid, info))
-    return runs
+                    run = runs.setdefault(rid, GridRun(Path(cache_path), cfg, _jsonable(chosen), rid, info))
+                    if ablation is not None:  # the full model serves every table once per seed
+                        run.ablations.append([ablation, label])
+    return list(runs.values())
 
 
 def _jsonable(d: dict) -> dict:
@@ -146,8 +138,8 @@ def _jsonable(d: dict) -> dict:
 
 
 def group_key(run: GridRun) -> tuple:
-    d = run.config.to_dict()
-    return (str(run.cache),) + tuple((k, json.dumps(d[k])) for k in sorted(d) if k not in PER_CONFIG)
+    """Runs with equal keys train in one group: the same cache and `engine.GROUP_FIELDS`."""
+    return (str(run.cache),) + engine_group_key(run.config)
 
 
 def done_run_ids(results: Path) -> set[str]:
@@ -168,80 +160,13 @@ def done_run_ids(results: Path) -> set[str]:
     return ids
 
 
-class _Loss(nn.Module):
-    """Wraps `FVGPTHead.losses_from` as a forward so `functional_call` can swap in stacked parameters."""
-
-    def __init__(self, head, txt_bb, scale, flags):
-        super().__init__()
-        self.head, self.txt_bb, self.scale, self.flags = head, txt_bb, scale, flags
-
-    def forward(self, frozen, lambda_d):
-        return self.head.losses_from(frozen, self.txt_bb, self.scale, lambda_d, **self.flags)
-
-
-def train_group(data: TrainData, cfgs: list[TrainConfig], labels: np.ndarray) -> list[tuple]:
-    """Train configurations that share shapes, data and optimiser settings together.
-
-    Returns (head, history) for each. The stacked parameters are ordinary leaf tensors: a vmapped
-    forward, one backward of the summed losses (configurations share no parameters, so each gets
-    its own gradient) and one optimiser step on the stacks reproduce K separate runs.
-    """
-    ref = cfgs[0]
-    device = resolve_device(ref.device)
-    k, views = len(cfgs), data.full.shape[1]
-    heads = [build_head(data.full.shape[-1], c) for c in cfgs]
-    template = heads[0].to(device)
-    flat = lambda t: t.flatten(0, 1).to(device)  # noqa: E731
-    frozen = template.frozen(flat(data.full), flat(data.fg), flat(data.clip), flat(data.area),
-                             data.y.repeat_interleave(views).to(device), data.txt_bb.to(device),
-                             data.txt_clip.to(device), data.scale)
-    txt_bb = data.txt_bb.to(device)
-    subsets = [torch.from_numpy(subsample_per_class(labels, c.data_fraction, c.seed)) for c in cfgs]
-    n = len(subsets[0])
-    names = [name for name, _ in template.named_parameters()]
-    params = {name: torch.stack([dict(h.named_parameters())[name].detach() for h in heads]).to(device).requires_grad_()
-              for name in names}
-    optimizer = make_optimizer(params.values(), ref) if params else None
-    loss_module = _Loss(template, txt_bb, data.scale, ref.loss_flags())
-
-    def loss_fn(p, batch, lambda_d):
-        return functional_call(loss_module, {f"head.{name}": v for name, v in p.items()}, (batch, lambda_d))
-
-    forward = vmap(loss_fn, in_dims=(0, 0, 0))
-    lambdas = torch.tensor([c.lambda_d for c in cfgs], dtype=torch.float32, device=device)
-    gens = [torch.Generator().manual_seed(c.seed) for c in cfgs]
-    schedules = [view_schedule(n, views, c.epochs, c.seed) for c in cfgs]
-    histories: list[list[dict]] = [[] for _ in cfgs]
-    for epoch in range(ref.epochs):
-        lr = lr_at_epoch(epoch, ref)
-        if optimizer is not None:
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-        per_config = [epoch_batches(n, c, g) for c, g in zip(cfgs, gens)]
-        totals: dict[str, torch.Tensor] = {}
-        for step in range(len(per_config[0])):
-            rows = torch.stack([subsets[i][per_config[i][step]] * views + schedules[i][epoch, per_config[i][step]]
-                                for i in range(k)]).to(device)
-            losses = forward(params, {key: v[rows] for key, v in frozen.items()}, lambdas)
-            if optimizer is not None and losses["total"].requires_grad:
-                optimizer.zero_grad(set_to_none=True)
-                losses["total"].sum().backward()
-                optimizer.step()
-            for key, v in losses.items():
-                totals[key] = totals[key] + v.detach() if key in totals else v.detach()
-        steps = max(len(per_config[0]), 1)
-        for i in range(k):
-            histories[i].append({"epoch": epoch, "lr": lr, **{key: float(v[i]) / steps for key, v in totals.items()}})
-    out = []
-    for i, head in enumerate(heads):
-        head.load_state_dict({name: params[name][i].detach().cpu() for name in names})
-        out.append((head.eval(), histories[i]))
-    return out
-
-
 def run_grid(runs: list[GridRun], out_dir: Path, *, resume: bool = True, batched: bool = True,
-             save_heads: bool = False, eval_caches: list[Path] = (), progress=None) -> list[dict]:
-    """Train and evaluate `runs`, appending one JSON line per finished run to `out_dir/results.jsonl`."""
+             save_heads: bool = False, eval_caches: list[Path] = (), progress=None, log=None,
+             memory_budget: int | None = None) -> list[dict]:
+    """Train and evaluate `runs`, appending one JSON line per finished run to `out_dir/results.jsonl`.
+
+    A group whose estimated memory exceeds `memory_budget` (default: 80 % of the device's free
+    memory) is trained in parts; `log(message)` hears how much memory each group needs."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     results_path = out_dir / "results.jsonl"
@@ -264,19 +189,27 @@ def run_grid(runs: list[GridRun], out_dir: Path, *, resume: bool = True, batched
             check_same_model([caches[cache_path], *targets])
         cache = caches[cache_path]
         t0 = time.perf_counter()
-        full_cfg = config_with(members[0].config, data_fraction=1.0)
-        data = prepare(cache, full_cfg)
+        data = prepare(cache, members[0].config)
         cfgs = [config_with(m.config, backbone=data.meta["backbone"]) for m in members]
+        device = resolve_device(cfgs[0].device)
+        budget = memory_budget or int(0.8 * available_memory(device))
+        parts = split_for_memory(data, cfgs, budget)
+        if log:
+            shared, each = memory_estimate(data, cfgs)
+            log(f"group of {len(cfgs)} configuration(s) on {cache.path.name}: {shared / 2**20:.0f} MB shared + "
+                f"{each / 2**20:.1f} MB each = {(shared + len(cfgs) * each) / 2**20:.0f} MB"
+                + (f"; trained in {len(parts)} parts to fit {budget / 2**20:.0f} MB" if len(parts) > 1 else ""))
         t1 = time.perf_counter()
-        trained = train_group(data, cfgs, data.y.numpy())
+        trained = [item for part in parts for item in train_group(data, part, device)]
         seconds = {"load": t1 - t0, "train": (time.perf_counter() - t1) / len(cfgs), "group_size": len(cfgs)}
+        sets = eval_sets(cache, targets, cfgs[0].backbone)
         with results_path.open("a") as fh:
-            for m, cfg, (head, history) in zip(members, cfgs, trained):
-                run_data = data if cfg.data_fraction >= 1 else prepare(cache, cfg)
-                record = finish_run(cache, cfg, run_data, head, history, seconds, targets,
-                                    out_dir / "runs" / m.run_id, save=save_heads, preset=m.preset)
+            for m, cfg, (head, history, images) in zip(members, cfgs, trained):
+                record = finish_run(cache, cfg, data.subset(images), head, history, seconds, targets,
+                                    out_dir / "runs" / m.run_id, save=save_heads, preset=m.preset, evalsets=sets)
                 record["run_id"] = m.run_id
                 record["params"] = m.params
+                record["ablations"] = m.ablations
                 fh.write(json.dumps(record) + "\n")
                 fh.flush()
                 records.append(record)

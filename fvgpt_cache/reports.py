@@ -83,9 +83,10 @@ class Cell:
     base: list[float] = field(default_factory=list)
     new: list[float] = field(default_factory=list)
     all: list[float] = field(default_factory=list)
+    collapsed: list[int] = field(default_factory=list)  # seeds whose run was flagged as collapsed
 
     def summary(self) -> dict:
-        out: dict = {"n_seeds": max(len(self.base), len(self.all))}
+        out: dict = {"n_seeds": max(len(self.base), len(self.all)), "collapsed_seeds": sorted(self.collapsed)}
         if self.base and self.new:
             b, n = _mean(self.base), _mean(self.new)
             per_seed = [harmonic_mean(x, y) for x, y in zip(self.base, self.new)]
@@ -112,6 +113,8 @@ def aggregate(records: list[dict]) -> dict:
                 cell.new.append(m["new"])
             if m.get("all") is not None:
                 cell.all.append(m["all"])
+            if method == "fvgpt" and (rec.get("stability") or {}).get("collapsed"):
+                cell.collapsed.append(rec["seed"])
         for target in rec.get("cross_dataset", []):
             for method in METHODS:
                 g["cross"].setdefault(ds, {}).setdefault(target["dataset"], {}).setdefault(method, []).append(target[method])
@@ -172,7 +175,7 @@ def rows(summary: dict) -> list[dict]:
 
 def to_csv(summary: dict) -> str:
     data = rows(summary)
-    cols = ["backbone", "config", "dataset", "method", "n_seeds", "base", "base_std", "new", "new_std", "hm",
+    cols = ["backbone", "config", "dataset", "method", "n_seeds", "collapsed_seeds", "base", "base_std", "new", "new_std", "hm",
             "hm_seed_mean", "hm_seed_std", "all", "all_std"]
     buf = io.StringIO()
     writer = csv.DictWriter(buf, fieldnames=cols, extrasaction="ignore")
@@ -207,6 +210,9 @@ def table_rows(backbone: str, g: dict, compare_paper: bool = False) -> tuple[lis
         for m in METHODS:
             cells += [_fmt(methods[m], "base"), _fmt(methods[m], "new"), f"{methods[m]['hm']:.2f}"]
         cells.append(f"{methods['fvgpt']['hm'] - methods['backbone']['hm']:+.2f}")
+        flagged = methods["fvgpt"].get("collapsed_seeds")
+        if flagged:
+            cells[0] += f" (collapsed: seed {', '.join(map(str, flagged))})"
         body.append(cells)
         if ds in paper:
             body.append(_paper_row(ds, paper[ds]))
@@ -253,18 +259,73 @@ def cross_rows(backbone: str, g: dict, compare_paper: bool = False) -> tuple[lis
     return header, body
 
 
-def tables(summary: dict, compare_paper: bool = False):
-    """Every non-empty table of a summary: (title, header, body) in Table 1, then Table 2, layout."""
+def tables(summary: dict, compare_paper: bool = False, extra=()):
+    """Every non-empty table of a summary: (title, header, body) in Table 1, then Table 2, layout; then `extra`."""
     for (backbone, label), g in summary.items():
         for kind, table in (("Base-to-new", table_rows(backbone, g, compare_paper)),
                             ("Cross-dataset", cross_rows(backbone, g, compare_paper))):
             if table and table[1]:
                 yield f"{kind} · backbone {backbone} · {label}", table[0], table[1]
+    yield from extra
 
 
-def to_markdown(summary: dict, compare_paper: bool = False) -> str:
+FULL_ROWS = ("(5) FRG+FDC+PC", "all indicators", "all losses", "visual + textual", "2 layers", "FDC 64", "λ_d = 10",
+             "100% of the shots", "10 epochs", "r from FRG (FVG-PT)")
+
+
+def ablation_tables(records: list[dict]) -> list[tuple[str, list[str], list[list[str]]]]:
+    """The paper's ablation tables from grid runs that carry `ablations` (grid --preset …):
+
+    one table per ablation and backbone, a row per variant in the paper's order: Base and New as
+    means over datasets of the seed means, HM of those, ΔHM against the full model's row, and the
+    seeds of each row whose run collapsed. Runs of different datasets are averaged only for a
+    variant that has runs on every dataset of the table."""
+    from .grids import ABLATIONS
+
+    cells: dict[tuple, dict] = {}
+    for rec in records:
+        for ablation, label in rec.get("ablations") or []:
+            key = (ablation, rec["backbone"])
+            row = cells.setdefault(key, {}).setdefault(label, {})
+            m = rec["metrics"]["fvgpt"]
+            if m.get("base") is None:
+                continue
+            ds = row.setdefault(rec.get("dataset"), {"base": [], "new": [], "collapsed": []})
+            ds["base"].append(m["base"])
+            ds["new"].append(m["new"])
+            if (rec.get("stability") or {}).get("collapsed"):
+                ds["collapsed"].append(rec["seed"])
+    out = []
+    for (ablation, backbone), rows in cells.items():
+        title, order = ABLATIONS[ablation]
+        datasets = sorted(set.union(*(set(r) for r in rows.values())))
+        body, full_hm = [], None
+        summaries = {}
+        for label, _ in order:
+            per_ds = rows.get(label, {})
+            if set(per_ds) != set(datasets):
+                continue
+            b = _mean([_mean(per_ds[d]["base"]) for d in datasets])
+            n = _mean([_mean(per_ds[d]["new"]) for d in datasets])
+            seeds = min(len(per_ds[d]["base"]) for d in datasets)
+            flagged = sorted({s for d in datasets for s in per_ds[d]["collapsed"]})
+            summaries[label] = (b, n, harmonic_mean(b, n), seeds, flagged)
+            if label in FULL_ROWS:
+                full_hm = harmonic_mean(b, n)
+        for label, (b, n, hm, seeds, flagged) in summaries.items():
+            delta = "" if full_hm is None or label in FULL_ROWS else f"{hm - full_hm:+.2f}"
+            body.append([label, f"{b:.2f}", f"{n:.2f}", f"{hm:.2f}", delta, str(seeds),
+                         ", ".join(map(str, flagged)) or "-"])
+        if body:
+            where = datasets[0] if len(datasets) == 1 else f"average over {len(datasets)} datasets"
+            out.append((f"{title} · backbone {backbone} · {where}",
+                        ["Variant", "Base", "New", "HM", "ΔHM", "seeds", "collapsed"], body))
+    return out
+
+
+def to_markdown(summary: dict, compare_paper: bool = False, extra=()) -> str:
     parts = []
-    for title, header, body in tables(summary, compare_paper):
+    for title, header, body in tables(summary, compare_paper, extra):
         parts.append(f"### {title}\n")
         parts.append("| " + " | ".join(header) + " |")
         parts.append("|" + "|".join("---" for _ in header) + "|")
@@ -273,10 +334,10 @@ def to_markdown(summary: dict, compare_paper: bool = False) -> str:
     return "\n".join(parts)
 
 
-def to_latex(summary: dict, compare_paper: bool = False) -> str:
+def to_latex(summary: dict, compare_paper: bool = False, extra=()) -> str:
     parts = []
     esc = lambda s: s.replace("_", r"\_").replace("±", r"$\pm$").replace("Δ", r"$\Delta$").replace("·", ",")  # noqa: E731
-    for title, header, body in tables(summary, compare_paper):
+    for title, header, body in tables(summary, compare_paper, extra):
         parts.append(f"% {esc(title)}")
         parts.append(r"\begin{tabular}{l" + "r" * (len(header) - 1) + "}")
         parts.append(r"\toprule")

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from .evaluation import evaluate, evaluate_transfer, gate_diagnostics
+from .evaluation import EvalSet, evaluate, evaluate_transfer, gate_diagnostics
 from .heads import FVGPTHead
 from .store import check_same_model, open_cache
 from .training import TrainConfig, build_head, prepare, stability, train_head
@@ -62,19 +62,26 @@ def run_training(cache_path: str | Path, cfg: TrainConfig, out_dir: Path | None 
     data = prepare(cache, cfg)
     cfg_used = TrainConfig(**{**cfg.to_dict(), "backbone": data.meta["backbone"]}).validate()
     t1 = time.perf_counter()
-    head, history = train_head(data, cfg_used, progress)
-    return finish_run(cache, cfg_used, data, head, history, {"load": t1 - t0, "train": time.perf_counter() - t1},
+    head, history, images = train_head(data, cfg_used, progress)
+    return finish_run(cache, cfg_used, data.subset(images), head, history, {"load": t1 - t0, "train": time.perf_counter() - t1},
                       targets, out_dir, save, preset)
 
 
+def eval_sets(cache, targets, backbone: str) -> dict:
+    """The test features a run is evaluated on, read once (a grid shares them across its runs)."""
+    return {"own": EvalSet(cache, backbone), "targets": [EvalSet(t, backbone) for t in targets]}
+
+
 def finish_run(cache, cfg: TrainConfig, data, head: FVGPTHead, history: list[dict], seconds: dict,
-               targets=(), out_dir: Path | None = None, save: bool = True, preset: dict | None = None) -> dict:
+               targets=(), out_dir: Path | None = None, save: bool = True, preset: dict | None = None,
+               evalsets: dict | None = None) -> dict:
     """Evaluate a trained head and build (and optionally write) its results record."""
     t2 = time.perf_counter()
-    results = evaluate(head, cache, cfg.backbone, cfg.classes)
-    results["cross_dataset"] = [evaluate_transfer(head, t, cfg.backbone) for t in targets]
-    results["diagnostics"] = gate_diagnostics(head, data, cache, cfg.backbone, cfg.classes)
-    results["stability"] = stability(history)
+    sets = evalsets or eval_sets(cache, targets, cfg.backbone)
+    results = evaluate(head, cache, cfg.backbone, cfg.classes, sets["own"])
+    results["cross_dataset"] = [evaluate_transfer(head, t, cfg.backbone, ts) for t, ts in zip(targets, sets["targets"])]
+    results["diagnostics"] = gate_diagnostics(head, data, cache, cfg.backbone, cfg.classes, sets["own"])
+    results["stability"] = stability(history, results["diagnostics"]["train"]["backbone_acc"])
     warnings = list(data.meta.get("warnings", [])) + list((preset or {}).get("warnings", []))
     out_dir = Path(out_dir) if out_dir else default_run_dir(cache.path, cfg, cfg.backbone)
     record = {

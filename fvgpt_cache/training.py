@@ -199,6 +199,14 @@ class TrainData:
     scale: float
     meta: dict = field(default_factory=dict)
 
+    def subset(self, images: np.ndarray) -> "TrainData":
+        """The same data restricted to some training images (a run's `data_fraction` subset)."""
+        if len(images) == len(self.y):
+            return self
+        idx = torch.as_tensor(images, dtype=torch.long)
+        return TrainData(self.class_ids, self.full[idx], self.fg[idx], self.clip[idx], self.area[idx], self.y[idx],
+                         self.txt_bb, self.txt_clip, self.scale, {**self.meta, "train_images": int(len(idx))})
+
 
 def class_set(cache: Cache, classes: str) -> np.ndarray:
     return cache.base if classes == "base" else np.arange(len(cache.classnames))
@@ -224,7 +232,6 @@ def prepare(cache: Cache, cfg: TrainConfig) -> TrainData:
     position = np.full(len(cache.classnames), -1)
     position[class_ids] = np.arange(len(class_ids))
     rows = np.flatnonzero(position[labels] >= 0)
-    rows = rows[subsample_per_class(labels[rows], cfg.data_fraction, cfg.seed)]
     if rows.size == 0:
         raise CacheError(f"{cache.path} has no training images of the {cfg.classes} classes")
     full = backbone_images(cache, backbone, "train", "full")[rows]
@@ -264,9 +271,12 @@ def configure(cache: Cache, overrides: dict, preset_of: str = "auto") -> tuple[T
     method = method_of(backbone, cache.text_provenance(backbone) if backbone in cache.text_groups else {})
     preset = choose_preset(method, cache.provenance.get("dataset"), overrides.get("classes", "base"), preset_of)
     settings = dict(preset.settings) if preset else {}
-    cfg = TrainConfig(**{**TrainConfig().to_dict(), **settings, **overrides, "backbone": backbone}).validate()
+    preset_only = {**TrainConfig().to_dict(), **settings}
+    cfg = TrainConfig(**{**preset_only, **overrides, "backbone": backbone}).validate()
+    final = cfg.to_dict()
+    run_keys = ("backbone", "seed", "device", "classes")
     info = {"method": method, "preset_of": preset_of, "preset": preset.to_dict() if preset else None,
-            "overridden": sorted(k for k in settings if k in overrides and overrides[k] != settings[k]),
+            "overridden": sorted(k for k in overrides if k not in run_keys and final[k] != preset_only[k]),
             "warnings": []}
     if preset is None and preset_of == "auto":
         info["warnings"].append(f"no preset for the backbone method {method!r}: the plain defaults (CoOp's) are used")
@@ -283,17 +293,6 @@ def build_head(dim: int, cfg: TrainConfig) -> FVGPTHead:
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.seed)
         return FVGPTHead(dim, **cfg.head_kwargs())
-
-
-def make_optimizer(params, cfg: TrainConfig) -> torch.optim.Optimizer:
-    """SGD or AdamW with the config's settings; the fused kernel where this torch has one."""
-    kind, kwargs = ((torch.optim.SGD, {"lr": cfg.lr, "momentum": cfg.momentum, "weight_decay": cfg.weight_decay})
-                    if cfg.optimizer == "sgd" else (torch.optim.AdamW, {"lr": cfg.lr, "weight_decay": cfg.weight_decay}))
-    params = list(params)
-    try:
-        return kind(params, fused=True, **kwargs)
-    except (RuntimeError, TypeError):
-        return kind(params, foreach=True, **kwargs)
 
 
 def view_schedule(n: int, views: int, epochs: int, seed: int) -> torch.Tensor:
@@ -320,46 +319,15 @@ def epoch_batches(n: int, cfg: TrainConfig, gen: torch.Generator) -> list[torch.
     return [order[i:i + cfg.batch_size] for i in range(0, stop, cfg.batch_size)]
 
 
-def train_head(data: TrainData, cfg: TrainConfig, progress=None) -> tuple[FVGPTHead, list[dict]]:
-    """Train one head; deterministic for a given `cfg.seed`. Returns the head and per-epoch losses."""
+def train_head(data: TrainData, cfg: TrainConfig, progress=None) -> tuple[FVGPTHead, list[dict], np.ndarray]:
+    """Train one head (a group of one in `engine`); deterministic for a given `cfg.seed`.
+
+    Returns the head, its per-epoch history and the indices of the training images it used
+    (all of `data`, or the `data_fraction` subset)."""
+    from .engine import train_group
+
     cfg.validate()
-    device = resolve_device(cfg.device)
-    head = build_head(data.full.shape[-1], cfg).to(device)
-    n, views = data.full.shape[:2]
-    # frozen statistics of every (image, view), computed once (see FVGPTHead.frozen)
-    flat = lambda t: t.flatten(0, 1).to(device)  # noqa: E731
-    frozen = head.frozen(flat(data.full), flat(data.fg), flat(data.clip), flat(data.area),
-                         data.y.repeat_interleave(views).to(device), data.txt_bb.to(device),
-                         data.txt_clip.to(device), data.scale)
-    txt_bb = data.txt_bb.to(device)
-    params = [p for p in head.parameters() if p.requires_grad]
-    optimizer = make_optimizer(params, cfg) if params else None
-    gen = torch.Generator().manual_seed(cfg.seed)
-    schedule = view_schedule(n, views, cfg.epochs, cfg.seed)
-    history = []
-    for epoch in range(cfg.epochs):
-        lr = lr_at_epoch(epoch, cfg)
-        if optimizer is not None:
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-        head.train()
-        totals: dict[str, torch.Tensor] = {}
-        batches = epoch_batches(n, cfg, gen)
-        for idx in batches:
-            rows = (idx * views + schedule[epoch, idx]).to(device)
-            losses = head.losses_from({k: v[rows] for k, v in frozen.items()}, txt_bb, data.scale,
-                                      cfg.lambda_d, **cfg.loss_flags())
-            if optimizer is not None and losses["total"].requires_grad:
-                optimizer.zero_grad(set_to_none=True)
-                losses["total"].backward()
-                optimizer.step()
-            for k, v in losses.items():
-                totals[k] = totals[k] + v.detach() if k in totals else v.detach()
-        history.append({"epoch": epoch, "lr": lr, **{k: float(v) / max(len(batches), 1) for k, v in totals.items()}})
-        if progress:
-            progress(epoch + 1, cfg.epochs, history[-1])
-    head.eval()
-    return head.cpu(), history
+    return train_group(data, [cfg], resolve_device(cfg.device), progress)[0]
 
 
 def parse_value(name: str, text: str):
@@ -399,17 +367,20 @@ def config_with(base: TrainConfig, **overrides) -> TrainConfig:
 COLLAPSE_DROP = 5.0  # points of FDC training accuracy lost between the first and the last epoch
 
 
-def stability(history: list[dict], drop: float = COLLAPSE_DROP) -> dict:
-    """Did the FDC branch collapse? Compares its accuracy and cross-entropy on the training views in the
-    last epoch with the first (the warm-up epoch, where FDC is still ≈ the backbone): a collapsed run
-    ends less accurate (by more than `drop` points) or with a higher CE than it started."""
+def stability(history: list[dict], backbone_acc: float | None = None, drop: float = COLLAPSE_DROP) -> dict:
+    """Did the FDC branch collapse? Its accuracy and cross-entropy on the training views in the last epoch
+    against the first (the warm-up epoch, where FDC is still ≈ the backbone) and against the backbone's
+    own accuracy on those views: a collapsed run ends more than `drop` points below the better of the two
+    references, or with a higher CE than in its first epoch. (Without a warm-up the first epoch is
+    already trained at the full lr, so the backbone is the reference that still holds.)"""
     out = {"collapsed": False, "checked": False, "drop_threshold": drop}
     if not history or "acc_fdc" not in history[0]:
         return out
     first, last = history[0], history[-1]
-    out.update(checked=True, acc_fdc_first=first["acc_fdc"], acc_fdc_last=last["acc_fdc"],
+    reference = max(first["acc_fdc"], backbone_acc if backbone_acc is not None else -math.inf)
+    out.update(checked=True, acc_fdc_first=first["acc_fdc"], acc_fdc_last=last["acc_fdc"], acc_backbone=backbone_acc,
                ce_fdc_first=first.get("ce_fdc"), ce_fdc_last=last.get("ce_fdc"))
-    worse_acc = last["acc_fdc"] < first["acc_fdc"] - drop
+    worse_acc = last["acc_fdc"] < reference - drop
     worse_ce = "ce_fdc" in first and last["ce_fdc"] > first["ce_fdc"]
     out["collapsed"] = bool(worse_acc or worse_ce)
     out["reason"] = ", ".join(r for r, on in (("accuracy fell", worse_acc), ("cross-entropy rose", worse_ce)) if on) or None

@@ -35,7 +35,6 @@ def _open_clip_features(loaded, pixels):
 
 def _reference(tiny_model, img, mask, geometry, fg_mode="normalized"):
     """Features of one view computed independently with torchvision and open_clip's encode_image."""
-    size = tiny_model.preprocess["size"]
     mean = torch.tensor(tiny_model.preprocess["mean"]).view(3, 1, 1)
     std = torch.tensor(tiny_model.preprocess["std"]).view(3, 1, 1)
     img_v, mask_v = geometry(img), geometry(mask, nearest=True)

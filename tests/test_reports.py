@@ -138,3 +138,13 @@ def test_sweep_and_plot(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "matplotlib", None)
     with pytest.raises(RuntimeError, match=r"pip install 'fvgpt-cache\[plot\]'"):
         plot_sweep(data, "lambda_d", tmp_path / "x.svg")
+
+
+def test_report_counts_collapsed_seeds(tmp_path):
+    from fvgpt_cache.reports import aggregate, to_markdown
+    recs = [record("syn", s, (80, 70), (78, 60), (70, 70)) for s in (1, 2, 3)]
+    recs[1]["stability"] = {"collapsed": True}
+    summary = aggregate(recs)
+    (g,) = summary.values()
+    assert g["datasets"]["syn"]["fvgpt"]["collapsed_seeds"] == [2]
+    assert "syn (collapsed: seed 2)" in to_markdown(summary)

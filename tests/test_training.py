@@ -169,3 +169,130 @@ def test_train_command_table_and_json(syn, tmp_path):
     assert rec["config"]["use_frg"] is False and rec["config"]["fdc_hidden"] == 8
     res = runner.invoke(app, ["train", str(syn), "--set", "nope=1"])
     assert res.exit_code == 2 and "unknown parameter 'nope'" in res.output
+
+
+# --- issue 10: presets, augmented views, diagnostics, stability ------------------------------------
+
+def _with_backbone(path, method, dataset="syn", **extra):
+    """A synthetic cache whose backbone group says it was made with `method` (and a dataset name)."""
+    p = write_feature_cache(path, **SMALL, backbone=None)
+    with h5py.File(p, "r+") as f:
+        prov = json.loads(f.attrs["provenance"])
+        prov.update(dataset=dataset, augmentation={"random_resized_crop_scale": list(extra.get("scale", (0.08, 1.0)))})
+        f.attrs["provenance"] = json.dumps(prov)
+    cache = open_cache(p)
+    write_text_group(p, method, cache.text("clip"), {"method": method})
+    return open_cache(p)
+
+
+@pytest.mark.parametrize("method, dataset, classes, name, expect", [
+    ("coop", "oxford_pets", "base", "coop", {"epochs": 10, "lr": 0.0035, "batch_size": 4, "optimizer": "sgd"}),
+    ("coop", "eurosat", "base", "coop-eurosat", {"epochs": 20, "lr": 0.002}),
+    ("kgcoop", "eurosat", "base", "kgcoop", {"epochs": 10, "lr": 0.0035}),
+    ("promptsrc", "dtd", "base", "promptsrc", {"batch_size": 32, "lr": 0.0025, "epochs": 10}),
+    ("promptsrc", "imagenet", "all", "promptsrc-cross", {"batch_size": 4, "lr": 0.0035, "epochs": 5}),
+    ("mmrl", "dtd", "base", "mmrl", {"optimizer": "adamw", "lr": 0.001, "lambda_d": 5.0, "batch_size": 4}),
+    ("mmrl", "imagenet", "all", "mmrl-cross", {"batch_size": 32, "epochs": 5, "warmup_epochs": 0, "lambda_d": 5.0}),
+])
+def test_preset_follows_the_backbone_method_dataset_and_protocol(tmp_path, method, dataset, classes, name, expect):
+    from fvgpt_cache.training import configure
+
+    cache = _with_backbone(tmp_path / "c.h5", method, dataset)
+    cfg, info = configure(cache, {"classes": classes})
+    assert info["preset"]["name"] == name and info["preset"]["source"].startswith("JREion/FVG-PT configs/trainers/FVGPT_")
+    assert {k: getattr(cfg, k) for k in expect} == expect
+    explicit, info = configure(cache, {"classes": classes, "lr": 0.01, "epochs": 3})
+    assert explicit.lr == 0.01 and explicit.epochs == 3  # an explicit option beats the preset
+    assert info["overridden"] == ["epochs", "lr"]
+    plain, info = configure(cache, {"classes": classes}, preset_of="none")
+    assert info["preset"] is None and plain.lr == TrainConfig().lr and plain.epochs == 10
+
+
+def test_zero_shot_clip_backbone_uses_coops_preset_and_mmrl_warns_about_the_crop_scale(tmp_path):
+    from fvgpt_cache.training import configure
+
+    cache = _with_backbone(tmp_path / "c.h5", "mmrl", "dtd")
+    cfg, info = configure(cache, {"backbone": "clip"})
+    assert info["preset"]["name"] == "clip" and cfg.lr == 0.0035
+    _, info = configure(cache, {"backbone": "mmrl"})
+    assert any("--rrc-scale 0.5,1.0" in w for w in info["warnings"])
+    cache = _with_backbone(tmp_path / "d.h5", "mmrl", "dtd", scale=(0.5, 1.0))
+    assert configure(cache, {})[1]["warnings"] == []
+
+
+def test_train_cli_records_the_preset_and_lambda_new(tmp_path):
+    cache = _with_backbone(tmp_path / "c.h5", "promptsrc", "dtd")
+    out = CliRunner().invoke(app, ["train", str(cache.path), "--json", "--out", str(tmp_path / "r"), "--epochs", "2",
+                                   "--lambda-new", "0.5"])
+    assert out.exit_code == 0, out.output
+    rec = json.loads(out.output)
+    assert rec["preset"]["preset"]["name"] == "promptsrc" and rec["preset"]["overridden"] == ["epochs", "lambda_pc"]
+    assert rec["config"]["batch_size"] == 32 and rec["config"]["epochs"] == 2 and rec["config"]["lambda_pc"] == 0.5
+    table = CliRunner().invoke(app, ["train", str(cache.path), "--out", str(tmp_path / "r2"), "--epochs", "2"])
+    assert "preset promptsrc (JREion/FVG-PT configs/trainers/FVGPT_PromptSRC" in table.output.replace("\n", "")
+
+
+def test_view_schedule_walks_a_permutation_of_the_augmented_views():
+    from fvgpt_cache.training import view_schedule
+
+    s = view_schedule(n=7, views=5, epochs=10, seed=3)
+    assert s.shape == (10, 7) and s.min() >= 1 and s.max() <= 4
+    for i in range(7):
+        for cycle in (s[0:4, i], s[4:8, i]):  # every cycle of 4 epochs uses each augmented view once
+            assert sorted(cycle.tolist()) == [1, 2, 3, 4]
+    assert torch.equal(s, view_schedule(7, 5, 10, 3)) and not torch.equal(s, view_schedule(7, 5, 10, 4))
+    assert (s[:, 0] != s[:, 1]).any()  # images walk different permutations
+    assert torch.equal(view_schedule(3, 1, 4, 1), torch.zeros(4, 3, dtype=torch.long))
+
+
+def test_a_cache_without_augmented_views_trains_with_a_warning(tmp_path):
+    one = write_feature_cache(tmp_path / "one.h5", **{**SMALL, "views": 1})
+    rec = run_training(one, TrainConfig(epochs=2), save=False)
+    assert any("no augmented training views" in w for w in rec["warnings"])
+    two = run_training(write_feature_cache(tmp_path / "two.h5", **SMALL), TrainConfig(epochs=2), save=False)
+    assert two["warnings"] == []
+
+
+def test_gate_summary_on_a_hand_built_case():
+    from fvgpt_cache.evaluation import gate_summary
+
+    r = torch.tensor([0.9, 0.8, 0.3, 0.2, 0.7, 0.95])
+    r_star = torch.tensor([1.0, 0.0, 1.0, 0.0, 0.0, 0.0])
+    usable = torch.tensor([1.0, 1.0, 1.0, 1.0, 0.0, 0.0])  # the last two views are cut by the area gate
+    s = gate_summary(r, r_star, usable)
+    # usable views: positives 0.9, 0.3; negatives 0.8, 0.2 → pairs won 0.9>0.8, 0.9>0.2, 0.3>0.2 = 3 of 4
+    assert s["frg_auc"] == pytest.approx(0.75)
+    # all views: negatives also 0.7, 0.95 → 0.9 beats 0.8, 0.2, 0.7; 0.3 beats 0.2 → 4 of 8
+    assert s["frg_auc_all"] == pytest.approx(0.5)
+    assert s["r_star_share"] == pytest.approx(2 / 6) and s["area_cut_share"] == pytest.approx(2 / 6)
+    assert s["r_mean"] == pytest.approx(float(r.mean()))
+
+
+def test_run_reports_gate_diagnostics(syn):
+    rec = run_training(syn, TrainConfig(epochs=3), save=False)
+    d = rec["diagnostics"]
+    assert d["train"]["views"] == 3 * 8 * 1  # the augmented views (1 of 2 stored) of the 24 training images
+    for part in ("train", "test_base"):
+        assert 0 <= d[part]["r_star_share"] <= 1 and 0 < d[part]["r_mean"] < 1
+    assert 0 <= d["b_mean_base"] <= 1 and 0 <= d["b_mean_new"] <= 1
+    assert isinstance(d["frg_learned"], bool)
+    no_frg = run_training(syn, TrainConfig(epochs=2, use_frg=False), save=False)["diagnostics"]
+    assert no_frg["train"]["r_mean"] is None and no_frg["frg_learned"] is None
+
+
+def test_collapse_flag_on_hand_made_histories():
+    from fvgpt_cache.training import stability
+
+    healthy = [{"acc_fdc": 47.0, "ce_fdc": 1.30}, {"acc_fdc": 70.0, "ce_fdc": 0.90}, {"acc_fdc": 88.0, "ce_fdc": 0.50}]
+    collapsed = [{"acc_fdc": 47.0, "ce_fdc": 1.30}, {"acc_fdc": 30.0, "ce_fdc": 1.45}, {"acc_fdc": 21.0, "ce_fdc": 1.52}]
+    flat_but_worse_ce = [{"acc_fdc": 50.0, "ce_fdc": 1.10}, {"acc_fdc": 49.0, "ce_fdc": 1.40}]
+    assert stability(healthy)["collapsed"] is False
+    s = stability(collapsed)
+    assert s["collapsed"] is True and s["reason"] == "accuracy fell, cross-entropy rose"
+    assert stability(flat_but_worse_ce)["reason"] == "cross-entropy rose"
+    assert stability([{"total": 1.0}])["checked"] is False
+    # without a warm-up the first epoch has already fallen; the backbone's accuracy still flags it
+    no_warmup = [{"acc_fdc": 25.0, "ce_fdc": 2.5}, {"acc_fdc": 30.0, "ce_fdc": 2.2}]
+    assert stability(no_warmup)["collapsed"] is False
+    assert stability(no_warmup, backbone_acc=47.0)["collapsed"] is True
+    assert stability(healthy, backbone_acc=47.0)["collapsed"] is False

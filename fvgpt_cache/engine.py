@@ -1,0 +1,618 @@
+"""Training K FVG-PT configurations at once: stacked tensors, hand-written gradients, one optimiser step.
+
+Every run trains here; a single `train` is a group of one. The configurations of a group share the
+training data (one cache, class set and backbone), the batch size, the device and the FDC depth;
+everything else may differ per configuration and becomes data:
+
+* components and loss terms: per-configuration 0/1 factors on the loss terms and on r;
+* λ_d, λ_frg, λ_pc, τ, the logit scale switch, the FRG margin, the area gate, r's source: factors;
+* widths: zero-padded hidden units (a padded unit starts at zero and its gradient is exactly zero);
+* gate depths: layers padded to the group's depth with frozen identity layers, and a 1-layer gate
+  as a frozen embedding of its inputs followed by its one real layer (per-layer activation masks);
+* indicator subsets: the columns a configuration does not use are zero and frozen;
+* lr, weight decay, momentum, optimiser (SGD / AdamW), warm-up and epochs: per-element schedules of
+  the flat optimiser; a configuration whose epochs are over, or whose (smaller) data fraction has
+  no batch left in an epoch, takes no step;
+* data fraction, seed, drop_last: per-configuration batch plans.
+
+Gradients are written by hand (each checked against autograd of `heads.FVGPTHead.losses_from` in
+the tests); there is no autograd graph, so a step is about a hundred small tensor operations.
+Parameters, gradients and optimiser states live in flat buffers; the parameter of a layer is a
+contiguous (K, out, in) view into them, and a per-element mask keeps padded and frozen entries still.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .heads import BRG_INDICATORS, FRG_INDICATORS, FVGPTHead, frg_indicators, brg_indicators
+from .training import TrainConfig, TrainData, build_head, epoch_batches, lr_at_epoch, view_schedule
+
+# fields that must be equal inside one group (besides the cache); all others may differ
+GROUP_FIELDS = ("backbone", "classes", "batch_size", "device", "fdc_layers")
+TERMS = ("frg", "ce_fdc", "dist", "acc_fdc", "ce_pc", "kl_pc")
+HISTORY_KEYS = ("frg", "ce_fdc", "dist", "base", "acc_fdc", "ce_pc", "kl_pc", "pc", "total")
+BETAS, ADAM_EPS = (0.9, 0.999), 1e-8
+
+
+def group_key(cfg: TrainConfig) -> tuple:
+    return tuple(getattr(cfg, k) for k in GROUP_FIELDS)
+
+
+# ---------------------------------------------------------------------------------------------
+# The padded layout of a group
+
+
+@dataclass
+class Block:
+    name: str
+    shape: tuple[int, ...]  # without the leading K
+    offset: int = 0
+
+    @property
+    def size(self) -> int:
+        return math.prod(self.shape)
+
+
+class Layout:
+    """Padded shapes of a group and the flat buffers that hold parameters, gradients and states."""
+
+    def __init__(self, dim: int, cfgs: list[TrainConfig], device: torch.device):
+        self.k, self.dim, self.device = len(cfgs), dim, device
+        self.fdc_depth = cfgs[0].fdc_layers
+        self.fdc_hidden = max(c.fdc_hidden for c in cfgs)
+        self.gate_depth = max(max(c.frg_layers, c.brg_layers) for c in cfgs)
+        one_layer = any(min(c.frg_layers, c.brg_layers) == 1 for c in cfgs) and self.gate_depth > 1
+        self.gate_hidden = max([c.gate_hidden for c in cfgs] + ([len(FRG_INDICATORS)] if one_layer else []))
+        fdc_dims = [dim] + [self.fdc_hidden] * (self.fdc_depth - 1) + [dim]
+        gate_dims = [3] + [self.gate_hidden] * (self.gate_depth - 1) + [1]
+        self.dims = {"fdc_img": fdc_dims, "fdc_txt": fdc_dims, "frg": gate_dims, "brg": gate_dims}
+        self.blocks: dict[str, Block] = {}
+        offset = 0
+        for module, dims in self.dims.items():
+            for i in range(len(dims) - 1):
+                for kind, shape in (("w", (dims[i + 1], dims[i])), ("b", (dims[i + 1],))):
+                    block = Block(f"{module}.{i}.{kind}", shape, offset)
+                    self.blocks[block.name] = block
+                    offset += self.k * block.size
+        self.numel = offset
+
+    def views(self, flat: Tensor) -> dict[str, Tensor]:
+        """Contiguous (K, *shape) views of each parameter into a flat buffer."""
+        return {n: flat[b.offset:b.offset + self.k * b.size].view(self.k, *b.shape) for n, b in self.blocks.items()}
+
+    def rows(self, flat: Tensor) -> dict[str, Tensor]:
+        """(K, size) views of each block: one row per configuration, for per-configuration factors."""
+        return {n: flat[b.offset:b.offset + self.k * b.size].view(self.k, b.size) for n, b in self.blocks.items()}
+
+    def config_index(self) -> Tensor:
+        """(numel,) the configuration of each flat element."""
+        return torch.cat([torch.arange(self.k).repeat_interleave(b.size) for b in self.blocks.values()])
+
+    def layers(self, views: dict[str, Tensor], module: str) -> list[tuple[Tensor, Tensor]]:
+        return [(views[f"{module}.{i}.w"], views[f"{module}.{i}.b"]) for i in range(len(self.dims[module]) - 1)]
+
+
+def _linears(seq: nn.Sequential | None) -> list[nn.Linear]:
+    return [] if seq is None else [m for m in seq if isinstance(m, nn.Linear)]
+
+
+def _gate_slots(layout: Layout, depth: int, names: tuple[str, ...], known: tuple[str, ...]):
+    """For a gate of `depth` real layers: per padded layer, ("real", j) or ("identity" | "embed"), and input columns."""
+    cols = [known.index(n) for n in names]
+    if depth == layout.gate_depth:
+        return [("real", j) for j in range(depth)], cols
+    if depth == 2:  # 2 real layers in a 3-layer structure: identity in the middle
+        return [("real", 0), ("identity", None), ("real", 1)], cols
+    return [("embed", None)] + [("identity", None)] * (layout.gate_depth - 2) + [("real", 0)], cols
+
+
+def scatter(layout: Layout, k: int, head: FVGPTHead, cfg: TrainConfig, params: dict[str, Tensor],
+            mask: dict[str, Tensor], acts: dict[str, Tensor]) -> None:
+    """Put configuration k's head into the padded stacks; mark its trainable entries in `mask`."""
+    for module, adapter in (("fdc_img", head.fdc and head.fdc.image), ("fdc_txt", head.fdc and head.fdc.text)):
+        for i, lin in enumerate(_linears(adapter.mlp if adapter is not None else None)):
+            out, inp = lin.weight.shape
+            params[f"{module}.{i}.w"][k, :out, :inp] = lin.weight.detach()
+            params[f"{module}.{i}.b"][k, :out] = lin.bias.detach()
+            mask[f"{module}.{i}.w"][k, :out, :inp] = 1
+            mask[f"{module}.{i}.b"][k, :out] = 1
+    for module, gate, depth, names, known in (("frg", head.frg, cfg.frg_layers, head.frg_names, FRG_INDICATORS),
+                                             ("brg", head.brg, cfg.brg_layers, head.brg_names, BRG_INDICATORS)):
+        if gate is None:
+            continue
+        lins = _linears(gate.mlp)
+        slots, cols = _gate_slots(layout, depth, names, known)
+        for i, (kind, j) in enumerate(slots):
+            w, b = params[f"{module}.{i}.w"], params[f"{module}.{i}.b"]
+            if i < len(slots) - 1:  # a 1-layer gate (embedding first) is linear: no ReLU anywhere
+                acts[module][k, i] = 0.0 if slots[0][0] == "embed" else 1.0
+            if kind == "identity":
+                w[k] = torch.eye(layout.gate_hidden)
+                continue
+            if kind == "embed":
+                w[k, cols, cols] = 1.0
+                continue
+            lin = lins[j]
+            out, inp = lin.weight.shape
+            in_cols = cols if i == 0 or slots[0][0] == "embed" else list(range(inp))
+            w[k, :out][:, in_cols] = lin.weight.detach()
+            b[k, :out] = lin.bias.detach()
+            mask[f"{module}.{i}.w"][k, :out][:, in_cols] = 1
+            mask[f"{module}.{i}.b"][k, :out] = 1
+
+
+def gather(layout: Layout, k: int, head: FVGPTHead, cfg: TrainConfig, params: dict[str, Tensor]) -> FVGPTHead:
+    """The inverse of `scatter`: configuration k's trained values back into its own head."""
+    with torch.no_grad():
+        for module, adapter in (("fdc_img", head.fdc and head.fdc.image), ("fdc_txt", head.fdc and head.fdc.text)):
+            for i, lin in enumerate(_linears(adapter.mlp if adapter is not None else None)):
+                out, inp = lin.weight.shape
+                lin.weight.copy_(params[f"{module}.{i}.w"][k, :out, :inp])
+                lin.bias.copy_(params[f"{module}.{i}.b"][k, :out])
+        for module, gate, depth, names, known in (("frg", head.frg, cfg.frg_layers, head.frg_names, FRG_INDICATORS),
+                                                 ("brg", head.brg, cfg.brg_layers, head.brg_names, BRG_INDICATORS)):
+            if gate is None:
+                continue
+            lins = _linears(gate.mlp)
+            slots, cols = _gate_slots(layout, depth, names, known)
+            for i, (kind, j) in enumerate(slots):
+                if kind != "real":
+                    continue
+                lin = lins[j]
+                out, inp = lin.weight.shape
+                in_cols = cols if i == 0 or slots[0][0] == "embed" else list(range(inp))
+                lin.weight.copy_(params[f"{module}.{i}.w"][k, :out][:, in_cols])
+                lin.bias.copy_(params[f"{module}.{i}.b"][k, :out])
+    return head
+
+
+# ---------------------------------------------------------------------------------------------
+# Forward and backward of the padded MLPs
+
+
+def mlp_forward(x: Tensor, layers: list[tuple[Tensor, Tensor]], act: Tensor | None) -> tuple[Tensor, list[Tensor]]:
+    """x (K, N, in) or (N, in) shared; returns the output (K, N, out) and the inputs of each layer.
+
+    `act` (K, depth−1) switches the ReLU after each hidden layer per configuration (None: all on)."""
+    inputs = []
+    h = x
+    for i, (w, b) in enumerate(layers):
+        inputs.append(h)
+        if h.dim() == 3:
+            pre = torch.baddbmm(b.unsqueeze(1), h, w.transpose(1, 2))
+        else:  # an input shared by all configurations: one (N, in) @ (in, K·out) product
+            k, out = w.shape[:2]
+            pre = (h @ w.reshape(k * out, -1).T).view(h.shape[0], k, out).transpose(0, 1) + b.unsqueeze(1)
+        if i < len(layers) - 1:
+            relu = torch.relu(pre)
+            h = relu if act is None else torch.where(act[:, i].view(-1, 1, 1) > 0, relu, pre)
+        else:
+            h = pre
+    return h, inputs
+
+
+def mlp_backward(d_out: Tensor, layers: list[tuple[Tensor, Tensor]], inputs: list[Tensor], act: Tensor | None,
+                 grads: list[tuple[Tensor, Tensor]]) -> None:
+    """Writes ∂L/∂W, ∂L/∂b of every layer into `grads` (views of the flat gradient buffer)."""
+    d = d_out
+    for i in range(len(layers) - 1, -1, -1):
+        (w, _), (gw, gb), h = layers[i], grads[i], inputs[i]
+        if h.dim() == 3:
+            torch.bmm(d.transpose(1, 2), h, out=gw)
+        else:  # shared input: one (K·out, N) @ (N, in) product
+            torch.mm(d.transpose(1, 2).reshape(-1, h.shape[0]), h, out=gw.view(-1, h.shape[1]))
+        torch.sum(d, dim=1, out=gb)
+        if i == 0:
+            break
+        dh = torch.bmm(d, w)
+        positive = h > 0  # h = relu(pre) where active: the ReLU's gradient gate
+        d = dh * positive if act is None else torch.where(act[:, i - 1].view(-1, 1, 1) > 0, dh * positive, dh)
+
+
+def _normalize_backward(df: Tensor, f: Tensor, norm: Tensor) -> Tensor:
+    return (df - f * (f * df).sum(-1, keepdim=True)) / norm
+
+
+# ---------------------------------------------------------------------------------------------
+# The group
+
+
+class Group:
+    """K configurations trained together on one TrainData; see the module docstring."""
+
+    def __init__(self, data: TrainData, cfgs: list[TrainConfig], device: torch.device):
+        keys = {group_key(c) for c in cfgs}
+        if len(keys) != 1:
+            raise ValueError(f"configurations of one group must share {GROUP_FIELDS}; got {sorted(keys)}")
+        self.cfgs, self.device, self.data = cfgs, device, data
+        self.k, dim = len(cfgs), data.full.shape[-1]
+        self.layout = Layout(dim, cfgs, device)
+        self.heads = [build_head(dim, c) for c in cfgs]
+        lay = self.layout
+        flat, mask = torch.zeros(lay.numel), torch.zeros(lay.numel)
+        self.acts = {m: torch.ones(self.k, max(lay.gate_depth - 1, 1)) for m in ("frg", "brg")}
+        for k, (head, cfg) in enumerate(zip(self.heads, cfgs)):
+            scatter(lay, k, head, cfg, lay.views(flat), lay.views(mask), self.acts)
+        self.flat, self.grad = flat.to(device), torch.zeros(lay.numel, device=device)
+        # Entries outside every configuration's real parameters stay exactly zero when they are only width
+        # padding (zero activations, zero gradients, zero decay). Frozen identity/embedding layers, unused
+        # indicator columns and a switched-off adapter's last bias do receive gradients or decay: the gate
+        # blocks and the adapters' last biases are masked where their mask is not all ones.
+        last = {f"fdc_img.{lay.fdc_depth - 1}.b", f"fdc_txt.{lay.fdc_depth - 1}.b"}
+        masks = lay.views(mask.to(device))
+        self.masks = {n: m for n, m in masks.items()
+                      if (n.startswith(("frg.", "brg.")) or n in last) and not bool((m == 1).all())}
+        self.acts = {m: (None if bool((a > 0).all()) else a.to(device)) for m, a in self.acts.items()}
+        self.params, self.grads = lay.views(self.flat), lay.views(self.grad)
+        self.layers = {m: lay.layers(self.params, m) for m in lay.dims}
+        self.grad_layers = {m: lay.layers(self.grads, m) for m in lay.dims}
+        self._factors()
+
+    def _factors(self) -> None:
+        """Per-configuration scalars of the loss, as (K, 1) tensors."""
+        def col(values) -> Tensor:
+            return torch.tensor([float(v) for v in values], device=self.device).view(-1, 1)
+
+        c = self.cfgs
+        has_fdc = [x.use_fdc for x in c]
+        has_frg = [x.use_fdc and x.use_frg for x in c]
+        self.w = {
+            "ce_fdc": col(f and x.loss_ce_fdc for f, x in zip(has_fdc, c)),
+            "dist": col(x.lambda_d if f and x.loss_dist else 0 for f, x in zip(has_fdc, c)),
+            "frg": col(x.lambda_frg if f and x.loss_frg else 0 for f, x in zip(has_frg, c)),
+            "ce_pc": col(x.use_pc and x.loss_ce_pc for x in c),
+            "kl_pc": col(x.use_pc and x.loss_kl_pc for x in c),
+            "lambda_pc": col(x.lambda_pc for x in c),
+            "lambda_frg": col(x.lambda_frg for x in c),
+        }
+        self.scale_on = col(x.use_scale for x in c)
+        self.tau = col(x.tau for x in c)
+        # r = usable · (A·σ(q) + B·r* + C), see FVGPTHead.distill_weight
+        a, b, cc = [], [], []
+        for x, frg in zip(c, has_frg):
+            if x.r_source == "full":
+                coef = (0, 0, 0)
+            elif x.r_source == "fg":
+                coef = (0, 0, 1)
+            elif frg:
+                coef = (1, 0, 0)
+            else:
+                coef = {"one": (0, 0, 1), "target": (0, 1, 0), "half": (0, 0, 0.5)}[x.r_without_frg]
+            a.append(coef[0]), b.append(coef[1]), cc.append(coef[2])
+        self.r_a, self.r_b, self.r_c = col(a), col(b), col(cc)
+        # ∂L/∂q_FRG through r when r is not detached: λ_d · usable · σ'(q) · (KL_fg − KL_full)
+        self.r_grad_dist = col(not x.detach_r for x in c) * self.r_a * self.w["dist"]
+        scale = self.scale_on * self.data.scale + (1 - self.scale_on)
+        # the same factors shaped (K, 1, 1) for (K, B, C) tensors
+        self.f3 = {"scale": scale.unsqueeze(-1), "tau": self.tau.unsqueeze(-1), "ce_fdc": self.w["ce_fdc"].unsqueeze(-1),
+                   "dist_tau": (self.w["dist"] / self.tau).unsqueeze(-1),
+                   "ce_pc": (self.w["lambda_pc"] * self.w["ce_pc"]).unsqueeze(-1),
+                   "kl_pc_tau": (self.w["lambda_pc"] * self.w["kl_pc"] / self.tau).unsqueeze(-1)}
+
+    # -- frozen statistics -----------------------------------------------------------------------
+
+    def prepare(self) -> None:
+        """Frozen per-row statistics of the group's training rows (flattened image × view), once.
+
+        Shared by all configurations: the backbone image vectors, z_full, z_clip − z_full and the
+        one-hot labels. Per *variant* (a distinct τ, FRG margin and area gate): the teacher
+        distributions p_full, p_fg, p_clip at τ, their negative entropies, the FRG and BRG indicators,
+        r* and the area gate's verdict."""
+        d, dev = self.data, self.device
+        views = d.full.shape[1]
+        flat = lambda t: t.flatten(0, 1).to(dev, torch.float32)  # noqa: E731
+        x, x_fg, x_clip = flat(d.full), flat(d.fg), flat(d.clip)
+        area = flat(d.area)
+        y = d.y.repeat_interleave(views).to(dev)
+        txt_bb, txt_clip = d.txt_bb.to(dev), d.txt_clip.to(dev)
+        s = d.scale
+        with torch.no_grad():
+            z_full = s * x @ F.normalize(txt_bb, dim=-1).T
+            z_fg = s * x_fg @ F.normalize(txt_bb, dim=-1).T
+            z_clip = s * F.normalize(x_clip, dim=-1) @ F.normalize(txt_clip, dim=-1).T
+            ce_full = F.cross_entropy(z_full, y, reduction="none")
+            ce_fg = F.cross_entropy(z_fg, y, reduction="none")
+            self.x, self.txt = x, txt_bb
+            onehot = F.one_hot(y, z_full.shape[1]).to(z_full.dtype)
+            self.const = torch.cat([z_full, z_clip - z_full, onehot], dim=1)
+            keys = [(c.tau, c.frg_margin, c.area_min, c.area_max) for c in self.cfgs]
+            self.variants = sorted(set(keys))
+            packs = []
+            for tau, margin, lo, hi in self.variants:
+                p = [(z / tau).softmax(-1) for z in (z_full, z_fg, z_clip)]
+                neg_h = [torch.xlogy(q, q).sum(-1, keepdim=True) for q in p]
+                u = frg_indicators(z_full, z_fg, area, tau, FRG_INDICATORS)
+                v = brg_indicators(z_full, z_clip, tau, BRG_INDICATORS)
+                usable = ((area >= lo) & (area <= hi)).to(x.dtype)
+                r_star = (ce_fg + margin < ce_full).to(x.dtype) * usable
+                packs.append(torch.cat([*p, *neg_h, u, v, r_star[:, None], usable[:, None]], dim=1))
+            self.pack = torch.stack(packs)  # (variants, rows, 3C + 11)
+        self.variant_index = torch.tensor([self.variants.index(k) for k in keys], device=dev).view(-1, 1)
+        self.n_classes = z_full.shape[1]
+
+    # -- one step --------------------------------------------------------------------------------
+
+    def step_losses(self, rows: Tensor, weight: Tensor) -> dict[str, Tensor]:
+        """Losses (each (K,)) of one batch of rows (K, B) and their gradients, written into `self.grad`.
+
+        `weight` (K, B) holds 1/n for the n real rows of each configuration's batch and 0 for padding
+        (a last batch shorter than the others), so every mean over the batch is `(· * weight).sum(-1)`.
+        Returns the unweighted terms; `weighted_terms` combines them into base, pc and total."""
+        C = self.n_classes
+        x = self.x[rows]  # (K, B, D)
+        const = self.const[rows]
+        pack = self.pack[self.variant_index, rows]
+        z_full, z_diff, onehot = const[..., :C], const[..., C:2 * C], const[..., 2 * C:]
+        p_full, p_fg, p_clip = pack[..., :C], pack[..., C:2 * C], pack[..., 2 * C:3 * C]
+        nh_full, nh_fg, nh_clip = pack[..., 3 * C], pack[..., 3 * C + 1], pack[..., 3 * C + 2]
+        u, v = pack[..., 3 * C + 3:3 * C + 6], pack[..., 3 * C + 6:3 * C + 9]
+        r_star, usable = pack[..., 3 * C + 9], pack[..., 3 * C + 10]
+        f3 = self.f3
+        out: dict[str, Tensor] = {}
+
+        # FDC (eqs. 7-8)
+        a_img, in_img = mlp_forward(x, self.layers["fdc_img"], None)
+        e = x + a_img
+        n_e = e.norm(dim=-1, keepdim=True)
+        f = e / n_e
+        a_txt, in_txt = mlp_forward(self.txt, self.layers["fdc_txt"], None)
+        t = self.txt + a_txt
+        n_t = t.norm(dim=-1, keepdim=True)
+        g = t / n_t
+        z = f3["scale"] * torch.bmm(f, g.transpose(1, 2))
+        logp = z.log_softmax(-1)
+        logp_y = (logp * onehot).sum(-1)
+        out["ce_fdc"] = -(logp_y * weight).sum(-1)
+        out["acc_fdc"] = ((logp_y >= logp.amax(-1)) * weight).sum(-1) * 100
+        logq = (z / f3["tau"]).log_softmax(-1)
+
+        # FRG (eqs. 3-6) and the distillation weight r
+        q_frg, in_frg = mlp_forward(u, self.layers["frg"], self.acts["frg"])
+        q_frg = q_frg.squeeze(-1)
+        sig = torch.sigmoid(q_frg)
+        out["frg"] = (F.binary_cross_entropy_with_logits(q_frg, r_star, reduction="none") * weight).sum(-1)
+        r = usable * (self.r_a * sig + self.r_b * r_star + self.r_c)
+        kl_fg = nh_fg - (p_fg * logq).sum(-1)
+        kl_full = nh_full - (p_full * logq).sum(-1)
+        out["dist"] = ((kl_full + r * (kl_fg - kl_full)) * weight).sum(-1)
+
+        # PC with BRG (eqs. 11-15)
+        q_brg, in_brg = mlp_forward(v, self.layers["brg"], self.acts["brg"])
+        b = torch.sigmoid(q_brg.squeeze(-1))
+        z_pc = z_full + b.unsqueeze(-1) * z_diff
+        lp_pc = z_pc.log_softmax(-1)
+        lq_pc = (z_pc / f3["tau"]).log_softmax(-1)
+        out["ce_pc"] = -((lp_pc * onehot).sum(-1) * weight).sum(-1)
+        out["kl_pc"] = ((nh_clip - (p_clip * lq_pc).sum(-1)) * weight).sum(-1)
+
+        # gradients
+        wb = weight.unsqueeze(-1)
+        teacher = p_full + r.unsqueeze(-1) * (p_fg - p_full)
+        dz = (f3["ce_fdc"] * (logp.exp() - onehot) + f3["dist_tau"] * (logq.exp() - teacher)) * wb
+        dcos = f3["scale"] * dz
+        df = torch.bmm(dcos, g)
+        dg = torch.bmm(dcos.transpose(1, 2), f)
+        mlp_backward(_normalize_backward(df, f, n_e), self.layers["fdc_img"], in_img, None, self.grad_layers["fdc_img"])
+        mlp_backward(_normalize_backward(dg, g, n_t), self.layers["fdc_txt"], in_txt, None, self.grad_layers["fdc_txt"])
+        w = self.w
+        dq_frg = (w["frg"] * (sig - r_star) + self.r_grad_dist * usable * sig * (1 - sig) * (kl_fg - kl_full)) * weight
+        mlp_backward(dq_frg.unsqueeze(-1), self.layers["frg"], in_frg, self.acts["frg"], self.grad_layers["frg"])
+        dz_pc = (f3["ce_pc"] * (lp_pc.exp() - onehot) + f3["kl_pc_tau"] * (lq_pc.exp() - p_clip)) * wb
+        db = (dz_pc * z_diff).sum(-1)
+        mlp_backward((db * b * (1 - b)).unsqueeze(-1), self.layers["brg"], in_brg, self.acts["brg"],
+                     self.grad_layers["brg"])
+        return out
+
+    def weighted_terms(self, terms: dict[str, Tensor]) -> dict[str, Tensor]:
+        """base = CE_FDC + λ_frg·L_FRG + λ_d·L_dist, pc = CE_PC + KL_PC, total = base + λ_pc·pc (switched terms
+        count 0). Linear in the terms, so epoch means of the terms give the epoch means of these."""
+        w = {k: v.squeeze(-1) for k, v in self.w.items()}
+        base = w["ce_fdc"] * terms["ce_fdc"] + w["frg"] * terms["frg"] + w["dist"] * terms["dist"]
+        pc = w["ce_pc"] * terms["ce_pc"] + w["kl_pc"] * terms["kl_pc"]
+        return {"base": base, "pc": pc, "total": base + w["lambda_pc"] * pc}
+
+    # -- the optimiser -----------------------------------------------------------------------------
+
+    def _optimizer_setup(self) -> None:
+        cfgs, dev = self.cfgs, self.device
+        self.cfg_of = self.layout.config_index().to(dev)
+
+        def col(values) -> Tensor:
+            return torch.tensor([float(v) for v in values], device=dev).view(-1, 1)
+
+        def elementwise(values):  # a Python scalar when uniform, else one value per flat element
+            values = [float(v) for v in values]
+            return values[0] if len(set(values)) == 1 else torch.tensor(values, device=dev)[self.cfg_of]
+
+        self.wd_k, self.mom_k = col(c.weight_decay for c in cfgs), col(c.momentum for c in cfgs)
+        self.wd_e, self.mom_e = elementwise(c.weight_decay for c in cfgs), elementwise(c.momentum for c in cfgs)
+        kinds = {c.optimizer for c in cfgs}
+        self.kind = kinds.pop() if len(kinds) == 1 else "mixed"
+        self.is_adam = col(c.optimizer == "adamw" for c in cfgs)
+        self.buf = torch.zeros_like(self.flat) if self.kind != "adamw" else None
+        self.m = torch.zeros_like(self.flat) if self.kind != "sgd" else None
+        self.v = torch.zeros_like(self.flat) if self.kind != "sgd" else None
+        self.adam_steps = torch.zeros(self.k, 1, device=dev)
+        rows = [None if t is None else self.layout.rows(t) for t in (self.flat, self.grad, self.buf, self.m, self.v)]
+        self.block_rows = {name: [None if r is None else r[name] for r in rows] for name in self.layout.blocks}
+
+    def set_lr(self, lr: Tensor) -> None:
+        """The learning rate of each configuration for the coming epoch (0: it takes no step)."""
+        self.lr_k = lr.view(-1, 1)
+        values = lr.tolist()
+        self.lr_e = values[0] if len(set(values)) == 1 else lr[self.cfg_of]
+
+    def optimizer_step(self, active: Tensor | None) -> None:
+        """One step of every active configuration, as torch.optim's SGD (momentum, coupled weight decay)
+        and AdamW compute it. Masked entries (frozen layers, unused inputs, switched-off adapters) stay
+        put; an inactive configuration (its epochs are over, or its smaller data fraction has no batch
+        left in this epoch) keeps its parameters and states. Only plain multiplications and additions
+        are used (no fused multiply-add), so a configuration gets the same bits whatever its group."""
+        for name, m in self.masks.items():
+            self.grads[name].mul_(m)
+        on = torch.ones(self.k, 1, device=self.device) if active is None else active.view(-1, 1)
+        if self.kind != "sgd":
+            self.adam_steps += on * self.is_adam
+        if active is None and self.kind != "mixed":
+            self._update(self.flat, self.grad, self.buf, self.m, self.v, self.lr_e, self.wd_e, self.mom_e,
+                         None, self.kind, self.masks)
+            return
+        lr_on = self.lr_k * on
+        for name, (p, g, buf, m, v) in self.block_rows.items():
+            mask = self.masks.get(name)
+            mask = None if mask is None else mask.view(self.k, -1)
+            for kind, weight in (("sgd", 1 - self.is_adam), ("adamw", self.is_adam)):
+                if self.kind in (kind, "mixed"):
+                    self._update(p, g, buf, m, v, lr_on * weight if self.kind == "mixed" else lr_on, self.wd_k,
+                                 self.mom_k, on, kind, {None: mask} if mask is not None else {})
+
+    def _update(self, p, g, buf, m, v, lr, wd, mom, on, kind, masks) -> None:
+        """The update of one optimiser on a buffer (flat, or one block's (K, n) rows with `on` (K, 1))."""
+        if kind == "sgd":
+            u = torch.mul(p, wd).add_(g)  # coupled weight decay
+            self._mask(u, masks)
+            if on is None:
+                buf.mul_(mom).add_(u)
+            else:  # inactive: buf·1 + u·0
+                buf.mul_(torch.where(on > 0, mom, 1.0)).add_(u.mul_(on))
+            p.sub_(torch.mul(buf, lr, out=u))
+            return
+        b1, b2 = BETAS
+        steps = self.adam_steps.clamp_min(1)  # (K, 1), this step counted
+        if on is None:  # the flat buffer: per element, or one number when every configuration is at the same step
+            counts = steps.view(-1).tolist()
+            steps = counts[0] if len(set(counts)) == 1 else steps.view(-1)[self.cfg_of]
+            m.mul_(b1).add_(g * (1 - b1))
+            v.mul_(b2).add_(g * g * (1 - b2))
+        else:
+            keep = on > 0
+            m.mul_(torch.where(keep, b1, 1.0)).add_(g * ((1 - b1) * on))
+            v.mul_(torch.where(keep, b2, 1.0)).add_(g * g * ((1 - b2) * on))
+        decay = p * (lr * wd)  # decoupled weight decay
+        self._mask(decay, masks)
+        bc1, bc2 = 1 - b1 ** steps, 1 - b2 ** steps
+        p.sub_(decay).sub_(m / ((v.sqrt() / bc2 ** 0.5) + ADAM_EPS) * (lr / bc1))
+
+    def _mask(self, t: Tensor, masks: dict) -> None:
+        if None in masks:  # a block's rows
+            t.mul_(masks[None])
+            return
+        if masks:  # the flat buffer: mask the masked blocks through their views
+            views = self.layout.views(t)
+            for name, mk in masks.items():
+                views[name].mul_(mk)
+
+    # -- the loop ---------------------------------------------------------------------------------
+
+    def train(self, progress=None) -> list[tuple[FVGPTHead, list[dict], np.ndarray]]:
+        """Train every configuration; returns (head, per-epoch history, training image indices) for each."""
+        from .training import subsample_per_class
+
+        data, cfgs, K = self.data, self.cfgs, self.k
+        n, views = data.full.shape[:2]
+        labels = data.y.numpy()
+        subsets = [torch.from_numpy(subsample_per_class(labels, c.data_fraction, c.seed)) for c in cfgs]
+        self.prepare()
+        self._optimizer_setup()
+        gens = [torch.Generator().manual_seed(c.seed) for c in cfgs]
+        schedules = [view_schedule(len(sub), views, c.epochs, c.seed) for sub, c in zip(subsets, cfgs)]
+        batch = cfgs[0].batch_size
+        histories: list[list[dict]] = [[] for _ in cfgs]
+        for epoch in range(max(c.epochs for c in cfgs)):
+            running = [epoch < c.epochs for c in cfgs]
+            plans = [epoch_batches(len(sub), c, gen) if on else [] for sub, c, gen, on in zip(subsets, cfgs, gens, running)]
+            steps = max(len(p) for p in plans)
+            rows = torch.zeros(steps, K, batch, dtype=torch.long)
+            weight = torch.zeros(steps, K, batch)
+            for k, plan in enumerate(plans):
+                full = [idx for idx in plan if len(idx) == batch]
+                if full:
+                    idx = torch.stack(full)
+                    rows[:len(full), k] = subsets[k][idx] * views + schedules[k][epoch][idx]
+                    weight[:len(full), k] = 1.0 / batch
+                for j, idx in enumerate(plan[len(full):], start=len(full)):  # a last, shorter batch
+                    rows[j, k, :len(idx)] = subsets[k][idx] * views + schedules[k][epoch, idx]
+                    weight[j, k, :len(idx)] = 1.0 / len(idx)
+            active = (weight.sum(-1) > 0).to(torch.float32)
+            all_active = bool(active.all())
+            rows, weight, active = rows.to(self.device), weight.to(self.device), active.to(self.device)
+            lr = torch.tensor([lr_at_epoch(epoch, c) if on else 0.0 for c, on in zip(cfgs, running)], device=self.device)
+            self.set_lr(lr)
+            sums = torch.zeros(len(TERMS), K, device=self.device)
+            for j in range(steps):
+                out = self.step_losses(rows[j], weight[j])
+                self.optimizer_step(None if all_active else active[j])
+                sums += torch.stack([out[key] for key in TERMS]) * active[j]
+            terms = dict(zip(TERMS, sums / active.sum(0).clamp_min(1)))
+            means = {k: v.tolist() for k, v in {**terms, **self.weighted_terms(terms)}.items()}
+            for k, c in enumerate(cfgs):
+                if running[k]:
+                    record = {"epoch": epoch, "lr": float(lr[k])}
+                    record.update({key: means[key][k] for key in HISTORY_KEYS if _logged(key, c)})
+                    histories[k].append(record)
+            if progress:
+                progress(epoch + 1, max(c.epochs for c in cfgs), {key: values[0] for key, values in means.items()})
+        params_cpu = self.layout.views(self.flat.cpu())
+        out = []
+        for k, (head, c) in enumerate(zip(self.heads, cfgs)):
+            gather(self.layout, k, head, c, params_cpu)
+            out.append((head.eval(), histories[k], subsets[k].numpy()))
+        return out
+
+
+def _logged(key: str, cfg: TrainConfig) -> bool:
+    """The history keys a configuration's run reports (those of `FVGPTHead.losses_from`)."""
+    fdc, frg, pc = cfg.use_fdc, cfg.use_fdc and cfg.use_frg, cfg.use_pc
+    return {"frg": frg and cfg.loss_frg, "ce_fdc": fdc and cfg.loss_ce_fdc, "dist": fdc and cfg.loss_dist,
+            "base": fdc, "acc_fdc": fdc, "ce_pc": pc and cfg.loss_ce_pc, "kl_pc": pc and cfg.loss_kl_pc,
+            "pc": pc, "total": True}[key]
+
+
+def memory_estimate(data: TrainData, cfgs: list[TrainConfig]) -> tuple[int, int]:
+    """Bytes a group needs: (shared by all its configurations, added by each configuration).
+
+    Shared: the frozen statistics of every training row (features, logits, one-hot labels, and the
+    teacher distributions and indicators per distinct τ). Per configuration: its padded parameters
+    with gradient, mask and optimiser states, and the activations of one step."""
+    n, views, dim = data.full.shape
+    rows, c, b = n * views, len(data.txt_bb), cfgs[0].batch_size
+    taus = len({x.tau for x in cfgs})
+    shared = 4 * rows * (dim + 3 * c + 3 + taus * (3 * c + 9)) + 8 * rows
+    h, g = max(x.fdc_hidden for x in cfgs), max(x.gate_hidden for x in cfgs)
+    layers = cfgs[0].fdc_layers
+    fdc = 2 * (dim * dim + dim) if layers == 1 else 2 * (2 * dim * h + h + dim + (layers - 2) * (h * h + h))
+    params = fdc + 2 * (3 * g + g + g * g + g + g + 1)
+    step = b * (16 * c + 6 * dim + 8 * h) + c * (4 * dim + 4 * h)
+    return shared, 4 * (7 * params + step)
+
+
+def available_memory(device: torch.device) -> int:
+    """Free memory of the device in bytes (CUDA: free device memory; CPU: the kernel's MemAvailable)."""
+    if device.type == "cuda":
+        return int(torch.cuda.mem_get_info(device)[0])
+    try:
+        with open("/proc/meminfo") as fh:
+            for line in fh:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 8 << 30  # no way to ask: assume 8 GiB
+
+
+def split_for_memory(data: TrainData, cfgs: list[TrainConfig], budget: int) -> list[list[TrainConfig]]:
+    """Cut a group into parts that each fit `budget` bytes (at least one configuration per part)."""
+    shared, each = memory_estimate(data, cfgs)
+    room = max(1, (budget - shared) // max(each, 1))
+    return [cfgs[i:i + room] for i in range(0, len(cfgs), room)]
+
+
+def train_group(data: TrainData, cfgs: list[TrainConfig], device: torch.device, progress=None):
+    """Train configurations that share a group key together; a single run is a group of one."""
+    return Group(data, cfgs, device).train(progress)
