@@ -170,7 +170,9 @@ def story(summary: dict) -> list[str]:
               f"{_pts(over_control)} {'above' if over_control >= 0 else 'below'} the control that distils towards the "
               f"full image instead of the foreground ({cf['control_full']['base']:.1f}%), so "
               + ("the gain comes from the foreground view, not from anchoring to the backbone."
-                 if over_control >= 1 and gain > 0 else
+                 if over_control >= 3 and gain > 0 else
+                 "only part of the gain is the foreground view's; the rest is distilling back to the backbone."
+                 if over_control > 0 and gain > 0 else
                  "this run does not show a gain that only the foreground view brings."))
     auc, shift = cf["frg_auc"], cf["foreground_shift"]
     quality = ("no better than" if auc is None or auc < 0.6 else "above" if auc < 0.7 else "well above")

@@ -86,4 +86,6 @@ def test_story_is_written_from_the_numbers():
     assert "comes from the foreground view" in good[1] and "well above chance" in good[2] and "less than" in good[2]
     bad = story({"splits": {"clean": entry(80, 82, 84, 83), "counterfactual": entry(40, 45, 44, 44.5, 0.52, (0.2, 0.3))}})
     assert "1.0 point below CoOp" in bad[1] and "does not show" in bad[1]
+    part = story({"splits": {"clean": entry(80, 82, 84, 83), "counterfactual": entry(40, 45, 48, 46)}})
+    assert "only part of the gain" in part[1]
     assert "no better than chance" in bad[2] and "more than" in bad[2]
