@@ -9,9 +9,11 @@ import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
-from .common import _pct, app, console, err, fail
+from .common import _pct, app, console, err, fail, resumable, split_progress
 
-backbone_app = typer.Typer(help="Backbones in the cache: CoOp/KgCoOp prompt learning, official checkpoints, ensembles.",
+backbone_app = typer.Typer(help="Backbones in the cache: CoOp/KgCoOp prompt learning, official checkpoints "
+                                "(CoOp, KgCoOp, PromptSRC, MMRL), ensembles.",
+                            rich_markup_mode=None,
                             no_args_is_help=True)
 app.add_typer(backbone_app, name="backbone")
 
@@ -86,6 +88,59 @@ def backbone_load(
     except (ValueError, FileNotFoundError, RuntimeError) as exc:
         fail(str(exc))
     console.print(f"wrote /text/{info['name']} {info['shape']} from {info['checkpoint']}")
+
+
+@backbone_app.command("import")
+def backbone_import(
+    cache: Path = typer.Argument(..., help="Cache written by `fvgpt-cache extract`."),
+    method: str = typer.Option(..., help="promptsrc|mmrl"),
+    checkpoint: Path = typer.Option(..., help="The official checkpoint file (…/VLPromptLearner/model.pth.tar-<epoch>, "
+                                              "…/MultiModalRepresentationLearner/model.pth.tar-<epoch>) or the output "
+                                              "folder holding it (latest epoch)."),
+    name: Optional[str] = typer.Option(None, help="Groups to write: /text/NAME and /image/NAME/… (default: the method)."),
+    alpha: Optional[float] = typer.Option(None, help="MMRL: base-class fusion weight α (default 0.7, the official value)."),
+    rep_layers: Optional[str] = typer.Option(None, help="MMRL: representation layers numbered from 1, e.g. 6,7,8,9,10,11,12 "
+                                                        "(default: the last K blocks, K = the checkpoint's projections)."),
+    ctx_init: str = typer.Option("a photo of a", help="PromptSRC: the CTX_INIT the checkpoint was trained with."),
+    template: Optional[str] = typer.Option(None, help="MMRL: class template (default: the cache's)."),
+    prompt_check: bool = typer.Option(True, "--prompt-check/--no-prompt-check",
+                                      help="Compare the class prompts stored in the checkpoint with the cache's classes."),
+    image_root: Optional[Path] = typer.Option(None, help="Image folder, if it moved since extraction."),
+    mask_root: Optional[Path] = typer.Option(None, help="Mask folder, if it moved since extraction."),
+    pretrained: Optional[str] = typer.Option(None, help="The cache's CLIP weights file, if it moved."),
+    batch_size: int = typer.Option(64),
+    workers: int = typer.Option(2),
+    device: str = typer.Option("auto"),
+    resume: bool = typer.Option(True, "--resume/--no-resume", help="Continue an interrupted import."),
+    force: bool = typer.Option(False, help="Replace existing groups of that name."),
+):
+    """Import a PromptSRC or MMRL checkpoint: its text features and one pass over every cached view."""
+    from fvgpt_cache.backbones import ImportOptions, import_backbone
+
+    resumable()
+
+    try:
+        layers = None
+        if rep_layers is not None:
+            try:
+                layers = tuple(int(x) for x in rep_layers.replace(" ", "").split(",") if x)
+            except ValueError:
+                raise ValueError(f"--rep-layers {rep_layers!r}: give layer numbers separated by commas, "
+                                 "e.g. 6,7,8,9,10,11,12") from None
+        options = ImportOptions(name=name, alpha=alpha, rep_layers=layers, ctx_init=ctx_init, template=template,
+                                prompt_check=prompt_check, image_root=str(image_root) if image_root else None,
+                                mask_root=str(mask_root) if mask_root else None, pretrained=pretrained,
+                                batch_size=batch_size, workers=workers, device=device, resume=resume, force=force)
+        with split_progress() as update:
+            summary = import_backbone(cache, method, checkpoint, options, progress=update)
+    except (ValueError, FileNotFoundError, RuntimeError) as exc:
+        fail(str(exc))
+    images = sum(summary.counts.values())
+    resumed = f", {summary.resumed_rows} resumed" if summary.resumed_rows else ""
+    console.print(f"{method}: {summary.checkpoint} (epoch {summary.epoch}); class prompts: {summary.prompt_check}")
+    console.print(f"wrote {', '.join('/' + g for g in summary.groups)} into {cache} ({images} images{resumed}, "
+                  f"{summary.seconds:.1f}s)")
+    console.print(f"next: fvgpt-cache train {cache} --backbone {summary.name}")
 
 
 @backbone_app.command("ensemble")

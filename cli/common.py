@@ -1,23 +1,89 @@
-"""What every command shares: the Typer app, the consoles, progress bars and the error exit."""
+"""What every command shares: the Typer app, the consoles, progress bars and the error handling.
+
+Errors: every exception that reaches the app is printed as one `error:` paragraph without a
+traceback (`fvgpt-cache --debug …` or FVGPT_CACHE_DEBUG=1 shows it). Ctrl-C exits with status
+130 and, for commands that resume (`resumable()`), says that rerunning the same command resumes.
+"""
 from __future__ import annotations
 
+import sys
+import traceback
 from contextlib import contextmanager
 
+import click
 import typer
+from rich import box
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, ProgressColumn, TextColumn, TimeRemainingColumn
+from rich.table import Table
 from rich.text import Text
+from typer.core import TyperGroup
 
-app = typer.Typer(help="FVG-PT heads trained from cached CLIP features.", no_args_is_help=True,
-                  pretty_exceptions_enable=False)
 console = Console()
-err = Console(stderr=True, soft_wrap=True)
+err = Console(stderr=True)
+_state = {"debug": False, "resumable": False}
+INTERRUPTED = 130
+
+
+def resumable() -> None:
+    """Called by commands whose rerun continues where an interrupted run stopped."""
+    _state["resumable"] = True
+
+
+def _show_traceback() -> None:
+    if _state["debug"] and sys.exc_info()[0] is not None:
+        err.print(escape("".join(traceback.format_exc())), highlight=False, soft_wrap=True)
+
+
+def _report(exc: BaseException) -> None:
+    message = str(exc) or type(exc).__name__
+    if not isinstance(exc, (ValueError, OSError, RuntimeError)) or isinstance(exc, (NotImplementedError, RecursionError)):
+        message = (f"{type(exc).__name__}: {message} (an unexpected error; rerun with fvgpt-cache --debug … for the "
+                   "traceback and report it)")
+    _show_traceback()
+    err.print(f"[bold red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)
+
+
+class HandledGroup(TyperGroup):
+    """The root command group: one place that turns exceptions and Ctrl-C into messages and exit codes."""
+
+    def invoke(self, ctx: click.Context):
+        _state.update(resumable=False, debug=False)
+        try:
+            return super().invoke(ctx)
+        except (typer.Exit, typer.Abort, click.exceptions.Exit, click.exceptions.Abort, click.ClickException):
+            raise
+        except KeyboardInterrupt:
+            _show_traceback()
+            hint = "; rerun the same command to resume" if _state["resumable"] else ""
+            err.print(f"[yellow]interrupted{hint}[/]", highlight=False)
+            raise typer.Exit(code=INTERRUPTED) from None
+        except Exception as exc:  # noqa: BLE001  (the one handler: no traceback for the user)
+            _report(exc)
+            raise typer.Exit(code=2) from None
+
+
+# rich_markup_mode=None: help texts are shown as written ([params], [base] are literal text).
+app = typer.Typer(help="FVG-PT heads trained from cached CLIP features.", no_args_is_help=True,
+                  pretty_exceptions_enable=False, rich_markup_mode=None, cls=HandledGroup)
+
+
+@app.callback()
+def _root(debug: bool = typer.Option(False, "--debug", envvar="FVGPT_CACHE_DEBUG",
+                                     help="Show the traceback of an error.")) -> None:
+    _state["debug"] = debug
+
+
+def narrow_table(title: str | None = None, **kwargs) -> Table:
+    """A table that fits 80 columns: no vertical borders, one rule under the header."""
+    return Table(title=title, box=box.SIMPLE_HEAD, pad_edge=False, show_edge=False, **kwargs)
 
 
 class RateColumn(ProgressColumn):
     def render(self, task) -> Text:
         speed = task.finished_speed or task.speed
-        return Text(f"{speed:.1f} img/s" if speed else "… img/s", style="progress.data.speed")
+        return Text(f"{speed:.1f} img/s" if speed else "- img/s", style="progress.data.speed")
 
 
 @contextmanager
@@ -34,9 +100,17 @@ def split_progress():
 
 
 def fail(message: str) -> None:
-    err.print(f"[bold red]error:[/] {message}")
-    raise typer.Exit(code=2)
+    """Stop with an error message (and, with --debug, the traceback of the exception being handled).
 
+    typer.Exit is a RuntimeError, so `except RuntimeError as exc: fail(str(exc))` around a block
+    that already failed lands here with that Exit: it passes through instead of a second message.
+    """
+    current = sys.exc_info()[1]
+    if isinstance(current, (typer.Exit, click.exceptions.Exit)):
+        raise current
+    _show_traceback()
+    err.print(f"[bold red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)  # one paragraph
+    raise typer.Exit(code=2)
 
 
 def _pct(x) -> str:

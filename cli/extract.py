@@ -6,9 +6,10 @@ from pathlib import Path
 from typing import Optional
 
 import typer
+from rich.markup import escape
 from rich.table import Table
 
-from .common import app, console, err, fail, split_progress
+from .common import app, console, err, fail, narrow_table, resumable, split_progress
 
 
 @app.command()
@@ -18,6 +19,9 @@ def extract(
     split_file: Optional[Path] = typer.Option(None, "--split-file", help="Generic dataset: CoOp-style split JSON."),
     image_root: Optional[Path] = typer.Option(None, "--image-root", help="Generic dataset: folder the split paths are relative to."),
     mask_root: Optional[Path] = typer.Option(None, "--mask-root", help="Folder mirroring the image folder with masks."),
+    name: Optional[str] = typer.Option(None, "--name", help="Generic dataset: its name in provenance, the default cache "
+                                                          "path and reports (default: the image root's folder name, or "
+                                                          "its parent's for generic folders such as images/)."),
     model: str = typer.Option("ViT-B-16", help="open_clip model name, or the path of an open_clip config JSON."),
     pretrained: str = typer.Option("openai", help="open_clip tag, local checkpoint file, or 'none' (random, seeded)."),
     quick_gelu: str = typer.Option("auto", help="auto|on|off. auto: on for OpenAI weights."),
@@ -42,15 +46,19 @@ def extract(
     force: bool = typer.Option(False, help="Overwrite an existing complete cache."),
 ):
     """Extract CLIP features of full images and foreground views into an HDF5 cache."""
-    from fvgpt_cache.data import generic_dataset, parse_shots
+    from fvgpt_cache.data import format_short_classes, generic_dataset, parse_shots, short_classes
     from fvgpt_cache.datasets import load_dataset
     from fvgpt_cache.extraction import ExtractOptions, default_output
     from fvgpt_cache.extraction import extract as run_extract
     from fvgpt_cache.models import load_clip
     from fvgpt_cache.views import AugmentConfig
 
+    resumable()
     try:
         k = parse_shots(shots)
+        if dataset and name:
+            fail(f"--name is for generic datasets (--split-file); --dataset {dataset} keeps its name so reports can "
+                 "match the paper's rows")
         if dataset and split_file:
             fail("give either --dataset (with --data) or --split-file (with --image-root), not both")
         if dataset:
@@ -60,7 +68,7 @@ def extract(
         elif split_file:
             if image_root is None:
                 fail("--split-file needs --image-root DIR, the folder the split's paths are relative to")
-            ds = generic_dataset(split_file, image_root, mask_root, template=template or "a photo of a {}.")
+            ds = generic_dataset(split_file, image_root, mask_root, template=template or "a photo of a {}.", name=name)
         else:
             fail("say which data to read: --data ROOT --dataset NAME, or --split-file FILE --image-root DIR")
         options = ExtractOptions(shots=k, seed=seed, train_views=train_views, batch_size=batch_size, workers=workers,
@@ -70,6 +78,10 @@ def extract(
                                  augment=AugmentConfig(scale=parse_scale(rrc_scale)))
         options.validate()
         out = out or default_output(ds.name, model, pretrained, k, seed, train_views)
+        short = format_short_classes(short_classes(ds.splits, k, ds.classnames))
+        if short:  # said before the long pass, so it can be stopped
+            err.print(f"[bold yellow]warning:[/] fewer images than --shots {k} asks for (all of them are taken; "
+                      f"listed in provenance): {escape('; '.join(short))}", highlight=False)
         loaded = load_clip(model, pretrained, quick_gelu=quick_gelu)
         if loaded.provenance["random_init"]:
             err.print("[bold yellow]warning:[/] --pretrained none: the model has random weights (seeded); "
@@ -78,13 +90,13 @@ def extract(
             summary = run_extract(ds, loaded, out, options, progress=update)
     except (ValueError, FileNotFoundError, RuntimeError) as exc:
         fail(str(exc))
-    console.print(f"wrote [bold]{summary.out}[/]: " + ", ".join(f"{s} {n}" for s, n in summary.counts.items())
+    console.print(f"wrote [bold]{escape(str(summary.out))}[/]: " + ", ".join(f"{s} {n}" for s, n in summary.counts.items())
                   + f" in {summary.seconds:.1f}s ({summary.images_per_second:.1f} img/s)")
     if summary.resumed_rows:
         console.print(f"resumed: {summary.resumed_rows} rows were already done")
     for split, items in summary.skipped.items():
         for item in items:
-            console.print(f"[yellow]skipped[/] {split}: {item['path']} ({item['reason']})")
+            console.print(f"[yellow]skipped[/] {split}: {escape(item['path'])} ({escape(item['reason'])})")
     if summary.resized_masks:
         console.print(f"[yellow]{len(summary.resized_masks)} mask(s) had another size than their image and were "
                       "resized (nearest neighbour); listed in the cache's provenance[/]")
@@ -106,11 +118,16 @@ def parse_scale(text: str) -> tuple[float, float]:
 
 def print_inspection(report: dict) -> None:
     prov = report["provenance"]
-    console.print(f"[bold]{report['path']}[/]")
+    from fvgpt_cache.data import format_short_classes
+
+    console.print(f"[bold]{escape(report['path'])}[/]")
     info = Table(show_header=False, box=None)
-    for key in ("dataset", "model", "pretrained", "quick_gelu", "shots", "seed", "views", "template", "fg_mode",
-                "mask_root", "store_dtype", "open_clip_version", "torch_version", "created"):
-        info.add_row(key, str(prov.get(key)))
+    for key in ("dataset", "model", "pretrained", "pretrained_sha256", "quick_gelu", "shots", "seed", "views",
+                "template", "fg_mode", "mask_root", "store_dtype", "open_clip_version", "torch_version", "created"):
+        if key != "pretrained_sha256" or prov.get(key):
+            info.add_row("weights sha256" if key == "pretrained_sha256" else key, escape(str(prov.get(key))))
+    for line in format_short_classes(report.get("short_classes") or {}):
+        info.add_row("short classes", escape(line))
     aug = prov.get("augmentation") or {}
     info.add_row("rrc scale", str(aug.get("random_resized_crop_scale")))
     masks = report["masks"]
@@ -124,21 +141,21 @@ def print_inspection(report: dict) -> None:
     def fmt(feat: dict) -> str:
         return "×".join(map(str, feat["shape"])) + " " + feat["dtype"].replace("float", "f")
 
-    table = Table(title="splits (features: N×V×D dtype)")
-    for col in ("split", "N", "classes", "per class", "full", "fg", "mean A", "empty", "skipped"):
-        table.add_column(col)
+    table = narrow_table("splits (features of full and fg views: N×V×D dtype)")
+    for col in ("split", "N", "classes", "per class", "features", "mean A", "empty", "skipped"):
+        table.add_column(col, no_wrap=True, justify="left" if col in ("split", "features") else "right")
     for split, e in report["splits"].items():
         feats = e["features"]
+        shape = fmt(feats["full"]) if fmt(feats["full"]) == fmt(feats["fg"]) else f"{fmt(feats['full'])} / {fmt(feats['fg'])}"
         table.add_row(split, str(e["samples"]), str(e["classes_present"]), f"{e['per_class_min']}–{e['per_class_max']}",
-                      fmt(feats["full"]), fmt(feats["fg"]),
-                      "-" if e["mask_area_mean"] is None else f"{e['mask_area_mean']:.3f}",
+                      shape, "-" if e["mask_area_mean"] is None else f"{e['mask_area_mean']:.3f}",
                       str(e["empty_mask_views"]), str(e["skipped"]))
     console.print(table)
     for name, t in report["text"].items():
         console.print(f"text/{name}: {t['shape']} {t['dtype']}" + (f"  template {t['template']!r}" if "template" in t else ""))
     if report["problems"]:
         for p in report["problems"]:
-            console.print(f"[yellow]problem:[/] {p}")
+            console.print(f"[yellow]problem:[/] {escape(p)}")
     else:
         console.print("[green]no problems found[/]")
 

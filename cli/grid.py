@@ -6,14 +6,14 @@ from typing import Optional
 
 import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-from rich.table import Table
+from rich.markup import escape
 
-from .common import app, console, err, fail
+from .common import app, console, err, fail, narrow_table, resumable
 
 
 @app.command()
 def grid(
-    caches: list[Path] = typer.Argument(..., help="One or more caches (shell globs work: cache/*/*.h5)."),
+    caches: list[Path] = typer.Argument(..., help="One or more caches of one model (shell globs work: cache/*/*.h5)."),
     param: list[str] = typer.Option([], "--param", help="NAME=V1,V2,… ; the grid is the Cartesian product."),
     preset: Optional[str] = typer.Option(None, help="components|losses|indicators|depth|width|lambda|data-fraction|"
                                                     "fdc-branches|epochs|foreground-control"),
@@ -21,48 +21,61 @@ def grid(
                                                "dataset), none, or coop|kgcoop|promptsrc|mmrl|clip."),
     grid_file: Optional[Path] = typer.Option(None, "--grid-file", help="TOML with [params], optional [base], seeds, preset."),
     seeds: str = typer.Option("1", help="Comma-separated seeds, e.g. 1,2,3."),
+    backbone: Optional[str] = typer.Option(None, help="Text-feature group to build on (clip = zero-shot CLIP), as in "
+                                                      "train; default: the only tuned one. Same as --set backbone=NAME."),
     settings: list[str] = typer.Option([], "--set", help="Fixed TrainConfig field for every run, KEY=VALUE."),
     eval_cache: list[Path] = typer.Option([], "--eval-cache", help="Caches to evaluate the PC branch on (cross-dataset)."),
     out: Path = typer.Option(Path("cache/grids/grid"), help="Run folder; results stream to OUT/results.jsonl."),
     resume: bool = typer.Option(True, help="Skip runs already in OUT/results.jsonl."),
-    batched: bool = typer.Option(True, help="Train configurations that share shapes together (vmap)."),
+    batched: bool = typer.Option(True, help="Train runs that share a group (cache, classes, backbone, batch size, "
+                                            "device, FDC depth) together."),
     save_heads: bool = typer.Option(False, help="Also write each run's head.pt under OUT/runs/."),
     device: str = typer.Option("auto", help="auto|cpu|cuda."),
 ):
     """Train a grid of FVG-PT configurations over caches and seeds, batched across configurations."""
-    from fvgpt_cache.grids import expand, parse_params, read_grid_file, run_grid
+    from fvgpt_cache.grids import (
+        check_caches, check_grid, expand, merge_params, parse_params, parse_seeds, read_grid_file, run_grid,
+    )
     from fvgpt_cache.training import parse_value
 
-    try:
-        params, base = {}, {}
-        seed_list = [int(x) for x in seeds.split(",") if x.strip()]
-        if grid_file:
-            params, extra = read_grid_file(grid_file)
-            base = extra.get("base", {})
-            preset = preset or extra.get("preset")
-            seed_list = [int(x) for x in extra.get("seeds", seed_list)]
-        params.update(parse_params(param))
-        for item in settings:
-            key, _, value = item.partition("=")
-            base[key.strip()] = parse_value(key.strip(), value)
-        runs = expand(caches, seed_list, params, {"device": device, **base}, preset, preset_of)
-    except (ValueError, FileNotFoundError) as exc:
-        fail(str(exc))
-    console.print(f"{len(runs)} runs ({len(caches)} cache(s) × {len(seed_list)} seed(s) × configurations) → {out}/results.jsonl")
+    resumable()
+    params, base = {}, {}
+    seed_list = parse_seeds(seeds)
+    if grid_file:
+        params, extra = read_grid_file(grid_file)
+        base = extra.get("base", {})
+        preset = preset or extra.get("preset")
+        if "seeds" in extra:
+            seed_list = parse_seeds(",".join(map(str, extra["seeds"])))
+    params = merge_params(params, parse_params(param), (str(grid_file), "--param"))
+    for item in settings:
+        key, eq, value = item.partition("=")
+        if not eq:
+            fail(f"--set {item!r}: write KEY=VALUE")
+        if key.strip() in base:
+            fail(f"--set {key.strip()} is given twice (or also in the grid file's [base]); set it once")
+        base[key.strip()] = parse_value(key.strip(), value)
+    if backbone is not None:
+        if "backbone" in base and base["backbone"] != backbone:
+            fail(f"--backbone {backbone} and --set backbone={base['backbone']} disagree; give one")
+        base["backbone"] = parse_value("backbone", backbone)
+    for warning in check_grid(params, base, preset):
+        err.print(f"[bold yellow]warning:[/] {escape(warning)}", highlight=False)
+    check_caches(caches, eval_cache)
+    runs = expand(caches, seed_list, params, {"device": device, **base}, preset, preset_of)
+    console.print(f"{len(runs)} runs ({len(caches)} cache(s) × {len(seed_list)} seed(s) × configurations) → "
+                  f"{escape(str(out))}/results.jsonl")
     used = sorted({(r.preset or {}).get("preset", {}).get("name", "none") if (r.preset or {}).get("preset") else "none"
                    for r in runs})
     console.print(f"training preset(s): {', '.join(used)}")
     for w in sorted({w for r in runs for w in (r.preset or {}).get("warnings", [])}):
-        err.print(f"[bold yellow]warning:[/] {w}")
-    try:
-        with Progress(TextColumn("grid"), BarColumn(), MofNCompleteColumn(), TextColumn("runs"), TimeRemainingColumn(),
-                      console=err) as bar:
-            task = bar.add_task("grid", total=len(runs))
-            records = run_grid(runs, out, resume=resume, batched=batched, save_heads=save_heads,
-                               eval_caches=list(eval_cache), log=lambda message: bar.console.print(message),
-                               progress=lambda done, total: bar.update(task, completed=done))
-    except (ValueError, FileNotFoundError, RuntimeError) as exc:
-        fail(str(exc))
+        err.print(f"[bold yellow]warning:[/] {escape(w)}")
+    with Progress(TextColumn("grid"), BarColumn(), MofNCompleteColumn(), TextColumn("runs"), TimeRemainingColumn(),
+                  console=err) as bar:
+        task = bar.add_task("grid", total=len(runs))
+        records = run_grid(runs, out, resume=resume, batched=batched, save_heads=save_heads,
+                           eval_caches=list(eval_cache), log=lambda message: bar.console.print(message),
+                           progress=lambda done, total: bar.update(task, completed=done))
     console.print(f"{len(records)} new run(s); {len(runs) - len(records)} were already done. "
                   f"Summarise with: fvgpt-cache report {out}")
 
@@ -84,34 +97,43 @@ def report(
         fail(f"--format {fmt!r}: choose console, markdown, csv, json or latex")
     if compare not in (None, "paper"):
         fail(f"--compare {compare!r}: only 'paper' is known")
-    try:
-        records = reports.load_records(results)
-        summary = reports.aggregate(records)
-        ablations = reports.ablation_tables(records)
-        if plot:
-            path = reports.plot_sweep(reports.sweep(records, plot), plot, plot_out)
-            console.print(f"wrote {path}")
-    except (ValueError, FileNotFoundError, RuntimeError) as exc:
-        fail(str(exc))
+    records = reports.load_records(results)
+    summary = reports.aggregate(records)
+    ablations = reports.ablation_tables(records)
+    if plot:
+        averaged = reports.averaged_over(records, plot)
+        path = reports.plot_sweep(reports.sweep(records, plot), plot, plot_out, averaged)
+        if averaged:
+            err.print(f"[bold yellow]warning:[/] each point of the {plot} plot averages runs that differ in "
+                      f"{escape(reports.describe_averaged(averaged))} (written under the plot too); plot a report of "
+                      "fewer runs to separate them", highlight=False)
+        console.print(f"wrote {escape(str(path))}")
     paper = compare == "paper"
     if fmt == "console":
-        for title, header, body in reports.tables(summary, paper, ablations):
-            if header[0] == "Dataset":  # fold each method's B, N, HM into one column to fit a terminal
-                backbone = header[4].rsplit(" ", 1)[0]
-                header = ["Dataset", "CLIP B / N / HM", f"{backbone} B / N / HM", "+FVG-PT B / N / HM", "ΔHM"]
-                body = [[r[0], *(" / ".join(c for c in r[i:i + 3] if c) for i in (1, 4, 7)), r[10]] for r in body]
-            t = Table(title=title)
-            for i, h in enumerate(header):
-                t.add_column(h, justify="left" if i == 0 else "right")
-            for row in body:
-                t.add_row(*row)
-            console.print(t)
-        console.print(f"{len(records)} run(s); Base/New are seed means ± sample std, HM is the HM of the means")
+        print_report(summary, paper, ablations)
+        console.print(f"{len(records)} run(s) in {len(summary)} group(s) of comparable runs; Base/New are seed means ± "
+                      "sample std, HM is the HM of the means")
         return
     text = formats[fmt](summary, paper, ablations) if fmt in ("markdown", "latex") else formats[fmt](summary)
     if output:
         output.write_text(text)
-        console.print(f"wrote {output}")
+        console.print(f"wrote {escape(str(output))}" + (" (LaTeX: needs \\usepackage{booktabs})" if fmt == "latex" else ""))
     else:
         print(text)
 
+
+def print_report(summary: dict, compare_paper: bool = False, extra=()) -> None:
+    """The report's tables in a layout that fits an 80-column terminal (no wrapped rows, no cut numbers)."""
+    from fvgpt_cache.reports import console_tables
+
+    for title, header, body, kinds in console_tables(summary, compare_paper, extra):
+        console.print(f"\n[bold]{escape(title)}[/]")  # a line of its own: as wide as the terminal, not the table
+        table = narrow_table()
+        for i, name in enumerate(header):
+            # numbers never wrap; only an overlong dataset name folds onto a second line
+            table.add_column(name, justify="left" if i == 0 else "right", no_wrap=i > 0,
+                             overflow="fold" if i == 0 else "ellipsis")
+        for row, kind in zip(body, kinds):
+            style = "bold" if kind == "dataset" else ("dim" if kind == "paper" else None)
+            table.add_row(*map(escape, row), style=style)
+        console.print(table)

@@ -53,7 +53,9 @@ def print_results(record: dict) -> None:
     table = Table(title=title)
     cols = ("method", "All") if all_classes else ("method", "Base", "New", "HM", "ΔHM vs backbone")
     for c in cols:
-        table.add_column(c, justify="right" if c != "method" else "left")
+        # fits 80 columns: numbers never wrap or shrink; a long backbone name is cut instead
+        table.add_column(c, justify="right" if c != "method" else "left", no_wrap=True,
+                         **({"max_width": 28, "overflow": "ellipsis"} if c == "method" else {}))
     names = {"zeroshot": "zero-shot CLIP", "backbone": f"backbone ({record['backbone']})", "fvgpt": "+ FVG-PT"}
     for key in ("zeroshot", "backbone", "fvgpt"):
         row = m[key]
@@ -71,7 +73,7 @@ def print_results(record: dict) -> None:
     if record.get("cross_dataset"):
         cross = Table(title="cross-dataset (PC branch, all target classes)")
         for c in ("target", "images", "zero-shot", "backbone", "FVG-PT"):
-            cross.add_column(c)
+            cross.add_column(c, no_wrap=True, **({"max_width": 28, "overflow": "ellipsis"} if c == "target" else {}))
         for t in record["cross_dataset"]:
             cross.add_row(str(t["dataset"]), str(t["test_images"]), _pct(t["zeroshot"]), _pct(t["backbone"]), _pct(t["fvgpt"]))
         console.print(cross)

@@ -5,6 +5,7 @@ import hashlib
 import json
 import math
 import random
+import re
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -82,9 +83,18 @@ def read_split_json(split_file: Path) -> dict[str, list[Sample]]:
         raise ValueError(f"split file {split_file} is not valid JSON: {exc}") from exc
     if not isinstance(raw, dict) or not set(SPLITS) & set(raw):
         raise ValueError(f"split file {split_file} must be a JSON object with keys {list(SPLITS)}")
+    for split in ("train", "test"):
+        if split not in raw:
+            raise ValueError(f"split file {split_file} has no {split!r} split (it has {sorted(raw)}); "
+                             f"add a {split!r} list of [relpath, label, classname] entries")
+        if not raw[split]:
+            raise ValueError(f"split file {split_file}: the {split!r} split is empty; FVG-PT needs {split} images")
     out: dict[str, list[Sample]] = {}
     for split in SPLITS:
         items = raw.get(split, [])
+        if not isinstance(items, list):
+            raise ValueError(f"split file {split_file}: {split!r} must be a list of [relpath, label, classname], "
+                             f"got {type(items).__name__}")
         samples = []
         for i, item in enumerate(items):
             if not (isinstance(item, (list, tuple)) and len(item) == 3):
@@ -97,10 +107,36 @@ def read_split_json(split_file: Path) -> dict[str, list[Sample]]:
     return out
 
 
+# Folder names that say nothing about the dataset: the name comes from the folder above them.
+GENERIC_FOLDERS = {"images", "image", "imgs", "img", "jpg", "jpgs", "jpeg", "png", "pics", "pictures", "photos",
+                   "data", "dataset", "files", "all", "train", "raw"}
+NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+-]*")
+
+
+def default_dataset_name(image_root: Path) -> str:
+    """The image root's folder name, or its parent's when the folder's name is generic (images, jpg, …)."""
+    folder = Path(image_root).resolve()
+    while folder.name.lower() in GENERIC_FOLDERS and folder.parent != folder:
+        folder = folder.parent
+    name = re.sub(r"[^A-Za-z0-9._+-]+", "_", folder.name).strip("._-+")
+    return name or "dataset"
+
+
+def check_dataset_name(name: str) -> str:
+    if not NAME_PATTERN.fullmatch(name or ""):
+        raise ValueError(f"--name {name!r}: use letters, digits and . _ + - (it becomes a folder of the cache path)")
+    return name
+
+
 def generic_dataset(
-    split_file: Path, image_root: Path, mask_root: Path | None = None, template: str = "a photo of a {}."
+    split_file: Path, image_root: Path, mask_root: Path | None = None, template: str = "a photo of a {}.",
+    name: str | None = None,
 ) -> Dataset:
-    """Any dataset given as a split JSON, an image root and an optional mirrored mask root."""
+    """Any dataset given as a split JSON, an image root and an optional mirrored mask root.
+
+    `name` defaults to the image root's folder name (its parent's for generic folders such as
+    `images`), never to the split file's name, which is the same for most users.
+    """
     image_root = Path(image_root)
     if not image_root.is_dir():
         raise FileNotFoundError(f"image root not found: {image_root}")
@@ -108,7 +144,7 @@ def generic_dataset(
         raise FileNotFoundError(f"mask root not found: {mask_root}")
     splits = read_split_json(split_file)
     return Dataset(
-        name=Path(split_file).stem,
+        name=check_dataset_name(name) if name is not None else default_dataset_name(image_root),
         image_root=image_root,
         classnames=classnames_from_samples(*splits.values()),
         splits=splits,
@@ -148,6 +184,38 @@ def fewshot_splits(splits: dict[str, list[Sample]], shots: int, seed: int) -> di
         "val": _sample_fewshot(rng, splits.get("val", []), min(shots, 4)),
         "test": list(splits.get("test", [])),
     }
+
+
+def short_classes(splits: dict[str, list[Sample]], shots: int, classnames: list[str]) -> dict[str, list[dict]]:
+    """Classes with fewer images than the few-shot draw asks for (Dassl then takes all of them).
+
+    {"train": [{"label", "class", "count", "wanted"}, …], "val": […]}; splits without short classes are left out.
+    """
+    if shots <= 0:
+        return {}
+    out = {}
+    for split, wanted in (("train", shots), ("val", min(shots, 4))):
+        items = splits.get(split, [])
+        if not items:
+            continue
+        counts = [0] * len(classnames)
+        for s in items:
+            counts[s.label] += 1
+        short = [{"label": i, "class": classnames[i], "count": n, "wanted": wanted}
+                 for i, n in enumerate(counts) if n < wanted]
+        if short:
+            out[split] = short
+    return out
+
+
+def format_short_classes(short: dict[str, list[dict]], limit: int = 12) -> list[str]:
+    """One line per split: 'train: triangle: 5 < 8, star: 0 < 8 (+3 more)'."""
+    lines = []
+    for split, items in short.items():
+        shown = ", ".join(f"{c['class']}: {c['count']} < {c['wanted']}" for c in items[:limit])
+        more = f" (+{len(items) - limit} more)" if len(items) > limit else ""
+        lines.append(f"{split}: {shown}{more}")
+    return lines
 
 
 def parse_shots(value: str | int) -> int:

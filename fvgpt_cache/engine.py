@@ -112,63 +112,60 @@ def _gate_slots(layout: Layout, depth: int, names: tuple[str, ...], known: tuple
     return [("embed", None)] + [("identity", None)] * (layout.gate_depth - 2) + [("real", 0)], cols
 
 
-def scatter(layout: Layout, k: int, head: FVGPTHead, cfg: TrainConfig, params: dict[str, Tensor],
-            mask: dict[str, Tensor], acts: dict[str, Tensor]) -> None:
-    """Put configuration k's head into the padded stacks; mark its trainable entries in `mask`."""
+def _gates(head: FVGPTHead, cfg: TrainConfig):
+    return (("frg", head.frg, cfg.frg_layers, head.frg_names, FRG_INDICATORS),
+            ("brg", head.brg, cfg.brg_layers, head.brg_names, BRG_INDICATORS))
+
+
+def _placements(layout: Layout, head: FVGPTHead, cfg: TrainConfig):
+    """Where each real parameter of a head sits in the padded stacks: (block, rows, columns or None, parameter)."""
     for module, adapter in (("fdc_img", head.fdc and head.fdc.image), ("fdc_txt", head.fdc and head.fdc.text)):
         for i, lin in enumerate(_linears(adapter.mlp if adapter is not None else None)):
             out, inp = lin.weight.shape
-            params[f"{module}.{i}.w"][k, :out, :inp] = lin.weight.detach()
-            params[f"{module}.{i}.b"][k, :out] = lin.bias.detach()
-            mask[f"{module}.{i}.w"][k, :out, :inp] = 1
-            mask[f"{module}.{i}.b"][k, :out] = 1
-    for module, gate, depth, names, known in (("frg", head.frg, cfg.frg_layers, head.frg_names, FRG_INDICATORS),
-                                             ("brg", head.brg, cfg.brg_layers, head.brg_names, BRG_INDICATORS)):
+            yield f"{module}.{i}.w", out, list(range(inp)), lin.weight
+            yield f"{module}.{i}.b", out, None, lin.bias
+    for module, gate, depth, names, known in _gates(head, cfg):
         if gate is None:
             continue
         lins = _linears(gate.mlp)
         slots, cols = _gate_slots(layout, depth, names, known)
         for i, (kind, j) in enumerate(slots):
-            w, b = params[f"{module}.{i}.w"], params[f"{module}.{i}.b"]
+            if kind == "real":
+                out, inp = lins[j].weight.shape
+                in_cols = cols if i == 0 or slots[0][0] == "embed" else list(range(inp))
+                yield f"{module}.{i}.w", out, in_cols, lins[j].weight
+                yield f"{module}.{i}.b", out, None, lins[j].bias
+
+
+def scatter(layout: Layout, k: int, head: FVGPTHead, cfg: TrainConfig, params: dict[str, Tensor],
+            mask: dict[str, Tensor], acts: dict[str, Tensor]) -> None:
+    """Put configuration k's head into the padded stacks; mark its trainable entries in `mask`; set up
+    the frozen layers (identity, input embedding) and activation switches of a shallower gate."""
+    for name, out, cols, param in _placements(layout, head, cfg):
+        if cols is None:
+            params[name][k, :out] = param.detach()
+            mask[name][k, :out] = 1
+        else:
+            params[name][k, :out][:, cols] = param.detach()
+            mask[name][k, :out][:, cols] = 1
+    for module, gate, depth, names, known in _gates(head, cfg):
+        if gate is None:
+            continue
+        slots, cols = _gate_slots(layout, depth, names, known)
+        for i, (kind, _) in enumerate(slots):
             if i < len(slots) - 1:  # a 1-layer gate (embedding first) is linear: no ReLU anywhere
                 acts[module][k, i] = 0.0 if slots[0][0] == "embed" else 1.0
             if kind == "identity":
-                w[k] = torch.eye(layout.gate_hidden)
-                continue
-            if kind == "embed":
-                w[k, cols, cols] = 1.0
-                continue
-            lin = lins[j]
-            out, inp = lin.weight.shape
-            in_cols = cols if i == 0 or slots[0][0] == "embed" else list(range(inp))
-            w[k, :out][:, in_cols] = lin.weight.detach()
-            b[k, :out] = lin.bias.detach()
-            mask[f"{module}.{i}.w"][k, :out][:, in_cols] = 1
-            mask[f"{module}.{i}.b"][k, :out] = 1
+                params[f"{module}.{i}.w"][k] = torch.eye(layout.gate_hidden)
+            elif kind == "embed":
+                params[f"{module}.{i}.w"][k, cols, cols] = 1.0
 
 
 def gather(layout: Layout, k: int, head: FVGPTHead, cfg: TrainConfig, params: dict[str, Tensor]) -> FVGPTHead:
     """The inverse of `scatter`: configuration k's trained values back into its own head."""
     with torch.no_grad():
-        for module, adapter in (("fdc_img", head.fdc and head.fdc.image), ("fdc_txt", head.fdc and head.fdc.text)):
-            for i, lin in enumerate(_linears(adapter.mlp if adapter is not None else None)):
-                out, inp = lin.weight.shape
-                lin.weight.copy_(params[f"{module}.{i}.w"][k, :out, :inp])
-                lin.bias.copy_(params[f"{module}.{i}.b"][k, :out])
-        for module, gate, depth, names, known in (("frg", head.frg, cfg.frg_layers, head.frg_names, FRG_INDICATORS),
-                                                 ("brg", head.brg, cfg.brg_layers, head.brg_names, BRG_INDICATORS)):
-            if gate is None:
-                continue
-            lins = _linears(gate.mlp)
-            slots, cols = _gate_slots(layout, depth, names, known)
-            for i, (kind, j) in enumerate(slots):
-                if kind != "real":
-                    continue
-                lin = lins[j]
-                out, inp = lin.weight.shape
-                in_cols = cols if i == 0 or slots[0][0] == "embed" else list(range(inp))
-                lin.weight.copy_(params[f"{module}.{i}.w"][k, :out][:, in_cols])
-                lin.bias.copy_(params[f"{module}.{i}.b"][k, :out])
+        for name, out, cols, param in _placements(layout, head, cfg):
+            param.copy_(params[name][k, :out] if cols is None else params[name][k, :out][:, cols])
     return head
 
 
@@ -211,8 +208,27 @@ def mlp_backward(d_out: Tensor, layers: list[tuple[Tensor, Tensor]], inputs: lis
         if i == 0:
             break
         dh = torch.bmm(d, w)
-        positive = h > 0  # h = relu(pre) where active: the ReLU's gradient gate
-        d = dh * positive if act is None else torch.where(act[:, i - 1].view(-1, 1, 1) > 0, dh * positive, dh)
+        through = torch.ops.aten.threshold_backward(dh, h, 0)  # h = relu(pre): the ReLU's gradient gate
+        d = through if act is None else torch.where(act[:, i - 1].view(-1, 1, 1) > 0, through, dh)
+
+
+def _times(t: Tensor, factor: Tensor | float) -> Tensor | float:
+    """t · factor, where a Python-number factor of 1 is skipped and 0 gives 0."""
+    if isinstance(factor, float):
+        return t if factor == 1.0 else 0.0 if factor == 0.0 else t * factor
+    return t * factor
+
+
+def _sum_terms(*terms, like: Tensor) -> Tensor:
+    """The sum of tensor and number terms (zeros skipped); a tensor shaped like `like`."""
+    total = None
+    for term in terms:
+        if isinstance(term, float) and term == 0.0:
+            continue
+        total = term if total is None else total + term
+    if total is None:
+        return torch.zeros_like(like)
+    return total if isinstance(total, Tensor) else torch.full_like(like, total)
 
 
 def _normalize_backward(df: Tensor, f: Tensor, norm: Tensor) -> Tensor:
@@ -255,45 +271,49 @@ class Group:
         self._factors()
 
     def _factors(self) -> None:
-        """Per-configuration scalars of the loss, as (K, 1) tensors."""
+        """Per-configuration scalars of the loss. Each is computed as a float32 (K, 1) tensor and kept as a
+        Python number when every configuration has the same value (then ×1 and +0·x are skipped): the
+        same float32 numbers either way, so a configuration computes the same bits alone or in a group."""
         def col(values) -> Tensor:
             return torch.tensor([float(v) for v in values], device=self.device).view(-1, 1)
 
         c = self.cfgs
         has_fdc = [x.use_fdc for x in c]
         has_frg = [x.use_fdc and x.use_frg for x in c]
-        self.w = {
+        w = {
             "ce_fdc": col(f and x.loss_ce_fdc for f, x in zip(has_fdc, c)),
             "dist": col(x.lambda_d if f and x.loss_dist else 0 for f, x in zip(has_fdc, c)),
             "frg": col(x.lambda_frg if f and x.loss_frg else 0 for f, x in zip(has_frg, c)),
             "ce_pc": col(x.use_pc and x.loss_ce_pc for x in c),
             "kl_pc": col(x.use_pc and x.loss_kl_pc for x in c),
             "lambda_pc": col(x.lambda_pc for x in c),
-            "lambda_frg": col(x.lambda_frg for x in c),
         }
-        self.scale_on = col(x.use_scale for x in c)
-        self.tau = col(x.tau for x in c)
+        self.w = w
+        tau = col(x.tau for x in c)
+        scale_on = col(x.use_scale for x in c)
         # r = usable · (A·σ(q) + B·r* + C), see FVGPTHead.distill_weight
-        a, b, cc = [], [], []
+        coefs = []
         for x, frg in zip(c, has_frg):
             if x.r_source == "full":
-                coef = (0, 0, 0)
+                coefs.append((0, 0, 0))
             elif x.r_source == "fg":
-                coef = (0, 0, 1)
+                coefs.append((0, 0, 1))
             elif frg:
-                coef = (1, 0, 0)
+                coefs.append((1, 0, 0))
             else:
-                coef = {"one": (0, 0, 1), "target": (0, 1, 0), "half": (0, 0, 0.5)}[x.r_without_frg]
-            a.append(coef[0]), b.append(coef[1]), cc.append(coef[2])
-        self.r_a, self.r_b, self.r_c = col(a), col(b), col(cc)
-        # ∂L/∂q_FRG through r when r is not detached: λ_d · usable · σ'(q) · (KL_fg − KL_full)
-        self.r_grad_dist = col(not x.detach_r for x in c) * self.r_a * self.w["dist"]
-        scale = self.scale_on * self.data.scale + (1 - self.scale_on)
-        # the same factors shaped (K, 1, 1) for (K, B, C) tensors
-        self.f3 = {"scale": scale.unsqueeze(-1), "tau": self.tau.unsqueeze(-1), "ce_fdc": self.w["ce_fdc"].unsqueeze(-1),
-                   "dist_tau": (self.w["dist"] / self.tau).unsqueeze(-1),
-                   "ce_pc": (self.w["lambda_pc"] * self.w["ce_pc"]).unsqueeze(-1),
-                   "kl_pc_tau": (self.w["lambda_pc"] * self.w["kl_pc"] / self.tau).unsqueeze(-1)}
+                coefs.append({"one": (0, 0, 1), "target": (0, 1, 0), "half": (0, 0, 0.5)}[x.r_without_frg])
+        r_a, r_b, r_c = (col(v) for v in zip(*coefs))
+        factors = {
+            "r_a": r_a, "r_b": r_b, "r_c": r_c, "frg": w["frg"],
+            # ∂L/∂q_FRG through r when r is not detached: λ_d · usable · σ'(q) · (KL_fg − KL_full)
+            "r_grad": col(not x.detach_r for x in c) * r_a * w["dist"],
+            "scale": scale_on * self.data.scale + (1 - scale_on), "tau": tau, "ce_fdc": w["ce_fdc"],
+            "dist_tau": w["dist"] / tau, "ce_pc": w["lambda_pc"] * w["ce_pc"],
+            "kl_pc_tau": w["lambda_pc"] * w["kl_pc"] / tau,
+        }
+        uniform = lambda t: float(t[0]) if bool((t == t[0]).all()) else t  # noqa: E731
+        self.f2 = {k: uniform(v) for k, v in factors.items()}  # factors of (K, B) tensors
+        self.f3 = {k: v if isinstance(v, float) else v.unsqueeze(-1) for k, v in self.f2.items()}  # of (K, B, C)
 
     # -- frozen statistics -----------------------------------------------------------------------
 
@@ -353,7 +373,7 @@ class Group:
         nh_full, nh_fg, nh_clip = pack[..., 3 * C], pack[..., 3 * C + 1], pack[..., 3 * C + 2]
         u, v = pack[..., 3 * C + 3:3 * C + 6], pack[..., 3 * C + 6:3 * C + 9]
         r_star, usable = pack[..., 3 * C + 9], pack[..., 3 * C + 10]
-        f3 = self.f3
+        f2, f3 = self.f2, self.f3
         out: dict[str, Tensor] = {}
 
         # FDC (eqs. 7-8)
@@ -365,11 +385,11 @@ class Group:
         t = self.txt + a_txt
         n_t = t.norm(dim=-1, keepdim=True)
         g = t / n_t
-        z = f3["scale"] * torch.bmm(f, g.transpose(1, 2))
+        z = _times(torch.bmm(f, g.transpose(1, 2)), f3["scale"])
         logp = z.log_softmax(-1)
         logp_y = (logp * onehot).sum(-1)
         out["ce_fdc"] = -(logp_y * weight).sum(-1)
-        out["acc_fdc"] = ((logp_y >= logp.amax(-1)) * weight).sum(-1) * 100
+        out["acc_fdc"] = torch.where(logp_y >= logp.amax(-1), weight, 0.0).sum(-1)  # a fraction; ×100 per epoch
         logq = (z / f3["tau"]).log_softmax(-1)
 
         # FRG (eqs. 3-6) and the distillation weight r
@@ -377,10 +397,12 @@ class Group:
         q_frg = q_frg.squeeze(-1)
         sig = torch.sigmoid(q_frg)
         out["frg"] = (F.binary_cross_entropy_with_logits(q_frg, r_star, reduction="none") * weight).sum(-1)
-        r = usable * (self.r_a * sig + self.r_b * r_star + self.r_c)
+        r = _sum_terms(_times(sig, f2["r_a"]), _times(r_star, f2["r_b"]), f2["r_c"], like=sig)
+        r = usable * r
         kl_fg = nh_fg - (p_fg * logq).sum(-1)
         kl_full = nh_full - (p_full * logq).sum(-1)
-        out["dist"] = ((kl_full + r * (kl_fg - kl_full)) * weight).sum(-1)
+        kl_gap = kl_fg - kl_full
+        out["dist"] = ((kl_full + r * kl_gap) * weight).sum(-1)
 
         # PC with BRG (eqs. 11-15)
         q_brg, in_brg = mlp_forward(v, self.layers["brg"], self.acts["brg"])
@@ -394,16 +416,19 @@ class Group:
         # gradients
         wb = weight.unsqueeze(-1)
         teacher = p_full + r.unsqueeze(-1) * (p_fg - p_full)
-        dz = (f3["ce_fdc"] * (logp.exp() - onehot) + f3["dist_tau"] * (logq.exp() - teacher)) * wb
-        dcos = f3["scale"] * dz
+        dz = _sum_terms(_times(logp.exp() - onehot, f3["ce_fdc"]), _times(logq.exp() - teacher, f3["dist_tau"]),
+                        like=logp) * wb
+        dcos = _times(dz, f3["scale"])
         df = torch.bmm(dcos, g)
         dg = torch.bmm(dcos.transpose(1, 2), f)
         mlp_backward(_normalize_backward(df, f, n_e), self.layers["fdc_img"], in_img, None, self.grad_layers["fdc_img"])
         mlp_backward(_normalize_backward(dg, g, n_t), self.layers["fdc_txt"], in_txt, None, self.grad_layers["fdc_txt"])
-        w = self.w
-        dq_frg = (w["frg"] * (sig - r_star) + self.r_grad_dist * usable * sig * (1 - sig) * (kl_fg - kl_full)) * weight
-        mlp_backward(dq_frg.unsqueeze(-1), self.layers["frg"], in_frg, self.acts["frg"], self.grad_layers["frg"])
-        dz_pc = (f3["ce_pc"] * (lp_pc.exp() - onehot) + f3["kl_pc_tau"] * (lq_pc.exp() - p_clip)) * wb
+        dq_frg = _times(sig - r_star, f2["frg"])
+        if not (isinstance(f2["r_grad"], float) and f2["r_grad"] == 0.0):
+            dq_frg = dq_frg + _times(usable * sig * (1 - sig) * kl_gap, f2["r_grad"])
+        mlp_backward((dq_frg * weight).unsqueeze(-1), self.layers["frg"], in_frg, self.acts["frg"], self.grad_layers["frg"])
+        dz_pc = _sum_terms(_times(lp_pc.exp() - onehot, f3["ce_pc"]), _times(lq_pc.exp() - p_clip, f3["kl_pc_tau"]),
+                           like=lp_pc) * wb
         db = (dz_pc * z_diff).sum(-1)
         mlp_backward((db * b * (1 - b)).unsqueeze(-1), self.layers["brg"], in_brg, self.acts["brg"],
                      self.grad_layers["brg"])
@@ -548,8 +573,10 @@ class Group:
             for j in range(steps):
                 out = self.step_losses(rows[j], weight[j])
                 self.optimizer_step(None if all_active else active[j])
-                sums += torch.stack([out[key] for key in TERMS]) * active[j]
+                terms = torch.stack([out[key] for key in TERMS])
+                sums += terms if all_active else terms * active[j]
             terms = dict(zip(TERMS, sums / active.sum(0).clamp_min(1)))
+            terms["acc_fdc"] = terms["acc_fdc"] * 100
             means = {k: v.tolist() for k, v in {**terms, **self.weighted_terms(terms)}.items()}
             for k, c in enumerate(cfgs):
                 if running[k]:

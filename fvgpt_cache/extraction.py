@@ -4,6 +4,10 @@ Crash safety: work goes to `<out>.partial`, each finished batch is flushed with 
 done in `/progress/<split>`, and the file is renamed to `<out>` only when every split is
 complete. Rerunning the same command resumes from the partial file; the settings are compared
 first so a partial file written with other settings is never continued by mistake.
+
+The loop over the images (`run_view_pass`), the decoding of an image with its mask into views
+(`ViewDataset`, whose view plan says which geometry and box each view gets) and the encoder call
+(`encode_views`) are shared with later passes over a cache (`backbones.image_pass`).
 """
 from __future__ import annotations
 
@@ -23,12 +27,13 @@ from PIL import Image
 from torch.utils.data import DataLoader
 from torch.utils.data import Dataset as TorchDataset
 
-from .data import SPLITS, Dataset, base_new_split, fewshot_splits
+from .data import SPLITS, Dataset, base_new_split, fewshot_splits, short_classes
 from .datasets import find_mask
 from .device import resolve_device
 from .models import LoadedModel
 from .store import FORMAT, FORMAT_VERSION, CacheError, exclusive_lock, partial_path
-from .views import FG_MODES, NO_BOX, AugmentConfig, ViewMaker, binarize_mask, draw_box, fit_mask, view_generator
+from .views import FG_MODES, NO_BOX, AugmentConfig, Box, ViewMaker, binarize_mask, draw_box, fit_mask, view_generator
+from .workers import worker_init
 
 MISSING_MASK_POLICIES = ("error", "full", "skip")
 BAD_IMAGE_POLICIES = ("error", "skip")
@@ -91,12 +96,14 @@ class ExtractSummary:
     resumed_rows: int
     seconds: float
     images_per_second: float
+    short_classes: dict[str, list[dict]] = field(default_factory=dict)
 
 
 def default_output(dataset: str, model: str, pretrained: str | None, shots: int, seed: int, views: int,
                    root: Path = Path("cache")) -> Path:
     model_tag = Path(model).stem if model.endswith(".json") else model
-    weights = Path(pretrained).stem if pretrained and Path(pretrained).is_file() else (pretrained or "none")
+    is_file = pretrained and ("/" in pretrained or os.sep in pretrained or Path(pretrained).is_file())
+    weights = Path(pretrained).stem if is_file else (pretrained or "none")
     shot_tag = f"shots{shots}" if shots > 0 else "allshots"
     view_tag = f"_views{views}" if views != DEFAULT_TRAIN_VIEWS else ""
     return root / dataset / f"{model_tag}-{weights}" / f"{shot_tag}_seed{seed}{view_tag}.h5"
@@ -115,19 +122,18 @@ def encode_texts(loaded: LoadedModel, texts: list[str], device: torch.device, ba
     return torch.cat(out)
 
 
-class _ViewDataset(TorchDataset):
+class ViewDataset(TorchDataset):
     """Decodes each image (and its mask) once and returns all of its views with their boxes.
 
-    Train view 0 is Dassl's training transform without augmentation (squash), train views 1…V−1
-    are random resized crops + flips drawn from `view_generator`; val and test use the test transform.
+    `plan(row, img)` gives each view's geometry and box (see `views.ViewMaker`): extraction draws
+    them (`DrawnViews`), later passes over a cache read the stored ones. A row's `mask` is a mask
+    file, or None for an all-ones mask. Items report unusable input instead of raising, so the
+    pass decides (skip, or stop with the file named).
     """
 
-    def __init__(self, rows: list[dict], image_root: Path, maker: ViewMaker, views: int, seed: int, split_index: int,
-                 augment: AugmentConfig, mask_size_policy: str):
-        self.rows, self.image_root, self.maker = rows, image_root, maker
-        self.views, self.seed, self.split_index = views, seed, split_index
-        self.augment, self.mask_size_policy = augment, mask_size_policy
-        self.train = SPLITS[split_index] == "train"
+    def __init__(self, rows: list[dict], image_root: Path, maker: ViewMaker, plan: Callable, mask_size_policy: str = "resize"):
+        self.rows, self.image_root, self.maker, self.plan = rows, image_root, maker, plan
+        self.mask_size_policy = mask_size_policy
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -161,15 +167,7 @@ class _ViewDataset(TorchDataset):
                     return {**fail, "skip": True, "error": message + " (--mask-size-mismatch skip)"}
                 mask, resized = fit_mask(mask, img.size), True
         fulls, fgs, areas, boxes = [], [], [], []
-        for v in range(self.views):
-            if not self.train:
-                kind, box = "eval", None
-            elif v == 0:
-                kind, box = "squash", None
-            else:
-                kind = "box"
-                box = draw_box(img.width, img.height, self.augment,
-                               view_generator(self.seed, self.split_index, row["index"], v))
+        for kind, box in self.plan(row, img):
             full, fg, area = self.maker(img, mask, kind, box)
             fulls.append(full)
             fgs.append(fg)
@@ -178,6 +176,26 @@ class _ViewDataset(TorchDataset):
         return {"index": row["index"], "ok": True, "full": torch.stack(fulls), "fg": torch.stack(fgs),
                 "area": torch.tensor(areas, dtype=torch.float32), "box": torch.tensor(boxes, dtype=torch.int32),
                 "mask_resized": resized}
+
+
+@dataclass(frozen=True)
+class DrawnViews:
+    """Extraction's views: train view 0 is Dassl's training transform without augmentation (squash),
+    train views 1…V−1 random resized crops + flips drawn from `view_generator`; val and test use
+    the test transform."""
+
+    split_index: int
+    views: int
+    seed: int
+    augment: AugmentConfig
+
+    def __call__(self, row: dict, img: Image.Image) -> list[tuple[str, Box | None]]:
+        if SPLITS[self.split_index] != "train":
+            return [("eval", None)] * self.views
+        return [("squash", None)] + [
+            ("box", draw_box(img.width, img.height, self.augment, view_generator(self.seed, self.split_index, row["index"], v)))
+            for v in range(1, self.views)
+        ]
 
 
 def _collate(items: list[dict]) -> list[dict]:
@@ -214,7 +232,7 @@ def _resolve_masks(dataset: Dataset, samples: dict[str, list], policy: str):
 
 
 def _fingerprint(provenance: dict) -> str:
-    volatile = ("created", "skipped", "full_mask_images", "resized_masks", "policy_runs", *ROW_POLICIES)
+    volatile = ("created", "skipped", "full_mask_images", "resized_masks", "policy_runs", "short_classes", *ROW_POLICIES)
     stable = {k: v for k, v in provenance.items() if k not in volatile}
     return hashlib.sha256(json.dumps(stable, sort_keys=True).encode()).hexdigest()
 
@@ -260,6 +278,43 @@ def _finalize(f: h5py.File, skipped_listed: dict[str, list[dict]]) -> tuple[dict
     return skipped, resized
 
 
+def run_view_pass(f: h5py.File, splits, dataset_for: Callable[[str, np.ndarray], TorchDataset],
+                  handle_batch: Callable[[str, list[dict]], None], *, batch_size: int, workers: int,
+                  progress: Callable[[str, int, int], None] | None = None, stop_after_batches: int | None = None) -> int:
+    """The one loop over the images that every pass shares (extraction, backbone imports).
+
+    For each split, the rows still PENDING in `f["progress/<split>/status"]` are loaded by
+    `dataset_for(split, pending_rows)` in batches; `handle_batch(split, items)` encodes and writes
+    them and marks their status; the file is flushed after every batch, so an interrupted pass
+    resumes where it stopped. `progress(split, rows_done, rows_total)` is called after each batch;
+    `stop_after_batches` simulates an interruption (KeyboardInterrupt) after that many batches.
+    Returns the number of rows that were already finished (resumed).
+    """
+    resumed = batches = 0
+    for split in splits:
+        status = f[f"progress/{split}/status"][()]
+        pending = np.flatnonzero(status == PENDING)
+        total, done = len(status), len(status) - len(pending)
+        resumed += done
+        if progress:
+            progress(split, done, total)
+        if not len(pending):
+            continue
+        loader = DataLoader(dataset_for(split, pending), batch_size=batch_size, shuffle=False, num_workers=workers,
+                            collate_fn=_collate, persistent_workers=False,
+                            worker_init_fn=worker_init() if workers > 0 else None)
+        for items in loader:
+            if stop_after_batches is not None and batches >= stop_after_batches:
+                raise KeyboardInterrupt(f"stopped after {batches} batches (simulated interruption)")
+            handle_batch(split, items)
+            f.flush()
+            batches += 1
+            done += len(items)
+            if progress:
+                progress(split, done, total)
+    return resumed
+
+
 def extract(
     dataset: Dataset,
     loaded: LoadedModel,
@@ -280,6 +335,7 @@ def extract(
     if "{}" not in template:
         raise ValueError(f"template {template!r} must contain '{{}}' where the class name goes")
     samples = fewshot_splits(dataset.splits, options.shots, options.seed)
+    short = short_classes(dataset.splits, options.shots, dataset.classnames)
     rows, full_masks, skipped_missing = _resolve_masks(dataset, samples, options.missing_mask)
     base, new = base_new_split(dataset.num_classes)
     views = {"train": options.train_views, "val": 1, "test": 1}
@@ -308,6 +364,7 @@ def extract(
         "fg_mode": options.fg_mode,
         "template": template,
         "store_dtype": options.store_dtype,
+        "short_classes": short,
         **({"dataset_notes": dataset.extra} if dataset.extra else {}),
     }
     fingerprint = _fingerprint(provenance)
@@ -346,36 +403,23 @@ def extract(
                 _create_layout(f, rows, views, text.shape[1], STORE_DTYPES[options.store_dtype])
             os.replace(tmp, part)
 
-        resumed = 0
-        batches = 0
         with h5py.File(part, "r+") as f:
             runs = json.loads(f.attrs.get("policy_runs", "[]"))
             if not runs or runs[-1] != policies:
                 runs.append(policies)
             f.attrs["policy_runs"] = json.dumps(runs)
-            for split_index, split in enumerate(SPLITS):
-                status = f[f"progress/{split}/status"][()]
-                resumed += int((status != PENDING).sum())
-                todo = [dict(rows[split][i], index=int(i)) for i in np.flatnonzero(status == PENDING)]
-                total, done = len(status), int((status != PENDING).sum())
-                if progress:
-                    progress(split, done, total)
-                if not todo:
-                    continue
-                loader = DataLoader(
-                    _ViewDataset(todo, dataset.image_root, maker, views[split], options.seed, split_index,
-                                 options.augment, options.mask_size_mismatch),
-                    batch_size=options.batch_size, shuffle=False, num_workers=options.workers,
-                    collate_fn=_collate, persistent_workers=False,
-                )
-                for items in loader:
-                    if stop_after_batches is not None and batches >= stop_after_batches:
-                        raise KeyboardInterrupt(f"stopped after {batches} batches (simulated interruption)")
-                    _encode_batch(f, split, items, model, device, options.bad_image)
-                    batches += 1
-                    done += len(items)
-                    if progress:
-                        progress(split, done, total)
+
+            def dataset_for(split: str, pending: np.ndarray) -> ViewDataset:
+                split_index = SPLITS.index(split)
+                todo = [dict(rows[split][i], index=int(i)) for i in pending]
+                return ViewDataset(todo, dataset.image_root, maker,
+                                   DrawnViews(split_index, views[split], options.seed, options.augment),
+                                   options.mask_size_mismatch)
+
+            resumed = run_view_pass(
+                f, SPLITS, dataset_for, lambda split, items: _encode_batch(f, split, items, model, device, options.bad_image),
+                batch_size=options.batch_size, workers=options.workers, progress=progress,
+                stop_after_batches=stop_after_batches)
             skipped, resized = _finalize(f, skipped_missing)
             provenance["skipped"] = skipped
             provenance["full_mask_images"] = full_masks
@@ -393,16 +437,35 @@ def extract(
     return ExtractSummary(out=out, counts=counts, skipped=skipped, full_masks=full_masks, resized_masks=resized,
                           empty_masks=empty,
                           resumed_rows=resumed, seconds=seconds,
-                          images_per_second=max(encoded, 0) / seconds if seconds > 0 else 0.0)
+                          images_per_second=max(encoded, 0) / seconds if seconds > 0 else 0.0, short_classes=short)
 
 
 @torch.no_grad()
-def encode_images(model: torch.nn.Module, pixels: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """normalize(encode_image(pixels)) in float32, with fp16 autocast on CUDA."""
+def run_encoder(forward: Callable[[torch.Tensor], torch.Tensor | dict], pixels: torch.Tensor,
+                device: torch.device) -> dict[str, torch.Tensor]:
+    """L2-normalised float32 CPU outputs of `forward(pixels)`, with fp16 autocast on CUDA.
+
+    `forward` returns one feature tensor (named "") or a dict of them (MMRL: "" and "_rep").
+    """
     pixels = pixels.to(device, non_blocking=True)
     with torch.autocast("cuda", dtype=torch.float16, enabled=device.type == "cuda"):
-        feats = model.encode_image(pixels)
-    return F.normalize(feats.float(), dim=-1).cpu()
+        out = forward(pixels)
+    out = out if isinstance(out, dict) else {"": out}
+    return {k: F.normalize(v.float(), dim=-1).cpu() for k, v in out.items()}
+
+
+def encode_images(model: torch.nn.Module, pixels: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """normalize(encode_image(pixels)) in float32, with fp16 autocast on CUDA."""
+    return run_encoder(model.encode_image, pixels, device)[""]
+
+
+def encode_views(forward, items: list[dict], device: torch.device) -> dict[str, torch.Tensor]:
+    """Features of the full and foreground views of decoded items: {name: (2, B, V, D)}, [0] full, [1] fg."""
+    full = torch.stack([g["full"] for g in items])  # (B, V, 3, S, S)
+    fg = torch.stack([g["fg"] for g in items])
+    b, v = full.shape[:2]
+    feats = run_encoder(forward, torch.cat([full, fg]).flatten(0, 1), device)
+    return {k: x.view(2, b, v, -1) for k, x in feats.items()}
 
 
 def _encode_batch(f: h5py.File, split: str, items: list[dict], model, device, bad_image: str) -> None:
@@ -418,10 +481,7 @@ def _encode_batch(f: h5py.File, split: str, items: list[dict], model, device, ba
             f[f"progress/{split}/error"][item["index"]] = item["error"]
             status[item["index"]] = SKIPPED
     if good:
-        full = torch.stack([g["full"] for g in good])  # (B, V, 3, S, S)
-        fg = torch.stack([g["fg"] for g in good])
-        b, v = full.shape[:2]
-        feats = encode_images(model, torch.cat([full, fg]).flatten(0, 1), device).view(2, b, v, -1)
+        feats = encode_views(model.encode_image, good, device)[""]
         idx = np.array([g["index"] for g in good])
         # h5py fancy indexing needs increasing indices; batches are built in order so they are.
         f[f"image/clip/{split}/full"][idx] = feats[0].numpy()
@@ -430,4 +490,3 @@ def _encode_batch(f: h5py.File, split: str, items: list[dict], model, device, ba
         f[f"samples/{split}/box"][idx] = torch.stack([g["box"] for g in good]).numpy()
         f[f"progress/{split}/mask_resized"][idx] = np.array([g["mask_resized"] for g in good], dtype=np.uint8)
         status[idx] = DONE
-    f.flush()

@@ -66,18 +66,106 @@ class GridRun:
     ablations: list = field(default_factory=list)  # [(ablation preset, row label)] this run serves
 
 
+# Grid axes with their own option: a --param for them would silently replace that option.
+OWN_OPTIONS = {"seed": "--seeds", "device": "--device"}
+
+
+def _check_values(where: str, name: str, values: list) -> list:
+    """Refuse an empty list and values that are equal after parsing (`1` and `1.0`)."""
+    if name in OWN_OPTIONS:
+        raise ValueError(f"{where} {name}: use {OWN_OPTIONS[name]} for {name}, not a grid parameter")
+    if not values:
+        raise ValueError(f"{where} {name}: give at least one value")
+    seen: dict[str, object] = {}
+    for v in values:
+        key = json.dumps(list(v) if isinstance(v, tuple) else v)
+        if key in seen:
+            raise ValueError(f"{where} {name}: the value {v!r} is given twice (values equal after parsing, such as "
+                             "1 and 1.0, are the same configuration); list each value once")
+        seen[key] = v
+    return values
+
+
 def parse_params(items: list[str]) -> dict[str, list]:
-    """`--param lambda_d=0.1,1,5` → {"lambda_d": [0.1, 1.0, 5.0]}, typed and validated."""
+    """`--param lambda_d=0.1,1,5` → {"lambda_d": [0.1, 1.0, 5.0]}, typed and validated.
+
+    Refused by name: an empty value (`1,,10`), a value given twice after parsing, and the same
+    parameter in two --param options.
+    """
     out: dict[str, list] = {}
     for item in items:
         if "=" not in item:
             raise ValueError(f"--param {item!r}: write NAME=V1,V2,…")
         name, values = item.split("=", 1)
         name = name.strip()
-        out[name] = [parse_value(name, v) for v in values.split(",") if v.strip()]
-        if not out[name]:
-            raise ValueError(f"--param {name}: give at least one value")
+        if name in out:
+            raise ValueError(f"--param {name} is given twice; put all its values in one --param {name}=V1,V2,…")
+        texts = values.split(",")
+        if any(not t.strip() for t in texts):
+            raise ValueError(f"--param {item!r}: empty value; write {name}=V1,V2 without empty entries")
+        out[name] = _check_values("--param", name, [parse_value(name, t) for t in texts])
     return out
+
+
+def merge_params(first: dict[str, list], second: dict[str, list], where: tuple[str, str]) -> dict[str, list]:
+    """Parameters from two sources (a grid file and --param); the same name in both is refused."""
+    both = sorted(set(first) & set(second))
+    if both:
+        raise ValueError(f"{', '.join(both)} is set both in {where[0]} and by {where[1]}; set each parameter in one place")
+    return {**first, **second}
+
+
+def check_grid(params: dict[str, list], fixed: dict, preset: str | None) -> list[str]:
+    """Refuse settings that would silently override each other; return warnings for partial ones.
+
+    Refused: a --set (or [base]) of a parameter the grid varies, a --param of a field the preset's
+    rows vary (the rows would collapse into one), a --set of a field every table of the preset
+    varies (it would have no effect). A --set of a field only some tables of `--preset paper`
+    vary applies to the other tables: that is a warning.
+    """
+    for name in fixed:
+        if name in OWN_OPTIONS:
+            raise ValueError(f"--set {name}: use {OWN_OPTIONS[name]} for {name}")
+    both = sorted(set(params) & set(fixed))
+    if both:
+        raise ValueError(f"{', '.join(both)} is both fixed (--set/--backbone or [base]) and varied (--param or "
+                         "[params]); keep one")
+    if preset is None:
+        return []
+    if preset not in PRESETS:
+        raise ValueError(f"unknown preset {preset!r}; presets: {', '.join(PRESETS)}")
+    tables = PAPER if preset == "paper" else (preset,)
+    varies = {name: {k for _, overrides in ABLATIONS[name][1] for k in overrides} for name in tables}
+    everywhere = set.intersection(*varies.values())
+    anywhere = set.union(*varies.values())
+    clash = sorted(set(params) & anywhere)
+    if clash:
+        raise ValueError(f"preset {preset!r} varies {', '.join(clash)} in its rows; a --param of it would make those "
+                         "rows equal (run another grid for that)")
+    clash = sorted(set(fixed) & everywhere)
+    if clash:
+        raise ValueError(f"preset {preset!r} varies {', '.join(clash)}; a --set of it would have no effect")
+    return [f"--set {k}={fixed[k]} applies to every table except {', '.join(n for n in tables if k in varies[n])}, "
+            f"whose rows set {k} themselves" for k in sorted(set(fixed) & anywhere)]
+
+
+def parse_seeds(text: str) -> list[int]:
+    """`--seeds 1,2,3`; empty entries, non-integers and repeats are refused."""
+    items = [t.strip() for t in str(text).split(",")]
+    if any(not t for t in items):
+        raise ValueError(f"--seeds {text!r}: empty entry; write e.g. 1,2,3")
+    try:
+        seeds = [int(t) for t in items]
+    except ValueError:
+        raise ValueError(f"--seeds {text!r}: seeds are integers, e.g. 1,2,3") from None
+    if len(set(seeds)) != len(seeds):
+        raise ValueError(f"--seeds {text!r}: a seed is given twice")
+    return seeds
+
+
+def check_caches(caches: list[Path], eval_caches: list[Path] = ()) -> None:
+    """Refuse a grid over caches (and evaluation caches) extracted with different models or preprocessing."""
+    check_same_model([open_cache(p) for p in [*caches, *eval_caches]])
 
 
 def read_grid_file(path: Path) -> tuple[dict[str, list], dict]:
@@ -89,7 +177,8 @@ def read_grid_file(path: Path) -> tuple[dict[str, list], dict]:
     params = {}
     for name, values in raw.get("params", {}).items():
         values = values if isinstance(values, list) else [values]
-        params[name] = [parse_value(name, v if isinstance(v, str) else _toml_text(v)) for v in values]
+        params[name] = _check_values(f"{path} [params]", name,
+                                     [parse_value(name, v if isinstance(v, str) else _toml_text(v)) for v in values])
     base = {k: parse_value(k, v if isinstance(v, str) else _toml_text(v)) for k, v in raw.get("base", {}).items()}
     extra = {k: raw[k] for k in ("seeds", "preset") if k in raw}
     return params, {"base": base, **extra}

@@ -6,6 +6,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 
+from .data import format_short_classes
 from .store import open_cache
 
 
@@ -20,6 +21,7 @@ def inspect_cache(path: str | Path) -> dict:
                     "base": cache.base.tolist(), "new": cache.new.tolist()},
         "masks": {"resized": len(prov.get("resized_masks") or []), "full": len(prov.get("full_mask_images") or []),
                   "size_policy": prov.get("mask_size_policy"), "resized_list": prov.get("resized_masks") or []},
+        "short_classes": prov.get("short_classes") or {},
         "text": {},
         "splits": {},
         "problems": [],
@@ -27,6 +29,8 @@ def inspect_cache(path: str | Path) -> dict:
     problems = report["problems"]
     if prov.get("random_init"):
         problems.append("the model has random weights: its features are only good for smoke tests")
+    for line in format_short_classes(prov.get("short_classes") or {}):
+        problems.append(f"fewer images than the few-shot draw asks for (all were taken) in {line}")
     if prov.get("full_mask_images"):
         problems.append(f"{len(prov['full_mask_images'])} image(s) had no mask and use the whole image as foreground")
     with h5py.File(cache.path, "r") as f:
@@ -49,9 +53,13 @@ def inspect_cache(path: str | Path) -> dict:
                 "skipped": len(prov.get("skipped", {}).get(split, [])),
                 "features": {},
             }
-            for kind, ds in f[f"image/clip/{split}"].items():
-                entry["features"][kind] = {"shape": list(ds.shape), "dtype": str(ds.dtype)}
-                _check_features(ds[()].astype(np.float32), f"image/clip/{split}/{kind}", problems)
+            for encoder in f["image"]:  # clip, and the groups of imported backbones (PromptSRC, MMRL)
+                if split not in f[f"image/{encoder}"]:
+                    continue
+                for kind, ds in f[f"image/{encoder}/{split}"].items():
+                    entry["features"][kind if encoder == "clip" else f"{encoder}/{kind}"] = {
+                        "shape": list(ds.shape), "dtype": str(ds.dtype)}
+                    _check_features(ds[()].astype(np.float32), f"image/{encoder}/{split}/{kind}", problems)
             if labels.size and labels.max() >= len(cache.classnames):
                 problems.append(f"{split} has label {labels.max()} but only {len(cache.classnames)} classes")
             report["splits"][split] = entry

@@ -10,6 +10,7 @@ import csv
 import io
 import json
 import math
+import textwrap
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -57,12 +58,123 @@ def config_label(config: dict) -> str:
     defaults = TrainConfig().to_dict()
     parts = []
     for key in sorted(config):
-        if key in IGNORED_IN_LABEL or key not in defaults:
+        if key in IGNORED_IN_LABEL:
             continue
         value = config[key]
-        if value != defaults[key]:
-            parts.append(f"{key}={'+'.join(value) if isinstance(value, list) else value}")
+        if key not in defaults or value != defaults[key]:
+            parts.append(f"{key}={'+'.join(map(str, value)) if isinstance(value, list) else value}")
     return ", ".join(parts) or "default"
+
+
+# What makes the numbers of two runs comparable, besides the dataset. Runs are pooled over seeds
+# only when all of these agree; the ones that differ between groups are shown in the tables.
+SETTING_FIELDS = ("backbone", "config", "model", "shots", "views", "fg_mode", "rrc", "dtype", "backbone_setup")
+SHORT_NAMES = {"model": "model", "shots": "shots", "views": "views", "fg_mode": "fg", "rrc": "rrc", "dtype": "dtype",
+               "backbone_setup": "bb"}
+# Backbone provenance that changes with the seed or the machine, not with what the backbone is.
+BACKBONE_VOLATILE = ("seed", "created", "checkpoint", "checkpoint_sha256", "clip_model", "open_clip_version", "device")
+
+
+def _json(value) -> str:
+    return json.dumps(value, sort_keys=True, default=str)
+
+
+def _flat(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def _model_base_label(prov: dict) -> str:
+    if not prov:
+        return "?"
+    model = str(prov.get("model") or "?")
+    name = Path(model).stem if model.endswith(".json") else model
+    if prov.get("random_init") or prov.get("pretrained") in (None, "none"):
+        weights = f"random{'' if prov.get('init_seed') is None else ' seed ' + str(prov['init_seed'])}"
+    elif prov.get("pretrained_sha256"):
+        weights = "sha " + str(prov["pretrained_sha256"])[:8]
+    else:
+        weights = str(prov.get("pretrained"))
+    return f"{name}/{weights}"
+
+
+def _backbone_identity(prov: dict | None) -> dict:
+    if not prov:
+        return {}
+    ident = {k: v for k, v in prov.items() if k not in BACKBONE_VOLATILE}
+    if isinstance(ident.get("options"), dict):
+        ident["options"] = {k: v for k, v in ident["options"].items() if k not in BACKBONE_VOLATILE}
+    return ident
+
+
+def _labels(idents: dict[str, tuple[str, dict]]) -> dict[str, str]:
+    """Readable labels for identities (key → (base label, identity dict)); equal base labels of
+    different identities get the fields that tell them apart."""
+    by_base: dict[str, list[str]] = {}
+    for key, (base, _) in idents.items():
+        by_base.setdefault(base, []).append(key)
+    out = {}
+    for base, keys in by_base.items():
+        if len(keys) == 1:
+            out[keys[0]] = base
+            continue
+        flats = {k: _flat(idents[k][1]) for k in keys}
+        fields = sorted({f for fl in flats.values() for f in fl})
+        differ = [f for f in fields if len({_json(fl.get(f)) for fl in flats.values()}) > 1]
+        for k in keys:
+            detail = ", ".join(f"{f}={flats[k].get(f)}" for f in differ[:3])
+            out[k] = f"{base} ({detail or k[:8]})"
+    return out
+
+
+def run_fields(records: list[dict]) -> list[dict]:
+    """For each record: the dataset, its template and every SETTING_FIELDS value, as display strings.
+
+    The model is known by its identity (`store.model_identity`: weights and config by SHA-256), a
+    backbone by its provenance without seed and checkpoint, the configuration by every field but
+    the seed; records from before provenance was saved show '?'.
+    """
+    from .store import model_identity
+
+    models, backbones, rows = {}, {}, []
+    for rec in records:
+        prov = rec.get("cache_provenance") or {}
+        ident = {**(model_identity(prov) if prov else {}), "D": rec.get("feature_dim")}
+        model_key = _json(ident)
+        dim = "" if rec.get("feature_dim") is None else f" D{rec['feature_dim']}"
+        models.setdefault(model_key, (_model_base_label(prov) + dim, ident))
+        bb_ident = _backbone_identity(rec.get("backbone_provenance"))
+        bb_key = _json(bb_ident)
+        backbones.setdefault(bb_key, (str(bb_ident.get("method", "-")), bb_ident))
+        aug = prov.get("augmentation") or {}
+        rows.append({
+            "dataset": rec.get("dataset") or Path(rec["cache"]).stem,
+            "template": prov.get("template"),
+            "backbone": rec["backbone"],
+            "config": config_label(rec["config"]),
+            "model": model_key,
+            "shots": "?" if not prov else ("all" if prov.get("shots") == 0 else str(prov.get("shots"))),
+            "views": str((prov.get("views") or {}).get("train", "?")),
+            "fg_mode": str(prov.get("fg_mode", "?")),
+            "rrc": "-".join(f"{x:g}" for x in aug["random_resized_crop_scale"]) if aug.get("random_resized_crop_scale")
+            else "?",
+            "dtype": str(prov.get("store_dtype", "?")),
+            "backbone_setup": bb_key,
+        })
+    model_labels, bb_labels = _labels(models), _labels(backbones)
+    for row in rows:
+        row["model"] = model_labels[row["model"]]
+        row["backbone_setup"] = bb_labels[row["backbone_setup"]]
+    return rows
+
+
+def varying_fields(rows: list[dict], fields=SETTING_FIELDS) -> list[str]:
+    return [f for f in fields if len({r[f] for r in rows}) > 1]
 
 
 def _mean(xs: list[float]) -> float:
@@ -98,13 +210,31 @@ class Cell:
 
 
 def aggregate(records: list[dict]) -> dict:
-    """Nested summary: {(backbone, label): {"datasets": {dataset: {method: summary}}, "average": …, "cross": …}}."""
+    """Runs pooled over seeds only when everything that makes numbers comparable agrees.
+
+    Returns {key: group}, key = the group's SETTING_FIELDS values. A group has `setting` (those
+    values), `title` (backbone, configuration and every setting that differs between groups),
+    `datasets` {row: {method: summary}}, `runs` {row: [records]} (so per-run flags can be counted
+    per row), `seeds`, `average` and `cross`. A row is the dataset name, with its template when one
+    dataset name comes with several templates. Unlike runs are never averaged together.
+    """
+    fields = run_fields(records)
+    templates: dict[str, set] = {}
+    for f in fields:
+        templates.setdefault(f["dataset"], set()).add(f["template"])
+    varying = varying_fields(fields)
     groups: dict[tuple, dict] = {}
-    for rec in records:
-        key = (rec["backbone"], config_label(rec["config"]))
-        g = groups.setdefault(key, {"cells": {}, "cross": {}, "seeds": {}})
-        ds = rec.get("dataset") or Path(rec["cache"]).stem
+    for rec, f in zip(records, fields):
+        key = tuple(f[k] for k in SETTING_FIELDS)
+        title_parts = [f"backbone {f['backbone']}", f["config"]]
+        title_parts += [f"{SHORT_NAMES[k]} {f[k]}" for k in varying if k not in ("backbone", "config")]
+        g = groups.setdefault(key, {"setting": {k: f[k] for k in SETTING_FIELDS}, "title": " · ".join(title_parts),
+                                    "cells": {}, "cross": {}, "seeds": {}, "runs": {}})
+        ds = f["dataset"]
+        if len(templates[ds]) > 1:
+            ds = f"{ds} [template {f['template']!r}]"
         g["seeds"].setdefault(ds, []).append(rec["seed"])
+        g["runs"].setdefault(ds, []).append(rec)
         for method in METHODS:
             cell = g["cells"].setdefault(ds, {}).setdefault(method, Cell())
             m = rec["metrics"][method]
@@ -121,7 +251,8 @@ def aggregate(records: list[dict]) -> dict:
     out = {}
     for key, g in groups.items():
         datasets = {ds: {m: c.summary() for m, c in cells.items()} for ds, cells in sorted(g["cells"].items())}
-        out[key] = {"datasets": datasets, "average": _average(datasets), "seeds": g["seeds"],
+        out[key] = {"setting": g["setting"], "title": g["title"], "datasets": datasets, "average": _average(datasets),
+                    "seeds": g["seeds"], "runs": g["runs"],
                     "cross": {src: {tgt: {m: {"mean": _mean(v), "std": _std(v), "n_seeds": len(v)} for m, v in ms.items()}
                                     for tgt, ms in tg.items()} for src, tg in g["cross"].items()}}
     return out
@@ -155,28 +286,29 @@ def paper_rows(backbone: str, datasets: list[str]) -> dict:
 
 
 def rows(summary: dict) -> list[dict]:
-    """Flat rows (one per backbone, configuration, dataset, method) for CSV and JSON."""
+    """Flat rows (one per setting, dataset, method) for CSV and JSON; every setting field is a column."""
     out = []
-    for (backbone, label), g in summary.items():
+    for g in summary.values():
+        setting = g["setting"]
         for ds, methods in g["datasets"].items():
             for method, s in methods.items():
-                out.append({"backbone": backbone, "config": label, "dataset": ds, "method": method, **s})
+                out.append({**setting, "dataset": ds, "method": method, **s})
         if g["average"]:
             for method in METHODS:
-                out.append({"backbone": backbone, "config": label, "dataset": f"average ({g['average']['n_datasets']})",
-                            "method": method, **g["average"][method]})
+                out.append({**setting, "dataset": f"average ({g['average']['n_datasets']})", "method": method,
+                            **g["average"][method]})
         for src, targets in g["cross"].items():
             for tgt, methods in targets.items():
                 for method, s in methods.items():
-                    out.append({"backbone": backbone, "config": label, "dataset": f"{src}->{tgt}", "method": method,
+                    out.append({**setting, "dataset": f"{src}->{tgt}", "method": method,
                                 "all": s["mean"], "all_std": s["std"], "n_seeds": s["n_seeds"]})
     return out
 
 
 def to_csv(summary: dict) -> str:
     data = rows(summary)
-    cols = ["backbone", "config", "dataset", "method", "n_seeds", "collapsed_seeds", "base", "base_std", "new", "new_std", "hm",
-            "hm_seed_mean", "hm_seed_std", "all", "all_std"]
+    cols = [*SETTING_FIELDS[:2], "dataset", "method", "n_seeds", "collapsed_seeds", "base", "base_std", "new", "new_std",
+            "hm", "hm_seed_mean", "hm_seed_std", "all", "all_std", *SETTING_FIELDS[2:]]
     buf = io.StringIO()
     writer = csv.DictWriter(buf, fieldnames=cols, extrasaction="ignore")
     writer.writeheader()
@@ -261,12 +393,72 @@ def cross_rows(backbone: str, g: dict, compare_paper: bool = False) -> tuple[lis
 
 def tables(summary: dict, compare_paper: bool = False, extra=()):
     """Every non-empty table of a summary: (title, header, body) in Table 1, then Table 2, layout; then `extra`."""
-    for (backbone, label), g in summary.items():
+    for g in summary.values():
+        backbone = g["setting"]["backbone"]
         for kind, table in (("Base-to-new", table_rows(backbone, g, compare_paper)),
                             ("Cross-dataset", cross_rows(backbone, g, compare_paper))):
             if table and table[1]:
-                yield f"{kind} · backbone {backbone} · {label}", table[0], table[1]
+                yield f"{kind} · {g['title']}", table[0], table[1]
     yield from extra
+
+
+def _pm(s: dict, key: str) -> str:
+    """'82.00±2.00' (no spaces, to fit a terminal), '82.00' for one seed, '-' when missing."""
+    if s.get(key) is None:
+        return "-"
+    sd = s.get(f"{key}_std")
+    return f"{s[key]:.2f}" + (f"±{sd:.2f}" if sd else "")
+
+
+def console_tables(summary: dict, compare_paper: bool = False, extra=()):
+    """The same tables in a layout that fits 80 columns: (title, header, rows, kinds).
+
+    Base-to-new: a line with the dataset and its number of runs (n), then one line per method
+    (Base, New, HM, ΔHM vs the backbone). Cross-dataset: one line per target, one column per
+    method. `extra` tables (the ablations, already narrow) follow as they are. `kinds[i]` is
+    "dataset", "method" or "paper" for row i.
+    """
+    for g in summary.values():
+        backbone = g["setting"]["backbone"]
+        names = {"zeroshot": "CLIP", "backbone": backbone, "fvgpt": "+FVG-PT"}
+        header, body, kinds = ["", "Base", "New", "HM", "ΔHM", "n"], [], []
+        paper = paper_rows(backbone, list(g["datasets"])) if compare_paper else {}
+        entries = [(ds, m, str(len(g["seeds"][ds]))) for ds, m in g["datasets"].items() if "base" in m["fvgpt"]]
+        if g["average"]:
+            entries.append((f"Average over {g['average']['n_datasets']}", g["average"], ""))
+        for ds, methods, n in entries:
+            flagged = methods["fvgpt"].get("collapsed_seeds")
+            label = ds + (f" (collapsed: seed {', '.join(map(str, flagged))})" if flagged else "")
+            body.append([label, "", "", "", "", n])
+            kinds.append("dataset")
+            for m in METHODS:
+                s = methods[m]
+                delta = f"{s['hm'] - methods['backbone']['hm']:+.2f}" if m == "fvgpt" else ""
+                body.append([f"  {names[m]}", _pm(s, "base"), _pm(s, "new"), f"{s['hm']:.2f}", delta, ""])
+                kinds.append("method")
+            key = "average" if ds.startswith("Average over") else ds
+            if key in paper:
+                p = paper[key]
+                for m in ("backbone", "fvgpt"):
+                    delta = f"{p['fvgpt']['hm'] - p['backbone']['hm']:+.2f}" if m == "fvgpt" else ""
+                    body.append([f"  {names[m]} (paper)", f"{p[m]['base']:.2f}", f"{p[m]['new']:.2f}",
+                                 f"{p[m]['hm']:.2f}", delta, ""])
+                    kinds.append("paper")
+        if body:
+            yield f"Base-to-new · {g['title']}", header, body, kinds
+        cross = cross_rows(backbone, g, compare_paper)
+        if cross and cross[1]:
+            wide_header, wide = cross
+            methods = [r for r in wide if not r[0].endswith("(paper)")]
+            papers = [r for r in wide if r[0].endswith("(paper)")]
+            header = ["Target", *[names[m] for m in METHODS], *[r[0].replace(" (paper)", " (p)") for r in papers]]
+            body, kinds = [], []
+            for i, label in enumerate(wide_header[1:], start=1):
+                body.append([label.replace(" (source)", " (src)"), *[r[i] for r in methods], *[r[i] for r in papers]])
+                kinds.append("method")
+            yield f"Cross-dataset · {g['title']}", header, body, kinds
+    for title, header, body in extra:
+        yield title, header, body, ["method"] * len(body)
 
 
 FULL_ROWS = ("(5) FRG+FDC+PC", "all indicators", "all losses", "visual + textual", "2 layers", "FDC 64", "λ_d = 10",
@@ -279,13 +471,20 @@ def ablation_tables(records: list[dict]) -> list[tuple[str, list[str], list[list
     one table per ablation and backbone, a row per variant in the paper's order: Base and New as
     means over datasets of the seed means, HM of those, ΔHM against the full model's row, and the
     seeds of each row whose run collapsed. Runs of different datasets are averaged only for a
-    variant that has runs on every dataset of the table."""
+    variant that has runs on every dataset of the table. As in `aggregate`, runs are pooled only
+    when their setting agrees (model, shots, views, …, backbone, and every TrainConfig field the
+    ablation does not vary); settings that differ get tables of their own, named in the titles."""
     from .grids import ABLATIONS
 
     cells: dict[tuple, dict] = {}
-    for rec in records:
+    settings: dict[tuple, dict] = {}
+    for rec, f in zip(records, run_fields(records)):
         for ablation, label in rec.get("ablations") or []:
-            key = (ablation, rec["backbone"])
+            varied = {k for _, overrides in ABLATIONS[ablation][1] for k in overrides}
+            setting = {**{k: f[k] for k in SETTING_FIELDS},
+                       "config": config_label({k: v for k, v in rec["config"].items() if k not in varied})}
+            key = (ablation, tuple(setting.values()))
+            settings[key] = setting
             row = cells.setdefault(key, {}).setdefault(label, {})
             m = rec["metrics"]["fvgpt"]
             if m.get("base") is None:
@@ -295,8 +494,11 @@ def ablation_tables(records: list[dict]) -> list[tuple[str, list[str], list[list
             ds["new"].append(m["new"])
             if (rec.get("stability") or {}).get("collapsed"):
                 ds["collapsed"].append(rec["seed"])
+    varying = {ablation: varying_fields([v for k, v in settings.items() if k[0] == ablation]) for ablation, _ in settings}
     out = []
-    for (ablation, backbone), rows in cells.items():
+    for (ablation, key), rows in cells.items():
+        setting = settings[(ablation, key)]
+        backbone = setting["backbone"]
         title, order = ABLATIONS[ablation]
         datasets = sorted(set.union(*(set(r) for r in rows.values())))
         body, full_hm = [], None
@@ -318,7 +520,10 @@ def ablation_tables(records: list[dict]) -> list[tuple[str, list[str], list[list
                          ", ".join(map(str, flagged)) or "-"])
         if body:
             where = datasets[0] if len(datasets) == 1 else f"average over {len(datasets)} datasets"
-            out.append((f"{title} · backbone {backbone} · {where}",
+            parts = [f"{SHORT_NAMES.get(k, k)} {setting[k]}" for k in varying[ablation] if k not in ("backbone", "config")]
+            if setting["config"] != "default":
+                parts.insert(0, setting["config"])
+            out.append((" · ".join([title, f"backbone {backbone}", *parts, where]),
                         ["Variant", "Base", "New", "HM", "ΔHM", "seeds", "collapsed"], body))
     return out
 
@@ -334,9 +539,18 @@ def to_markdown(summary: dict, compare_paper: bool = False, extra=()) -> str:
     return "\n".join(parts)
 
 
+LATEX_SPECIAL = {"\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "$": r"\$", "#": r"\#", "_": r"\_", "{": r"\{",
+                 "}": r"\}", "±": r"$\pm$", "Δ": r"$\Delta$", "·": ","}
+
+
+def _latex_escape(text: str) -> str:
+    return "".join(LATEX_SPECIAL.get(c, c) for c in text)
+
+
 def to_latex(summary: dict, compare_paper: bool = False, extra=()) -> str:
-    parts = []
-    esc = lambda s: s.replace("_", r"\_").replace("±", r"$\pm$").replace("Δ", r"$\Delta$").replace("·", ",")  # noqa: E731
+    """tabular environments with booktabs rules (\\usepackage{booktabs} in the preamble)."""
+    parts = [r"% needs \usepackage{booktabs}", ""]
+    esc = _latex_escape
     for title, header, body in tables(summary, compare_paper, extra):
         parts.append(f"% {esc(title)}")
         parts.append(r"\begin{tabular}{l" + "r" * (len(header) - 1) + "}")
@@ -351,7 +565,11 @@ def to_latex(summary: dict, compare_paper: bool = False, extra=()) -> str:
 
 
 def sweep(records: list[dict], param: str) -> dict:
-    """A one-parameter sweep: {dataset or 'average': {value: {"base", "new", "hm", "hm_std"}}} of FVG-PT."""
+    """A one-parameter sweep: {dataset or 'average': {value: {"base", "new", "hm", "hm_std"}}} of FVG-PT.
+
+    Runs with the same dataset and value are averaged whatever else differs between them;
+    `averaged_over` says what that is.
+    """
     if param not in TrainConfig.field_names():
         raise ValueError(f"unknown parameter {param!r}; valid parameters: {', '.join(TrainConfig.field_names())}")
     by: dict[str, dict] = {}
@@ -379,8 +597,49 @@ def sweep(records: list[dict], param: str) -> dict:
     return out
 
 
-def plot_sweep(data: dict, param: str, path: Path) -> Path:
-    """HM (and Base, New) against one parameter, one line per dataset; PNG or SVG by the file suffix."""
+def averaged_over(records: list[dict], param: str) -> dict[str, list[str]]:
+    """Every field besides `param` and the seed that varies among runs a sweep point averages.
+
+    {field: [its values]}: setting fields (model, shots, backbone, …) and each TrainConfig field.
+    """
+    points: dict[tuple, list[int]] = {}
+    for i, rec in enumerate(records):
+        if rec["metrics"]["fvgpt"].get("base") is None:
+            continue
+        points.setdefault((rec.get("dataset"), _json(rec["config"][param])), []).append(i)
+    fields = run_fields(records)
+    found: dict[str, set] = {}
+    for members in points.values():
+        if len(members) < 2:
+            continue
+        for f in SETTING_FIELDS:
+            if f == "config":
+                continue
+            values = {fields[i][f] for i in members}
+            if len(values) > 1:
+                found.setdefault(f, set()).update(values)
+        keys = {k for i in members for k in records[i]["config"]} - {param, *IGNORED_IN_LABEL}
+        for k in sorted(keys):
+            values = {_json(records[i]["config"].get(k)) for i in members}
+            if len(values) > 1:
+                found.setdefault(k, set()).update(values)
+    return {k: sorted(v) for k, v in found.items()}
+
+
+def describe_averaged(averaged: dict[str, list[str]], limit: int = 4) -> str:
+    """'model (2: a, b), use_frg (2: false, true)' for messages and the figure."""
+    parts = []
+    for k, values in averaged.items():
+        shown = ", ".join(values[:limit]) + (", …" if len(values) > limit else "")
+        parts.append(f"{k} ({len(values)}: {shown})")
+    return "; ".join(parts)
+
+
+def plot_sweep(data: dict, param: str, path: Path, averaged: dict[str, list[str]] | None = None) -> Path:
+    """HM (and Base, New) against one parameter, one line per dataset; PNG or SVG by the file suffix.
+
+    `averaged` (from `averaged_over`) is written under the plots: what else varies in each point.
+    """
     try:
         import matplotlib
 
@@ -401,7 +660,12 @@ def plot_sweep(data: dict, param: str, path: Path) -> Path:
                 ax.set_xticks(pos, [str(x) for x in xs], rotation=30)
     axes[0].set_ylabel("accuracy (%)")
     axes[-1].legend(fontsize=7)
-    fig.tight_layout()
+    if averaged:
+        text = textwrap.fill("averaged over: " + describe_averaged(averaged), 180)
+        fig.text(0.01, 0.01, text, fontsize=7, color="darkred", va="bottom")
+        fig.tight_layout(rect=(0, 0.05 + 0.035 * text.count("\n"), 1, 1))
+    else:
+        fig.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path)

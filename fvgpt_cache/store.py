@@ -20,7 +20,21 @@ FORMAT = "fvgpt-cache"
 FORMAT_VERSION = 1
 SPLITS = ("train", "val", "test")
 # Provenance keys that must agree before two caches are used together.
-MODEL_KEYS = ("model", "pretrained", "pretrained_sha256", "model_config_sha256", "quick_gelu", "preprocess")
+MODEL_KEYS = ("model", "pretrained", "pretrained_sha256", "model_config_sha256", "quick_gelu", "preprocess", "init_seed")
+
+
+def model_identity(provenance: dict) -> dict:
+    """What makes two caches' features come from the same model, independent of where files lie.
+
+    A weights file is known by its SHA-256 and a model config JSON by its own, so the same
+    files at other paths (another machine, a reinstall) count as the same model.
+    """
+    sig = {k: provenance.get(k) for k in MODEL_KEYS}
+    if sig["pretrained_sha256"]:
+        sig["pretrained"] = None
+    if sig["model_config_sha256"]:
+        sig["model"] = None
+    return sig
 
 
 class CacheError(ValueError):
@@ -31,27 +45,69 @@ def partial_path(out: Path) -> Path:
     return out.with_name(out.name + ".partial")
 
 
-@contextlib.contextmanager
-def exclusive_lock(out: Path):
-    """Refuse a second writer of the same output. The OS drops the lock if the process dies."""
-    lock_path = out.with_name(out.name + ".lock")
-    lock_path.parent.mkdir(parents=True, exist_ok=True)
-    fh = open(lock_path, "w")
+# Lock files this process holds: POSIX record locks belong to the process, so a second lock of
+# the same file from this process would succeed silently (and closing any descriptor of the file
+# would drop the lock); this set refuses the first and avoids the second.
+_HELD_LOCKS: set[str] = set()
+
+
+def _lock_holder(fd: int) -> str:
+    """The PID written into a held lock file by its holder, or '?' when it has not written one yet."""
     try:
+        text = os.pread(fd, 32, 0).decode(errors="replace").strip()
+    except OSError:
+        return "?"
+    return text if text.isdigit() else "?"
+
+
+@contextlib.contextmanager
+def lock_file(lock_path: Path, what: str):
+    """Hold an exclusive POSIX record lock (`fcntl.lockf`) on `lock_path` while the block runs.
+
+    Record locks belong to the process that took them: forked children (DataLoader workers) do
+    not inherit them, and the kernel drops them the moment that process dies, even by SIGKILL.
+    A second holder gets a `CacheError` naming `what` and the PID that holds the lock.
+    """
+    lock_path = Path(lock_path)
+    lock_path.parent.mkdir(parents=True, exist_ok=True)
+    key = str(lock_path.resolve())
+    if key in _HELD_LOCKS:
+        raise CacheError(f"this process is already writing {what} (it holds {lock_path}); "
+                         "wait for that to finish or write to another --out")
+    while True:
+        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
-            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
+            fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            holder = _lock_holder(fd)
+            os.close(fd)
             raise CacheError(
-                f"another process is already writing {out} (lock {lock_path} is held); "
+                f"another process is already writing {what} (lock {lock_path} is held by PID {holder}); "
                 "wait for it to finish or write to another --out"
             ) from None
-        fh.write(str(os.getpid()))
-        fh.flush()
-        yield
+        try:  # the previous holder may have removed the file between our open and our lock
+            same = os.fstat(fd).st_ino == os.stat(lock_path).st_ino
+        except FileNotFoundError:
+            same = False
+        if same:
+            break
+        os.close(fd)
+    _HELD_LOCKS.add(key)
+    try:
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        yield lock_path
     finally:
-        fh.close()
+        _HELD_LOCKS.discard(key)
         with contextlib.suppress(FileNotFoundError):
-            lock_path.unlink()
+            lock_path.unlink()  # removed while still held, so no other process can lock the old file
+        os.close(fd)
+
+
+def exclusive_lock(out: Path):
+    """Refuse a second writer of the same output (`<out>.lock`, see `lock_file`)."""
+    out = Path(out)
+    return lock_file(out.with_name(out.name + ".lock"), str(out))
 
 
 @dataclass
@@ -127,7 +183,7 @@ class Cache:
             return [p.decode() if isinstance(p, bytes) else str(p) for p in f[f"samples/{split}/path"][()]]
 
     def model_signature(self) -> dict:
-        return {k: self.provenance.get(k) for k in MODEL_KEYS}
+        return model_identity(self.provenance)
 
 
 def open_cache(path: str | Path) -> Cache:
@@ -175,9 +231,11 @@ def check_same_model(caches: list[Cache]) -> None:
         sig = other.model_signature()
         diff = [k for k in MODEL_KEYS if sig[k] != ref[k]]
         if diff:
+            show = lambda c, k: c.provenance.get(k)  # noqa: E731  (the recorded value, path included)
             raise CacheError(
                 f"{other.path} and {caches[0].path} were extracted with different models or preprocessing "
-                f"({', '.join(f'{k}: {sig[k]!r} vs {ref[k]!r}' for k in diff)}); re-extract one with the other's settings"
+                f"({', '.join(f'{k}: {show(other, k)!r} vs {show(caches[0], k)!r}' for k in diff)}); "
+                "re-extract one with the other's settings"
             )
 
 
@@ -217,7 +275,7 @@ def write_text_group(path: str | Path, name: str, features: np.ndarray | torch.T
         raise CacheError("the text group 'clip' holds zero-shot CLIP features written by extraction; choose another name")
     feats = torch.as_tensor(features, dtype=torch.float32)
     feats = torch.nn.functional.normalize(feats, dim=-1).numpy()
-    with h5py.File(path, "r+") as f:
+    with exclusive_lock(Path(path)), h5py.File(path, "r+") as f:
         expected = f["text/clip"].shape
         if feats.shape != expected:
             raise CacheError(f"text features for {name!r} have shape {feats.shape}; {path} needs {expected} "

@@ -156,8 +156,18 @@ def pick_backbone(cache: Cache, backbone: str | None) -> str:
             )
         raise CacheError(f"{cache.path} has several backbones {tuned}; choose one with --backbone")
     if backbone not in groups:
-        raise CacheError(f"{cache.path} has no backbone {backbone!r}; it has {groups}")
+        raise CacheError(f"{cache.path} has no backbone {backbone!r}; it has {groups}{_how_to_write(cache, backbone)}")
     return backbone
+
+
+def _how_to_write(cache: Cache, backbone: str) -> str:
+    if backbone in ("promptsrc", "mmrl"):
+        return (f". Import the official {backbone} checkpoint with `fvgpt-cache backbone import {cache.path} --method "
+                f"{backbone} --checkpoint PATH`")
+    if backbone in ("coop", "kgcoop"):
+        return (f". Train it with `fvgpt-cache backbone train {cache.path} --method {backbone}` or import a checkpoint "
+                f"with `fvgpt-cache backbone load {cache.path} --method {backbone} --checkpoint PATH`")
+    return ""
 
 
 def backbone_image_encoder(cache: Cache, backbone: str) -> str:
@@ -177,6 +187,11 @@ def backbone_images(cache: Cache, backbone: str, split: str, kind: str = "full",
     if branch not in ("base", "new"):
         raise ValueError(f"branch={branch!r}: choose base or new")
     encoder = backbone_image_encoder(cache, backbone)
+    if encoder != "clip" and not cache.has_image(split, kind, encoder):
+        method = cache.text_provenance(backbone).get("method", backbone)
+        raise CacheError(f"{cache.path} has the text features of backbone {backbone!r} but not its image features "
+                         f"/image/{encoder}/{split}/{kind}; write both with `fvgpt-cache backbone import {cache.path} "
+                         f"--method {method} --checkpoint PATH --name {backbone} --force`")
     v = F.normalize(cache.image(split, kind, encoder), dim=-1)
     if branch == "base" and encoder != "clip" and cache.has_image(split, f"{kind}_rep", encoder):
         alpha = float(cache.text_provenance(backbone)["alpha"])

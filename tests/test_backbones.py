@@ -151,9 +151,56 @@ def test_model_for_cache_weights_file_must_match_the_recorded_hash(cache_copy, t
     with pytest.raises(CacheError, match="other.pt .*is not the weights file"):
         model_for_cache(cache_copy, pretrained=str(other))
     weights.rename(tmp_path / "moved.pt")
-    with pytest.raises(CacheError, match="not there any more; pass the same checkpoint with --pretrained"):
+    with pytest.raises(CacheError, match=f"{sha256_of(tmp_path / 'moved.pt')}.*not there any more.*--pretrained FILE"):
         model_for_cache(cache_copy)
     assert model_for_cache(cache_copy, pretrained=str(tmp_path / "moved.pt")) is not None
+
+
+def _record_weights(cache_path, **prov_update):
+    with h5py.File(cache_path, "r+") as f:
+        prov = json.loads(f.attrs["provenance"])
+        prov.update(random_init=False, init_seed=None, **prov_update)
+        f.attrs["provenance"] = json.dumps(prov)
+
+
+def test_moved_weights_file_is_found_again_by_its_hash(cache_copy, tmp_path, tiny_model, monkeypatch):
+    from fvgpt_cache.backbones import cache_model
+
+    weights = tmp_path / "tiny.pt"
+    torch.save(tiny_model.model.state_dict(), weights)
+    sha = sha256_of(weights)
+    _record_weights(cache_copy, pretrained=str(weights), pretrained_file=str(weights), pretrained_sha256=sha,
+                    pretrained_bytes=weights.stat().st_size)
+    clip_cache = tmp_path / "open_clip_cache"  # stands for open_clip's cache folder
+    (clip_cache / "sub").mkdir(parents=True)
+    torch.save({"other": torch.zeros(3)}, clip_cache / "decoy.pt")  # same suffix, other hash: not taken
+    weights.rename(clip_cache / "sub" / "renamed.pt")
+    monkeypatch.setattr(cache_model, "weights_folders", lambda: [clip_cache])
+    loaded = model_for_cache(cache_copy)
+    assert loaded.provenance["pretrained_sha256"] == sha
+    assert cache_model._weights_argument(open_cache(cache_copy), None) == str(clip_cache / "sub" / "renamed.pt")
+    (clip_cache / "sub" / "renamed.pt").unlink()
+    with pytest.raises(CacheError, match=f"SHA-256 {sha}.*not there any more.*--pretrained FILE"):
+        model_for_cache(cache_copy)
+
+
+def test_shipped_weights_are_recorded_by_package_name_and_survive_a_reinstall(cache_copy, tmp_path):
+    from fvgpt_cache.backbones.cache_model import _weights_argument
+    from fvgpt_cache.demo import world_model_files
+    from fvgpt_cache.models import load_clip, package_file
+
+    config, weights = world_model_files()
+    prov = load_clip(str(config), str(weights)).provenance
+    assert prov["pretrained_file"] == prov["pretrained"] == "fvgpt_cache/assets/world-clip.pt"
+    assert prov["model"] == "fvgpt_cache/assets/world-clip.json"
+    assert package_file(prov["pretrained_file"]) == weights
+    sha = sha256_of(weights)
+    # a cache written by an older version recorded the absolute path inside a site-packages that is gone
+    _record_weights(cache_copy, pretrained="/gone/site-packages/fvgpt_cache/assets/world-clip.pt",
+                    pretrained_file="/gone/site-packages/fvgpt_cache/assets/world-clip.pt", pretrained_sha256=sha)
+    assert _weights_argument(open_cache(cache_copy), None) == str(weights)
+    _record_weights(cache_copy, pretrained_file="fvgpt_cache/assets/world-clip.pt", pretrained_sha256=sha)
+    assert _weights_argument(open_cache(cache_copy), None) == str(weights)
 
 
 def test_coop_checkpoint_round_trip(cache_copy, tmp_path, tiny_model):
@@ -176,17 +223,13 @@ def test_coop_checkpoint_round_trip(cache_copy, tmp_path, tiny_model):
     assert torch.allclose(open_cache(cache_copy).text("coop_direct"), written, atol=1e-6)
 
 
-class CosineAnnealingLR(torch.optim.lr_scheduler.CosineAnnealingLR):
-    """Stands for Dassl's scheduler classes, pickled by module path like theirs."""
-
-
 def _official(kind: str, ctx: torch.Tensor) -> object:
     prefix = torch.zeros(4, 1, 64, dtype=ctx.dtype)
     suffix = torch.zeros(4, 72, 64, dtype=ctx.dtype)
     if kind == "dassl_fp16":  # CoOp as Dassl saves it: fp16 ctx, token buffers, optimiser and scheduler objects
         p = torch.nn.Parameter(ctx.clone())
         opt = torch.optim.SGD([p], lr=0.002, momentum=0.9)
-        sched = CosineAnnealingLR(opt, 10)
+        sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, 10)  # the successor Dassl's scheduler state holds
         return {"state_dict": collections.OrderedDict(ctx=ctx, token_prefix=prefix, token_suffix=suffix),
                 "epoch": 10, "optimizer": opt.state_dict(),
                 "scheduler": {"successor": sched, "warmup_epoch": 1, "cons_lr": 1e-5}, "val_result": None}

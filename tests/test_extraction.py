@@ -224,7 +224,7 @@ def test_existing_cache_needs_force_and_second_writer_is_refused(tmp_path, gener
         extract(ds, tiny_model, out, ExtractOptions(**OPTS))
     extract(ds, tiny_model, out, ExtractOptions(**OPTS, force=True))
     with exclusive_lock(out):
-        with pytest.raises(CacheError, match="another process"):
+        with pytest.raises(CacheError, match="this process is already writing"):
             extract(ds, tiny_model, out, ExtractOptions(**OPTS, force=True))
 
 

@@ -34,10 +34,18 @@ def hm(b, n):
     return 2 * b * n / (b + n)
 
 
+def group(summary, **setting):
+    """The one group whose setting has these values."""
+    found = [g for g in summary.values() if all(g["setting"][k] == v for k, v in setting.items())]
+    assert len(found) == 1, (setting, [g["setting"] for g in summary.values()])
+    return found[0]
+
+
 def test_aggregation_math_by_hand():
     summary = aggregate(RECORDS)
-    assert set(summary) == {("coop", "default"), ("coop", "lambda_d=1.0")}
-    dtd = summary[("coop", "default")]["datasets"]["dtd"]["fvgpt"]
+    assert sorted((g["setting"]["backbone"], g["setting"]["config"]) for g in summary.values()) == \
+        [("coop", "default"), ("coop", "lambda_d=1.0")]
+    dtd = group(summary, config="default")["datasets"]["dtd"]["fvgpt"]
     assert dtd["base"] == pytest.approx(82.0) and dtd["new"] == pytest.approx(60.0)
     assert dtd["base_std"] == pytest.approx(2.0) and dtd["new_std"] == pytest.approx(2.0)
     assert dtd["hm"] == pytest.approx(hm(82, 60)), "HM of the seed means"
@@ -46,12 +54,12 @@ def test_aggregation_math_by_hand():
     assert dtd["hm_seed_mean"] == pytest.approx(mean)
     assert dtd["hm_seed_std"] == pytest.approx((sum((x - mean) ** 2 for x in per_seed) / 2) ** 0.5)
     assert dtd["n_seeds"] == 3
-    avg = summary[("coop", "default")]["average"]
+    avg = group(summary, config="default")["average"]
     assert avg["n_datasets"] == 2
     assert avg["fvgpt"]["base"] == pytest.approx((82 + 91) / 2) and avg["fvgpt"]["new"] == pytest.approx((60 + 68) / 2)
     assert avg["fvgpt"]["hm"] == pytest.approx(hm(86.5, 64))
     assert avg["backbone"]["new"] == pytest.approx((50 + 46) / 2)
-    assert summary[("coop", "lambda_d=1.0")]["average"] is None  # one dataset: no average row
+    assert group(summary, config="lambda_d=1.0")["average"] is None  # one dataset: no average row
 
 
 def test_csv_and_json_parse_back():

@@ -7,6 +7,7 @@ prompts can never be paired with other weights than the cached image features ca
 from __future__ import annotations
 
 import json
+import os
 import tempfile
 from pathlib import Path
 
@@ -17,7 +18,7 @@ import torch.nn.functional as F
 from ..data import sha256_of
 from ..device import resolve_device
 from ..extraction import class_prompt, encode_texts
-from ..models import LoadedModel, load_clip
+from ..models import LoadedModel, load_clip, local_path, package_root
 from ..prompts import check_prompt_model
 from ..store import Cache, CacheError, open_cache
 
@@ -29,7 +30,7 @@ def _model_argument(prov: dict, tmp: Path) -> str:
     model = prov.get("model")
     if not model.endswith(".json"):
         return model
-    path = Path(model)
+    path = local_path(model) or Path(model)
     config = prov.get("model_config")
     if path.is_file() and (prov.get("model_config_sha256") in (None, sha256_of(path)) or config is None):
         return str(path)
@@ -41,34 +42,73 @@ def _model_argument(prov: dict, tmp: Path) -> str:
     return str(rebuilt)
 
 
+WEIGHT_SUFFIXES = (".pt", ".pth", ".bin", ".safetensors", ".ckpt")
+
+
+def weights_folders() -> list[Path]:
+    """Where a weights file is looked for by its hash: the package's assets and open_clip's caches."""
+    folders = [package_root() / "assets", Path(os.path.expanduser("~/.cache/clip"))]
+    try:
+        from huggingface_hub import constants
+
+        folders.append(Path(constants.HF_HUB_CACHE))
+    except (ImportError, AttributeError):
+        folders.append(Path(os.path.expanduser("~/.cache/huggingface/hub")))
+    return folders
+
+
+def find_weights(sha256: str, size: int | None = None, folders: list[Path] | None = None) -> Path | None:
+    """A file whose SHA-256 is `sha256` in `folders` (default `weights_folders()`), or None.
+
+    Hugging Face's cache stores downloaded files as `blobs/<sha256>`, so those are found by name;
+    elsewhere files with a weights suffix (and the recorded size, when known) are hashed.
+    """
+    for folder in folders if folders is not None else weights_folders():
+        if not folder.is_dir():
+            continue
+        for blob in folder.glob(f"models--*/blobs/{sha256}"):
+            if blob.is_file():
+                return blob
+        for path in sorted(folder.rglob("*")):
+            if path.suffix not in WEIGHT_SUFFIXES or not path.is_file() or {"blobs", "snapshots"} & set(path.parts):
+                continue
+            if (size is None or path.stat().st_size == size) and sha256_of(path) == sha256:
+                return path
+    return None
+
+
 def _weights_argument(cache: Cache, pretrained: str | None) -> str | None:
+    """The `pretrained` argument that rebuilds the cache's model: a tag, None, or a file with the recorded hash."""
     prov = cache.provenance
     recorded_sha = prov.get("pretrained_sha256")
     if pretrained is not None:
         if str(pretrained).lower() == "none":
             return None
-        path = Path(pretrained)
-        if path.is_file() and recorded_sha and sha256_of(path) != recorded_sha:
+        path = local_path(pretrained)
+        if path is not None and recorded_sha and sha256_of(path) != recorded_sha:
             raise CacheError(
                 f"{path} (SHA-256 {sha256_of(path)[:12]}…) is not the weights file {cache.path} was extracted with "
-                f"(SHA-256 {recorded_sha[:12]}…, {prov.get('pretrained_file')}); pass that file"
+                f"(SHA-256 {recorded_sha}, recorded as {prov.get('pretrained_file')}); pass that file"
             )
-        return str(pretrained)
+        return str(path or pretrained)
     if prov.get("random_init") or prov.get("pretrained") in (None, "none"):
         return None
-    file = prov.get("pretrained_file")
-    if file:
-        path = Path(file)
-        if not path.is_file():
-            raise CacheError(
-                f"{cache.path} was extracted with the weights file {file}, which is not there any more; pass the "
-                f"same checkpoint with --pretrained PATH (its SHA-256 must be {recorded_sha})"
-            )
-        if recorded_sha and sha256_of(path) != recorded_sha:
-            raise CacheError(f"the weights file {file} changed since {cache.path} was extracted (SHA-256 differs); "
-                             "pass the original checkpoint with --pretrained PATH")
+    recorded = prov.get("pretrained_file")
+    if not recorded and not recorded_sha:
+        return str(prov["pretrained"])  # an open_clip tag
+    path = local_path(recorded)
+    if path is not None and (not recorded_sha or sha256_of(path) == recorded_sha):
         return str(path)
-    return str(prov["pretrained"])
+    if recorded_sha:
+        found = find_weights(recorded_sha, prov.get("pretrained_bytes"))
+        if found is not None:
+            return str(found)
+    state = "has changed (its SHA-256 differs)" if path is not None else "is not there any more"
+    folders = ", ".join(str(f) for f in weights_folders())
+    raise CacheError(
+        f"{cache.path} was extracted with the weights file {recorded} (SHA-256 {recorded_sha}), which {state}, and "
+        f"no file with that SHA-256 was found in {folders}. Pass the same checkpoint with --pretrained FILE"
+    )
 
 
 def verify_model(cache: Cache, loaded: LoadedModel, n_classes: int = 8, device: str | torch.device = "cpu") -> float:

@@ -1,7 +1,10 @@
 """Reading checkpoints written by the official prompt-learning code (Dassl's layout), safely.
 
-Files are read with `torch.load(weights_only=True)`. Dassl also pickles its optimiser and
-scheduler objects into checkpoints; those classes are replaced by inert stand-ins, never executed.
+Files are read with `torch.load(weights_only=True)`. Dassl also pickles objects into its
+checkpoints: the scheduler's `state_dict()` holds the successor scheduler object (for example
+`CosineAnnealingLR` inside `ConstantWarmupScheduler`), and that object holds the optimiser. Those
+classes, and only those (`DASSL_PICKLED`), are replaced by inert stand-ins, never executed; a
+file that pickles anything else is refused with the class named.
 """
 from __future__ import annotations
 
@@ -12,6 +15,8 @@ import zipfile
 from pathlib import Path
 
 import torch
+
+from ..data import sha256_of
 
 # State-dict entries of CoOp / KgCoOp prompt learners that do not take part in the text features:
 # CoOp's frozen token embeddings (recomputed here from the class names) and KgCoOp's unused
@@ -28,26 +33,68 @@ def save_coop_checkpoint(directory: str | Path, ctx: torch.Tensor, epoch: int) -
     return path
 
 
-def resolve_checkpoint(path: str | Path) -> Path:
-    """A checkpoint file, or a CoOp output folder: `prompt_learner/model-best.pth.tar`, else the last epoch."""
+# The folder Dassl writes a method's checkpoints to: the name the trainer registers its model under.
+# MMRL's releases before June 2025 registered "MultiModalPromptLearner".
+CHECKPOINT_FOLDERS = {
+    "coop": ("prompt_learner",),
+    "kgcoop": ("prompt_learner",),
+    "promptsrc": ("VLPromptLearner",),
+    "mmrl": ("MultiModalRepresentationLearner", "MultiModalPromptLearner"),
+}
+POINTER_FILE = "checkpoint"  # Dassl's save_checkpoint writes the name of the last file it saved here
+
+
+def _epoch_files(folder: Path) -> list[tuple[int, Path]]:
+    return sorted((int(m.group(1)), f) for f in folder.iterdir()
+                  if (m := re.fullmatch(r"model\.pth\.tar-(\d+)", f.name)) and f.is_file())
+
+
+def find_checkpoint(path: str | Path, method: str = "coop", prefer_best: bool | None = None) -> tuple[Path, str]:
+    """The checkpoint file `path` means, and how it was chosen.
+
+    `path` is a file, a method's checkpoint folder (`prompt_learner/`, `VLPromptLearner/`, ...) or
+    the output folder holding it. In a folder: CoOp/KgCoOp take `model-best.pth.tar` when present
+    (`prefer_best`), otherwise every method takes the highest epoch `model.pth.tar-<N>`, then the
+    file Dassl's `checkpoint` pointer names, then `model-best.pth.tar`.
+    """
     path = Path(path)
     if path.is_file():
-        return path
+        return path, "given file"
     if not path.is_dir():
         raise FileNotFoundError(f"checkpoint not found: {path}")
+    names = CHECKPOINT_FOLDERS.get(method, ("prompt_learner",))
+    prefer_best = method in ("coop", "kgcoop") if prefer_best is None else prefer_best
     tried = []
-    for folder in (path / "prompt_learner", path):
+    for folder in (*(path / n for n in names), path):
         if not folder.is_dir():
             continue
         best = folder / "model-best.pth.tar"
-        tried.append(str(best))
-        if best.is_file():
-            return best
-        epochs = [(int(m.group(1)), f) for f in folder.iterdir() if (m := re.fullmatch(r"model\.pth\.tar-(\d+)", f.name))]
+        if prefer_best and best.is_file():
+            return best, "model-best.pth.tar"
+        epochs = _epoch_files(folder)
         tried.append(str(folder / "model.pth.tar-<epoch>"))
         if epochs:
-            return max(epochs)[1]
-    raise FileNotFoundError(f"no CoOp checkpoint in {path}; looked for {', '.join(tried) or 'a prompt_learner folder'}")
+            return epochs[-1][1], f"latest epoch {epochs[-1][0]} of {[e for e, _ in epochs]}"
+        pointer = folder / POINTER_FILE
+        if pointer.is_file():
+            named = folder / pointer.read_text().strip()
+            tried.append(f"{pointer} -> {named.name}")
+            if named.is_file():
+                return named, f"named by {pointer.name}"
+        tried.append(str(best))
+        if best.is_file():
+            return best, "model-best.pth.tar"
+    others = sorted(f"{d}/" for folders in CHECKPOINT_FOLDERS.values() for d in folders
+                    if d not in names and (path / d).is_dir())
+    hint = (f" It holds {', '.join(others)}, the checkpoint folder of another method; pass the matching --method."
+            if others else f" Expected {' or '.join(f'{n}/' for n in names)} inside the output folder.")
+    raise FileNotFoundError(f"no {method} checkpoint in {path}; looked for {', '.join(tried) or 'a checkpoint folder'}."
+                            + hint)
+
+
+def resolve_checkpoint(path: str | Path, method: str = "coop") -> Path:
+    """A checkpoint file, or an output folder: see `find_checkpoint`."""
+    return find_checkpoint(path, method)[0]
 
 
 def _plain_dict(*args, **kwargs) -> dict:
@@ -78,34 +125,143 @@ def _short(exc: Exception) -> str:
     return (match.group(1) if match else text.splitlines()[0] if text else type(exc).__name__).strip()
 
 
+# The objects Dassl's checkpoints pickle besides tensors: the successor inside its warm-up
+# scheduler (the schedulers `build_lr_scheduler` makes), the optimiser that scheduler holds (the
+# optimisers `build_optimizer` makes), Dassl's own warm-up wrappers, and the containers of their state.
+DASSL_PICKLED = (
+    "torch.optim.lr_scheduler.CosineAnnealingLR", "torch.optim.lr_scheduler.StepLR",
+    "torch.optim.lr_scheduler.MultiStepLR",
+    "dassl.optim.lr_scheduler.ConstantWarmupScheduler", "dassl.optim.lr_scheduler.LinearWarmupScheduler",
+    "torch.optim.sgd.SGD", "torch.optim.adam.Adam", "torch.optim.adamw.AdamW", "torch.optim.rmsprop.RMSprop",
+    "dassl.optim.radam.RAdam",
+)
+_CONTAINERS = {"builtins.dict": dict, "collections.defaultdict": _plain_dict, "collections.OrderedDict": collections.OrderedDict}
+
+
 def _torch_load(path: Path):
-    """`torch.load(weights_only=True)`; Dassl checkpoints also pickle the optimiser and the scheduler
-    objects, which the safe loader refuses, so those classes are replaced by inert stand-ins (no code
-    of theirs runs) and the file is read again, still with `weights_only=True`."""
+    """`torch.load(weights_only=True)`. A Dassl checkpoint also pickles its scheduler and optimiser
+    objects, which the safe loader refuses; the pickled classes are listed first, exactly those in
+    `DASSL_PICKLED` are replaced by inert stand-ins (no code of theirs runs) and the file is read,
+    still with `weights_only=True`. Any other pickled class is refused by name."""
     if path.suffix == ".safetensors":
         from safetensors.torch import load_file
         return load_file(str(path))
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as exc:
-        first = _short(exc)
-        if not zipfile.is_zipfile(path):
-            raise ValueError(f"{path} is not a readable PyTorch checkpoint ({first}); CoOp/KgCoOp checkpoints are "
-                             "files written by torch.save, e.g. prompt_learner/model.pth.tar-<epoch>") from exc
-    except Exception as exc:
-        raise ValueError(f"{path} is not a readable PyTorch checkpoint ({type(exc).__name__}: {_short(exc)})") from exc
-    try:
-        names = torch.serialization.get_unsafe_globals_in_checkpoint(str(path))
-    except Exception as exc:
-        raise ValueError(f"{path} cannot be read with weights_only=True ({first}); re-save its state_dict") from exc
-    real = {"builtins.dict": dict, "collections.defaultdict": _plain_dict, "collections.OrderedDict": collections.OrderedDict}
-    allowed = [(real.get(n) or _stub(n), n) for n in names]
+    names = []
+    if zipfile.is_zipfile(path):  # torch.save's format: list the pickled classes first, then read the file once
+        try:
+            names = torch.serialization.get_unsafe_globals_in_checkpoint(str(path))
+        except Exception as exc:
+            raise ValueError(f"{path} is not a readable PyTorch checkpoint ({type(exc).__name__}: {_short(exc)})") from exc
+    if not names:
+        try:
+            return torch.load(path, map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError as exc:
+            raise ValueError(f"{path} is not a readable PyTorch checkpoint ({_short(exc)}); checkpoints of the official "
+                             "code are files written by torch.save, e.g. <output>/<learner folder>/model.pth.tar-<epoch>"
+                             ) from exc
+        except Exception as exc:
+            raise ValueError(f"{path} is not a readable PyTorch checkpoint ({type(exc).__name__}: {_short(exc)})") from exc
+    unknown = [n for n in names if n not in _CONTAINERS and n not in DASSL_PICKLED]
+    if unknown:
+        raise ValueError(
+            f"{path} pickles {', '.join(unknown)}, which is not one of the optimiser and scheduler classes Dassl "
+            "stores in its checkpoints; it is not read (weights_only=True). Load it yourself in a trusted environment "
+            "and save only its tensors: torch.save({'state_dict': checkpoint['state_dict']}, path)"
+        )
+    allowed = [(_CONTAINERS.get(n) or _stub(n), n) for n in names]
     try:
         with torch.serialization.safe_globals(allowed):
             return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
         raise ValueError(f"{path} cannot be read with weights_only=True ({_short(exc)}); load it yourself and save "
-                         "{'state_dict': {'ctx': ctx}} with torch.save") from exc
+                         "its state_dict with torch.save") from exc
+
+
+def load_state_dict(file: str | Path, method: str) -> tuple[dict[str, torch.Tensor], dict]:
+    """The tensors of a Dassl checkpoint (`{"state_dict", "epoch", "optimizer", "scheduler", ...}`) and
+    facts about the file: path, how it was chosen, SHA-256, epoch, dtypes. `module.` prefixes
+    (DataParallel) are dropped. `file` may be an output folder (see `find_checkpoint`)."""
+    path, choice = find_checkpoint(file, method)
+    obj = _torch_load(path)
+    if not isinstance(obj, dict):
+        raise ValueError(f"{path} holds a {type(obj).__name__}, not a checkpoint dict; expected Dassl's "
+                         "{'state_dict': ..., 'epoch': ...}")
+    state = obj.get("state_dict", obj)
+    if not isinstance(state, dict):
+        raise ValueError(f"{path}: 'state_dict' is a {type(state).__name__}, not a dict of tensors")
+    tensors = {(k[len("module."):] if k.startswith("module.") else k): v for k, v in state.items()
+               if isinstance(k, str) and torch.is_tensor(v)}
+    if not tensors:
+        raise ValueError(f"{path} holds no tensors under 'state_dict'; give the checkpoint the official trainer wrote")
+    epoch = obj.get("epoch") if isinstance(obj.get("epoch"), int) else None
+    dtypes = collections.Counter(str(v.dtype).replace("torch.", "") for v in tensors.values())
+    info = {"file": str(path.resolve()), "choice": choice, "sha256": sha256_of(path), "epoch": epoch,
+            "dtypes": dict(sorted(dtypes.items())), "keys": len(tensors)}
+    return tensors, info
+
+
+def check_against_model(state: dict[str, torch.Tensor], model: torch.nn.Module, key_map: dict[str, str],
+                        path: str, tolerance: float = 0.05) -> int:
+    """Compare the frozen CLIP weights a checkpoint carries with the cache's model; returns how many were compared.
+
+    `key_map` maps a checkpoint prefix to the open_clip prefix it stands for (`image_encoder.` →
+    `visual.`). A checkpoint key without a counterpart in the model, or with another shape, is
+    refused naming the key and both shapes; so is a model block the checkpoint lacks (another
+    depth), and weights that differ by more than `tolerance` (relative L2) from the model's (the
+    checkpoint was trained on other CLIP weights). The official checkpoints store these weights in
+    fp16, and PromptSRC's as a sum of its epoch-weighted averages, so values are never compared bit
+    for bit.
+    """
+    ours = model.state_dict()
+    pairs = []
+    seen_blocks: dict[str, set[int]] = {}
+    for key, value in state.items():
+        prefix = next((p for p in key_map if key.startswith(p)), None)
+        if prefix is None:
+            continue
+        name = key_map[prefix] + key[len(prefix):]
+        block = re.match(r"(.*transformer\.resblocks\.)(\d+)\.", name)
+        if block:
+            seen_blocks.setdefault(block.group(1), set()).add(int(block.group(2)))
+        if name not in ours:
+            raise ValueError(_mismatch(path, key, tuple(value.shape), name, None, ours))
+        if tuple(ours[name].shape) != tuple(value.shape):
+            raise ValueError(_mismatch(path, key, tuple(value.shape), name, tuple(ours[name].shape), ours))
+        pairs.append((key, value, ours[name]))
+    for stem, have in seen_blocks.items():
+        depth = 1 + max(int(m.group(1)) for k in ours if (m := re.match(re.escape(stem) + r"(\d+)\.", k)))
+        missing = sorted(set(range(depth)) - have)
+        if missing:
+            theirs = next(p for p, q in key_map.items() if stem.startswith(q))
+            raise ValueError(f"{path}: the cache's model has {depth} blocks in {stem[:-1]} but the checkpoint has "
+                             f"{len(have)} ({theirs}… has no block {missing[0]}): it was trained for a model of another "
+                             "depth; use the cache of that model")
+    for key, value, ref in pairs:
+        ref = ref.detach().float().cpu()
+        diff = float((value.float() - ref).norm() / (ref.norm() + 1e-6))
+        if diff > tolerance and float(ref.norm()) > 0:
+            raise ValueError(
+                f"{path}: the frozen CLIP weights in the checkpoint differ from the cache's model at {key} (relative "
+                f"difference {diff:.3f}): the checkpoint was trained on other CLIP weights than the cache was extracted "
+                "with. Use a cache extracted with the CLIP model the checkpoint was trained on (OpenAI ViT-B/16 for "
+                "the official configs)"
+            )
+    return len(pairs)
+
+
+def _mismatch(path: str, key: str, shape: tuple, name: str, ours_shape: tuple | None, ours: dict) -> str:
+    if ours_shape is not None:
+        return (f"{path}: {key} has shape {shape} in the checkpoint but {name} of the cache's model has shape "
+                f"{ours_shape}: the checkpoint was trained for another CLIP model (other width); use the cache of that model")
+    block = re.match(r"(.*transformer\.resblocks\.)(\d+)\.", name)
+    if block:
+        depth = 1 + max((int(m.group(1)) for k in ours if (m := re.match(re.escape(block.group(1)) + r"(\d+)\.", k))),
+                        default=-1)
+        return (f"{path}: {key} (shape {shape}) has no counterpart {name} in the cache's model, which has {depth} blocks "
+                f"in {block.group(1)[:-1]}: the checkpoint was trained for a model of another depth; use the cache of "
+                "that model")
+    return (f"{path}: {key} (shape {shape}) has no counterpart {name} in the cache's model: the checkpoint was trained "
+            "for another kind of CLIP model")
 
 
 def load_context(file: str | Path, expect_width: int, n_classes: int | None = None) -> tuple[torch.Tensor, dict]:
@@ -167,3 +323,37 @@ def load_context(file: str | Path, expect_width: int, n_classes: int | None = No
         raise ValueError(f"{path}: the context has non-finite values (NaN/inf); training diverged, use another checkpoint")
     info.update(n_ctx=int(ctx.shape[-2]), csc=ctx.dim() == 3)
     return ctx, info
+
+
+def identify_method(state: dict) -> tuple[str | None, str | None]:
+    """Which official method wrote a state dict, by a key only that method has: (method, key)."""
+    keys = sorted(state)
+    for method, test in (("mmrl", lambda k: k.startswith("representation_learner.compound_rep_tokens")),
+                         ("promptsrc", lambda k: k == "image_encoder.VPT" or k.endswith(".VPT_shallow")),
+                         ("maple", lambda k: "compound_prompts" in k),
+                         ("cocoop", lambda k: "meta_net.linear2" in k),
+                         ("coop", lambda k: k.split(".")[-1] == "ctx")):
+        hit = next((k for k in keys if test(k)), None)
+        if hit is not None:
+            return method, hit
+    return None, None
+
+
+def refuse_other_method(state: dict, method: str, path: str, needed_key: str) -> None:
+    """Refuse a checkpoint of another method than `method` (or of none we know), naming the key that tells."""
+    found, key = identify_method(state)
+    if found == method:
+        return
+    labels = {"mmrl": "MMRL", "promptsrc": "PromptSRC", "maple": "MaPLe", "cocoop": "CoCoOp", "coop": "CoOp/KgCoOp"}
+    if found in ("mmrl", "promptsrc"):
+        fix = f"pass --method {found}"
+    elif found == "coop":
+        fix = "a CoOp/KgCoOp context is imported with `fvgpt-cache backbone load --method coop|kgcoop`"
+    elif found is not None:
+        fix = f"{labels[found]} is not supported"
+    else:
+        shown = ", ".join(sorted(state)[:8]) + (", …" if len(state) > 8 else "")
+        raise ValueError(f"{path} has no {needed_key}; its keys are [{shown}]. Give the checkpoint the official "
+                         f"{labels.get(method, method)} trainer wrote")
+    raise ValueError(f"{path} is a {labels[found]} checkpoint (it has {key}), not {labels.get(method, method)} "
+                     f"(no {needed_key}); {fix}")
