@@ -5,8 +5,7 @@ CLIP pretrained on it and shipped in the package. One training set (the world's 
 most shapes in their own class's context) and two test splits, one cache each: `clean` (no
 context) and `counterfactual` (every shape in its partner class's context); `splits=` adds
 `natural` (the training mixture). CoOp is trained once on the shared training set and written
-into every cache;
-then, for each seed, CoOp + FVG-PT with the default settings and the control that distils towards
+into every cache; then, for each seed, CoOp + FVG-PT with the default settings and the control that distils towards
 the full view instead of the foreground (`r_source=full`) train on every cache through
 `grids.run_grid`, so each FVG-PT number equals `fvgpt-cache train CACHE --backbone coop --seed S`.
 
@@ -63,18 +62,18 @@ def world_caches(root: Path, loaded: LoadedModel, *, splits=None, classes=None, 
                  radius: tuple[float, float] | None = None, progress: Callable[[str, int, int], None] | None = None) -> dict[str, Path]:
     """Draw the world's datasets (one per test split, sharing train and val), extract each once into
     `root/world-<split>.h5`, train CoOp once (`coop_seed`) on the shared training set and write it
-    as `/text/coop` into every cache. Returns {split: cache path}."""
+    as `/text/coop` into every cache. `mix` and `radius` override the world's downstream defaults.
+    Returns {split: cache path}."""
     from .world import SHAPES, SPLITS, write_downstream
 
     splits = tuple(splits or SPLITS)
     classes = tuple(classes or SHAPES)
     caches: dict[str, Path] = {}
     options = {} if train_views is None else {"train_views": train_views}
+    draw = {k: tuple(v) for k, v in (("mix", mix), ("radius", radius)) if v is not None}
     for split in splits:
         files = write_downstream(root / "data" / split, split, shots=shots, val_per_class=val_per_class,
-                                 test_per_class=test_per_class, classes=classes, seed=seed,
-                                 **({} if mix is None else {"mix": tuple(mix)}),
-                                 **({} if radius is None else {"radius": tuple(radius)}))
+                                 test_per_class=test_per_class, classes=classes, seed=seed, **draw)
         dataset = generic_dataset(*files, template=WORLD_TEMPLATE)
         dataset.name = f"world-{split}"
         summary = extract(dataset, loaded, root / f"world-{split}.h5",

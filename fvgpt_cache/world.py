@@ -17,7 +17,8 @@ the context as well as the object. Downstream test splits:
   at another class of the same class set; the shape is unchanged.
 
 The train and val splits depend only on the seed, not on the test split, so one backbone trained
-on any of the three datasets serves all three. The first half of the shape classes are base
+on any of the three datasets serves all three. Downstream shapes are larger than in pretraining
+scenes (`DOWNSTREAM_RADIUS` vs `RADIUS`), like the object-centric datasets of the paper. The first half of the shape classes are base
 classes, the second half new ones.
 """
 from __future__ import annotations
