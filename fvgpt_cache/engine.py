@@ -30,8 +30,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .heads import BRG_INDICATORS, FRG_INDICATORS, FVGPTHead, frg_indicators, brg_indicators
-from .training import TrainConfig, TrainData, build_head, epoch_batches, lr_at_epoch, view_schedule
+from .device import resolve_device
+from .heads import BRG_INDICATORS, FRG_INDICATORS, FVGPTHead, brg_indicators, frg_indicators
+from .training import (
+    TrainConfig, TrainData, build_head, epoch_batches, lr_at_epoch, subsample_per_class, view_schedule,
+)
 
 # fields that must be equal inside one group (besides the cache); all others may differ
 GROUP_FIELDS = ("backbone", "classes", "batch_size", "device", "fdc_layers")
@@ -537,8 +540,6 @@ class Group:
 
     def train(self, progress=None) -> list[tuple[FVGPTHead, list[dict], np.ndarray]]:
         """Train every configuration; returns (head, per-epoch history, training image indices) for each."""
-        from .training import subsample_per_class
-
         data, cfgs, K = self.data, self.cfgs, self.k
         n, views = data.full.shape[:2]
         labels = data.y.numpy()
@@ -643,3 +644,12 @@ def split_for_memory(data: TrainData, cfgs: list[TrainConfig], budget: int) -> l
 def train_group(data: TrainData, cfgs: list[TrainConfig], device: torch.device, progress=None):
     """Train configurations that share a group key together; a single run is a group of one."""
     return Group(data, cfgs, device).train(progress)
+
+
+def train_head(data: TrainData, cfg: TrainConfig, progress=None) -> tuple[FVGPTHead, list[dict], np.ndarray]:
+    """Train one head (a group of one); deterministic for a given `cfg.seed`.
+
+    Returns the head, its per-epoch history and the indices of the training images it used
+    (all of `data`, or the `data_fraction` subset)."""
+    cfg.validate()
+    return train_group(data, [cfg], resolve_device(cfg.device), progress)[0]

@@ -15,7 +15,6 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .device import resolve_device
 from .heads import BRG_INDICATORS, FRG_INDICATORS, R_SOURCES, R_WITHOUT_FRG, FVGPTHead
 from .presets import choose_preset, method_of
 from .store import Cache, CacheError
@@ -332,17 +331,6 @@ def epoch_batches(n: int, cfg: TrainConfig, gen: torch.Generator) -> list[torch.
     order = torch.randperm(n, generator=gen)
     stop = n - n % cfg.batch_size if cfg.drop_last and n >= cfg.batch_size else n
     return [order[i:i + cfg.batch_size] for i in range(0, stop, cfg.batch_size)]
-
-
-def train_head(data: TrainData, cfg: TrainConfig, progress=None) -> tuple[FVGPTHead, list[dict], np.ndarray]:
-    """Train one head (a group of one in `engine`); deterministic for a given `cfg.seed`.
-
-    Returns the head, its per-epoch history and the indices of the training images it used
-    (all of `data`, or the `data_fraction` subset)."""
-    from .engine import train_group
-
-    cfg.validate()
-    return train_group(data, [cfg], resolve_device(cfg.device), progress)[0]
 
 
 def parse_value(name: str, text: str):
