@@ -449,93 +449,60 @@ class Group:
     # -- the optimiser -----------------------------------------------------------------------------
 
     def _optimizer_setup(self) -> None:
-        cfgs, dev = self.cfgs, self.device
-        self.cfg_of = self.layout.config_index().to(dev)
-
-        def col(values) -> Tensor:
-            return torch.tensor([float(v) for v in values], device=dev).view(-1, 1)
-
-        def elementwise(values):  # a Python scalar when uniform, else one value per flat element
-            values = [float(v) for v in values]
-            return values[0] if len(set(values)) == 1 else torch.tensor(values, device=dev)[self.cfg_of]
-
-        self.wd_k, self.mom_k = col(c.weight_decay for c in cfgs), col(c.momentum for c in cfgs)
-        self.wd_e, self.mom_e = elementwise(c.weight_decay for c in cfgs), elementwise(c.momentum for c in cfgs)
-        kinds = {c.optimizer for c in cfgs}
-        self.kind = kinds.pop() if len(kinds) == 1 else "mixed"
-        self.is_adam = col(c.optimizer == "adamw" for c in cfgs)
-        self.buf = torch.zeros_like(self.flat) if self.kind != "adamw" else None
-        self.m = torch.zeros_like(self.flat) if self.kind != "sgd" else None
-        self.v = torch.zeros_like(self.flat) if self.kind != "sgd" else None
-        self.adam_steps = torch.zeros(self.k, 1, device=dev)
-        rows = [None if t is None else self.layout.rows(t) for t in (self.flat, self.grad, self.buf, self.m, self.v)]
-        self.block_rows = {name: [None if r is None else r[name] for r in rows] for name in self.layout.blocks}
+        """Per-configuration views of the optimiser's tensors, for torch's fused SGD / AdamW kernels."""
+        views = [None if t is None else self.layout.rows(t) for t in (self.flat, self.grad)]
+        self.kind = [c.optimizer for c in self.cfgs]
+        self.state = {}
+        for key, needed in (("buf", "sgd"), ("m", "adamw"), ("v", "adamw")):
+            self.state[key] = self.layout.rows(torch.zeros_like(self.flat)) if needed in self.kind else None
+        self.per_config = []
+        for k, c in enumerate(self.cfgs):
+            names = list(self.layout.blocks)
+            entry = {"params": [views[0][n][k] for n in names], "grads": [views[1][n][k] for n in names],
+                     "step": torch.zeros((), device=self.device)}
+            for key, rows in self.state.items():
+                entry[key] = None if rows is None else [rows[n][k] for n in names]
+            self.per_config.append(entry)
+        # entries that must not move: frozen identity/embedding layers, unused inputs, switched-off
+        # adapters' biases (values as scattered; 0 where padding) are put back after every step
+        self.frozen = {name: (mask, self.params[name] * (1 - mask)) for name, mask in self.masks.items()}
 
     def set_lr(self, lr: Tensor) -> None:
-        """The learning rate of each configuration for the coming epoch (0: it takes no step)."""
-        self.lr_k = lr.view(-1, 1)
-        values = lr.tolist()
-        self.lr_e = values[0] if len(set(values)) == 1 else lr[self.cfg_of]
+        """The learning rate of each configuration for the coming epoch; configurations with equal
+        optimiser settings step together in one fused call."""
+        self.lr = lr.tolist()
+        self.groups: dict[tuple, list[int]] = {}
+        for k, c in enumerate(self.cfgs):
+            self.groups.setdefault((c.optimizer, self.lr[k], c.weight_decay, c.momentum), []).append(k)
 
     def optimizer_step(self, active: Tensor | None) -> None:
-        """One step of every active configuration, as torch.optim's SGD (momentum, coupled weight decay)
-        and AdamW compute it. Masked entries (frozen layers, unused inputs, switched-off adapters) stay
-        put; an inactive configuration (its epochs are over, or its smaller data fraction has no batch
-        left in this epoch) keeps its parameters and states. Only plain multiplications and additions
-        are used (no fused multiply-add), so a configuration gets the same bits whatever its group."""
-        for name, m in self.masks.items():
-            self.grads[name].mul_(m)
-        on = torch.ones(self.k, 1, device=self.device) if active is None else active.view(-1, 1)
-        if self.kind != "sgd":
-            self.adam_steps += on * self.is_adam
-        if active is None and self.kind != "mixed":
-            self._update(self.flat, self.grad, self.buf, self.m, self.v, self.lr_e, self.wd_e, self.mom_e,
-                         None, self.kind, self.masks)
-            return
-        lr_on = self.lr_k * on
-        for name, (p, g, buf, m, v) in self.block_rows.items():
-            mask = self.masks.get(name)
-            mask = None if mask is None else mask.view(self.k, -1)
-            for kind, weight in (("sgd", 1 - self.is_adam), ("adamw", self.is_adam)):
-                if self.kind in (kind, "mixed"):
-                    self._update(p, g, buf, m, v, lr_on * weight if self.kind == "mixed" else lr_on, self.wd_k,
-                                 self.mom_k, on, kind, {None: mask} if mask is not None else {})
-
-    def _update(self, p, g, buf, m, v, lr, wd, mom, on, kind, masks) -> None:
-        """The update of one optimiser on a buffer (flat, or one block's (K, n) rows with `on` (K, 1))."""
-        if kind == "sgd":
-            u = torch.mul(p, wd).add_(g)  # coupled weight decay
-            self._mask(u, masks)
-            if on is None:
-                buf.mul_(mom).add_(u)
-            else:  # inactive: buf·1 + u·0
-                buf.mul_(torch.where(on > 0, mom, 1.0)).add_(u.mul_(on))
-            p.sub_(torch.mul(buf, lr, out=u))
-            return
-        b1, b2 = BETAS
-        steps = self.adam_steps.clamp_min(1)  # (K, 1), this step counted
-        if on is None:  # the flat buffer: per element, or one number when every configuration is at the same step
-            counts = steps.view(-1).tolist()
-            steps = counts[0] if len(set(counts)) == 1 else steps.view(-1)[self.cfg_of]
-            m.mul_(b1).add_(g * (1 - b1))
-            v.mul_(b2).add_(g * g * (1 - b2))
-        else:
-            keep = on > 0
-            m.mul_(torch.where(keep, b1, 1.0)).add_(g * ((1 - b1) * on))
-            v.mul_(torch.where(keep, b2, 1.0)).add_(g * g * ((1 - b2) * on))
-        decay = p * (lr * wd)  # decoupled weight decay
-        self._mask(decay, masks)
-        bc1, bc2 = 1 - b1 ** steps, 1 - b2 ** steps
-        p.sub_(decay).sub_(m / ((v.sqrt() / bc2 ** 0.5) + ADAM_EPS) * (lr / bc1))
-
-    def _mask(self, t: Tensor, masks: dict) -> None:
-        if None in masks:  # a block's rows
-            t.mul_(masks[None])
-            return
-        if masks:  # the flat buffer: mask the masked blocks through their views
-            views = self.layout.views(t)
-            for name, mk in masks.items():
-                views[name].mul_(mk)
+        """One step of every active configuration with torch.optim's own fused SGD (momentum, coupled
+        weight decay) or AdamW kernel, called once per set of configurations with equal settings;
+        an inactive configuration (its epochs are over, or its smaller data fraction has no batch left
+        in this epoch) takes no step at all and keeps its states."""
+        on = None if active is None else active.tolist()
+        for (kind, lr, wd, mom), members in self.groups.items():
+            if on is not None:
+                members = [k for k in members if on[k] > 0]
+            if not members or lr == 0.0:
+                continue
+            lists = {key: [t for k in members for t in self.per_config[k][key]] for key in ("params", "grads")}
+            if kind == "sgd":
+                torch._fused_sgd_(lists["params"], lists["grads"],
+                                  [] if mom == 0 else [t for k in members for t in self.per_config[k]["buf"]],
+                                  weight_decay=wd, momentum=mom, lr=lr, dampening=0.0, nesterov=False,
+                                  maximize=False, is_first_step=False)
+            else:
+                steps = [self.per_config[k]["step"] for k in members]
+                torch._foreach_add_(steps, 1)
+                torch._fused_adamw_(lists["params"], lists["grads"],
+                                    [t for k in members for t in self.per_config[k]["m"]],
+                                    [t for k in members for t in self.per_config[k]["v"]], [],
+                                    [steps[i] for i, k in enumerate(members) for _ in self.per_config[k]["params"]],
+                                    amsgrad=False, lr=lr, beta1=BETAS[0], beta2=BETAS[1], weight_decay=wd,
+                                    eps=ADAM_EPS, maximize=False)
+        for name, (mask, value) in self.frozen.items():
+            self.params[name].mul_(mask).add_(value)
 
     # -- the loop ---------------------------------------------------------------------------------
 
