@@ -96,7 +96,8 @@ class Job:
 
         self.store = distributed_c10d._get_default_store()  # the group's own key-value store (not public API)
         atexit.register(self._shutdown)
-        signal.signal(signal.SIGTERM, self._on_sigterm)
+        if threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGTERM, self._on_sigterm)
         self.store.add(self._beat_key(self.rank), 1)
         threading.Thread(target=self._heartbeat, name="fvgpt-cache heartbeat", daemon=True).start()
 
@@ -155,7 +156,8 @@ class Job:
         raise KeyboardInterrupt("terminated (SIGTERM)")
 
     def _shutdown(self) -> None:
-        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        if threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
         self._beating.set()
         if self._failing and self.store is not None:
             # When the first rank to fail with an error exits, torchrun stops the others at once (and

@@ -32,7 +32,7 @@ from .data import SPLITS, Dataset, base_new_split, fewshot_splits, short_classes
 from .datasets import find_mask
 from .distributed import Job, current_job
 from .models import LoadedModel
-from .passes import DONE, PENDING, SKIPPED, BatchWrites, PassReport, run_pass, run_view_pass  # noqa: F401
+from .passes import DONE, PENDING, SKIPPED, BatchWrites, PassReport, run_pass
 from .store import FORMAT, FORMAT_VERSION, CacheError, partial_path
 from .views import FG_MODES, NO_BOX, AugmentConfig, Box, ViewMaker, binarize_mask, draw_box, fit_mask, view_generator
 

@@ -136,8 +136,10 @@ def shard_path(part: Path, rank: int) -> Path:
 
 
 def existing_shards(part: Path) -> list[Path]:
-    pattern = re.compile(re.escape(part.name) + r"\.shard\d+$")
-    return sorted(p for p in part.parent.glob(part.name + ".shard*") if pattern.match(p.name))
+    pattern = re.compile(re.escape(part.name) + r"\.shard\d+")
+    if not part.parent.is_dir():
+        return []
+    return sorted(p for p in part.parent.iterdir() if pattern.fullmatch(p.name))
 
 
 def _layout(f: h5py.File) -> dict[str, tuple[str, tuple[int, ...]]]:
