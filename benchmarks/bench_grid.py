@@ -29,7 +29,8 @@ import torch
 from fvgpt_cache.engine import Group
 from fvgpt_cache.store import open_cache
 from fvgpt_cache.synthetic import write_feature_cache
-from fvgpt_cache.training import TrainConfig, config_with, prepare, train_head
+from fvgpt_cache.engine import train_head
+from fvgpt_cache.training import TrainConfig, config_with, prepare
 
 
 def timed(fn) -> float:

@@ -3,7 +3,7 @@
 Data: a synthetic cache shaped like a real dataset (100 classes → 50 base × 16 shots × 11 views,
 D = 512, 25 test images per class), the default configuration (10 epochs, batch 4 → 2,000 steps).
 
-* engine: `training.train_head` (the stacked engine with hand-written gradients, a group of one);
+* engine: `engine.train_head` (the stacked engine with hand-written gradients, a group of one);
 * eager: the textbook loop over the same data and schedule — `FVGPTHead.losses_from` on each batch,
   `loss.backward()`, `torch.optim.SGD` (momentum 0.9, weight decay 5e-4, fused where available);
   this is the reference the engine's gradients are tested against;
@@ -28,7 +28,8 @@ import torch
 
 from fvgpt_cache.store import open_cache
 from fvgpt_cache.synthetic import write_feature_cache
-from fvgpt_cache.training import TrainConfig, build_head, epoch_batches, lr_at_epoch, prepare, train_head, view_schedule
+from fvgpt_cache.engine import train_head
+from fvgpt_cache.training import TrainConfig, build_head, epoch_batches, lr_at_epoch, prepare, view_schedule
 
 
 def eager_loop(data, cfg: TrainConfig) -> float:

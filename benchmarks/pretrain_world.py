@@ -1,17 +1,24 @@
 """Pretrain the tiny CLIP of the synthetic world (fvgpt_cache.world) with open_clip's CLIP and loss.
 
-A small ModifiedResNet image tower (64 px) and a 3-layer text transformer learn from generated
-captioned images; half of every batch are hard negatives (pairs with the same background and
-colour but different shapes). Reproducible from --seed; checkpoints every --save-every steps and
-resumes from the last one. `--export` writes the shipped files: fp16 weights with the token
-rows the world never uses set to zero (they compress to nothing), and the model config.
+A small ModifiedResNet image tower (64 px) and a 3-layer text transformer learn from captioned
+images drawn from the world's natural mixture (most shapes in their own habitat beside their
+companion, some in another class's context, some in none), so the model learns to read the
+context as well as the shape, as web-trained CLIP does. Images are augmented with random resized
+crops (scale 0.08–1, the views FVG-PT trains on) and flips, so crops are encoded as well as whole
+images. A fraction of every batch are hard negatives: pairs in the same context, different shapes.
 
-    python benchmarks/pretrain_world.py --steps 6000 --out cache/world-pretrain
+Reproducible from --seed (the data of a step depends only on (seed, step)); checkpoints every
+--save-every steps and resumes from the last one. `--export` writes the shipped files: fp16
+weights with the token rows the world never uses set to zero (they compress to nothing), the
+model config, and the training curve.
+
+    OMP_NUM_THREADS=1 python benchmarks/pretrain_world.py --steps 4000 --out cache/world-pretrain
     python benchmarks/pretrain_world.py --out cache/world-pretrain --export fvgpt_cache/assets
 """
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import math
 import time
@@ -24,12 +31,14 @@ from open_clip.loss import ClipLoss
 from open_clip.model import CLIP
 from open_clip.tokenizer import SimpleTokenizer
 
-from fvgpt_cache.world import CAPTIONS, COLORS, SHAPES, TEXTURES, caption, render, sample_scene
+from fvgpt_cache.world import (
+    CAPTIONS, COLORS, SHAPES, SIZE, SPLITS, TEXTURES, caption, render, sample_natural, sample_scene, swap_partner,
+)
 
 MODEL_CFG = {
-    "embed_dim": 128,
-    "vision_cfg": {"image_size": 64, "layers": [1, 1, 1, 1], "width": 16},
-    "text_cfg": {"context_length": 32, "vocab_size": 49408, "width": 128, "heads": 4, "layers": 3},
+    "embed_dim": 64,
+    "vision_cfg": {"image_size": SIZE, "layers": [1, 1, 1, 1], "width": 8},
+    "text_cfg": {"context_length": 32, "vocab_size": 49408, "width": 64, "heads": 4, "layers": 3},
 }
 MEAN, STD = (0.5, 0.5, 0.5), (0.25, 0.25, 0.25)
 
@@ -39,41 +48,74 @@ def to_tensor(images) -> torch.Tensor:
     return (x - torch.tensor(MEAN).view(1, 3, 1, 1)) / torch.tensor(STD).view(1, 3, 1, 1)
 
 
-def batch(rng: np.random.Generator, size: int) -> tuple[list, list[str]]:
-    """Half random scenes, half hard-negative pairs (same background and colour, other shapes)."""
+def random_resized_crops(x: torch.Tensor, rng: np.random.Generator, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3),
+                         p: float = 1.0) -> torch.Tensor:
+    """Random resized crop + horizontal flip of each image of a batch (bilinear), with probability p each."""
+    n = x.shape[0]
+    area = rng.uniform(*scale, size=n)
+    aspect = np.exp(rng.uniform(np.log(ratio[0]), np.log(ratio[1]), size=n))
+    w = np.minimum(np.sqrt(area * aspect), 1.0)
+    h = np.minimum(np.sqrt(area / aspect), 1.0)
+    cx = rng.uniform(w / 2, 1 - w / 2) * 2 - 1
+    cy = rng.uniform(h / 2, 1 - h / 2) * 2 - 1
+    flip = np.where(rng.random(n) < 0.5, -1.0, 1.0)
+    keep = rng.random(n) >= p
+    w, h, cx, cy = (np.where(keep, d, v) for v, d in ((w, 1.0), (h, 1.0), (cx, 0.0), (cy, 0.0)))
+    theta = torch.zeros(n, 2, 3)
+    theta[:, 0, 0] = torch.from_numpy(w * np.where(keep, 1.0, flip)).float()
+    theta[:, 0, 2] = torch.from_numpy(cx).float()
+    theta[:, 1, 1] = torch.from_numpy(h).float()
+    theta[:, 1, 2] = torch.from_numpy(cy).float()
+    grid = F.affine_grid(theta, list(x.shape), align_corners=False)
+    return F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
+
+
+def batch(rng: np.random.Generator, size: int, hard: float) -> tuple[list, list[str]]:
+    """Scenes of the natural mixture; a fraction `hard` of hard-negative pairs (same context, other shapes)."""
     images, texts = [], []
-    for _ in range(size // 2):
-        scene = sample_scene(rng)
-        img, _ = render(scene, rng)
-        images.append(img)
+    n_pairs = int(size * hard) // 2
+    for _ in range(size - 2 * n_pairs):
+        scene = sample_natural(rng, int(rng.integers(len(SHAPES))))
+        images.append(render(scene, rng)[0])
         texts.append(caption(scene, rng))
-    while len(images) < size:
-        first = sample_scene(rng)
+    for _ in range(n_pairs):
+        first = sample_natural(rng, int(rng.integers(len(SHAPES))))
         other = SHAPES[(SHAPES.index(first.shape) + 1 + rng.integers(len(SHAPES) - 1)) % len(SHAPES)]
         for shape in (first.shape, other):
             scene = sample_scene(rng, shape=shape, texture_name=first.texture, bg_colors=first.bg_colors,
-                                 color=first.color)
-            img, _ = render(scene, rng)
-            images.append(img)
+                                 companion=first.companion)
+            images.append(render(scene, rng)[0])
             texts.append(caption(scene, rng))
-    return images[:size], texts[:size]
+    return images, texts
+
+
+def test_scenes(split: str, label: int, rng: np.random.Generator):
+    if split == "clean":
+        return sample_scene(rng, shape=SHAPES[label])
+    if split == "counterfactual":
+        return sample_scene(rng, shape=SHAPES[label], context=swap_partner(label))
+    return sample_natural(rng, label)
 
 
 @torch.no_grad()
-def zero_shot(model, tokenizer, per_class: int = 20, seed: int = 12345) -> dict:
-    """10-way zero-shot accuracy on base (first 10 shapes) and new (last 10) with 'a photo of a {}.'."""
+def zero_shot(model, tokenizer, per_class: int = 10, seed: int = 12345) -> dict:
+    """10-way zero-shot accuracy (%) with 'a photo of a {}.' on base (first 10 shapes) and new (last 10)
+    classes, for each test split of the world, and on random resized crops of natural images."""
     model.eval()
-    rng = np.random.default_rng(seed)
+    text = F.normalize(model.encode_text(tokenizer([f"a photo of a {c}." for c in SHAPES])), dim=-1)
     out = {}
-    for name, classes in (("base", SHAPES[:10]), ("new", SHAPES[10:])):
-        text = F.normalize(model.encode_text(tokenizer([f"a photo of a {c}." for c in classes])), dim=-1)
-        correct = total = 0
-        for label, shape in enumerate(classes):
-            imgs = [render(sample_scene(rng, shape=shape), rng)[0] for _ in range(per_class)]
-            feats = F.normalize(model.encode_image(to_tensor(imgs)), dim=-1)
-            correct += int(((feats @ text.T).argmax(-1) == label).sum())
-            total += per_class
-        out[name] = 100 * correct / total
+    for split in (*SPLITS, "natural crops"):
+        rng = np.random.default_rng([seed, len(split)])
+        labels = [c for c in range(len(SHAPES)) for _ in range(per_class)]
+        x = to_tensor([render(test_scenes(split.split()[0], c, rng), rng)[0] for c in labels])
+        if split.endswith("crops"):
+            x = random_resized_crops(x, rng)
+        sims = F.normalize(model.encode_image(x), dim=-1) @ text.T
+        y = torch.tensor(labels)
+        for name, lo in (("base", 0), ("new", 10)):
+            rows = (y >= lo) & (y < lo + 10)
+            pred = sims[rows][:, lo:lo + 10].argmax(-1) + lo
+            out[f"{split} {name}"] = round(100 * float((pred == y[rows]).float().mean()), 1)
     model.train()
     return out
 
@@ -85,7 +127,8 @@ def world_vocabulary(tokenizer: SimpleTokenizer) -> list[int]:
         for shape in SHAPES:
             for color in COLORS:
                 for tex in TEXTURES:
-                    words.add(template.format(shape=shape, color=color, texture=tex, bg0=color, bg1=color))
+                    words.add(template.format(shape=shape, color=color, texture=tex, bg0=color, bg1=color,
+                                              companion=shape))
     ids = set()
     for text in words:
         ids.update(tokenizer.encode(text))
@@ -120,28 +163,34 @@ def export(model: CLIP, compact: CompactTokenizer, folder: Path, curve: list[dic
     config = {"model_cfg": MODEL_CFG, "preprocess_cfg": {"mean": list(MEAN), "std": list(STD),
                                                          "interpolation": "bicubic", "resize_mode": "shortest"}}
     (folder / "world-clip.json").write_text(json.dumps(config, indent=1))
-    (folder / "world-clip-training.json").write_text(json.dumps({**meta, "curve": curve}, indent=1))
+    sha = hashlib.sha256((folder / "world-clip.pt").read_bytes()).hexdigest()
+    (folder / "world-clip-training.json").write_text(json.dumps({**meta, "sha256": sha, "curve": curve}, indent=1))
 
 
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--steps", type=int, default=6000)
-    ap.add_argument("--batch-size", type=int, default=256)
+    ap.add_argument("--steps", type=int, default=4000)
+    ap.add_argument("--batch-size", type=int, default=128)
     ap.add_argument("--lr", type=float, default=2e-3)
     ap.add_argument("--warmup", type=int, default=200)
+    ap.add_argument("--hard", type=float, default=0.5, help="fraction of each batch in hard-negative pairs")
+    ap.add_argument("--crop-p", type=float, default=0.5, help="fraction of images given a random resized crop")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--threads", type=int, default=1, help="torch threads (one leaves a core free)")
     ap.add_argument("--eval-every", type=int, default=250)
     ap.add_argument("--save-every", type=int, default=250)
     ap.add_argument("--out", type=Path, default=Path("cache/world-pretrain"))
     ap.add_argument("--export", type=Path, default=None, help="write the shipped files from the last checkpoint")
+    ap.add_argument("--export-step", type=int, default=None,
+                    help="export the weights snapshot of this evaluated step instead of the last checkpoint")
     ap.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=True)
     args = ap.parse_args(argv)
 
+    torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     compact = CompactTokenizer(SimpleTokenizer(context_length=MODEL_CFG["text_cfg"]["context_length"]))
     train_cfg = {**MODEL_CFG, "text_cfg": {**MODEL_CFG["text_cfg"], "vocab_size": len(compact.vocab) + 1}}
     model = CLIP(**train_cfg)
-    tokenizer = compact
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.1, betas=(0.9, 0.98), eps=1e-6)
     loss_fn = ClipLoss()
     args.out.mkdir(parents=True, exist_ok=True)
@@ -153,24 +202,33 @@ def main(argv=None) -> None:
         opt.load_state_dict(ckpt["optimizer"])
         step, elapsed = int(ckpt["step"]), float(ckpt["elapsed"])
         curve = json.loads(ckpt["curve"])
-        print(f"resumed at step {step}")
+        print(f"resumed at step {step}", flush=True)
     if args.export:
+        if args.export_step is not None:
+            snapshot = args.out / f"step{args.export_step}.pt"
+            if not snapshot.exists():
+                raise SystemExit(f"no snapshot {snapshot}; snapshots exist for the evaluated steps of the curve")
+            model.load_state_dict(torch.load(snapshot, map_location="cpu", weights_only=True))
+            step = args.export_step
+            curve = [c for c in curve if c["step"] <= step]
         export(model, compact, args.export, curve,
-               {"steps": step, "batch_size": args.batch_size, "lr": args.lr, "seed": args.seed, "seconds": elapsed,
+               {"steps": step, "batch_size": args.batch_size, "lr": args.lr, "hard": args.hard, "crop_p": args.crop_p,
+                "seed": args.seed, "threads": args.threads, "seconds": elapsed,
                 "command": f"python benchmarks/pretrain_world.py --steps {step} --batch-size {args.batch_size} "
-                           f"--lr {args.lr} --seed {args.seed}"})
+                           f"--lr {args.lr} --hard {args.hard} --crop-p {args.crop_p} --seed {args.seed}"})
         print(f"exported step {step} to {args.export}")
         return
     model.train()
     start = time.perf_counter()
     while step < args.steps:
         rng = np.random.default_rng([args.seed, step])  # data depends only on (seed, step): resumes reproduce
-        images, texts = batch(rng, args.batch_size)
+        images, texts = batch(rng, args.batch_size, args.hard)
+        x = random_resized_crops(to_tensor(images), rng, p=args.crop_p)
         lr = args.lr * min(1.0, (step + 1) / args.warmup) * 0.5 * (1 + math.cos(math.pi * min(step / args.steps, 1.0)))
         for group in opt.param_groups:
             group["lr"] = lr
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.bf16):
-            img_f, txt_f, scale = model(to_tensor(images), tokenizer(texts))
+            img_f, txt_f, scale = model(x, compact(texts))
             loss = loss_fn(img_f.float(), txt_f.float(), scale.float())
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -179,10 +237,12 @@ def main(argv=None) -> None:
             model.logit_scale.clamp_(0, math.log(100))
         step += 1
         if step % args.eval_every == 0 or step == args.steps:
-            acc = zero_shot(model, tokenizer)
+            acc = zero_shot(model, compact)
             now = elapsed + time.perf_counter() - start
-            curve.append({"step": step, "loss": round(float(loss.detach()), 4), "seconds": round(now, 1), **acc})
+            curve.append({"step": step, "loss": round(float(loss.detach()), 4), "seconds": round(now, 1),
+                          "logit_scale": round(float(model.logit_scale.detach().exp()), 1), **acc})
             print(json.dumps(curve[-1]), flush=True)
+            torch.save(model.state_dict(), args.out / f"step{step}.pt")  # weights only, for --export-step
         if step % args.save_every == 0 or step == args.steps:
             torch.save({"model": model.state_dict(), "optimizer": opt.state_dict(), "step": step,
                         "elapsed": elapsed + time.perf_counter() - start, "curve": json.dumps(curve)},

@@ -30,12 +30,16 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .heads import BRG_INDICATORS, FRG_INDICATORS, FVGPTHead, frg_indicators, brg_indicators
-from .training import TrainConfig, TrainData, build_head, epoch_batches, lr_at_epoch, view_schedule
+from .device import resolve_device
+from .heads import BRG_INDICATORS, FRG_INDICATORS, FVGPTHead, brg_indicators, frg_indicators
+from .training import (
+    TrainConfig, TrainData, build_head, epoch_batches, lr_at_epoch, subsample_per_class, view_schedule,
+)
 
 # fields that must be equal inside one group (besides the cache); all others may differ
 GROUP_FIELDS = ("backbone", "classes", "batch_size", "device", "fdc_layers")
 TERMS = ("frg", "ce_fdc", "dist", "acc_fdc", "ce_pc", "kl_pc")
+SMALL_STEP_FLOPS = 2e8  # a step below this trains single-threaded on the CPU (see Group.train)
 HISTORY_KEYS = ("frg", "ce_fdc", "dist", "base", "acc_fdc", "ce_pc", "kl_pc", "pc", "total")
 BETAS, ADAM_EPS = (0.9, 0.999), 1e-8
 
@@ -358,12 +362,12 @@ class Group:
 
     # -- one step --------------------------------------------------------------------------------
 
-    def step_losses(self, rows: Tensor, weight: Tensor) -> dict[str, Tensor]:
-        """Losses (each (K,)) of one batch of rows (K, B) and their gradients, written into `self.grad`.
+    def step_losses(self, rows: Tensor, weight: Tensor) -> Tensor:
+        """Loss terms (len(TERMS), K) of one batch of rows (K, B); their gradients go into `self.grad`.
 
         `weight` (K, B) holds 1/n for the n real rows of each configuration's batch and 0 for padding
         (a last batch shorter than the others), so every mean over the batch is `(· * weight).sum(-1)`.
-        Returns the unweighted terms; `weighted_terms` combines them into base, pc and total."""
+        Returns the unweighted terms in `TERMS` order; `weighted_terms` combines them into base, pc and total."""
         C = self.n_classes
         x = self.x[rows]  # (K, B, D)
         const = self.const[rows]
@@ -374,7 +378,7 @@ class Group:
         u, v = pack[..., 3 * C + 3:3 * C + 6], pack[..., 3 * C + 6:3 * C + 9]
         r_star, usable = pack[..., 3 * C + 9], pack[..., 3 * C + 10]
         f2, f3 = self.f2, self.f3
-        out: dict[str, Tensor] = {}
+        per_row: dict[str, Tensor] = {}  # the loss terms of every row, averaged over the batch at the end
 
         # FDC (eqs. 7-8)
         a_img, in_img = mlp_forward(x, self.layers["fdc_img"], None)
@@ -388,21 +392,21 @@ class Group:
         z = _times(torch.bmm(f, g.transpose(1, 2)), f3["scale"])
         logp = z.log_softmax(-1)
         logp_y = (logp * onehot).sum(-1)
-        out["ce_fdc"] = -(logp_y * weight).sum(-1)
-        out["acc_fdc"] = torch.where(logp_y >= logp.amax(-1), weight, 0.0).sum(-1)  # a fraction; ×100 per epoch
+        per_row["ce_fdc"] = -logp_y
+        per_row["acc_fdc"] = (logp_y >= logp.amax(-1)).to(logp.dtype)  # a fraction; ×100 per epoch
         logq = (z / f3["tau"]).log_softmax(-1)
 
         # FRG (eqs. 3-6) and the distillation weight r
         q_frg, in_frg = mlp_forward(u, self.layers["frg"], self.acts["frg"])
         q_frg = q_frg.squeeze(-1)
         sig = torch.sigmoid(q_frg)
-        out["frg"] = (F.binary_cross_entropy_with_logits(q_frg, r_star, reduction="none") * weight).sum(-1)
+        per_row["frg"] = F.binary_cross_entropy_with_logits(q_frg, r_star, reduction="none")
         r = _sum_terms(_times(sig, f2["r_a"]), _times(r_star, f2["r_b"]), f2["r_c"], like=sig)
         r = usable * r
         kl_fg = nh_fg - (p_fg * logq).sum(-1)
         kl_full = nh_full - (p_full * logq).sum(-1)
         kl_gap = kl_fg - kl_full
-        out["dist"] = ((kl_full + r * kl_gap) * weight).sum(-1)
+        per_row["dist"] = kl_full + r * kl_gap
 
         # PC with BRG (eqs. 11-15)
         q_brg, in_brg = mlp_forward(v, self.layers["brg"], self.acts["brg"])
@@ -410,8 +414,8 @@ class Group:
         z_pc = z_full + b.unsqueeze(-1) * z_diff
         lp_pc = z_pc.log_softmax(-1)
         lq_pc = (z_pc / f3["tau"]).log_softmax(-1)
-        out["ce_pc"] = -((lp_pc * onehot).sum(-1) * weight).sum(-1)
-        out["kl_pc"] = ((nh_clip - (p_clip * lq_pc).sum(-1)) * weight).sum(-1)
+        per_row["ce_pc"] = -(lp_pc * onehot).sum(-1)
+        per_row["kl_pc"] = nh_clip - (p_clip * lq_pc).sum(-1)
 
         # gradients
         wb = weight.unsqueeze(-1)
@@ -432,7 +436,7 @@ class Group:
         db = (dz_pc * z_diff).sum(-1)
         mlp_backward((db * b * (1 - b)).unsqueeze(-1), self.layers["brg"], in_brg, self.acts["brg"],
                      self.grad_layers["brg"])
-        return out
+        return (torch.stack([per_row[key] for key in TERMS]) * weight).sum(-1)  # (len(TERMS), K)
 
     def weighted_terms(self, terms: dict[str, Tensor]) -> dict[str, Tensor]:
         """base = CE_FDC + λ_frg·L_FRG + λ_d·L_dist, pc = CE_PC + KL_PC, total = base + λ_pc·pc (switched terms
@@ -535,10 +539,26 @@ class Group:
 
     # -- the loop ---------------------------------------------------------------------------------
 
-    def train(self, progress=None) -> list[tuple[FVGPTHead, list[dict], np.ndarray]]:
-        """Train every configuration; returns (head, per-epoch history, training image indices) for each."""
-        from .training import subsample_per_class
+    def step_flops(self) -> float:
+        """Multiply-adds ×2 of the matrix products of one step (all configurations)."""
+        d, h, c, b = self.layout.dim, self.layout.fdc_hidden, len(self.data.txt_bb), self.cfgs[0].batch_size
+        return self.k * (10 * (c + b) * d * h + 6 * b * c * d)
 
+    def train(self, progress=None) -> list[tuple[FVGPTHead, list[dict], np.ndarray]]:
+        """Train every configuration; returns (head, per-epoch history, training image indices) for each.
+
+        On the CPU a group whose step is small (under SMALL_STEP_FLOPS) trains on one intra-op
+        thread: more threads only add synchronisation to its many small operations, and on a busy
+        machine a descheduled thread stalls every parallel region (we saw 20× slower steps)."""
+        threads = torch.get_num_threads()
+        if self.device.type == "cpu" and self.step_flops() < SMALL_STEP_FLOPS:
+            torch.set_num_threads(1)
+        try:
+            return self._train(progress)
+        finally:
+            torch.set_num_threads(threads)
+
+    def _train(self, progress=None) -> list[tuple[FVGPTHead, list[dict], np.ndarray]]:
         data, cfgs, K = self.data, self.cfgs, self.k
         n, views = data.full.shape[:2]
         labels = data.y.numpy()
@@ -573,8 +593,7 @@ class Group:
             for j in range(steps):
                 out = self.step_losses(rows[j], weight[j])
                 self.optimizer_step(None if all_active else active[j])
-                terms = torch.stack([out[key] for key in TERMS])
-                sums += terms if all_active else terms * active[j]
+                sums += out if all_active else out * active[j]
             terms = dict(zip(TERMS, sums / active.sum(0).clamp_min(1)))
             terms["acc_fdc"] = terms["acc_fdc"] * 100
             means = {k: v.tolist() for k, v in {**terms, **self.weighted_terms(terms)}.items()}
@@ -643,3 +662,12 @@ def split_for_memory(data: TrainData, cfgs: list[TrainConfig], budget: int) -> l
 def train_group(data: TrainData, cfgs: list[TrainConfig], device: torch.device, progress=None):
     """Train configurations that share a group key together; a single run is a group of one."""
     return Group(data, cfgs, device).train(progress)
+
+
+def train_head(data: TrainData, cfg: TrainConfig, progress=None) -> tuple[FVGPTHead, list[dict], np.ndarray]:
+    """Train one head (a group of one); deterministic for a given `cfg.seed`.
+
+    Returns the head, its per-epoch history and the indices of the training images it used
+    (all of `data`, or the `data_fraction` subset)."""
+    cfg.validate()
+    return train_group(data, [cfg], resolve_device(cfg.device), progress)[0]

@@ -15,11 +15,13 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .ablations import ABLATIONS, PAPER
+from .device import resolve_device
 from .engine import available_memory, memory_estimate, split_for_memory, train_group
 from .engine import group_key as engine_group_key
 from .runs import eval_sets, finish_run, run_id
 from .store import check_same_model, open_cache
-from .training import TrainConfig, config_with, configure, parse_value, prepare, resolve_device
+from .training import TrainConfig, config_with, configure, parse_value, prepare
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -27,32 +29,6 @@ else:  # pragma: no cover
     import tomli as tomllib
 
 # The paper's ablations as lists of overrides (each list item is one configuration).
-# The paper's ablations: preset name → (title, rows); a row is (label, overrides of the full model).
-ABLATIONS: dict[str, tuple[str, list[tuple[str, dict]]]] = {
-    "components": ("Table 3: components", [
-        ("(1) FDC", {"use_frg": False, "use_pc": False}), ("(2) PC", {"use_fdc": False}),
-        ("(3) FRG+FDC", {"use_pc": False}), ("(4) FDC+PC", {"use_frg": False}), ("(5) FRG+FDC+PC", {})]),
-    "width": ("Table 4: hidden widths", [(f"FDC {w}", {"fdc_hidden": w}) for w in (16, 32, 64, 128)]
-              + [(f"gates {w}", {"gate_hidden": w}) for w in (16, 64, 128)]),
-    "depth": ("Table 5: gate depth", [(f"{n} layer{'s' if n > 1 else ''}", {"frg_layers": n, "brg_layers": n})
-                                      for n in (1, 2, 3)]),
-    "indicators": ("Table 6: indicators", [
-        ("FRG w/o ΔH", {"frg_indicators": ("cos", "area")}), ("FRG w/o cos", {"frg_indicators": ("dH", "area")}),
-        ("FRG w/o A(m)", {"frg_indicators": ("dH", "cos")}), ("BRG w/o entropies", {"brg_indicators": ("cos",)}),
-        ("BRG w/o cos", {"brg_indicators": ("H_bb", "H_clip")}), ("all indicators", {})]),
-    "losses": ("Table 12: losses", [
-        ("w/o L_FRG", {"loss_frg": False}), ("w/o CE_FDC", {"loss_ce_fdc": False}), ("w/o L_dist", {"loss_dist": False}),
-        ("w/o CE_PC", {"loss_ce_pc": False}), ("w/o KL_PC", {"loss_kl_pc": False}), ("all losses", {})]),
-    "fdc-branches": ("Table 13: FDC branches", [("visual + textual", {"fdc_textual": True}),
-                                                ("visual only", {"fdc_textual": False})]),
-    "epochs": ("Table 15: epochs", [(f"{e} epochs", {"epochs": e}) for e in (10, 15, 20)]),
-    "lambda": ("Fig. 4(b): λ_d", [(f"λ_d = {v:g}", {"lambda_d": v}) for v in (0.1, 1.0, 5.0, 10.0, 20.0)]),
-    "data-fraction": ("Fig. 9: training data", [(f"{f:.0%} of the shots", {"data_fraction": f})
-                                                for f in (0.25, 0.5, 0.75, 1.0)]),
-    "foreground-control": ("Foreground control: where L_dist's r comes from", [
-        ("r from FRG (FVG-PT)", {}), ("r = 0: full view", {"r_source": "full"}), ("r = 1: foreground", {"r_source": "fg"})]),
-}
-PAPER = ("components", "width", "depth", "indicators", "losses", "fdc-branches", "epochs", "lambda", "data-fraction")
 PRESETS = (*ABLATIONS, "paper")
 
 

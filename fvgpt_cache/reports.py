@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 
+from .ablations import ABLATIONS
 from .heads import harmonic_mean
 from .training import TrainConfig
 
@@ -474,7 +475,6 @@ def ablation_tables(records: list[dict]) -> list[tuple[str, list[str], list[list
     variant that has runs on every dataset of the table. As in `aggregate`, runs are pooled only
     when their setting agrees (model, shots, views, …, backbone, and every TrainConfig field the
     ablation does not vary); settings that differ get tables of their own, named in the titles."""
-    from .grids import ABLATIONS
 
     cells: dict[tuple, dict] = {}
     settings: dict[tuple, dict] = {}

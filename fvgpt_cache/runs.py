@@ -8,10 +8,11 @@ from pathlib import Path
 
 import torch
 
+from .engine import train_head
 from .evaluation import EvalSet, evaluate, evaluate_transfer, gate_diagnostics
 from .heads import FVGPTHead
 from .store import check_same_model, open_cache
-from .training import TrainConfig, build_head, prepare, stability, train_head
+from .training import TrainConfig, build_head, prepare, stability
 
 RESULTS_FORMAT = "fvgpt-cache-results"
 HEAD_FORMAT = "fvgpt-cache-head"

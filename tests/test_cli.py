@@ -69,14 +69,17 @@ def test_inspect_refuses_foreign_file(tmp_path):
     assert res.exit_code == 2 and "not a readable HDF5" in res.output
 
 
-def test_smoke_demo_runs_offline(tmp_path):
+def test_smoke_demo_runs_offline_and_prints_the_schema(tmp_path):
+    res = _run("demo", "--smoke", "--json", "--out", tmp_path / "demo")
+    assert res.exit_code == 0, res.output
+    summary = json.loads(res.stdout)
+    assert summary["seeds"] == [1] and set(summary["splits"]) == {"clean", "counterfactual"}
+    for split in summary["splits"]:
+        cache = open_cache(tmp_path / "demo" / f"world-{split}.h5")
+        assert cache.image("train").shape[:2] == (16, 3) and "coop" in cache.text_groups
     res = _run("demo", "--smoke", "--out", tmp_path / "demo")
     assert res.exit_code == 0, res.output
-    assert "RANDOM weights" in res.output and "+ FVG-PT" in res.output
-    cache = open_cache(tmp_path / "demo" / "smoke-shapes.h5")
-    assert cache.image("train").shape[:2] == (96, 2)
-    assert "coop" in cache.text_groups
-    assert (tmp_path / "demo" / "smoke-shapes-run" / "results.json").exists()
+    assert "RANDOM weights" in res.output and "CoOp + FVG-PT" in res.output and "r_source=full" in res.output
 
 
 def test_backbone_commands_then_train_on_coop(tmp_path, generic_data, tiny_config):

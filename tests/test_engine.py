@@ -4,7 +4,7 @@ import copy
 import pytest
 import torch
 
-from fvgpt_cache.engine import Group, gather
+from fvgpt_cache.engine import TERMS, Group, gather
 from fvgpt_cache.store import open_cache
 from fvgpt_cache.synthetic import write_feature_cache
 from fvgpt_cache.training import TrainConfig, prepare
@@ -39,7 +39,7 @@ def test_losses_and_gradients_equal_autograd_of_the_reference_head(group):
     weight = torch.full((len(CONFIGS), 5), 0.2)
     weight[1, 3:] = 0.0  # a shorter batch: its two padded rows must not count
     weight[1, :3] = 1 / 3
-    out = g.step_losses(rows, weight)
+    out = dict(zip(TERMS, g.step_losses(rows, weight)))
     out.update(g.weighted_terms(out))
     out["acc_fdc"] = out["acc_fdc"] * 100  # the engine keeps a fraction per step
     grads = g.layout.views(g.grad)

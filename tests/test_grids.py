@@ -173,7 +173,8 @@ def test_padded_units_of_a_narrower_configuration_stay_exactly_zero(tmp_path):
 
 
 def test_paper_preset_is_one_group_with_the_full_model_once_per_seed(syn):
-    from fvgpt_cache.grids import ABLATIONS, PAPER, group_key
+    from fvgpt_cache.ablations import ABLATIONS, PAPER
+    from fvgpt_cache.grids import group_key
 
     runs = expand([syn], [1, 2, 3], {}, FAST, preset="paper")
     assert len({group_key(r) for r in runs}) == 1
