@@ -282,32 +282,44 @@ def run_pass(job: Job, *, what: str, lock: Path, part: Path, splits: list[str], 
     returned on every rank. `progress(split, rows_done, rows_total)` is called on rank 0 after each
     batch with the rows of the whole job.
     """
-    if not job.distributed:
-        with exclusive_lock(lock):
-            plan = _prepare(part, splits, resume, prepare, 1)
-            done = {s: int((st != PENDING).sum()) for s, st in plan.status.items()}
-            started = time.perf_counter()
-            with h5py.File(part, "r+") as f:
-                def handle(split: str, items: list[dict]) -> None:
-                    write_rows(f, encode(split, items).writes)
-                    f.flush()
+    args = dict(what=what, lock=lock, part=part, splits=splits, fingerprint=fingerprint, resume=resume,
+                prepare=prepare, dataset_for=dataset_for, encode=encode, finish=finish, batch_size=batch_size,
+                workers=workers, progress=progress, stop_after_batches=stop_after_batches)
+    return _run_ranks(job, **args) if job.distributed else _run_alone(**args)
 
-                def after(split: str, n: int) -> None:
-                    done[split] += n
-                    if progress:
-                        progress(split, done[split], len(plan.status[split]))
 
+def _run_alone(*, what, lock, part, splits, fingerprint, resume, prepare, dataset_for, encode, finish, batch_size,
+               workers, progress, stop_after_batches):
+    """One process: the batches go straight into the partial file (old shards are folded in first)."""
+    with exclusive_lock(lock):
+        plan = _prepare(part, splits, resume, prepare, 1)
+        done = {s: int((st != PENDING).sum()) for s, st in plan.status.items()}
+        started = time.perf_counter()
+        with h5py.File(part, "r+") as f:
+            def handle(split: str, items: list[dict]) -> None:
+                write_rows(f, encode(split, items).writes)
+                f.flush()
+
+            def after(split: str, n: int) -> None:
+                done[split] += n
                 if progress:
-                    for s in splits:
-                        progress(s, done[s], len(plan.status[s]))
-                run_view_pass(grid_batches(plan.status, batch_size), dataset_for, handle, workers=workers,
-                              after_batch=after, stop_after_batches=stop_after_batches)
-                _check_done(f, part, splits)
-            seconds = time.perf_counter() - started
-            encoded = int(sum(done.values())) - plan.resumed
-            return finish(PassReport(resumed=plan.resumed, world_sizes=plan.world_sizes, seconds=seconds,
-                                     ranks=[{"rank": 0, "rows": encoded, "seconds": seconds}]))
+                    progress(split, done[split], len(plan.status[split]))
 
+            if progress:
+                for s in splits:
+                    progress(s, done[s], len(plan.status[s]))
+            run_view_pass(grid_batches(plan.status, batch_size), dataset_for, handle, workers=workers,
+                          after_batch=after, stop_after_batches=stop_after_batches)
+            _check_done(f, part, splits)
+        seconds = time.perf_counter() - started
+        encoded = int(sum(done.values())) - plan.resumed
+        return finish(PassReport(resumed=plan.resumed, world_sizes=plan.world_sizes, seconds=seconds,
+                                 ranks=[{"rank": 0, "rows": encoded, "seconds": seconds}]))
+
+
+def _run_ranks(job: Job, *, what, lock, part, splits, fingerprint, resume, prepare, dataset_for, encode, finish,
+               batch_size, workers, progress, stop_after_batches):
+    """One rank of a torchrun job: its share of the batches into its shard; rank 0 locks, plans and assembles."""
     coord = job.coordinator(what)
     rank, world = job.rank, job.world_size
     with coord.guard(), contextlib.ExitStack() as held:

@@ -294,13 +294,16 @@ SLOW_RANKS = """
 import os, sys, time
 import fvgpt_cache.extraction as extraction
 
-encode = extraction._encode_batch
+encode, calls = extraction._encode_batch, []
 
-def slow(*args, **kwargs):  # a slow encoder, so that a rank can be killed in the middle of the pass
-    result = encode(*args, **kwargs)
-    print("rank", os.environ["RANK"], "pid", os.getpid(), "encoded", flush=True)
-    time.sleep(0.4)
-    return result
+def slow(*args, **kwargs):  # a slow encoder; rank 1 stops in its second batch, where the test kills it
+    calls.append(1)
+    if os.environ["RANK"] == "1" and len(calls) == 2:
+        print("rank 1 pid", os.getpid(), "in its second batch", flush=True)
+        while True:
+            time.sleep(1)
+    time.sleep(0.3)
+    return encode(*args, **kwargs)
 
 extraction._encode_batch = slow
 from fvgpt_cache.cli.main import app
@@ -324,8 +327,8 @@ def test_torchrun_rank_killed_mid_run_is_finished_by_one_process(tmp_path, job_a
     try:
         for line in proc.stdout:
             seen.append(line)
-            m = re.match(r"rank 1 pid (\d+) encoded", line)
-            if m and sum(x.startswith("rank 1 ") for x in seen) == 2:  # its first batch is in its shard
+            m = re.match(r"rank 1 pid (\d+) in its second batch", line)  # its first batch is in its shard
+            if m:
                 killed = int(m.group(1))
                 os.kill(killed, signal.SIGKILL)
         proc.wait(timeout=120)
@@ -336,7 +339,7 @@ def test_torchrun_rank_killed_mid_run_is_finished_by_one_process(tmp_path, job_a
     res = _cli("extract", *job_args, "--out", out)
     assert res.exit_code == 0, res.output
     done = int(re.search(r"resumed: (\d+) rows", res.output).group(1))
-    assert done >= 8, res.output  # at least a batch of each rank
+    assert 8 <= done < 40, res.output  # at least a batch of each rank, not rank 1's second one
     assert_same_cache(ref, out, [2, 1])
     assert not _shards(out)
 
@@ -414,3 +417,20 @@ def test_torchrun_backbone_import_writes_the_groups_of_one_process(tmp_path, tmp
     assert pb.pop("world_sizes") == [2] and pa.pop("created") and pb.pop("created")
     assert pa == pb
     assert not list(tmp_path.glob("two.h5.promptsrc.partial*"))
+
+
+def test_a_lock_held_from_another_machine_names_its_host(tmp_path):
+    """On a shared file system rank 0 of another job may run on another node: the refusal names it."""
+    out = tmp_path / "c.h5"
+    code = ("import fcntl, os, sys, time\nfd = os.open(sys.argv[1] + '.lock', os.O_RDWR | os.O_CREAT)\n"
+            "fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)\nos.write(fd, f'{os.getpid()} gpu-node-07'.encode())\n"
+            "print('locked', flush=True)\ntime.sleep(60)\n")
+    holder = subprocess.Popen([sys.executable, "-c", code, str(out)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        with pytest.raises(CacheError, match=f"held by PID {holder.pid} on gpu-node-07\\)"):
+            with exclusive_lock(out):
+                pass
+    finally:
+        holder.kill()
+        holder.wait()
