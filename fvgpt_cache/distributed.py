@@ -25,7 +25,7 @@ from .device import resolve_device
 
 DEFAULT_TIMEOUT = 300.0  # seconds without a heartbeat before a rank counts as gone
 EXIT_WAIT = 15.0  # the first rank to fail waits this long at most for the others to report its failure
-EXIT_GRACE = 2.0  # the others wait this long after it left, so that torchrun names it as the root cause
+EXIT_GRACE = 10.0  # the others wait (at most) this long after it left: torchrun stops them and names it the root cause
 KEY = "fvgpt-cache/"
 
 
