@@ -1,6 +1,7 @@
 """`backbone …` and `baselines`: tuned backbones written into a cache, and the baselines it can score."""
 from __future__ import annotations
 
+import contextlib
 import json
 from pathlib import Path
 from typing import Optional
@@ -9,7 +10,7 @@ import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
-from .common import _pct, app, console, err, fail, resumable, split_progress
+from .common import DIST_TIMEOUT_HELP, _pct, app, console, err, fail, rank_rates, resumable, split_progress
 
 backbone_app = typer.Typer(help="Backbones in the cache: CoOp/KgCoOp prompt learning, official checkpoints "
                                 "(CoOp, KgCoOp, PromptSRC, MMRL), ensembles.",
@@ -113,13 +114,19 @@ def backbone_import(
     device: str = typer.Option("auto"),
     resume: bool = typer.Option(True, "--resume/--no-resume", help="Continue an interrupted import."),
     force: bool = typer.Option(False, help="Replace existing groups of that name."),
+    dist_timeout: float = typer.Option(300.0, help=DIST_TIMEOUT_HELP),
 ):
-    """Import a PromptSRC or MMRL checkpoint: its text features and one pass over every cached view."""
+    """Import a PromptSRC or MMRL checkpoint: its text features and one pass over every cached view.
+
+    Under torchrun every process takes its share of the batches (one process per GPU)."""
     from fvgpt_cache.backbones import ImportOptions, import_backbone
+    from fvgpt_cache.distributed import current_job
 
     resumable()
 
     try:
+        job = current_job(dist_timeout)
+        lead = job.rank == 0
         layers = None
         if rep_layers is not None:
             try:
@@ -131,15 +138,19 @@ def backbone_import(
                                 prompt_check=prompt_check, image_root=str(image_root) if image_root else None,
                                 mask_root=str(mask_root) if mask_root else None, pretrained=pretrained,
                                 batch_size=batch_size, workers=workers, device=device, resume=resume, force=force)
-        with split_progress() as update:
-            summary = import_backbone(cache, method, checkpoint, options, progress=update)
+        with split_progress() if lead else contextlib.nullcontext() as update:
+            summary = import_backbone(cache, method, checkpoint, options, progress=update, job=job)
     except (ValueError, FileNotFoundError, RuntimeError) as exc:
         fail(str(exc))
+    if not lead:
+        return
     images = sum(summary.counts.values())
     resumed = f", {summary.resumed_rows} resumed" if summary.resumed_rows else ""
     console.print(f"{method}: {summary.checkpoint} (epoch {summary.epoch}); class prompts: {summary.prompt_check}")
     console.print(f"wrote {', '.join('/' + g for g in summary.groups)} into {cache} ({images} images{resumed}, "
                   f"{summary.seconds:.1f}s)")
+    if summary.world_size > 1:
+        console.print(rank_rates(summary.ranks))
     console.print(f"next: fvgpt-cache train {cache} --backbone {summary.name}")
 
 

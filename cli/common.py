@@ -99,6 +99,18 @@ def split_progress():
         yield update
 
 
+def rank_rates(ranks: list[dict]) -> str:
+    """The final line of a torchrun job: images per second of every rank's pass and of the whole job."""
+    rate = lambda rows, seconds: rows / seconds if seconds > 0 else 0.0  # noqa: E731
+    each = ", ".join(f"rank {r['rank']} {rate(r['rows'], r['seconds']):.1f} img/s ({r['rows']} images)" for r in ranks)
+    total = rate(sum(r["rows"] for r in ranks), max(r["seconds"] for r in ranks))
+    return f"{len(ranks)} processes: {each}; total {total:.1f} img/s"
+
+
+DIST_TIMEOUT_HELP = ("torchrun jobs: seconds without a heartbeat from a rank before the others stop (a rank whose "
+                     "process or node is gone).")
+
+
 def fail(message: str) -> None:
     """Stop with an error message (and, with --debug, the traceback of the exception being handled).
 

@@ -1,6 +1,7 @@
 """`extract` and `inspect`: the one pass over the images, and what a cache holds."""
 from __future__ import annotations
 
+import contextlib
 import json
 from pathlib import Path
 from typing import Optional
@@ -9,7 +10,7 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
-from .common import app, console, err, fail, narrow_table, resumable, split_progress
+from .common import DIST_TIMEOUT_HELP, app, console, err, fail, narrow_table, rank_rates, resumable, split_progress
 
 
 @app.command()
@@ -44,10 +45,15 @@ def extract(
     out: Optional[Path] = typer.Option(None, help="Output .h5 (default: cache/<dataset>/<model>/shots<K>_seed<S>.h5)."),
     resume: bool = typer.Option(True, help="Continue an interrupted extraction of the same output."),
     force: bool = typer.Option(False, help="Overwrite an existing complete cache."),
+    dist_timeout: float = typer.Option(300.0, help=DIST_TIMEOUT_HELP),
 ):
-    """Extract CLIP features of full images and foreground views into an HDF5 cache."""
+    """Extract CLIP features of full images and foreground views into an HDF5 cache.
+
+    Under torchrun every process takes its share of the batches (one process per GPU); the file is
+    the same as one process writes."""
     from fvgpt_cache.data import format_short_classes, generic_dataset, parse_shots, short_classes
     from fvgpt_cache.datasets import load_dataset
+    from fvgpt_cache.distributed import current_job
     from fvgpt_cache.extraction import ExtractOptions, default_output
     from fvgpt_cache.extraction import extract as run_extract
     from fvgpt_cache.models import load_clip
@@ -55,6 +61,8 @@ def extract(
 
     resumable()
     try:
+        job = current_job(dist_timeout)
+        lead = job.rank == 0  # under torchrun only rank 0 talks
         k = parse_shots(shots)
         if dataset and name:
             fail(f"--name is for generic datasets (--split-file); --dataset {dataset} keeps its name so reports can "
@@ -79,19 +87,23 @@ def extract(
         options.validate()
         out = out or default_output(ds.name, model, pretrained, k, seed, train_views)
         short = format_short_classes(short_classes(ds.splits, k, ds.classnames))
-        if short:  # said before the long pass, so it can be stopped
+        if short and lead:  # said before the long pass, so it can be stopped
             err.print(f"[bold yellow]warning:[/] fewer images than --shots {k} asks for (all of them are taken; "
                       f"listed in provenance): {escape('; '.join(short))}", highlight=False)
         loaded = load_clip(model, pretrained, quick_gelu=quick_gelu)
-        if loaded.provenance["random_init"]:
+        if loaded.provenance["random_init"] and lead:
             err.print("[bold yellow]warning:[/] --pretrained none: the model has random weights (seeded); "
                       "its features are only a smoke test")
-        with split_progress() as update:
-            summary = run_extract(ds, loaded, out, options, progress=update)
+        with split_progress() if lead else contextlib.nullcontext() as update:
+            summary = run_extract(ds, loaded, out, options, progress=update, job=job)
     except (ValueError, FileNotFoundError, RuntimeError) as exc:
         fail(str(exc))
+    if not lead:
+        return
     console.print(f"wrote [bold]{escape(str(summary.out))}[/]: " + ", ".join(f"{s} {n}" for s, n in summary.counts.items())
                   + f" in {summary.seconds:.1f}s ({summary.images_per_second:.1f} img/s)")
+    if summary.world_size > 1:
+        console.print(rank_rates(summary.ranks))
     if summary.resumed_rows:
         console.print(f"resumed: {summary.resumed_rows} rows were already done")
     for split, items in summary.skipped.items():

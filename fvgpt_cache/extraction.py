@@ -3,9 +3,11 @@
 Crash safety: work goes to `<out>.partial`, each finished batch is flushed with its rows marked
 done in `/progress/<split>`, and the file is renamed to `<out>` only when every split is
 complete. Rerunning the same command resumes from the partial file; the settings are compared
-first so a partial file written with other settings is never continued by mistake.
+first so a partial file written with other settings is never continued by mistake. Under
+torchrun the ranks share the batches and write shards that rank 0 folds into the partial file
+(`passes`); the result is the same file.
 
-The loop over the images (`run_view_pass`), the decoding of an image with its mask into views
+The loop over the images (`passes.run_pass`), the decoding of an image with its mask into views
 (`ViewDataset`, whose view plan says which geometry and box each view gets) and the encoder call
 (`encode_views`) are shared with later passes over a cache (`backbones.image_pass`).
 """
@@ -24,16 +26,15 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
-from torch.utils.data import DataLoader
 from torch.utils.data import Dataset as TorchDataset
 
 from .data import SPLITS, Dataset, base_new_split, fewshot_splits, short_classes
 from .datasets import find_mask
-from .device import resolve_device
+from .distributed import Job, current_job
 from .models import LoadedModel
-from .store import FORMAT, FORMAT_VERSION, CacheError, exclusive_lock, partial_path
+from .passes import DONE, PENDING, SKIPPED, BatchWrites, PassReport, run_pass
+from .store import FORMAT, FORMAT_VERSION, CacheError, partial_path
 from .views import FG_MODES, NO_BOX, AugmentConfig, Box, ViewMaker, binarize_mask, draw_box, fit_mask, view_generator
-from .workers import worker_init
 
 MISSING_MASK_POLICIES = ("error", "full", "skip")
 BAD_IMAGE_POLICIES = ("error", "skip")
@@ -42,7 +43,6 @@ DEFAULT_TRAIN_VIEWS = 11  # view 0 (deterministic) + one augmented view per epoc
 # Policies that only decide what happens to one bad row: a rerun may change them and still resume.
 ROW_POLICIES = ("bad_image_policy", "mask_size_policy")
 STORE_DTYPES = {"float16": np.float16, "float32": np.float32}
-PENDING, DONE, SKIPPED = 0, 1, 2
 
 
 class ExtractionError(RuntimeError):
@@ -97,6 +97,8 @@ class ExtractSummary:
     seconds: float
     images_per_second: float
     short_classes: dict[str, list[dict]] = field(default_factory=dict)
+    world_size: int = 1
+    ranks: list[dict] = field(default_factory=list)  # per rank: rows it encoded and the seconds of its pass
 
 
 def default_output(dataset: str, model: str, pretrained: str | None, shots: int, seed: int, views: int,
@@ -198,10 +200,6 @@ class DrawnViews:
         ]
 
 
-def _collate(items: list[dict]) -> list[dict]:
-    return items
-
-
 def _resolve_masks(dataset: Dataset, samples: dict[str, list], policy: str):
     """Attach a mask path to each sample; apply the missing-mask policy. Returns rows, full-mask list, skipped."""
     rows: dict[str, list[dict]] = {}
@@ -278,43 +276,6 @@ def _finalize(f: h5py.File, skipped_listed: dict[str, list[dict]]) -> tuple[dict
     return skipped, resized
 
 
-def run_view_pass(f: h5py.File, splits, dataset_for: Callable[[str, np.ndarray], TorchDataset],
-                  handle_batch: Callable[[str, list[dict]], None], *, batch_size: int, workers: int,
-                  progress: Callable[[str, int, int], None] | None = None, stop_after_batches: int | None = None) -> int:
-    """The one loop over the images that every pass shares (extraction, backbone imports).
-
-    For each split, the rows still PENDING in `f["progress/<split>/status"]` are loaded by
-    `dataset_for(split, pending_rows)` in batches; `handle_batch(split, items)` encodes and writes
-    them and marks their status; the file is flushed after every batch, so an interrupted pass
-    resumes where it stopped. `progress(split, rows_done, rows_total)` is called after each batch;
-    `stop_after_batches` simulates an interruption (KeyboardInterrupt) after that many batches.
-    Returns the number of rows that were already finished (resumed).
-    """
-    resumed = batches = 0
-    for split in splits:
-        status = f[f"progress/{split}/status"][()]
-        pending = np.flatnonzero(status == PENDING)
-        total, done = len(status), len(status) - len(pending)
-        resumed += done
-        if progress:
-            progress(split, done, total)
-        if not len(pending):
-            continue
-        loader = DataLoader(dataset_for(split, pending), batch_size=batch_size, shuffle=False, num_workers=workers,
-                            collate_fn=_collate, persistent_workers=False,
-                            worker_init_fn=worker_init() if workers > 0 else None)
-        for items in loader:
-            if stop_after_batches is not None and batches >= stop_after_batches:
-                raise KeyboardInterrupt(f"stopped after {batches} batches (simulated interruption)")
-            handle_batch(split, items)
-            f.flush()
-            batches += 1
-            done += len(items)
-            if progress:
-                progress(split, done, total)
-    return resumed
-
-
 def extract(
     dataset: Dataset,
     loaded: LoadedModel,
@@ -322,15 +283,18 @@ def extract(
     options: ExtractOptions = ExtractOptions(),
     progress: Callable[[str, int, int], None] | None = None,
     stop_after_batches: int | None = None,
+    job: Job | None = None,
 ) -> ExtractSummary:
     """Write the cache for `dataset` to `out`.
 
-    `progress(split, rows_done, rows_total)` is called after each batch. `stop_after_batches`
-    simulates an interruption after that many batches (tests and benchmarks use it).
+    `progress(split, rows_done, rows_total)` is called after each batch (under torchrun on rank 0,
+    with the rows of every rank). `stop_after_batches` simulates an interruption after that many
+    batches (tests and benchmarks use it). `job` is the torchrun job this process belongs to
+    (default: from the environment, `distributed.current_job`); every rank calls `extract` with the
+    same arguments and gets the same summary.
     """
     options.validate()
     out = Path(out)
-    device = resolve_device(options.device)
     template = options.template or dataset.template
     if "{}" not in template:
         raise ValueError(f"template {template!r} must contain '{{}}' where the class name goes")
@@ -370,14 +334,16 @@ def extract(
     fingerprint = _fingerprint(provenance)
     maker = ViewMaker(loaded.preprocess, options.fg_mode)
     policies = {k: provenance[k] for k in ROW_POLICIES}
+    job = job or current_job()
+    device = job.device(options.device)
+    job.start(device)
     model = loaded.model.to(device)
     started = time.perf_counter()
-    with exclusive_lock(out):
+    part = partial_path(out)
+
+    def prepare() -> None:  # rank 0, holding the lock
         if out.exists() and not options.force:
             raise CacheError(f"{out} already exists; pass --force to overwrite it or choose another --out")
-        part = partial_path(out)
-        if part.exists() and not options.resume:
-            part.unlink()
         if part.exists():
             try:
                 with h5py.File(part, "r") as f:
@@ -402,42 +368,48 @@ def extract(
                 f["text/clip"].attrs["template"] = template
                 _create_layout(f, rows, views, text.shape[1], STORE_DTYPES[options.store_dtype])
             os.replace(tmp, part)
-
         with h5py.File(part, "r+") as f:
             runs = json.loads(f.attrs.get("policy_runs", "[]"))
             if not runs or runs[-1] != policies:
                 runs.append(policies)
             f.attrs["policy_runs"] = json.dumps(runs)
 
-            def dataset_for(split: str, pending: np.ndarray) -> ViewDataset:
-                split_index = SPLITS.index(split)
-                todo = [dict(rows[split][i], index=int(i)) for i in pending]
-                return ViewDataset(todo, dataset.image_root, maker,
-                                   DrawnViews(split_index, views[split], options.seed, options.augment),
-                                   options.mask_size_mismatch)
+    def dataset_for(split: str, pending: np.ndarray) -> ViewDataset:
+        split_index = SPLITS.index(split)
+        todo = [dict(rows[split][i], index=int(i)) for i in pending]
+        return ViewDataset(todo, dataset.image_root, maker,
+                           DrawnViews(split_index, views[split], options.seed, options.augment),
+                           options.mask_size_mismatch)
 
-            resumed = run_view_pass(
-                f, SPLITS, dataset_for, lambda split, items: _encode_batch(f, split, items, model, device, options.bad_image),
-                batch_size=options.batch_size, workers=options.workers, progress=progress,
-                stop_after_batches=stop_after_batches)
+    def finish(report: PassReport) -> ExtractSummary:  # rank 0, holding the lock, every row done
+        with h5py.File(part, "r+") as f:
             skipped, resized = _finalize(f, skipped_missing)
             provenance["skipped"] = skipped
             provenance["full_mask_images"] = full_masks
             provenance["resized_masks"] = resized
             provenance["policy_runs"] = json.loads(f.attrs["policy_runs"])
+            if max(report.world_sizes) > 1:  # a single-process cache records nothing about processes
+                provenance["world_sizes"] = report.world_sizes
             provenance["created"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
             f.attrs["provenance"] = json.dumps(provenance)
-            del f.attrs["fingerprint"]
-            del f.attrs["policy_runs"]
+            for key in ("fingerprint", "policy_runs", "world_sizes"):
+                if key in f.attrs:
+                    del f.attrs[key]
             counts = {s: int(f[f"samples/{s}/label"].shape[0]) for s in SPLITS}
             empty = {s: int((f[f"samples/{s}/area"][()] == 0).any(axis=1).sum()) if counts[s] else 0 for s in SPLITS}
         os.replace(part, out)
-    seconds = time.perf_counter() - started
-    encoded = sum(counts.values()) - resumed
-    return ExtractSummary(out=out, counts=counts, skipped=skipped, full_masks=full_masks, resized_masks=resized,
-                          empty_masks=empty,
-                          resumed_rows=resumed, seconds=seconds,
-                          images_per_second=max(encoded, 0) / seconds if seconds > 0 else 0.0, short_classes=short)
+        seconds = time.perf_counter() - started
+        encoded = sum(r["rows"] for r in report.ranks)
+        return ExtractSummary(out=out, counts=counts, skipped=skipped, full_masks=full_masks, resized_masks=resized,
+                              empty_masks=empty, resumed_rows=report.resumed, seconds=seconds,
+                              images_per_second=encoded / seconds if seconds > 0 else 0.0, short_classes=short,
+                              world_size=job.world_size, ranks=report.ranks)
+
+    return run_pass(job, what="extract", lock=out, part=part, splits=list(SPLITS), fingerprint=fingerprint,
+                    resume=options.resume, prepare=prepare, dataset_for=dataset_for,
+                    encode=lambda split, items: _encode_batch(split, items, model, device, options.bad_image),
+                    finish=finish, batch_size=options.batch_size, workers=options.workers, progress=progress,
+                    stop_after_batches=stop_after_batches)
 
 
 @torch.no_grad()
@@ -468,25 +440,32 @@ def encode_views(forward, items: list[dict], device: torch.device) -> dict[str, 
     return {k: x.view(2, b, v, -1) for k, x in feats.items()}
 
 
-def _encode_batch(f: h5py.File, split: str, items: list[dict], model, device, bad_image: str) -> None:
-    status = f[f"progress/{split}/status"]
-    good = []
-    for item in items:
+def _encode_batch(split: str, items: list[dict], model, device, bad_image: str) -> BatchWrites:
+    rows = np.array([item["index"] for item in items])
+    status = np.full(len(items), DONE, dtype=np.uint8)
+    good, skipped, reasons = [], [], []
+    for j, item in enumerate(items):
         if item["ok"]:
-            good.append(item)
+            good.append(j)
         elif not item.get("skip") and (item.get("fatal") or bad_image == "error"):
             hint = "" if item.get("fatal") else " Fix or remove the file, or pass --bad-image skip to leave it out."
             raise ExtractionError(item["error"] + "." + hint + " Rerun the same command afterwards: finished batches are kept.")
         else:
-            f[f"progress/{split}/error"][item["index"]] = item["error"]
-            status[item["index"]] = SKIPPED
+            skipped.append(j)
+            reasons.append(item["error"])
+            status[j] = SKIPPED
+    writes = [(f"progress/{split}/status", rows, status)]
+    if skipped:
+        writes.append((f"progress/{split}/error", rows[skipped], np.array(reasons, dtype=object)))
     if good:
-        feats = encode_views(model.encode_image, good, device)[""]
-        idx = np.array([g["index"] for g in good])
-        # h5py fancy indexing needs increasing indices; batches are built in order so they are.
-        f[f"image/clip/{split}/full"][idx] = feats[0].numpy()
-        f[f"image/clip/{split}/fg"][idx] = feats[1].numpy()
-        f[f"samples/{split}/area"][idx] = torch.stack([g["area"] for g in good]).numpy()
-        f[f"samples/{split}/box"][idx] = torch.stack([g["box"] for g in good]).numpy()
-        f[f"progress/{split}/mask_resized"][idx] = np.array([g["mask_resized"] for g in good], dtype=np.uint8)
-        status[idx] = DONE
+        feats = encode_views(model.encode_image, [items[j] for j in good], device)[""]
+        kept = [items[j] for j in good]
+        idx = rows[good]
+        writes += [
+            (f"image/clip/{split}/full", idx, feats[0].numpy()),
+            (f"image/clip/{split}/fg", idx, feats[1].numpy()),
+            (f"samples/{split}/area", idx, torch.stack([g["area"] for g in kept]).numpy()),
+            (f"samples/{split}/box", idx, torch.stack([g["box"] for g in kept]).numpy()),
+            (f"progress/{split}/mask_resized", idx, np.array([g["mask_resized"] for g in kept], dtype=np.uint8)),
+        ]
+    return BatchWrites(split=split, rows=rows, writes=writes)

@@ -9,6 +9,7 @@ import contextlib
 import fcntl
 import json
 import os
+import socket
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -52,12 +53,15 @@ _HELD_LOCKS: set[str] = set()
 
 
 def _lock_holder(fd: int) -> str:
-    """The PID written into a held lock file by its holder, or '?' when it has not written one yet."""
+    """'PID' or 'PID on HOST' as written into a held lock file by its holder, or '?' when it has not
+    written one yet. The host matters on a shared file system, where the holder may be another machine."""
     try:
-        text = os.pread(fd, 32, 0).decode(errors="replace").strip()
+        pid, _, host = os.pread(fd, 300, 0).decode(errors="replace").strip().partition(" ")
     except OSError:
         return "?"
-    return text if text.isdigit() else "?"
+    if not pid.isdigit():
+        return "?"
+    return f"{pid} on {host}" if host and host != socket.gethostname() else pid
 
 
 @contextlib.contextmanager
@@ -95,7 +99,7 @@ def lock_file(lock_path: Path, what: str):
     _HELD_LOCKS.add(key)
     try:
         os.ftruncate(fd, 0)
-        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        os.pwrite(fd, f"{os.getpid()} {socket.gethostname()}\n".encode(), 0)
         yield lock_path
     finally:
         _HELD_LOCKS.discard(key)

@@ -7,10 +7,11 @@ augmented views (`/samples/<split>/box`), the foreground mode and the mask readi
 redrawn. Before the pass, the first image of every split is encoded with the cache's CLIP and
 compared with the cached CLIP features (same images, same preprocessing); during it, every view's
 foreground area is compared with the cached A(m) (same masks). The loop is extraction's
-(`extraction.run_view_pass`), so the import is crash-safe the same way: the features go to
-`<cache>.<name>.partial` batch by batch, a rerun of the same command resumes it (its settings are
-compared first), a second writer of the cache is refused, and only when every split is done is the
-cache replaced, atomically, by a copy that holds the new groups:
+(`passes.run_pass`), so the import is crash-safe the same way and runs under torchrun the same way:
+the features go to `<cache>.<name>.partial` batch by batch (under torchrun to one shard per rank,
+folded in by rank 0), a rerun of the same command resumes it with any number of processes (its
+settings are compared first), a second writer of the cache is refused, and only when every split
+is done is the cache replaced, atomically, by a copy that holds the new groups:
 
     /text/<name>                      (C, D) float32, L2-normalised, attr provenance (JSON)
     /image/<name>/<split>/full, fg    (N, V, D) the cache's storage dtype, L2-normalised
@@ -36,10 +37,11 @@ import torch
 import torch.nn.functional as F
 
 from ..datasets import find_mask
-from ..device import resolve_device
-from ..extraction import DONE, STORE_DTYPES, ExtractionError, ViewDataset, encode_views, run_view_pass
+from ..distributed import Job, current_job
+from ..extraction import STORE_DTYPES, ExtractionError, ViewDataset, encode_views
+from ..passes import DONE, BatchWrites, PassReport, run_pass
 from ..models import LoadedModel
-from ..store import Cache, CacheError, exclusive_lock, open_cache, write_text_group
+from ..store import Cache, CacheError, open_cache, write_text_group
 from ..views import Box, ViewMaker
 from .cache_model import model_of, model_record
 from .checkpoints import load_state_dict
@@ -110,6 +112,8 @@ class ImportSummary:
     images_per_second: float
     prompt_check: str
     provenance: dict = field(repr=False, default_factory=dict)
+    world_size: int = 1
+    ranks: list[dict] = field(default_factory=list)  # per rank: rows it encoded and the seconds of its pass
 
 
 def import_partial(cache_path: Path, name: str) -> Path:
@@ -293,13 +297,15 @@ def _merge(cache_path: Path, part: Path, name: str, text: torch.Tensor, provenan
 def import_backbone(cache_path: str | Path, method: str, checkpoint: str | Path,
                     options: ImportOptions | None = None,
                     progress: Callable[[str, int, int], None] | None = None,
-                    stop_after_batches: int | None = None, loaded: LoadedModel | None = None) -> ImportSummary:
+                    stop_after_batches: int | None = None, loaded: LoadedModel | None = None,
+                    job: Job | None = None) -> ImportSummary:
     """Write `/text/<name>` and `/image/<name>/…` from a PromptSRC or MMRL checkpoint (module docstring).
 
     Everything that can be refused (checkpoint of another method, width or depth; class prompts
     that differ; images or masks that are gone or changed) is refused before anything is written.
-    `progress(split, rows_done, rows_total)` is called after each batch; `stop_after_batches`
-    simulates an interruption (tests).
+    `progress(split, rows_done, rows_total)` is called after each batch (under torchrun on rank 0,
+    for the whole job); `stop_after_batches` simulates an interruption (tests). `job`: the torchrun
+    job (default: from the environment); every rank calls this with the same arguments.
     """
     options = (options or ImportOptions()).validate(method)
     started = time.perf_counter()
@@ -310,7 +316,9 @@ def import_backbone(cache_path: str | Path, method: str, checkpoint: str | Path,
                          "replace them or --name to write other groups")
     prov = cache.provenance
     store_dtype = prov.get("store_dtype", "float16")
-    device = resolve_device(options.device)
+    job = job or current_job()
+    device = job.device(options.device)
+    job.start(device)
     loaded = model_of(cache, loaded, options.pretrained, device)
     model = loaded.model.to(device).eval()
 
@@ -344,12 +352,11 @@ def import_backbone(cache_path: str | Path, method: str, checkpoint: str | Path,
     groups = [f"image/{name}/{s}/{k}{x}" for s in rows for k in ("full", "fg") for x in backbone.outputs]
     forward = lambda pixels: backbone.image_features(model, pixels)  # noqa: E731
 
-    with exclusive_lock(cache.path):
+    part = import_partial(cache.path, name)
+
+    def prepare() -> None:  # rank 0, holding the lock
         if _existing_groups(cache.path, name) and not options.force:
             raise CacheError(f"{cache.path} got {name!r} groups meanwhile; pass --force to replace them")
-        part = import_partial(cache.path, name)
-        if part.exists() and not options.resume:
-            part.unlink()
         if part.exists():
             try:
                 with h5py.File(part, "r") as f:
@@ -362,36 +369,33 @@ def import_backbone(cache_path: str | Path, method: str, checkpoint: str | Path,
         else:
             _create_partial(part, fingerprint, name, rows, views, backbone.outputs, text.shape[1], STORE_DTYPES[store_dtype])
 
-        with h5py.File(part, "r+") as f:
-            def dataset_for(split: str, pending: np.ndarray) -> ViewDataset:
-                return ViewDataset([rows[split][i] for i in pending], image_root, maker, stored_views)
+    def dataset_for(split: str, pending: np.ndarray) -> ViewDataset:
+        return ViewDataset([rows[split][i] for i in pending], image_root, maker, stored_views)
 
-            def handle_batch(split: str, items: list[dict]) -> None:
-                for item in items:
-                    if not item["ok"]:
-                        raise ExtractionError(
-                            f"{item['error']}. The cache holds this image, so the import needs it: restore the file "
-                            "(or pass --image-root / --mask-root) and rerun the same command; finished batches are kept")
-                idx = np.array([item["index"] for item in items])
-                got = torch.stack([item["area"] for item in items]).numpy()
-                diff = np.abs(got - areas[split][idx])
-                if diff.max() > AREA_TOLERANCE:
-                    j, v = np.unravel_index(int(diff.argmax()), diff.shape)
-                    row = rows[split][int(idx[j])]
-                    raise ExtractionError(
-                        f"view {v} of {split} image {row['relpath']}: its foreground area is {got[j, v]:.4f} but the cache "
-                        f"stores {areas[split][idx[j], v]:.4f}; the mask {row['mask'] or '(all ones)'} (or the image) is "
-                        "not the one the cache was extracted with. Pass --mask-root / --image-root with the original folders")
-                for suffix, feats in encode_views(forward, items, device).items():
-                    f[f"image/{name}/{split}/full{suffix}"][idx] = feats[0].numpy()
-                    f[f"image/{name}/{split}/fg{suffix}"][idx] = feats[1].numpy()
-                f[f"progress/{split}/status"][idx] = DONE
+    def encode(split: str, items: list[dict]) -> BatchWrites:
+        for item in items:
+            if not item["ok"]:
+                raise ExtractionError(
+                    f"{item['error']}. The cache holds this image, so the import needs it: restore the file "
+                    "(or pass --image-root / --mask-root) and rerun the same command; finished batches are kept")
+        idx = np.array([item["index"] for item in items])
+        got = torch.stack([item["area"] for item in items]).numpy()
+        diff = np.abs(got - areas[split][idx])
+        if diff.max() > AREA_TOLERANCE:
+            j, v = np.unravel_index(int(diff.argmax()), diff.shape)
+            row = rows[split][int(idx[j])]
+            raise ExtractionError(
+                f"view {v} of {split} image {row['relpath']}: its foreground area is {got[j, v]:.4f} but the cache "
+                f"stores {areas[split][idx[j], v]:.4f}; the mask {row['mask'] or '(all ones)'} (or the image) is "
+                "not the one the cache was extracted with. Pass --mask-root / --image-root with the original folders")
+        writes = []
+        for suffix, feats in encode_views(forward, items, device).items():
+            writes.append((f"image/{name}/{split}/full{suffix}", idx, feats[0].numpy()))
+            writes.append((f"image/{name}/{split}/fg{suffix}", idx, feats[1].numpy()))
+        writes.append((f"progress/{split}/status", idx, np.full(len(idx), DONE, dtype=np.uint8)))
+        return BatchWrites(split=split, rows=idx, writes=writes)
 
-            resumed = run_view_pass(f, list(rows), dataset_for, handle_batch, batch_size=options.batch_size,
-                                    workers=options.workers, progress=progress, stop_after_batches=stop_after_batches)
-            if any((f[f"progress/{s}/status"][()] != DONE).any() for s in rows):
-                raise ExtractionError(f"{part} still has pending rows; rerun the same command to finish it")
-
+    def finish(report: PassReport) -> dict:  # rank 0, holding the lock, every row done
         provenance = {
             "method": method, "image_encoder": name, "official_code": OFFICIAL_CODE[method],
             "checkpoint": ckpt["file"], "checkpoint_sha256": ckpt["sha256"], "checkpoint_choice": ckpt["choice"],
@@ -400,13 +404,22 @@ def import_backbone(cache_path: str | Path, method: str, checkpoint: str | Path,
             "image_groups": groups, "clip_model": model_record(loaded), "clip_check_min_cosine": round(clip_cosine, 5),
             "image_root": str(image_root), "mask_root": str(mask_root) if mask_root else None,
             "views": {s: views[s] for s in rows}, "fg_mode": prov.get("fg_mode"), "store_dtype": store_dtype,
+            **({"world_sizes": report.world_sizes} if max(report.world_sizes) > 1 else {}),
             "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         }
         _merge(cache.path, part, name, text, provenance)
+        return {"provenance": provenance, "resumed": report.resumed, "ranks": report.ranks}
+
+    result = run_pass(job, what=f"import {name}", lock=cache.path, part=part, splits=list(rows), fingerprint=fingerprint,
+                      resume=options.resume, prepare=prepare, dataset_for=dataset_for, encode=encode, finish=finish,
+                      batch_size=options.batch_size, workers=options.workers, progress=progress,
+                      stop_after_batches=stop_after_batches)
+    provenance, resumed = result["provenance"], result["resumed"]
     seconds = time.perf_counter() - started
     counts = {s: len(r) for s, r in rows.items()}
-    encoded = sum(counts.values()) - resumed
+    encoded = sum(r["rows"] for r in result["ranks"])
     return ImportSummary(name=name, method=method, checkpoint=ckpt["file"], epoch=ckpt["epoch"], counts=counts,
                          groups=[f"text/{name}", *groups], resumed_rows=resumed, seconds=seconds,
-                         images_per_second=max(encoded, 0) / seconds if seconds > 0 else 0.0,
-                         prompt_check=prompt_check, provenance=provenance)
+                         images_per_second=encoded / seconds if seconds > 0 else 0.0,
+                         prompt_check=prompt_check, provenance=provenance, world_size=job.world_size,
+                         ranks=result["ranks"])
