@@ -40,7 +40,8 @@ def write_images(root: Path, n: int, classes: int = 4, size=(500, 375)) -> tuple
             path = (base / rel).with_suffix(suffix)
             path.parent.mkdir(parents=True, exist_ok=True)
             Image.fromarray(arr).save(path)
-        split["test"].append([rel, i % classes, f"class {i % classes}"])
+        # the first image of each class is a training image (a split file needs one), the rest test images
+        split["train" if i < classes else "test"].append([rel, i % classes, f"class {i % classes}"])
     (root / "split.json").write_text(json.dumps(split))
     return root / "split.json", root / "images", root / "masks"
 
@@ -60,7 +61,9 @@ def main(argv=None) -> dict:
     size = loaded.preprocess["size"]
     with tempfile.TemporaryDirectory() as tmp:
         ds = generic_dataset(*write_images(Path(tmp), args.images))
-        options = ExtractOptions(shots=0, batch_size=args.batch_size, workers=args.workers, device=str(device))
+        # one view per image everywhere (train view 0 only), so both sides encode 2 views per image
+        options = ExtractOptions(shots=0, train_views=1, batch_size=args.batch_size, workers=args.workers,
+                                 device=str(device))
         # warm-up both paths once (kernel selection, allocator)
         encode_images(loaded.model, torch.randn(2, 3, size, size), device)
         summary = extract(ds, loaded, Path(tmp) / "bench.h5", options)
