@@ -90,8 +90,9 @@ def main(argv=None) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         ds = generic_dataset(*write_images(tmp, args.images))
-        cache = extract(ds, loaded, tmp / "bench.h5", ExtractOptions(shots=0, batch_size=args.batch_size,
-                                                                     workers=args.workers, device=str(device))).out
+        cache = extract(ds, loaded, tmp / "bench.h5", ExtractOptions(shots=0, train_views=1,  # 2 views per image
+                                                                     batch_size=args.batch_size, workers=args.workers,
+                                                                     device=str(device))).out
         bare_rate = lambda: n_batches * args.batch_size / timed(  # noqa: E731
             lambda: encode_images(model, pixels, device), n_batches, device)
         for method in args.methods.split(","):
