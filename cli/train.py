@@ -41,8 +41,8 @@ def print_diagnostics(record: dict) -> None:
         console.print(f"BRG mean b: base {_num(d.get('b_mean_base'))}, new {_num(d.get('b_mean_new'))}")
     st = record.get("stability") or {}
     if st.get("collapsed"):
-        console.print(f"[bold red]collapsed:[/] FDC train acc {st['acc_fdc_first']:.1f} → {st['acc_fdc_last']:.1f}%, "
-                      f"CE {_num(st.get('ce_fdc_first'), '.3f')} → {_num(st.get('ce_fdc_last'), '.3f')} "
+        console.print(f"[bold red]collapsed:[/] FDC train acc {st['acc_fdc_start']:.1f} → {st['acc_fdc_end']:.1f}%, "
+                      f"CE {_num(st.get('ce_fdc_start'), '.3f')} → {_num(st.get('ce_fdc_end'), '.3f')} "
                       f"({st['reason']}); see the README on stability")
 
 

@@ -128,10 +128,20 @@ def gate_summary(r: torch.Tensor | None, r_star: torch.Tensor, usable: torch.Ten
 
 
 @torch.no_grad()
+def fdc_fit(head: FVGPTHead, frozen: dict, txt_bb: torch.Tensor, scale: float) -> dict | None:
+    """The FDC branch's accuracy (%) and cross-entropy on a set of views (None without FDC)."""
+    if head.fdc is None:
+        return None
+    z = head.predict_base(frozen["img_bb"], txt_bb, scale)
+    return {"acc": accuracy(z, frozen["y"]), "ce": float(torch.nn.functional.cross_entropy(z, frozen["y"]))}
+
+
+@torch.no_grad()
 def gate_diagnostics(head: FVGPTHead, data, cache: Cache, backbone: str, classes: str = "base",
-                     ts: EvalSet | None = None) -> dict:
+                     ts: EvalSet | None = None, initial: FVGPTHead | None = None) -> dict:
     """What the gates learned: FRG on the training views used for training (`data`, a TrainData) and on
-    base test images; BRG's mean b on base and on new test images."""
+    base test images; BRG's mean b on base and on new test images; and (`initial`: the head as
+    training started) the FDC branch's fit on those training views at the start and at the end."""
     views = data.full.shape[1]
     aug = slice(1, None) if views > 1 else slice(0, 1)
     flat = lambda t: t[:, aug].flatten(0, 1)  # noqa: E731
@@ -140,6 +150,9 @@ def gate_diagnostics(head: FVGPTHead, data, cache: Cache, backbone: str, classes
                         data.y.repeat_interleave(n_aug), data.txt_bb, data.txt_clip, data.scale)
     out = {"train": gate_summary(head.gates(train).get("r"), train["r_star"], train["usable"])}
     out["train"]["backbone_acc"] = accuracy(train["z_full"], train["y"])
+    end = fdc_fit(head, train, data.txt_bb, data.scale)
+    out["fdc_fit"] = None if end is None or initial is None else \
+        {"start": fdc_fit(initial, train, data.txt_bb, data.scale), "end": end}
     ts = ts or EvalSet(cache, backbone)
     base_ids = cache.base if classes == "base" else np.arange(len(cache.classnames))
     rows, y, txt_bb, txt_clip = ts.subset(base_ids)

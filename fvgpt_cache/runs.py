@@ -81,8 +81,9 @@ def finish_run(cache, cfg: TrainConfig, data, head: FVGPTHead, history: list[dic
     sets = evalsets or eval_sets(cache, targets, cfg.backbone)
     results = evaluate(head, cache, cfg.backbone, cfg.classes, sets["own"])
     results["cross_dataset"] = [evaluate_transfer(head, t, cfg.backbone, ts) for t, ts in zip(targets, sets["targets"])]
-    results["diagnostics"] = gate_diagnostics(head, data, cache, cfg.backbone, cfg.classes, sets["own"])
-    results["stability"] = stability(history, results["diagnostics"]["train"]["backbone_acc"])
+    initial = build_head(data.full.shape[-1], cfg)  # the head as its training started (the seed fixes it)
+    results["diagnostics"] = gate_diagnostics(head, data, cache, cfg.backbone, cfg.classes, sets["own"], initial)
+    results["stability"] = stability(results["diagnostics"]["fdc_fit"], results["diagnostics"]["train"]["backbone_acc"])
     warnings = list(data.meta.get("warnings", [])) + list((preset or {}).get("warnings", []))
     out_dir = Path(out_dir) if out_dir else default_run_dir(cache.path, cfg, cfg.backbone)
     record = {
