@@ -39,7 +39,7 @@ def print_demo(summary: dict) -> None:
                if any(run["collapsed"] for run in runs.values())]
     if flagged:
         console.print(f"[bold red]collapse check flagged:[/] {'; '.join(flagged)} (FDC accuracy or cross-entropy on the "
-                      "training views worse in the last epoch than in the first; see `stability` in each results.json)")
+                      "training views worse at the end of training than at its start; see `stability` in each results.json)")
     for sentence in summary["story"]:
         console.print(sentence)
     console.print(f"caches: {', '.join(summary['caches'].values())}")

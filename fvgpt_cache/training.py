@@ -367,7 +367,7 @@ def config_with(base: TrainConfig, **overrides) -> TrainConfig:
     return TrainConfig(**{**base.to_dict(), **overrides}).validate()
 
 
-COLLAPSE_DROP = 5.0  # points of FDC training accuracy lost between the first and the last epoch
+COLLAPSE_DROP = 5.0  # points of FDC training accuracy lost between the start and the end of training
 COLLAPSE_CE_RISE = 0.10  # relative rise of its cross-entropy on the same views
 
 
