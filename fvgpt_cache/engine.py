@@ -10,15 +10,17 @@ everything else may differ per configuration and becomes data:
 * gate depths: layers padded to the group's depth with frozen identity layers, and a 1-layer gate
   as a frozen embedding of its inputs followed by its one real layer (per-layer activation masks);
 * indicator subsets: the columns a configuration does not use are zero and frozen;
-* lr, weight decay, momentum, optimiser (SGD / AdamW), warm-up and epochs: per-element schedules of
-  the flat optimiser; a configuration whose epochs are over, or whose (smaller) data fraction has
-  no batch left in an epoch, takes no step;
+* lr, weight decay, momentum, optimiser (SGD / AdamW), warm-up and epochs: per-configuration
+  schedules; configurations with equal settings step together in one call of torch's fused SGD or
+  AdamW kernel; a configuration whose epochs are over, or whose (smaller) data fraction has no batch
+  left in an epoch, takes no step;
 * data fraction, seed, drop_last: per-configuration batch plans.
 
 Gradients are written by hand (each checked against autograd of `heads.FVGPTHead.losses_from` in
 the tests); there is no autograd graph, so a step is about a hundred small tensor operations.
-Parameters, gradients and optimiser states live in flat buffers; the parameter of a layer is a
-contiguous (K, out, in) view into them, and a per-element mask keeps padded and frozen entries still.
+Parameters and gradients live in flat buffers; the parameter of a layer is a contiguous
+(K, out, in) view into them. Entries that must not move (frozen identity and embedding layers,
+unused indicator columns, a switched-off adapter's bias) are put back after every step.
 """
 from __future__ import annotations
 
@@ -93,10 +95,6 @@ class Layout:
     def rows(self, flat: Tensor) -> dict[str, Tensor]:
         """(K, size) views of each block: one row per configuration, for per-configuration factors."""
         return {n: flat[b.offset:b.offset + self.k * b.size].view(self.k, b.size) for n, b in self.blocks.items()}
-
-    def config_index(self) -> Tensor:
-        """(numel,) the configuration of each flat element."""
-        return torch.cat([torch.arange(self.k).repeat_interleave(b.size) for b in self.blocks.values()])
 
     def layers(self, views: dict[str, Tensor], module: str) -> list[tuple[Tensor, Tensor]]:
         return [(views[f"{module}.{i}.w"], views[f"{module}.{i}.b"]) for i in range(len(self.dims[module]) - 1)]
@@ -262,8 +260,8 @@ class Group:
         self.flat, self.grad = flat.to(device), torch.zeros(lay.numel, device=device)
         # Entries outside every configuration's real parameters stay exactly zero when they are only width
         # padding (zero activations, zero gradients, zero decay). Frozen identity/embedding layers, unused
-        # indicator columns and a switched-off adapter's last bias do receive gradients or decay: the gate
-        # blocks and the adapters' last biases are masked where their mask is not all ones.
+        # indicator columns and a switched-off adapter's last bias do receive gradients or decay: in the
+        # gate blocks and the adapters' last biases, entries whose mask is 0 are put back after each step.
         last = {f"fdc_img.{lay.fdc_depth - 1}.b", f"fdc_txt.{lay.fdc_depth - 1}.b"}
         masks = lay.views(mask.to(device))
         self.masks = {n: m for n, m in masks.items()
