@@ -33,7 +33,7 @@ from .datasets import find_mask
 from .distributed import Job, current_job
 from .models import LoadedModel
 from .passes import DONE, PENDING, SKIPPED, BatchWrites, PassReport, run_pass
-from .store import FORMAT, FORMAT_VERSION, CacheError, partial_path
+from .store import FORMAT, FORMAT_VERSION, CacheError, check_partial, partial_path
 from .views import FG_MODES, NO_BOX, AugmentConfig, Box, ViewMaker, binarize_mask, draw_box, fit_mask, view_generator
 
 MISSING_MASK_POLICIES = ("error", "full", "skip")
@@ -345,16 +345,8 @@ def extract(
         if out.exists() and not options.force:
             raise CacheError(f"{out} already exists; pass --force to overwrite it or choose another --out")
         if part.exists():
-            try:
-                with h5py.File(part, "r") as f:
-                    old = f.attrs.get("fingerprint")
-            except OSError as exc:
-                raise CacheError(f"partial file {part} is damaged ({exc}); rerun with --no-resume to start over") from exc
-            if old != fingerprint:
-                raise CacheError(
-                    f"{part} was started with different settings (model, data, shots, seed, views, masks or the "
-                    "missing-mask policy); rerun with the original settings to resume it, or with --no-resume to start over"
-                )
+            check_partial(part, fingerprint, "different settings (model, data, shots, seed, views, masks or the "
+                                             "missing-mask policy)")
         else:
             text = encode_texts(loaded, [class_prompt(template, c) for c in dataset.classnames], device)
             tmp = part.with_name(part.name + ".new")

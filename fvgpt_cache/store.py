@@ -46,6 +46,18 @@ def partial_path(out: Path) -> Path:
     return out.with_name(out.name + ".partial")
 
 
+def check_partial(part: Path, fingerprint: str, started_with: str) -> None:
+    """Refuse to continue a partial file written with other settings (`started_with` says which), or a damaged one."""
+    try:
+        with h5py.File(part, "r") as f:
+            old = f.attrs.get("fingerprint")
+    except OSError as exc:
+        raise CacheError(f"partial file {part} is damaged ({exc}); rerun with --no-resume to start over") from exc
+    if old != fingerprint:
+        raise CacheError(f"{part} was started with {started_with}; rerun with the original settings to resume it, "
+                         "or with --no-resume to start over")
+
+
 # Lock files this process holds: POSIX record locks belong to the process, so a second lock of
 # the same file from this process would succeed silently (and closing any descriptor of the file
 # would drop the lock); this set refuses the first and avoids the second.

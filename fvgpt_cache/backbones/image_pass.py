@@ -41,7 +41,7 @@ from ..distributed import Job, current_job
 from ..extraction import STORE_DTYPES, ExtractionError, ViewDataset, encode_views
 from ..passes import DONE, BatchWrites, PassReport, run_pass
 from ..models import LoadedModel
-from ..store import Cache, CacheError, open_cache, write_text_group
+from ..store import Cache, CacheError, check_partial, open_cache, write_text_group
 from ..views import Box, ViewMaker
 from .cache_model import model_of, model_record
 from .checkpoints import load_state_dict
@@ -358,14 +358,7 @@ def import_backbone(cache_path: str | Path, method: str, checkpoint: str | Path,
         if _existing_groups(cache.path, name) and not options.force:
             raise CacheError(f"{cache.path} got {name!r} groups meanwhile; pass --force to replace them")
         if part.exists():
-            try:
-                with h5py.File(part, "r") as f:
-                    old = f.attrs.get("fingerprint")
-            except OSError as exc:
-                raise CacheError(f"partial file {part} is damaged ({exc}); rerun with --no-resume to start over") from exc
-            if old != fingerprint:
-                raise CacheError(f"{part} was started with another checkpoint, other settings or another cache; rerun "
-                                 "with the original settings to resume it, or with --no-resume to start over")
+            check_partial(part, fingerprint, "another checkpoint, other settings or another cache")
         else:
             _create_partial(part, fingerprint, name, rows, views, backbone.outputs, text.shape[1], STORE_DTYPES[store_dtype])
 
