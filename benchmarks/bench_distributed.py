@@ -30,6 +30,7 @@ from pathlib import Path
 
 import h5py
 import numpy as np
+from bench_extraction import write_images  # run as a script: benchmarks/ is on sys.path
 
 
 def worker(args) -> None:
@@ -48,24 +49,6 @@ def worker(args) -> None:
     summary = extract(ds, loaded, Path(args.out), options)
     if int(os.environ.get("RANK", "0")) == 0:
         print("RESULT " + json.dumps({"ranks": summary.ranks, "counts": summary.counts}), flush=True)
-
-
-def write_images(root: Path, n: int, classes: int = 4, size=(500, 375)) -> None:
-    from PIL import Image
-
-    rng = np.random.default_rng(0)
-    split = {"train": [], "val": [], "test": []}
-    for i in range(n):
-        rel = f"c{i % classes}/{i:05d}.jpg"
-        img = rng.integers(0, 255, (size[1], size[0], 3), dtype=np.uint8)
-        mask = np.zeros((size[1], size[0]), np.uint8)
-        mask[size[1] // 4: 3 * size[1] // 4, size[0] // 4: 3 * size[0] // 4] = 255
-        for base, arr, suffix in ((root / "images", img, ".jpg"), (root / "masks", mask, ".png")):
-            path = (base / rel).with_suffix(suffix)
-            path.parent.mkdir(parents=True, exist_ok=True)
-            Image.fromarray(arr).save(path)
-        split["train" if i % 2 else "test"].append([rel, i % classes, f"class {i % classes}"])
-    (root / "split.json").write_text(json.dumps(split))
 
 
 def run(nproc: int, data: Path, out: Path, args) -> dict:
@@ -112,7 +95,7 @@ def main(argv=None) -> dict:
     runs: dict[int, list[dict]] = {1: [], 2: []}
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        write_images(tmp / "data", args.images)
+        write_images(tmp / "data", args.images, train_every=2)  # half train (one view), half test
         for r in range(args.rounds):
             for nproc in (1, 2):
                 out = tmp / f"n{nproc}_r{r}.h5"

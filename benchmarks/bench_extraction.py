@@ -28,7 +28,9 @@ from fvgpt_cache.extraction import ExtractOptions, encode_images, extract
 from fvgpt_cache.models import load_clip
 
 
-def write_images(root: Path, n: int, classes: int = 4, size=(500, 375)) -> tuple[Path, Path, Path]:
+def write_images(root: Path, n: int, classes: int = 4, size=(500, 375), train_every: int = 0) -> tuple[Path, Path, Path]:
+    """JPEGs of random pixels with a centred rectangular mask, and a split file. Training images: the first of
+    each class (a split file needs one), or every `train_every`-th image when given; the rest are test images."""
     rng = np.random.default_rng(0)
     split = {"train": [], "val": [], "test": []}
     for i in range(n):
@@ -40,8 +42,8 @@ def write_images(root: Path, n: int, classes: int = 4, size=(500, 375)) -> tuple
             path = (base / rel).with_suffix(suffix)
             path.parent.mkdir(parents=True, exist_ok=True)
             Image.fromarray(arr).save(path)
-        # the first image of each class is a training image (a split file needs one), the rest test images
-        split["train" if i < classes else "test"].append([rel, i % classes, f"class {i % classes}"])
+        train = i % train_every == 1 if train_every else i < classes
+        split["train" if train else "test"].append([rel, i % classes, f"class {i % classes}"])
     (root / "split.json").write_text(json.dumps(split))
     return root / "split.json", root / "images", root / "masks"
 
