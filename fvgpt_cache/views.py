@@ -28,7 +28,6 @@ from torchvision.transforms import InterpolationMode
 from torchvision.transforms import functional as TF
 
 FG_MODES = ("normalized", "pixel")
-GEOMETRIES = ("eval", "squash", "box")
 _INTERP = {"bicubic": InterpolationMode.BICUBIC, "bilinear": InterpolationMode.BILINEAR,
            "nearest": InterpolationMode.NEAREST}
 NO_BOX = (-1, -1, -1, -1, 0)  # the stored box of a deterministic view

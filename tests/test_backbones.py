@@ -24,15 +24,6 @@ TOY_NAMES = ["dog", "cat", "car", "tree", "house", "boat", "apple", "chair", "ri
 TEMPLATE = "a photo of a {}."
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # The tiny model's ops are microseconds long; with several threads on a busy 2-core machine
-    # each op waits for the other thread, which makes this file 10-50x slower.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 
 @pytest.fixture(scope="module")
 def extracted(tmp_path_factory, tiny_model):

@@ -41,13 +41,6 @@ FP16_SUFFIXES = ("conv1.weight", "in_proj_weight", "in_proj_bias", "out_proj.wei
                  "c_fc.bias", "c_proj.weight", "c_proj.bias", "proj", "text_projection")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 
 def _config(tmp_path_factory, name, **changes):
     cfg = json.loads(json.dumps(DEEP_CONFIG))

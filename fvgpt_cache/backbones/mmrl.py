@@ -204,7 +204,6 @@ class MMRL:
     method = "mmrl"
     label = "MMRL"
     outputs = ("", "_rep")
-    required_key = REP_KEY
 
     def __init__(self, rep: MMRLRepresentation, source: str, alpha: float, stored_prompts: torch.Tensor | None):
         if not 0 <= alpha <= 1:

@@ -99,11 +99,6 @@ def promptsrc_image_features(model: nn.Module, pixels: torch.Tensor, prompts: Pr
     return image_head(visual, x[:, 0])
 
 
-def promptsrc_tokens(tokenizer, classnames, prompts: PromptSRCPrompts) -> torch.Tensor:
-    """Token ids of the class prompts ``"{prefix} {name}."`` (C, L)."""
-    return tokenizer(PromptSRC(prompts, None).prompt_texts(classnames))
-
-
 def promptsrc_text_features(model: nn.Module, tokens: torch.Tensor, prompts: PromptSRCPrompts) -> torch.Tensor:
     """PromptSRC's prompted text features (C, D) of the class prompts `tokens`, unnormalised."""
     tokens = tokens.to(model.token_embedding.weight.device)
@@ -199,7 +194,6 @@ class PromptSRC:
     method = "promptsrc"
     label = "PromptSRC"
     outputs = ("",)
-    required_key = CTX_KEY
 
     def __init__(self, prompts: PromptSRCPrompts, stored_prompts: torch.Tensor | None):
         self.prompts = prompts
