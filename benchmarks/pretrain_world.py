@@ -27,6 +27,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from PIL import Image
 from open_clip.loss import ClipLoss
 from open_clip.model import CLIP
 from open_clip.tokenizer import SimpleTokenizer
@@ -70,9 +71,32 @@ def random_resized_crops(x: torch.Tensor, rng: np.random.Generator, scale=(0.08,
     return F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
 
 
-def batch(rng: np.random.Generator, size: int, hard: float) -> tuple[list, list[str]]:
-    """Scenes of the natural mixture; a fraction `hard` of hard-negative pairs (same context, other shapes)."""
+def isolated(rng: np.random.Generator) -> tuple[Image.Image, str]:
+    """A shape alone on a plain background of a random RGB colour (web CLIP's product photos), captioned
+    by its shape and sometimes its colour. The background is kept away from the shape's colour."""
+    shape = SHAPES[rng.integers(len(SHAPES))]
+    color = list(COLORS)[rng.integers(len(COLORS))]
+    while True:
+        bg = rng.integers(0, 256, size=3)
+        if np.abs(bg - np.array(COLORS[color])).sum() > 120:
+            break
+    scene = sample_scene(rng, shape=shape, texture_name="plain", bg_colors=(color, color), color=color)
+    img, mask = render(scene, rng)
+    pixels = np.where(np.asarray(mask)[..., None] > 127, np.asarray(img), bg.astype(np.uint8))
+    template = ("a photo of a {shape}.", "a {shape}.", "a {color} {shape}.")[rng.integers(3)]
+    return Image.fromarray(pixels.astype(np.uint8)), template.format(shape=shape, color=color)
+
+
+def batch(rng: np.random.Generator, size: int, hard: float, isolated_p: float = 0.0) -> tuple[list, list[str]]:
+    """Scenes of the natural mixture; a fraction `hard` of hard-negative pairs (same context, other shapes);
+    a fraction `isolated_p` of isolated shapes on plain backgrounds (`isolated`)."""
     images, texts = [], []
+    n_isolated = int(round(size * isolated_p))
+    for _ in range(n_isolated):
+        image, text = isolated(rng)
+        images.append(image)
+        texts.append(text)
+    size -= n_isolated
     n_pairs = int(size * hard) // 2
     for _ in range(size - 2 * n_pairs):
         scene = sample_natural(rng, int(rng.integers(len(SHAPES))))
@@ -184,6 +208,10 @@ def main(argv=None) -> None:
     ap.add_argument("--export-step", type=int, default=None,
                     help="export the weights snapshot of this evaluated step instead of the last checkpoint")
     ap.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=True)
+    ap.add_argument("--isolated", type=float, default=0.0,
+                    help="fraction of each batch showing a shape alone on a plain background (product photos)")
+    ap.add_argument("--init", type=Path, default=None,
+                    help="start from exported weights (a world-clip.pt) with a fresh optimiser: continued pretraining")
     args = ap.parse_args(argv)
 
     torch.set_num_threads(args.threads)
@@ -191,6 +219,11 @@ def main(argv=None) -> None:
     compact = CompactTokenizer(SimpleTokenizer(context_length=MODEL_CFG["text_cfg"]["context_length"]))
     train_cfg = {**MODEL_CFG, "text_cfg": {**MODEL_CFG["text_cfg"], "vocab_size": len(compact.vocab) + 1}}
     model = CLIP(**train_cfg)
+    if args.init is not None:
+        state = {k: v.float() for k, v in torch.load(args.init, map_location="cpu", weights_only=True).items()}
+        table = state["token_embedding.weight"]
+        state["token_embedding.weight"] = torch.cat([table[:1], table[torch.tensor(compact.vocab)]])
+        model.load_state_dict(state)
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.1, betas=(0.9, 0.98), eps=1e-6)
     loss_fn = ClipLoss()
     args.out.mkdir(parents=True, exist_ok=True)
@@ -213,16 +246,19 @@ def main(argv=None) -> None:
             curve = [c for c in curve if c["step"] <= step]
         export(model, compact, args.export, curve,
                {"steps": step, "batch_size": args.batch_size, "lr": args.lr, "hard": args.hard, "crop_p": args.crop_p,
+                "isolated": args.isolated, "init": str(args.init) if args.init else None, "warmup": args.warmup,
                 "seed": args.seed, "threads": args.threads, "seconds": elapsed,
                 "command": f"python benchmarks/pretrain_world.py --steps {step} --batch-size {args.batch_size} "
-                           f"--lr {args.lr} --hard {args.hard} --crop-p {args.crop_p} --seed {args.seed}"})
+                           f"--lr {args.lr} --warmup {args.warmup} --hard {args.hard} --crop-p {args.crop_p} "
+                           f"--isolated {args.isolated} --seed {args.seed}"
+                           + (f" --init {args.init}" if args.init else "")})
         print(f"exported step {step} to {args.export}")
         return
     model.train()
     start = time.perf_counter()
     while step < args.steps:
         rng = np.random.default_rng([args.seed, step])  # data depends only on (seed, step): resumes reproduce
-        images, texts = batch(rng, args.batch_size, args.hard)
+        images, texts = batch(rng, args.batch_size, args.hard, args.isolated)
         x = random_resized_crops(to_tensor(images), rng, p=args.crop_p)
         lr = args.lr * min(1.0, (step + 1) / args.warmup) * 0.5 * (1 + math.cos(math.pi * min(step / args.steps, 1.0)))
         for group in opt.param_groups:
