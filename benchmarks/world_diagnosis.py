@@ -11,7 +11,7 @@ counterfactual split's base classes, measures
   many other/none-context images), scored by CoOp's accuracy on the mapped test features, against
   the same map fit on the test images themselves (an oracle: what a linear map can reach at all);
 * FDC itself under variations that isolate one cause each (diagnosis only, not the release's
-  settings): the teacher of the whole image instead of the crop's, training on view 0 only, and
+  settings): a perfect gate (r = r*), the teacher of the whole image instead of the crop's, training on view 0 only, and
   30 epochs instead of 10.
 
     OMP_NUM_THREADS=1 python benchmarks/world_diagnosis.py --out cache/world-ablation
@@ -102,6 +102,7 @@ def diagnose(cache_path: Path, scenes_path: Path, seed: int) -> dict:
 
     variants = {"FVG-PT (defaults)": ({}, None), "control r_source=full": ({"r_source": "full"}, None),
                 "r_source=fg": ({"r_source": "fg"}, None),
+                "r = r* (the gate's own target, no FRG)": ({"use_frg": False, "r_without_frg": "target"}, None),
                 "FVG-PT, teacher = whole image's fg": ({}, True), "r_source=fg, teacher = whole image's fg": ({"r_source": "fg"}, True),
                 "FVG-PT, view 0 only": ({}, False), "r_source=fg, view 0 only": ({"r_source": "fg"}, False),
                 "FVG-PT, 30 epochs": ({"epochs": 30}, None), "r_source=fg, 30 epochs": ({"r_source": "fg", "epochs": 30}, None)}
