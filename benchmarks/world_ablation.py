@@ -65,7 +65,11 @@ def main(argv=None) -> None:
     ap.add_argument("--presets", default="components,foreground-control", help="grid presets to run, comma-separated")
     ap.add_argument("--model-dir", type=Path, default=None,
                     help="a folder with world-clip.json/.pt exported by pretrain_world.py (default: the shipped one)")
+    ap.add_argument("--mix", default=None,
+                    help="downstream context mixture own,other,none (default: the world's NATURAL_MIX), for variants")
+    ap.add_argument("--radius", default=None, help="downstream shape radius lo,hi (default: DOWNSTREAM_RADIUS)")
     args = ap.parse_args(argv)
+    variant = {k: tuple(float(x) for x in v.split(",")) for k, v in (("mix", args.mix), ("radius", args.radius)) if v}
     presets = [p for p in args.presets.split(",") if p]
     for preset in presets:
         if preset not in PRESETS:
@@ -81,7 +85,8 @@ def main(argv=None) -> None:
         if done.exists():
             caches[seed] = {k: Path(v) for k, v in json.loads(done.read_text()).items()}
         else:
-            caches[seed] = world_caches(folder, loaded, seed=seed, coop_seed=seed, test_per_class=args.test_per_class)
+            caches[seed] = world_caches(folder, loaded, seed=seed, coop_seed=seed, test_per_class=args.test_per_class,
+                                       **variant)
             done.write_text(json.dumps({k: str(v) for k, v in caches[seed].items()}))
 
     args.results.mkdir(parents=True, exist_ok=True)
