@@ -380,9 +380,8 @@ class Group:
                                          usable[:, None]], dim=1))
             self.table = torch.cat(tables)  # (variants · rows, width)
         C, D = z_full.shape[1], x.shape[1]
-        widths = {"x": D, "z_full": C, "z_diff": C, "onehot": C, "p_full": C, "p_fg": C, "p_clip": C,
-                  "nh_full": 1, "nh_fg": 1, "nh_clip": 1, "gate_in": 2 * GATE_INPUTS, "r_star": 1, "usable": 1}
-        self.cols = widths
+        self.cols = {"x": D, "z_full": C, "z_diff": C, "onehot": C, "p_full": C, "p_fg": C, "p_clip": C,
+                     "nh_full": 1, "nh_fg": 1, "nh_clip": 1, "gate_in": 2 * GATE_INPUTS, "r_star": 1, "usable": 1}
         self.row_offset = torch.tensor([self.variants.index(k) * len(x) for k in keys], device=dev).view(-1, 1)
         self.txt = txt_bb
         self.n_classes = C
