@@ -7,6 +7,8 @@ D = 512, 25 test images per class), the default configuration (10 epochs, batch 
 * eager: the textbook loop over the same data and schedule — `FVGPTHead.losses_from` on each batch,
   `loss.backward()`, `torch.optim.SGD` (momentum 0.9, weight decay 5e-4, fused where available);
   this is the reference the engine's gradients are tested against;
+* products: the floor of any implementation in PyTorch on this machine: the step's 13 matrix products
+  alone (`bench_grid.bare_bmm_gflops`, same shapes, no other work), timed over as many steps;
 * images: the paper's pipeline runs the frozen ViT-B/16 on the full and the foreground view of every
   image of every step (batch 4 → 8 images per step); its per-step time is measured on
   `--encode-steps` steps (random weights) and multiplied by the number of steps.
@@ -26,6 +28,7 @@ from pathlib import Path
 
 import torch
 
+from bench_grid import bare_bmm_gflops, step_flops
 from fvgpt_cache.store import open_cache
 from fvgpt_cache.synthetic import write_feature_cache
 from fvgpt_cache.engine import train_head
@@ -91,6 +94,11 @@ def main(argv=None) -> dict:
               "engine_seconds": [round(t, 3) for t in engine], "eager_seconds": [round(t, 3) for t in eager],
               "engine_ms_per_step": round(1000 * statistics.median(engine) / steps, 3),
               "ratio_engine_vs_eager": round(statistics.median(engine) / statistics.median(eager), 3)}
+    classes = len(data.txt_bb)
+    flops = step_flops(1, cfg.batch_size, classes, args.dim, cfg.fdc_hidden)
+    floor = steps * flops / (1e9 * bare_bmm_gflops(1, cfg.batch_size, classes, args.dim, cfg.fdc_hidden, steps=steps))
+    result.update(products_seconds=round(floor, 3),
+                  ratio_products_vs_eager=round(floor / statistics.median(eager), 3))
 
     if args.encode_steps:
         from fvgpt_cache.extraction import encode_images

@@ -17,7 +17,11 @@ everything else may differ per configuration and becomes data:
 * data fraction, seed, drop_last: per-configuration batch plans.
 
 Gradients are written by hand (each checked against autograd of `heads.FVGPTHead.losses_from` in
-the tests); there is no autograd graph, so a step is about a hundred small tensor operations.
+the tests); there is no autograd graph, so a step is about a hundred small tensor operations. To keep
+that number down, a step reads all its frozen statistics with one index into a single table, the FRG
+and BRG gates run as one block-diagonal MLP, the FDC cosine logits are normalised after the product
+(no normalised copies of the adapted vectors), and SGD over a whole group is one fused call on the
+flat buffers.
 Parameters and gradients live in flat buffers; the parameter of a layer is a contiguous
 (K, out, in) view into them. Entries that must not move (frozen identity and embedding layers,
 unused indicator columns, a switched-off adapter's bias) are put back after every step.
@@ -42,6 +46,7 @@ from .training import (
 GROUP_FIELDS = ("backbone", "classes", "batch_size", "device", "fdc_layers")
 TERMS = ("frg", "ce_fdc", "dist", "acc_fdc", "ce_pc", "kl_pc")
 SMALL_STEP_FLOPS = 2e8  # a step below this trains single-threaded on the CPU (see Group.train)
+GATE_INPUTS = len(FRG_INDICATORS)  # = len(BRG_INDICATORS): each gate's input columns in the gate MLP
 HISTORY_KEYS = ("frg", "ce_fdc", "dist", "base", "acc_fdc", "ce_pc", "kl_pc", "pc", "total")
 BETAS, ADAM_EPS = (0.9, 0.999), 1e-8
 
@@ -66,7 +71,12 @@ class Block:
 
 
 class Layout:
-    """Padded shapes of a group and the flat buffers that hold parameters, gradients and states."""
+    """Padded shapes of a group and the flat buffers that hold parameters, gradients and states.
+
+    The two gates share one block-diagonal MLP, "gate": its inputs are the 3 FRG indicators and then
+    the 3 BRG indicators, hidden units [0, H) belong to FRG and [H, 2H) to BRG, output 0 is q_FRG and
+    output 1 is q_BRG. The blocks between the two gates are frozen at zero, so the gates stay
+    independent while a step runs one small MLP instead of two."""
 
     def __init__(self, dim: int, cfgs: list[TrainConfig], device: torch.device):
         self.k, self.dim, self.device = len(cfgs), dim, device
@@ -74,10 +84,10 @@ class Layout:
         self.fdc_hidden = max(c.fdc_hidden for c in cfgs)
         self.gate_depth = max(max(c.frg_layers, c.brg_layers) for c in cfgs)
         one_layer = any(min(c.frg_layers, c.brg_layers) == 1 for c in cfgs) and self.gate_depth > 1
-        self.gate_hidden = max([c.gate_hidden for c in cfgs] + ([len(FRG_INDICATORS)] if one_layer else []))
+        self.gate_hidden = max([c.gate_hidden for c in cfgs] + ([GATE_INPUTS] if one_layer else []))
         fdc_dims = [dim] + [self.fdc_hidden] * (self.fdc_depth - 1) + [dim]
-        gate_dims = [3] + [self.gate_hidden] * (self.gate_depth - 1) + [1]
-        self.dims = {"fdc_img": fdc_dims, "fdc_txt": fdc_dims, "frg": gate_dims, "brg": gate_dims}
+        gate_dims = [2 * GATE_INPUTS] + [2 * self.gate_hidden] * (self.gate_depth - 1) + [2]
+        self.dims = {"fdc_img": fdc_dims, "fdc_txt": fdc_dims, "gate": gate_dims}
         self.blocks: dict[str, Block] = {}
         offset = 0
         for module, dims in self.dims.items():
@@ -87,6 +97,17 @@ class Layout:
                     self.blocks[block.name] = block
                     offset += self.k * block.size
         self.numel = offset
+
+    def gate_units(self, gate: int, layer: int, n: int | None = None) -> slice:
+        """The outputs of padded gate layer `layer` that belong to gate 0 (FRG) or 1 (BRG): their first n."""
+        if layer == self.gate_depth - 1:
+            return slice(gate, gate + 1)
+        start = gate * self.gate_hidden
+        return slice(start, start + (self.gate_hidden if n is None else n))
+
+    def relu_switches(self) -> Tensor:
+        """All-on switches (K, depth − 1, 2H) of the ReLU after each hidden unit of the gate MLP, for `scatter`."""
+        return torch.ones(self.k, max(self.gate_depth - 1, 1), 2 * self.gate_hidden)
 
     def views(self, flat: Tensor) -> dict[str, Tensor]:
         """Contiguous (K, *shape) views of each parameter into a flat buffer."""
@@ -104,19 +125,21 @@ def _linears(seq: nn.Sequential | None) -> list[nn.Linear]:
     return [] if seq is None else [m for m in seq if isinstance(m, nn.Linear)]
 
 
-def _gate_slots(layout: Layout, depth: int, names: tuple[str, ...], known: tuple[str, ...]):
-    """For a gate of `depth` real layers: per padded layer, ("real", j) or ("identity" | "embed"), and input columns."""
-    cols = [known.index(n) for n in names]
+def _gate_slots(layout: Layout, depth: int):
+    """For a gate of `depth` real layers: per padded layer, ("real", j) or ("identity" | "embed", None)."""
     if depth == layout.gate_depth:
-        return [("real", j) for j in range(depth)], cols
+        return [("real", j) for j in range(depth)]
     if depth == 2:  # 2 real layers in a 3-layer structure: identity in the middle
-        return [("real", 0), ("identity", None), ("real", 1)], cols
-    return [("embed", None)] + [("identity", None)] * (layout.gate_depth - 2) + [("real", 0)], cols
+        return [("real", 0), ("identity", None), ("real", 1)]
+    return [("embed", None)] + [("identity", None)] * (layout.gate_depth - 2) + [("real", 0)]
 
 
-def _gates(head: FVGPTHead, cfg: TrainConfig):
-    return (("frg", head.frg, cfg.frg_layers, head.frg_names, FRG_INDICATORS),
-            ("brg", head.brg, cfg.brg_layers, head.brg_names, BRG_INDICATORS))
+def _gates(layout: Layout, head: FVGPTHead, cfg: TrainConfig):
+    """(0 for FRG | 1 for BRG, the gate, its padded slots, the gate MLP's input columns of its indicators)."""
+    for g, (gate, depth, names, known) in enumerate(((head.frg, cfg.frg_layers, head.frg_names, FRG_INDICATORS),
+                                                     (head.brg, cfg.brg_layers, head.brg_names, BRG_INDICATORS))):
+        if gate is not None:
+            yield g, gate, _gate_slots(layout, depth), [g * GATE_INPUTS + known.index(n) for n in names]
 
 
 def _placements(layout: Layout, head: FVGPTHead, cfg: TrainConfig):
@@ -124,50 +147,55 @@ def _placements(layout: Layout, head: FVGPTHead, cfg: TrainConfig):
     for module, adapter in (("fdc_img", head.fdc and head.fdc.image), ("fdc_txt", head.fdc and head.fdc.text)):
         for i, lin in enumerate(_linears(adapter.mlp if adapter is not None else None)):
             out, inp = lin.weight.shape
-            yield f"{module}.{i}.w", out, list(range(inp)), lin.weight
-            yield f"{module}.{i}.b", out, None, lin.bias
-    for module, gate, depth, names, known in _gates(head, cfg):
-        if gate is None:
-            continue
+            yield f"{module}.{i}.w", slice(0, out), list(range(inp)), lin.weight
+            yield f"{module}.{i}.b", slice(0, out), None, lin.bias
+    for g, gate, slots, cols in _gates(layout, head, cfg):
         lins = _linears(gate.mlp)
-        slots, cols = _gate_slots(layout, depth, names, known)
         for i, (kind, j) in enumerate(slots):
-            if kind == "real":
-                out, inp = lins[j].weight.shape
-                in_cols = cols if i == 0 or slots[0][0] == "embed" else list(range(inp))
-                yield f"{module}.{i}.w", out, in_cols, lins[j].weight
-                yield f"{module}.{i}.b", out, None, lins[j].bias
+            if kind != "real":
+                continue
+            out, inp = lins[j].weight.shape
+            if i == 0:
+                in_cols = cols
+            elif slots[0][0] == "embed":  # the embedding put indicator c on hidden unit c of this gate
+                in_cols = [g * layout.gate_hidden + c - g * GATE_INPUTS for c in cols]
+            else:
+                units = layout.gate_units(g, i - 1, inp)
+                in_cols = list(range(units.start, units.stop))
+            yield f"gate.{i}.w", layout.gate_units(g, i, out), in_cols, lins[j].weight
+            yield f"gate.{i}.b", layout.gate_units(g, i, out), None, lins[j].bias
 
 
 def scatter(layout: Layout, k: int, head: FVGPTHead, cfg: TrainConfig, params: dict[str, Tensor],
-            mask: dict[str, Tensor], acts: dict[str, Tensor]) -> None:
+            mask: dict[str, Tensor], acts: Tensor) -> None:
     """Put configuration k's head into the padded stacks; mark its trainable entries in `mask`; set up
-    the frozen layers (identity, input embedding) and activation switches of a shallower gate."""
-    for name, out, cols, param in _placements(layout, head, cfg):
+    the frozen layers (identity, input embedding) and the activation switches (K, depth − 1, 2H) of a
+    shallower gate."""
+    for name, rows, cols, param in _placements(layout, head, cfg):
         if cols is None:
-            params[name][k, :out] = param.detach()
-            mask[name][k, :out] = 1
+            params[name][k, rows] = param.detach()
+            mask[name][k, rows] = 1
         else:
-            params[name][k, :out][:, cols] = param.detach()
-            mask[name][k, :out][:, cols] = 1
-    for module, gate, depth, names, known in _gates(head, cfg):
-        if gate is None:
-            continue
-        slots, cols = _gate_slots(layout, depth, names, known)
+            params[name][k, rows][:, cols] = param.detach()
+            mask[name][k, rows][:, cols] = 1
+    h = layout.gate_hidden
+    for g, gate, slots, cols in _gates(layout, head, cfg):
+        units = layout.gate_units(g, 0)
         for i, (kind, _) in enumerate(slots):
             if i < len(slots) - 1:  # a 1-layer gate (embedding first) is linear: no ReLU anywhere
-                acts[module][k, i] = 0.0 if slots[0][0] == "embed" else 1.0
+                acts[k, i, units] = 0.0 if slots[0][0] == "embed" else 1.0
             if kind == "identity":
-                params[f"{module}.{i}.w"][k] = torch.eye(layout.gate_hidden)
+                params[f"gate.{i}.w"][k, units, units] = torch.eye(h)
             elif kind == "embed":
-                params[f"{module}.{i}.w"][k, cols, cols] = 1.0
+                for c in cols:
+                    params[f"gate.{i}.w"][k, g * h + c - g * GATE_INPUTS, c] = 1.0
 
 
 def gather(layout: Layout, k: int, head: FVGPTHead, cfg: TrainConfig, params: dict[str, Tensor]) -> FVGPTHead:
     """The inverse of `scatter`: configuration k's trained values back into its own head."""
     with torch.no_grad():
-        for name, out, cols, param in _placements(layout, head, cfg):
-            param.copy_(params[name][k, :out] if cols is None else params[name][k, :out][:, cols])
+        for name, rows, cols, param in _placements(layout, head, cfg):
+            param.copy_(params[name][k, rows] if cols is None else params[name][k, rows][:, cols])
     return head
 
 
@@ -178,7 +206,7 @@ def gather(layout: Layout, k: int, head: FVGPTHead, cfg: TrainConfig, params: di
 def mlp_forward(x: Tensor, layers: list[tuple[Tensor, Tensor]], act: Tensor | None) -> tuple[Tensor, list[Tensor]]:
     """x (K, N, in) or (N, in) shared; returns the output (K, N, out) and the inputs of each layer.
 
-    `act` (K, depth−1) switches the ReLU after each hidden layer per configuration (None: all on)."""
+    `act` (K, depth−1, 1, units), boolean, switches the ReLU of each hidden unit per configuration (None: all on)."""
     inputs = []
     h = x
     for i, (w, b) in enumerate(layers):
@@ -187,10 +215,10 @@ def mlp_forward(x: Tensor, layers: list[tuple[Tensor, Tensor]], act: Tensor | No
             pre = torch.baddbmm(b.unsqueeze(1), h, w.transpose(1, 2))
         else:  # an input shared by all configurations: one (N, in) @ (in, K·out) product
             k, out = w.shape[:2]
-            pre = (h @ w.reshape(k * out, -1).T).view(h.shape[0], k, out).transpose(0, 1) + b.unsqueeze(1)
+            pre = torch.addmm(b.view(1, -1), h, w.view(k * out, -1).T).view(h.shape[0], k, out).transpose(0, 1)
         if i < len(layers) - 1:
             relu = torch.relu(pre)
-            h = relu if act is None else torch.where(act[:, i].view(-1, 1, 1) > 0, relu, pre)
+            h = relu if act is None else torch.where(act[:, i], relu, pre)
         else:
             h = pre
     return h, inputs
@@ -211,7 +239,7 @@ def mlp_backward(d_out: Tensor, layers: list[tuple[Tensor, Tensor]], inputs: lis
             break
         dh = torch.bmm(d, w)
         through = torch.ops.aten.threshold_backward(dh, h, 0)  # h = relu(pre): the ReLU's gradient gate
-        d = through if act is None else torch.where(act[:, i - 1].view(-1, 1, 1) > 0, through, dh)
+        d = through if act is None else torch.where(act[:, i - 1], through, dh)
 
 
 def _times(t: Tensor, factor: Tensor | float) -> Tensor | float:
@@ -233,10 +261,6 @@ def _sum_terms(*terms, like: Tensor) -> Tensor:
     return total if isinstance(total, Tensor) else torch.full_like(like, total)
 
 
-def _normalize_backward(df: Tensor, f: Tensor, norm: Tensor) -> Tensor:
-    return (df - f * (f * df).sum(-1, keepdim=True)) / norm
-
-
 # ---------------------------------------------------------------------------------------------
 # The group
 
@@ -254,19 +278,20 @@ class Group:
         self.heads = [build_head(dim, c) for c in cfgs]
         lay = self.layout
         flat, mask = torch.zeros(lay.numel), torch.zeros(lay.numel)
-        self.acts = {m: torch.ones(self.k, max(lay.gate_depth - 1, 1)) for m in ("frg", "brg")}
+        acts = lay.relu_switches()
         for k, (head, cfg) in enumerate(zip(self.heads, cfgs)):
-            scatter(lay, k, head, cfg, lay.views(flat), lay.views(mask), self.acts)
+            scatter(lay, k, head, cfg, lay.views(flat), lay.views(mask), acts)
         self.flat, self.grad = flat.to(device), torch.zeros(lay.numel, device=device)
         # Entries outside every configuration's real parameters stay exactly zero when they are only width
-        # padding (zero activations, zero gradients, zero decay). Frozen identity/embedding layers, unused
-        # indicator columns and a switched-off adapter's last bias do receive gradients or decay: in the
-        # gate blocks and the adapters' last biases, entries whose mask is 0 are put back after each step.
+        # padding (zero activations, zero gradients, zero decay). The gate's frozen identity and embedding
+        # layers, the blocks between its two gates, unused indicator columns and a switched-off adapter's
+        # last bias do receive gradients or decay: in the gate blocks and the adapters' last biases,
+        # entries whose mask is 0 are put back after each step.
         last = {f"fdc_img.{lay.fdc_depth - 1}.b", f"fdc_txt.{lay.fdc_depth - 1}.b"}
         masks = lay.views(mask.to(device))
-        self.masks = {n: m for n, m in masks.items()
-                      if (n.startswith(("frg.", "brg.")) or n in last) and not bool((m == 1).all())}
-        self.acts = {m: (None if bool((a > 0).all()) else a.to(device)) for m, a in self.acts.items()}
+        self.masks = {n: m for n, m in masks.items() if (n.startswith("gate.") or n in last) and not bool((m == 1).all())}
+        # per hidden layer of the gate: which units pass through a ReLU (None: all; a 1-layer gate has none)
+        self.acts = None if bool((acts > 0).all()) else (acts > 0).to(device).unsqueeze(2)  # (K, depth−1, 1, 2H)
         self.params, self.grads = lay.views(self.flat), lay.views(self.grad)
         self.layers = {m: lay.layers(self.params, m) for m in lay.dims}
         self.grad_layers = {m: lay.layers(self.grads, m) for m in lay.dims}
@@ -322,10 +347,10 @@ class Group:
     def prepare(self) -> None:
         """Frozen per-row statistics of the group's training rows (flattened image × view), once.
 
-        Shared by all configurations: the backbone image vectors, z_full, z_clip − z_full and the
-        one-hot labels. Per *variant* (a distinct τ, FRG margin and area gate): the teacher
-        distributions p_full, p_fg, p_clip at τ, their negative entropies, the FRG and BRG indicators,
-        r* and the area gate's verdict."""
+        One table row per training row and *variant* (a distinct τ, FRG margin and area gate), so that a
+        step reads all it needs with one index: the backbone image vector x, z_full, z_clip − z_full, the
+        one-hot label, the teacher distributions p_full, p_fg, p_clip at τ and their negative entropies,
+        the FRG and BRG indicators (the gate MLP's input), r* and the area gate's verdict."""
         d, dev = self.data, self.device
         views = d.full.shape[1]
         flat = lambda t: t.flatten(0, 1).to(dev, torch.float32)  # noqa: E731
@@ -340,12 +365,10 @@ class Group:
             z_clip = s * F.normalize(x_clip, dim=-1) @ F.normalize(txt_clip, dim=-1).T
             ce_full = F.cross_entropy(z_full, y, reduction="none")
             ce_fg = F.cross_entropy(z_fg, y, reduction="none")
-            self.x, self.txt = x, txt_bb
             onehot = F.one_hot(y, z_full.shape[1]).to(z_full.dtype)
-            self.const = torch.cat([z_full, z_clip - z_full, onehot], dim=1)
             keys = [(c.tau, c.frg_margin, c.area_min, c.area_max) for c in self.cfgs]
             self.variants = sorted(set(keys))
-            packs = []
+            tables = []
             for tau, margin, lo, hi in self.variants:
                 p = [(z / tau).softmax(-1) for z in (z_full, z_fg, z_clip)]
                 neg_h = [torch.xlogy(q, q).sum(-1, keepdim=True) for q in p]
@@ -353,10 +376,15 @@ class Group:
                 v = brg_indicators(z_full, z_clip, tau, BRG_INDICATORS)
                 usable = ((area >= lo) & (area <= hi)).to(x.dtype)
                 r_star = (ce_fg + margin < ce_full).to(x.dtype) * usable
-                packs.append(torch.cat([*p, *neg_h, u, v, r_star[:, None], usable[:, None]], dim=1))
-            self.pack = torch.stack(packs)  # (variants, rows, 3C + 11)
-        self.variant_index = torch.tensor([self.variants.index(k) for k in keys], device=dev).view(-1, 1)
-        self.n_classes = z_full.shape[1]
+                tables.append(torch.cat([x, z_full, z_clip - z_full, onehot, *p, *neg_h, u, v, r_star[:, None],
+                                         usable[:, None]], dim=1))
+            self.table = torch.cat(tables)  # (variants · rows, width)
+        C, D = z_full.shape[1], x.shape[1]
+        self.cols = {"x": D, "z_full": C, "z_diff": C, "onehot": C, "p_full": C, "p_fg": C, "p_clip": C,
+                     "nh_full": 1, "nh_fg": 1, "nh_clip": 1, "gate_in": 2 * GATE_INPUTS, "r_star": 1, "usable": 1}
+        self.row_offset = torch.tensor([self.variants.index(k) * len(x) for k in keys], device=dev).view(-1, 1)
+        self.txt = txt_bb
+        self.n_classes = C
 
     # -- one step --------------------------------------------------------------------------------
 
@@ -366,74 +394,68 @@ class Group:
         `weight` (K, B) holds 1/n for the n real rows of each configuration's batch and 0 for padding
         (a last batch shorter than the others), so every mean over the batch is `(· * weight).sum(-1)`.
         Returns the unweighted terms in `TERMS` order; `weighted_terms` combines them into base, pc and total."""
-        C = self.n_classes
-        x = self.x[rows]  # (K, B, D)
-        const = self.const[rows]
-        pack = self.pack[self.variant_index, rows]
-        z_full, z_diff, onehot = const[..., :C], const[..., C:2 * C], const[..., 2 * C:]
-        p_full, p_fg, p_clip = pack[..., :C], pack[..., C:2 * C], pack[..., 2 * C:3 * C]
-        nh_full, nh_fg, nh_clip = pack[..., 3 * C], pack[..., 3 * C + 1], pack[..., 3 * C + 2]
-        u, v = pack[..., 3 * C + 3:3 * C + 6], pack[..., 3 * C + 6:3 * C + 9]
-        r_star, usable = pack[..., 3 * C + 9], pack[..., 3 * C + 10]
+        batch = self.table[rows + self.row_offset]  # (K, B, width)
+        col = dict(zip(self.cols, batch.split(list(self.cols.values()), dim=-1)))
+        x, onehot, p_full, p_fg, p_clip = col["x"], col["onehot"], col["p_full"], col["p_fg"], col["p_clip"]
+        r_star, usable = col["r_star"].squeeze(-1), col["usable"].squeeze(-1)
         f2, f3 = self.f2, self.f3
         per_row: dict[str, Tensor] = {}  # the loss terms of every row, averaged over the batch at the end
 
-        # FDC (eqs. 7-8)
+        # FDC (eqs. 7-8): cos(e, t) of the adapted vectors e = x + A(x), t = T + A_T(T), normalised in the logits
         a_img, in_img = mlp_forward(x, self.layers["fdc_img"], None)
         e = x + a_img
-        n_e = e.norm(dim=-1, keepdim=True)
-        f = e / n_e
         a_txt, in_txt = mlp_forward(self.txt, self.layers["fdc_txt"], None)
         t = self.txt + a_txt
-        n_t = t.norm(dim=-1, keepdim=True)
-        g = t / n_t
-        z = _times(torch.bmm(f, g.transpose(1, 2)), f3["scale"])
+        n_e, n_t = e.norm(dim=-1, keepdim=True), t.norm(dim=-1, keepdim=True)
+        norms = n_e * n_t.transpose(1, 2)  # (K, B, C)
+        cos = torch.bmm(e, t.transpose(1, 2)) / norms
+        z = _times(cos, f3["scale"])
         logp = z.log_softmax(-1)
         logp_y = (logp * onehot).sum(-1)
         per_row["ce_fdc"] = -logp_y
         per_row["acc_fdc"] = (logp_y >= logp.amax(-1)).to(logp.dtype)  # a fraction; ×100 per epoch
         logq = (z / f3["tau"]).log_softmax(-1)
 
-        # FRG (eqs. 3-6) and the distillation weight r
-        q_frg, in_frg = mlp_forward(u, self.layers["frg"], self.acts["frg"])
-        q_frg = q_frg.squeeze(-1)
+        # the two gates in one MLP: FRG (eqs. 3-6) and BRG (eq. 13)
+        q, in_gate = mlp_forward(col["gate_in"], self.layers["gate"], self.acts)
+        q_frg, q_brg = q[..., 0], q[..., 1]
         sig = torch.sigmoid(q_frg)
         per_row["frg"] = F.binary_cross_entropy_with_logits(q_frg, r_star, reduction="none")
-        r = _sum_terms(_times(sig, f2["r_a"]), _times(r_star, f2["r_b"]), f2["r_c"], like=sig)
-        r = usable * r
-        kl_fg = nh_fg - (p_fg * logq).sum(-1)
-        kl_full = nh_full - (p_full * logq).sum(-1)
+        r = usable * _sum_terms(_times(sig, f2["r_a"]), _times(r_star, f2["r_b"]), f2["r_c"], like=sig)
+        kl_fg = col["nh_fg"].squeeze(-1) - (p_fg * logq).sum(-1)
+        kl_full = col["nh_full"].squeeze(-1) - (p_full * logq).sum(-1)
         kl_gap = kl_fg - kl_full
-        per_row["dist"] = kl_full + r * kl_gap
+        per_row["dist"] = torch.addcmul(kl_full, r, kl_gap)
 
         # PC with BRG (eqs. 11-15)
-        q_brg, in_brg = mlp_forward(v, self.layers["brg"], self.acts["brg"])
-        b = torch.sigmoid(q_brg.squeeze(-1))
-        z_pc = z_full + b.unsqueeze(-1) * z_diff
+        b = torch.sigmoid(q_brg)
+        z_pc = torch.addcmul(col["z_full"], b.unsqueeze(-1), col["z_diff"])
         lp_pc = z_pc.log_softmax(-1)
         lq_pc = (z_pc / f3["tau"]).log_softmax(-1)
         per_row["ce_pc"] = -(lp_pc * onehot).sum(-1)
-        per_row["kl_pc"] = nh_clip - (p_clip * lq_pc).sum(-1)
+        per_row["kl_pc"] = col["nh_clip"].squeeze(-1) - (p_clip * lq_pc).sum(-1)
 
         # gradients
         wb = weight.unsqueeze(-1)
-        teacher = p_full + r.unsqueeze(-1) * (p_fg - p_full)
+        teacher = torch.lerp(p_full, p_fg, r.unsqueeze(-1))
         dz = _sum_terms(_times(logp.exp() - onehot, f3["ce_fdc"]), _times(logq.exp() - teacher, f3["dist_tau"]),
                         like=logp) * wb
+        # ∂cos/∂e_b = t_c / (|e_b| |t_c|) − cos_bc · e_b / |e_b|², and likewise for t_c
         dcos = _times(dz, f3["scale"])
-        df = torch.bmm(dcos, g)
-        dg = torch.bmm(dcos.transpose(1, 2), f)
-        mlp_backward(_normalize_backward(df, f, n_e), self.layers["fdc_img"], in_img, None, self.grad_layers["fdc_img"])
-        mlp_backward(_normalize_backward(dg, g, n_t), self.layers["fdc_txt"], in_txt, None, self.grad_layers["fdc_txt"])
+        dcos_n = dcos / norms
+        dcos_cos = dcos * cos
+        de = torch.baddbmm(e * (dcos_cos.sum(-1, keepdim=True) / n_e.square()), dcos_n, t, beta=-1)
+        dt = torch.baddbmm(t * (dcos_cos.sum(1).unsqueeze(-1) / n_t.square()), dcos_n.transpose(1, 2), e, beta=-1)
+        mlp_backward(de, self.layers["fdc_img"], in_img, None, self.grad_layers["fdc_img"])
+        mlp_backward(dt, self.layers["fdc_txt"], in_txt, None, self.grad_layers["fdc_txt"])
         dq_frg = _times(sig - r_star, f2["frg"])
         if not (isinstance(f2["r_grad"], float) and f2["r_grad"] == 0.0):
             dq_frg = dq_frg + _times(usable * sig * (1 - sig) * kl_gap, f2["r_grad"])
-        mlp_backward((dq_frg * weight).unsqueeze(-1), self.layers["frg"], in_frg, self.acts["frg"], self.grad_layers["frg"])
         dz_pc = _sum_terms(_times(lp_pc.exp() - onehot, f3["ce_pc"]), _times(lq_pc.exp() - p_clip, f3["kl_pc_tau"]),
                            like=lp_pc) * wb
-        db = (dz_pc * z_diff).sum(-1)
-        mlp_backward((db * b * (1 - b)).unsqueeze(-1), self.layers["brg"], in_brg, self.acts["brg"],
-                     self.grad_layers["brg"])
+        dq_brg = (dz_pc * col["z_diff"]).sum(-1) * b * (1 - b)
+        mlp_backward(torch.stack([dq_frg * weight, dq_brg], -1), self.layers["gate"], in_gate, self.acts,
+                     self.grad_layers["gate"])
         return (torch.stack([per_row[key] for key in TERMS]) * weight).sum(-1)  # (len(TERMS), K)
 
     def weighted_terms(self, terms: dict[str, Tensor]) -> dict[str, Tensor]:
@@ -450,9 +472,9 @@ class Group:
         """Per-configuration views of the optimiser's tensors, for torch's fused SGD / AdamW kernels."""
         views = [None if t is None else self.layout.rows(t) for t in (self.flat, self.grad)]
         self.kind = [c.optimizer for c in self.cfgs]
-        self.state = {}
-        for key, needed in (("buf", "sgd"), ("m", "adamw"), ("v", "adamw")):
-            self.state[key] = self.layout.rows(torch.zeros_like(self.flat)) if needed in self.kind else None
+        self.state_flat = {key: torch.zeros_like(self.flat) if needed in self.kind else None
+                           for key, needed in (("buf", "sgd"), ("m", "adamw"), ("v", "adamw"))}
+        self.state = {key: None if t is None else self.layout.rows(t) for key, t in self.state_flat.items()}
         self.per_config = []
         for k, c in enumerate(self.cfgs):
             names = list(self.layout.blocks)
@@ -467,11 +489,29 @@ class Group:
 
     def set_lr(self, lr: Tensor) -> None:
         """The learning rate of each configuration for the coming epoch; configurations with equal
-        optimiser settings step together in one fused call."""
+        optimiser settings step together in one fused call (their tensor lists are built here, once)."""
         self.lr = lr.tolist()
-        self.groups: dict[tuple, list[int]] = {}
+        members: dict[tuple, list[int]] = {}
         for k, c in enumerate(self.cfgs):
-            self.groups.setdefault((c.optimizer, self.lr[k], c.weight_decay, c.momentum), []).append(k)
+            members.setdefault((c.optimizer, self.lr[k], c.weight_decay, c.momentum), []).append(k)
+        self.groups = {key: (ks, self._tensor_lists(ks)) for key, ks in members.items()}
+
+    def _tensor_lists(self, members: list[int]) -> dict[str, list[Tensor]]:
+        """The optimiser's tensors of `members`, concatenated per kind, as torch's fused kernels take them.
+
+        SGD over every configuration takes the whole flat buffers: one long tensor instead of one per block
+        and configuration (AdamW keeps a step count per configuration, so it always takes the blocks)."""
+        if len(members) == self.k and self.cfgs[0].optimizer == "sgd":
+            flat = {"params": [self.flat], "grads": [self.grad]}
+            return {**flat, "buf": [] if self.state_flat["buf"] is None else [self.state_flat["buf"]],
+                    "m": [], "v": [], "steps": [], "step_per_tensor": []}
+        entries = [self.per_config[k] for k in members]
+        out = {key: [t for e in entries for t in e[key]] for key in ("params", "grads")}
+        for key in ("buf", "m", "v"):
+            out[key] = [] if self.state[key] is None else [t for e in entries for t in e[key]]
+        out["steps"] = [e["step"] for e in entries]
+        out["step_per_tensor"] = [e["step"] for e in entries for _ in e["params"]]
+        return out
 
     def optimizer_step(self, active: Tensor | None) -> None:
         """One step of every active configuration with torch.optim's own fused SGD (momentum, coupled
@@ -479,26 +519,21 @@ class Group:
         an inactive configuration (its epochs are over, or its smaller data fraction has no batch left
         in this epoch) takes no step at all and keeps its states."""
         on = None if active is None else active.tolist()
-        for (kind, lr, wd, mom), members in self.groups.items():
-            if on is not None:
+        for (kind, lr, wd, mom), (members, lists) in self.groups.items():
+            if on is not None and not all(on[k] > 0 for k in members):
                 members = [k for k in members if on[k] > 0]
+                lists = self._tensor_lists(members)
             if not members or lr == 0.0:
                 continue
-            lists = {key: [t for k in members for t in self.per_config[k][key]] for key in ("params", "grads")}
             if kind == "sgd":
-                torch._fused_sgd_(lists["params"], lists["grads"],
-                                  [] if mom == 0 else [t for k in members for t in self.per_config[k]["buf"]],
+                torch._fused_sgd_(lists["params"], lists["grads"], [] if mom == 0 else lists["buf"],
                                   weight_decay=wd, momentum=mom, lr=lr, dampening=0.0, nesterov=False,
                                   maximize=False, is_first_step=False)
             else:
-                steps = [self.per_config[k]["step"] for k in members]
-                torch._foreach_add_(steps, 1)
-                torch._fused_adamw_(lists["params"], lists["grads"],
-                                    [t for k in members for t in self.per_config[k]["m"]],
-                                    [t for k in members for t in self.per_config[k]["v"]], [],
-                                    [steps[i] for i, k in enumerate(members) for _ in self.per_config[k]["params"]],
-                                    amsgrad=False, lr=lr, beta1=BETAS[0], beta2=BETAS[1], weight_decay=wd,
-                                    eps=ADAM_EPS, maximize=False)
+                torch._foreach_add_(lists["steps"], 1)
+                torch._fused_adamw_(lists["params"], lists["grads"], lists["m"], lists["v"], [],
+                                    lists["step_per_tensor"], amsgrad=False, lr=lr, beta1=BETAS[0], beta2=BETAS[1],
+                                    weight_decay=wd, eps=ADAM_EPS, maximize=False)
         for name, (mask, value) in self.frozen.items():
             self.params[name].mul_(mask).add_(value)
 
@@ -588,17 +623,18 @@ def _logged(key: str, cfg: TrainConfig) -> bool:
 def memory_estimate(data: TrainData, cfgs: list[TrainConfig]) -> tuple[int, int]:
     """Bytes a group needs: (shared by all its configurations, added by each configuration).
 
-    Shared: the frozen statistics of every training row (features, logits, one-hot labels, and the
-    teacher distributions and indicators per distinct τ). Per configuration: its padded parameters
-    with gradient, mask and optimiser states, and the activations of one step."""
+    Shared: the table of frozen statistics of every training row, once per distinct (τ, FRG margin,
+    area gate): features, logits, one-hot labels, teacher distributions and indicators. Per
+    configuration: its padded parameters with gradient, mask and optimiser states, and the
+    activations of one step."""
     n, views, dim = data.full.shape
     rows, c, b = n * views, len(data.txt_bb), cfgs[0].batch_size
-    taus = len({x.tau for x in cfgs})
-    shared = 4 * rows * (dim + 3 * c + 3 + taus * (3 * c + 9)) + 8 * rows
-    h, g = max(x.fdc_hidden for x in cfgs), max(x.gate_hidden for x in cfgs)
+    variants = len({(x.tau, x.frg_margin, x.area_min, x.area_max) for x in cfgs})
+    shared = 4 * rows * variants * (dim + 6 * c + 5 + 2 * GATE_INPUTS) + 8 * rows
+    h, g = max(x.fdc_hidden for x in cfgs), 2 * max(x.gate_hidden for x in cfgs)
     layers = cfgs[0].fdc_layers
     fdc = 2 * (dim * dim + dim) if layers == 1 else 2 * (2 * dim * h + h + dim + (layers - 2) * (h * h + h))
-    params = fdc + 2 * (3 * g + g + g * g + g + g + 1)
+    params = fdc + 2 * GATE_INPUTS * g + g + g * g + g + 2 * g + 2
     step = b * (16 * c + 6 * dim + 8 * h) + c * (4 * dim + 4 * h)
     return shared, 4 * (7 * params + step)
 

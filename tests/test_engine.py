@@ -90,7 +90,7 @@ def test_flat_optimizer_equals_torch_optim(group, optimizer):
         for q, gr in zip(holder.parameters(), grads):
             q.data.copy_(gr)
         scatter(engine.layout, 0, holder, cfg, views, engine.layout.views(torch.zeros_like(engine.flat)),
-                {m: torch.ones(1, 1) for m in ("frg", "brg")})
+                engine.layout.relu_switches())
         engine.optimizer_step(None)
     trained = gather(engine.layout, 0, copy.deepcopy(engine.heads[0]), cfg, engine.layout.views(engine.flat))
     for a, b in zip(trained.parameters(), params):

@@ -164,11 +164,19 @@ def test_padded_units_of_a_narrower_configuration_stay_exactly_zero(tmp_path):
     p = group.params
     assert torch.count_nonzero(p["fdc_img.0.w"][1, 8:]) == 0 and torch.count_nonzero(p["fdc_img.1.w"][1, :, 8:]) == 0
     assert torch.count_nonzero(p["fdc_txt.0.b"][1, 8:]) == 0
-    assert torch.count_nonzero(p["brg.0.w"][1, 4:]) == 0 and torch.count_nonzero(p["brg.2.w"][1, :, 4:]) == 0
+    # the gates share one block-diagonal MLP (hidden 16 per gate): FRG units 0-15, BRG units 16-31
+    w0, w1, w2 = p["gate.0.w"], p["gate.1.w"], p["gate.2.w"]
+    assert torch.count_nonzero(w0[1, 20:]) == 0 and torch.count_nonzero(w2[1, :, 20:]) == 0  # BRG width 4 of 16
+    assert torch.count_nonzero(w0[1, 4:16]) == 0  # FRG width 4 of 16
     # the narrow FRG has 2 layers in a 3-layer structure: its middle layer stays the frozen identity
-    assert torch.equal(p["frg.1.w"][1], before["frg.1.w"]) and torch.equal(p["frg.1.w"][1], torch.eye(16))
+    assert torch.equal(w1[1, :16, :16], before["gate.1.w"][:16, :16]) and torch.equal(w1[1, :16, :16], torch.eye(16))
     # its unused indicator columns (dH, area) stay zero
-    assert torch.count_nonzero(p["frg.0.w"][1][:, [0, 2]]) == 0
+    assert torch.count_nonzero(w0[1][:, [0, 2]]) == 0
+    # nothing connects the two gates, in either configuration
+    for k in (0, 1):
+        assert torch.count_nonzero(w0[k, :16, 3:]) == 0 and torch.count_nonzero(w0[k, 16:, :3]) == 0
+        assert torch.count_nonzero(w1[k, :16, 16:]) == 0 and torch.count_nonzero(w1[k, 16:, :16]) == 0
+        assert torch.count_nonzero(w2[k, 0, 16:]) == 0 and torch.count_nonzero(w2[k, 1, :16]) == 0
     assert not torch.equal(p["fdc_img.0.w"][1, :8], before["fdc_img.0.w"][:8])  # while its real units train
 
 
@@ -225,6 +233,21 @@ def test_a_group_too_big_for_the_budget_trains_in_parts_with_the_same_results(sy
     for rec in small:
         assert rec["metrics"] == whole[rec["run_id"]]["metrics"]
         _close_histories(rec["history"], whole[rec["run_id"]]["history"], tol=1e-5)
+
+
+def test_the_command_line_makes_openmp_wait_passively_before_torch_loads():
+    import os
+    import subprocess
+    import sys
+
+    code = ("import os, sys; import fvgpt_cache.cli.main; "
+            "print(os.environ.get('OMP_WAIT_POLICY'), 'torch' in sys.modules)")
+    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
+    assert done.stdout.split() == ["PASSIVE", "False"], done.stdout + done.stderr
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          env={**env, "OMP_WAIT_POLICY": "ACTIVE"})
+    assert done.stdout.split() == ["ACTIVE", "False"], done.stdout + done.stderr
 
 
 def test_training_modules_do_not_import_open_clip_or_torchvision():
