@@ -33,7 +33,7 @@ from open_clip.model import CLIP
 from open_clip.tokenizer import SimpleTokenizer
 
 from fvgpt_cache.world import (
-    CAPTIONS, COLORS, SHAPES, SIZE, SPLITS, TEXTURES, caption, render, sample_natural, sample_scene, swap_partner,
+    CAPTIONS, COLORS, NATURAL_MIX, SHAPES, SIZE, SPLITS, TEXTURES, caption, render, sample_natural, sample_scene, swap_partner,
 )
 
 MODEL_CFG = {
@@ -87,9 +87,10 @@ def isolated(rng: np.random.Generator) -> tuple[Image.Image, str]:
     return Image.fromarray(pixels.astype(np.uint8)), template.format(shape=shape, color=color)
 
 
-def batch(rng: np.random.Generator, size: int, hard: float, isolated_p: float = 0.0) -> tuple[list, list[str]]:
-    """Scenes of the natural mixture; a fraction `hard` of hard-negative pairs (same context, other shapes);
-    a fraction `isolated_p` of isolated shapes on plain backgrounds (`isolated`)."""
+def batch(rng: np.random.Generator, size: int, hard: float, isolated_p: float = 0.0,
+          mix: tuple[float, float, float] = NATURAL_MIX) -> tuple[list, list[str]]:
+    """Scenes of the natural mixture `mix`; a fraction `hard` of hard-negative pairs (same context, other
+    shapes); a fraction `isolated_p` of isolated shapes on plain backgrounds (`isolated`)."""
     images, texts = [], []
     n_isolated = int(round(size * isolated_p))
     for _ in range(n_isolated):
@@ -99,11 +100,11 @@ def batch(rng: np.random.Generator, size: int, hard: float, isolated_p: float = 
     size -= n_isolated
     n_pairs = int(size * hard) // 2
     for _ in range(size - 2 * n_pairs):
-        scene = sample_natural(rng, int(rng.integers(len(SHAPES))))
+        scene = sample_natural(rng, int(rng.integers(len(SHAPES))), mix=mix)
         images.append(render(scene, rng)[0])
         texts.append(caption(scene, rng))
     for _ in range(n_pairs):
-        first = sample_natural(rng, int(rng.integers(len(SHAPES))))
+        first = sample_natural(rng, int(rng.integers(len(SHAPES))), mix=mix)
         other = SHAPES[(SHAPES.index(first.shape) + 1 + rng.integers(len(SHAPES) - 1)) % len(SHAPES)]
         for shape in (first.shape, other):
             scene = sample_scene(rng, shape=shape, texture_name=first.texture, bg_colors=first.bg_colors,
@@ -210,10 +211,12 @@ def main(argv=None) -> None:
     ap.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=True)
     ap.add_argument("--isolated", type=float, default=0.0,
                     help="fraction of each batch showing a shape alone on a plain background (product photos)")
+    ap.add_argument("--mix", default=None, help="pretraining context mixture own,other,none (default: NATURAL_MIX)")
     ap.add_argument("--init", type=Path, default=None,
                     help="start from exported weights (a world-clip.pt) with a fresh optimiser: continued pretraining")
     args = ap.parse_args(argv)
 
+    mix = tuple(float(x) for x in args.mix.split(",")) if args.mix else NATURAL_MIX
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     compact = CompactTokenizer(SimpleTokenizer(context_length=MODEL_CFG["text_cfg"]["context_length"]))
@@ -246,11 +249,11 @@ def main(argv=None) -> None:
             curve = [c for c in curve if c["step"] <= step]
         export(model, compact, args.export, curve,
                {"steps": step, "batch_size": args.batch_size, "lr": args.lr, "hard": args.hard, "crop_p": args.crop_p,
-                "isolated": args.isolated, "init": str(args.init) if args.init else None, "warmup": args.warmup,
+                "isolated": args.isolated, "mix": list(mix), "init": str(args.init) if args.init else None, "warmup": args.warmup,
                 "seed": args.seed, "threads": args.threads, "seconds": elapsed,
                 "command": f"python benchmarks/pretrain_world.py --steps {step} --batch-size {args.batch_size} "
                            f"--lr {args.lr} --warmup {args.warmup} --hard {args.hard} --crop-p {args.crop_p} "
-                           f"--isolated {args.isolated} --seed {args.seed}"
+                           f"--isolated {args.isolated} --mix {','.join(map(str, mix))} --seed {args.seed}"
                            + (f" --init {args.init}" if args.init else "")})
         print(f"exported step {step} to {args.export}")
         return
@@ -258,7 +261,7 @@ def main(argv=None) -> None:
     start = time.perf_counter()
     while step < args.steps:
         rng = np.random.default_rng([args.seed, step])  # data depends only on (seed, step): resumes reproduce
-        images, texts = batch(rng, args.batch_size, args.hard, args.isolated)
+        images, texts = batch(rng, args.batch_size, args.hard, args.isolated, mix)
         x = random_resized_crops(to_tensor(images), rng, p=args.crop_p)
         lr = args.lr * min(1.0, (step + 1) / args.warmup) * 0.5 * (1 + math.cos(math.pi * min(step / args.steps, 1.0)))
         for group in opt.param_groups:
