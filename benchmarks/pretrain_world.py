@@ -192,6 +192,14 @@ def export(model: CLIP, compact: CompactTokenizer, folder: Path, curve: list[dic
     (folder / "world-clip-training.json").write_text(json.dumps({**meta, "sha256": sha, "curve": curve}, indent=1))
 
 
+def init_from(model: CLIP, compact: CompactTokenizer, weights: Path) -> None:
+    """Load weights `export` wrote into a training model: the full token table back to the compact one."""
+    state = {k: v.float() for k, v in torch.load(weights, map_location="cpu", weights_only=True).items()}
+    table = state["token_embedding.weight"]
+    state["token_embedding.weight"] = torch.cat([table[:1], table[torch.tensor(compact.vocab)]])
+    model.load_state_dict(state)
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--steps", type=int, default=4000)
@@ -223,10 +231,7 @@ def main(argv=None) -> None:
     train_cfg = {**MODEL_CFG, "text_cfg": {**MODEL_CFG["text_cfg"], "vocab_size": len(compact.vocab) + 1}}
     model = CLIP(**train_cfg)
     if args.init is not None:
-        state = {k: v.float() for k, v in torch.load(args.init, map_location="cpu", weights_only=True).items()}
-        table = state["token_embedding.weight"]
-        state["token_embedding.weight"] = torch.cat([table[:1], table[torch.tensor(compact.vocab)]])
-        model.load_state_dict(state)
+        init_from(model, compact, args.init)
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.1, betas=(0.9, 0.98), eps=1e-6)
     loss_fn = ClipLoss()
     args.out.mkdir(parents=True, exist_ok=True)
