@@ -8,6 +8,7 @@ import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.markup import escape
 
+from ..ablations import ABLATIONS
 from .common import app, console, err, fail, narrow_table, resumable
 
 
@@ -15,8 +16,8 @@ from .common import app, console, err, fail, narrow_table, resumable
 def grid(
     caches: list[Path] = typer.Argument(..., help="One or more caches of one model (shell globs work: cache/*/*.h5)."),
     param: list[str] = typer.Option([], "--param", help="NAME=V1,V2,… ; the grid is the Cartesian product."),
-    preset: Optional[str] = typer.Option(None, help="components|losses|indicators|depth|width|lambda|data-fraction|"
-                                                    "fdc-branches|epochs|foreground-control"),
+    preset: Optional[str] = typer.Option(None, help="An ablation of the paper: " + "|".join(ABLATIONS)
+                                         + "|paper (all of its tables at once)."),
     preset_of: str = typer.Option("auto", help="Training preset per cache: auto (from the backbone's method and the "
                                                "dataset), none, or coop|kgcoop|promptsrc|mmrl|clip."),
     grid_file: Optional[Path] = typer.Option(None, "--grid-file", help="TOML with [params], optional [base], seeds, preset."),
