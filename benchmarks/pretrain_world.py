@@ -14,6 +14,10 @@ model config, and the training curve.
 
     OMP_NUM_THREADS=1 python benchmarks/pretrain_world.py --steps 4000 --out cache/world-pretrain
     python benchmarks/pretrain_world.py --out cache/world-pretrain --export fvgpt_cache/assets
+
+Variants measured in the README: `--init WEIGHTS` continues from exported weights with a fresh
+optimiser, `--isolated P` shows a fraction P of every batch as a shape alone on a plain background,
+`--mix OWN,OTHER,NONE` changes the context mixture of the pretraining scenes.
 """
 from __future__ import annotations
 
