@@ -28,6 +28,7 @@ unused indicator columns, a switched-off adapter's bias) are put back after ever
 """
 from __future__ import annotations
 
+import copy
 import math
 from dataclasses import dataclass
 
@@ -166,18 +167,24 @@ def _placements(layout: Layout, head: FVGPTHead, cfg: TrainConfig):
             yield f"gate.{i}.b", layout.gate_units(g, i, out), None, lins[j].bias
 
 
+def _put(layout: Layout, k: int, head: FVGPTHead, cfg: TrainConfig, views: dict[str, Tensor],
+         value: float | None = None) -> None:
+    """Write configuration k's real parameters (or `value` at their places) into the padded stacks `views`."""
+    for name, rows, cols, param in _placements(layout, head, cfg):
+        src = param.detach() if value is None else value
+        if cols is None:
+            views[name][k, rows] = src
+        else:
+            views[name][k, rows][:, cols] = src
+
+
 def scatter(layout: Layout, k: int, head: FVGPTHead, cfg: TrainConfig, params: dict[str, Tensor],
             mask: dict[str, Tensor], acts: Tensor) -> None:
     """Put configuration k's head into the padded stacks; mark its trainable entries in `mask`; set up
     the frozen layers (identity, input embedding) and the activation switches (K, depth − 1, 2H) of a
     shallower gate."""
-    for name, rows, cols, param in _placements(layout, head, cfg):
-        if cols is None:
-            params[name][k, rows] = param.detach()
-            mask[name][k, rows] = 1
-        else:
-            params[name][k, rows][:, cols] = param.detach()
-            mask[name][k, rows][:, cols] = 1
+    _put(layout, k, head, cfg, params)
+    _put(layout, k, head, cfg, mask, value=1.0)
     h = layout.gate_hidden
     for g, gate, slots, cols in _gates(layout, head, cfg):
         units = layout.gate_units(g, 0)
@@ -268,14 +275,15 @@ def _sum_terms(*terms, like: Tensor) -> Tensor:
 class Group:
     """K configurations trained together on one TrainData; see the module docstring."""
 
-    def __init__(self, data: TrainData, cfgs: list[TrainConfig], device: torch.device):
+    def __init__(self, data: TrainData, cfgs: list[TrainConfig], device: torch.device,
+                 heads: list[FVGPTHead] | None = None):
         keys = {group_key(c) for c in cfgs}
         if len(keys) != 1:
             raise ValueError(f"configurations of one group must share {GROUP_FIELDS}; got {sorted(keys)}")
         self.cfgs, self.device, self.data = cfgs, device, data
         self.k, dim = len(cfgs), data.full.shape[-1]
         self.layout = Layout(dim, cfgs, device)
-        self.heads = [build_head(dim, c) for c in cfgs]
+        self.heads = heads if heads is not None else [build_head(dim, c) for c in cfgs]
         lay = self.layout
         flat, mask = torch.zeros(lay.numel), torch.zeros(lay.numel)
         acts = lay.relu_switches()
@@ -382,9 +390,34 @@ class Group:
         C, D = z_full.shape[1], x.shape[1]
         self.cols = {"x": D, "z_full": C, "z_diff": C, "onehot": C, "p_full": C, "p_fg": C, "p_clip": C,
                      "nh_full": 1, "nh_fg": 1, "nh_clip": 1, "gate_in": 2 * GATE_INPUTS, "r_star": 1, "usable": 1}
-        self.row_offset = torch.tensor([self.variants.index(k) * len(x) for k in keys], device=dev).view(-1, 1)
         self.txt = txt_bb
         self.n_classes = C
+        self._row_offsets()
+
+    def _row_offsets(self) -> None:
+        """Where each configuration's variant starts in the table."""
+        rows = len(self.table) // len(self.variants)
+        keys = [(c.tau, c.frg_margin, c.area_min, c.area_max) for c in self.cfgs]
+        self.row_offset = torch.tensor([self.variants.index(k) * rows for k in keys], device=self.device).view(-1, 1)
+
+    def narrowed(self, keep: list[int]) -> "Group":
+        """The configurations at positions `keep` as a group of their own, padded only to their own widths and
+        depths, with their current parameters and optimiser states and this group's table of statistics."""
+        heads = [gather(self.layout, k, self.heads[k], self.cfgs[k], self.params) for k in keep]
+        new = Group(self.data, [self.cfgs[k] for k in keep], self.device, heads)
+        new.table, new.variants, new.cols, new.txt, new.n_classes = self.table, self.variants, self.cols, self.txt, \
+            self.n_classes
+        new._row_offsets()
+        new._optimizer_setup()
+        for key, flat in self.state_flat.items():
+            if flat is None or new.state_flat[key] is None:
+                continue
+            for j, k in enumerate(keep):
+                holder = gather(self.layout, k, copy.deepcopy(self.heads[k]), self.cfgs[k], self.layout.views(flat))
+                _put(new.layout, j, holder, new.cfgs[j], new.layout.views(new.state_flat[key]))
+        for j, k in enumerate(keep):
+            new.per_config[j]["step"].copy_(self.per_config[k]["step"])
+        return new
 
     # -- one step --------------------------------------------------------------------------------
 
@@ -547,19 +580,28 @@ class Group:
     def train(self, progress=None) -> list[tuple[FVGPTHead, list[dict], np.ndarray]]:
         """Train every configuration; returns (head, per-epoch history, training image indices) for each.
 
-        On the CPU a group whose step is small (under SMALL_STEP_FLOPS) trains on one intra-op
-        thread: more threads only add synchronisation to its many small operations, and on a busy
-        machine a descheduled thread stalls every parallel region (we saw 20× slower steps)."""
+        A configuration whose epochs are over leaves the group at the start of the next epoch (the
+        others go on as a narrower group, see `narrowed`), so a grid whose configurations differ in
+        epochs does not carry the finished ones along."""
         threads = torch.get_num_threads()
-        if self.device.type == "cpu" and self.step_flops() < SMALL_STEP_FLOPS:
-            torch.set_num_threads(1)
         try:
-            return self._train(progress)
+            return self._train(progress, threads)
         finally:
             torch.set_num_threads(threads)
 
-    def _train(self, progress=None) -> list[tuple[FVGPTHead, list[dict], np.ndarray]]:
-        data, cfgs, K = self.data, self.cfgs, self.k
+    def _use_threads(self, threads: int) -> None:
+        """On the CPU a group whose step is small (under SMALL_STEP_FLOPS) trains on one intra-op thread:
+        more threads only add synchronisation to its many small operations, and on a busy machine a
+        descheduled thread stalls every parallel region (we saw 20× slower steps)."""
+        small = self.device.type == "cpu" and self.step_flops() < SMALL_STEP_FLOPS
+        torch.set_num_threads(1 if small else threads)
+
+    def _heads_now(self, positions: list[int]) -> list[FVGPTHead]:
+        params_cpu = self.layout.views(self.flat.cpu())
+        return [gather(self.layout, k, self.heads[k], self.cfgs[k], params_cpu).eval() for k in positions]
+
+    def _train(self, progress, threads: int) -> list[tuple[FVGPTHead, list[dict], np.ndarray]]:
+        data, cfgs = self.data, self.cfgs
         n, views = data.full.shape[:2]
         labels = data.y.numpy()
         subsets = [torch.from_numpy(subsample_per_class(labels, c.data_fraction, c.seed)) for c in cfgs]
@@ -567,49 +609,55 @@ class Group:
         self._optimizer_setup()
         gens = [torch.Generator().manual_seed(c.seed) for c in cfgs]
         schedules = [view_schedule(len(sub), views, c.epochs, c.seed) for sub, c in zip(subsets, cfgs)]
-        batch = cfgs[0].batch_size
+        batch, epochs = cfgs[0].batch_size, max(c.epochs for c in cfgs)
         histories: list[list[dict]] = [[] for _ in cfgs]
-        for epoch in range(max(c.epochs for c in cfgs)):
-            running = [epoch < c.epochs for c in cfgs]
-            plans = [epoch_batches(len(sub), c, gen) if on else [] for sub, c, gen, on in zip(subsets, cfgs, gens, running)]
+        heads: list[FVGPTHead | None] = [None] * len(cfgs)
+        group, live = self, list(range(len(cfgs)))  # the group training now and its configurations
+        group._use_threads(threads)
+        for epoch in range(epochs):
+            over = [pos for pos, k in enumerate(live) if epoch >= cfgs[k].epochs]
+            if over:
+                for pos, head in zip(over, group._heads_now(over)):
+                    heads[live[pos]] = head
+                keep = [pos for pos in range(len(live)) if pos not in over]
+                group, live = group.narrowed(keep), [live[pos] for pos in keep]
+                group._use_threads(threads)
+            K = len(live)
+            plans = [epoch_batches(len(subsets[k]), cfgs[k], gens[k]) for k in live]
             steps = max(len(p) for p in plans)
             rows = torch.zeros(steps, K, batch, dtype=torch.long)
             weight = torch.zeros(steps, K, batch)
-            for k, plan in enumerate(plans):
+            for pos, (k, plan) in enumerate(zip(live, plans)):
                 full = [idx for idx in plan if len(idx) == batch]
                 if full:
                     idx = torch.stack(full)
-                    rows[:len(full), k] = subsets[k][idx] * views + schedules[k][epoch][idx]
-                    weight[:len(full), k] = 1.0 / batch
+                    rows[:len(full), pos] = subsets[k][idx] * views + schedules[k][epoch][idx]
+                    weight[:len(full), pos] = 1.0 / batch
                 for j, idx in enumerate(plan[len(full):], start=len(full)):  # a last, shorter batch
-                    rows[j, k, :len(idx)] = subsets[k][idx] * views + schedules[k][epoch, idx]
-                    weight[j, k, :len(idx)] = 1.0 / len(idx)
+                    rows[j, pos, :len(idx)] = subsets[k][idx] * views + schedules[k][epoch, idx]
+                    weight[j, pos, :len(idx)] = 1.0 / len(idx)
             active = (weight.sum(-1) > 0).to(torch.float32)
             all_active = bool(active.all())
             rows, weight, active = rows.to(self.device), weight.to(self.device), active.to(self.device)
-            lr = torch.tensor([lr_at_epoch(epoch, c) if on else 0.0 for c, on in zip(cfgs, running)], device=self.device)
-            self.set_lr(lr)
+            lr = torch.tensor([lr_at_epoch(epoch, cfgs[k]) for k in live], device=self.device)
+            group.set_lr(lr)
             sums = torch.zeros(len(TERMS), K, device=self.device)
             for j in range(steps):
-                out = self.step_losses(rows[j], weight[j])
-                self.optimizer_step(None if all_active else active[j])
+                out = group.step_losses(rows[j], weight[j])
+                group.optimizer_step(None if all_active else active[j])
                 sums += out if all_active else out * active[j]
             terms = dict(zip(TERMS, sums / active.sum(0).clamp_min(1)))
             terms["acc_fdc"] = terms["acc_fdc"] * 100
-            means = {k: v.tolist() for k, v in {**terms, **self.weighted_terms(terms)}.items()}
-            for k, c in enumerate(cfgs):
-                if running[k]:
-                    record = {"epoch": epoch, "lr": float(lr[k])}
-                    record.update({key: means[key][k] for key in HISTORY_KEYS if _logged(key, c)})
-                    histories[k].append(record)
+            means = {key: v.tolist() for key, v in {**terms, **group.weighted_terms(terms)}.items()}
+            for pos, k in enumerate(live):
+                record = {"epoch": epoch, "lr": float(lr[pos])}
+                record.update({key: means[key][pos] for key in HISTORY_KEYS if _logged(key, cfgs[k])})
+                histories[k].append(record)
             if progress:
-                progress(epoch + 1, max(c.epochs for c in cfgs), {key: values[0] for key, values in means.items()})
-        params_cpu = self.layout.views(self.flat.cpu())
-        out = []
-        for k, (head, c) in enumerate(zip(self.heads, cfgs)):
-            gather(self.layout, k, head, c, params_cpu)
-            out.append((head.eval(), histories[k], subsets[k].numpy()))
-        return out
+                progress(epoch + 1, epochs, {key: values[0] for key, values in means.items()})
+        for pos, head in zip(range(len(live)), group._heads_now(list(range(len(live))))):
+            heads[live[pos]] = head
+        return [(heads[k], histories[k], subsets[k].numpy()) for k in range(len(cfgs))]
 
 
 def _logged(key: str, cfg: TrainConfig) -> bool:

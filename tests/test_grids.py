@@ -118,7 +118,7 @@ MIXED = [
     {"frg_indicators": ("area", "dH"), "lr": 0.002, "data_fraction": 0.5},
     {"frg_layers": 1, "brg_layers": 3, "gate_hidden": 8, "epochs": 2},
     {"fdc_hidden": 16, "use_frg": False, "r_without_frg": "target", "optimizer": "adamw", "lr": 0.001},
-    {"use_pc": False, "loss_dist": False, "warmup_epochs": 0, "weight_decay": 0.0},
+    {"use_pc": False, "loss_dist": False, "warmup_epochs": 0, "weight_decay": 0.0, "fdc_hidden": 96, "epochs": 2},
     {"use_fdc": False, "brg_indicators": ("cos",), "momentum": 0.5},
     {"fdc_textual": False, "tau": 1.0, "detach_r": False, "lambda_frg": 2.0, "frg_margin": 0.1},
     {"r_source": "full", "area_min": 0.3, "use_scale": False, "drop_last": False, "data_fraction": 0.7},
