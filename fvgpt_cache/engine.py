@@ -7,6 +7,8 @@ everything else may differ per configuration and becomes data:
 * components and loss terms: per-configuration 0/1 factors on the loss terms and on r;
 * λ_d, λ_frg, λ_pc, τ, the logit scale switch, the FRG margin, the area gate, r's source: factors;
 * widths: zero-padded hidden units (a padded unit starts at zero and its gradient is exactly zero);
+  `train_group` trains each FDC width as its own part (padding the adapters costs more than a part),
+  gate widths are padded;
 * gate depths: layers padded to the group's depth with frozen identity layers, and a 1-layer gate
   as a frozen embedding of its inputs followed by its one real layer (per-layer activation masks);
 * indicator subsets: the columns a configuration does not use are zero and frozen;
@@ -708,9 +710,26 @@ def split_for_memory(data: TrainData, cfgs: list[TrainConfig], budget: int) -> l
     return [cfgs[i:i + room] for i in range(0, len(cfgs), room)]
 
 
+def width_parts(cfgs: list[TrainConfig]) -> list[list[int]]:
+    """Positions of the configurations of each FDC width, widest first: the parts a group trains in.
+
+    Padding a narrow adapter to a wide one multiplies the group's largest products (on the paper
+    preset, its one 128-wide row made the other 98 runs train at twice their width), while a part
+    costs only a single run's per-step overhead; so each width trains as its own part."""
+    parts: dict[int, list[int]] = {}
+    for i, c in enumerate(cfgs):
+        parts.setdefault(c.fdc_hidden, []).append(i)
+    return [parts[w] for w in sorted(parts, reverse=True)]
+
+
 def train_group(data: TrainData, cfgs: list[TrainConfig], device: torch.device, progress=None):
-    """Train configurations that share a group key together; a single run is a group of one."""
-    return Group(data, cfgs, device).train(progress)
+    """Train configurations that share a group key together, one part per FDC width (`width_parts`);
+    a single run is a group of one. Results in the order of `cfgs`."""
+    out: list = [None] * len(cfgs)
+    for positions in width_parts(cfgs):
+        for i, item in zip(positions, Group(data, [cfgs[i] for i in positions], device).train(progress)):
+            out[i] = item
+    return out
 
 
 def train_head(data: TrainData, cfg: TrainConfig, progress=None) -> tuple[FVGPTHead, list[dict], np.ndarray]:

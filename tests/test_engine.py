@@ -95,3 +95,30 @@ def test_flat_optimizer_equals_torch_optim(group, optimizer):
     trained = gather(engine.layout, 0, copy.deepcopy(engine.heads[0]), cfg, engine.layout.views(engine.flat))
     for a, b in zip(trained.parameters(), params):
         assert torch.allclose(a, b, rtol=1e-5, atol=1e-6)  # AdamW: rounding of the division order
+
+
+@pytest.mark.parametrize("optimizer", ["sgd", "adamw"])
+def test_a_group_that_narrows_when_its_widest_configuration_finishes_equals_single_runs(group, optimizer):
+    """The 32-wide configuration stops after 2 epochs; the 8-wide one goes on in a narrower group that
+    carries its parameters and optimiser state. Both equal their own single runs."""
+    from fvgpt_cache.engine import Group, train_head
+
+    _, data = group
+    cfgs = [TrainConfig(seed=1, fdc_hidden=32, gate_hidden=16, epochs=2, optimizer=optimizer, lr=0.01),
+            TrainConfig(seed=2, fdc_hidden=8, gate_hidden=4, epochs=4, optimizer=optimizer, lr=0.01, frg_layers=3)]
+    g = Group(data, cfgs, torch.device("cpu"))
+    narrowed = []
+    original = Group.narrowed
+    Group.narrowed = lambda self, keep: narrowed.append(keep) or original(self, keep)
+    try:
+        together = g.train()
+    finally:
+        Group.narrowed = original
+    assert narrowed == [[1]]
+    for cfg, (head, history, _) in zip(cfgs, together):
+        alone, alone_history, _ = train_head(data, cfg)
+        assert len(history) == cfg.epochs
+        for a, b in zip(history, alone_history):
+            assert a["total"] == pytest.approx(b["total"], rel=1e-5)
+        for (name, p), (_, q) in zip(head.named_parameters(), alone.named_parameters()):
+            assert torch.allclose(p, q, rtol=1e-4, atol=1e-6), name
