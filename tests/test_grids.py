@@ -235,21 +235,6 @@ def test_a_group_too_big_for_the_budget_trains_in_parts_with_the_same_results(sy
         _close_histories(rec["history"], whole[rec["run_id"]]["history"], tol=1e-5)
 
 
-def test_the_command_line_makes_openmp_wait_passively_before_torch_loads():
-    import os
-    import subprocess
-    import sys
-
-    code = ("import os, sys; import fvgpt_cache.cli.main; "
-            "print(os.environ.get('OMP_WAIT_POLICY'), 'torch' in sys.modules)")
-    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
-    assert done.stdout.split() == ["PASSIVE", "False"], done.stdout + done.stderr
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                          env={**env, "OMP_WAIT_POLICY": "ACTIVE"})
-    assert done.stdout.split() == ["ACTIVE", "False"], done.stdout + done.stderr
-
-
 def test_training_modules_do_not_import_open_clip_or_torchvision():
     import subprocess
     import sys
