@@ -173,7 +173,7 @@ def _put(layout: Layout, k: int, head: FVGPTHead, cfg: TrainConfig, views: dict[
          value: float | None = None) -> None:
     """Write configuration k's real parameters (or `value` at their places) into the padded stacks `views`."""
     for name, rows, cols, param in _placements(layout, head, cfg):
-        src = param.detach() if value is None else value
+        src = param.detach().to(views[name].device) if value is None else value
         if cols is None:
             views[name][k, rows] = src
         else:
