@@ -619,8 +619,8 @@ class Group:
         for epoch in range(epochs):
             over = [pos for pos, k in enumerate(live) if epoch >= cfgs[k].epochs]
             if over:
-                for pos, head in zip(over, group._heads_now(over)):
-                    heads[live[pos]] = head
+                for k, head in zip([live[pos] for pos in over], group._heads_now(over)):
+                    heads[k] = head
                 keep = [pos for pos in range(len(live)) if pos not in over]
                 group, live = group.narrowed(keep), [live[pos] for pos in keep]
                 group._use_threads(threads)
@@ -657,8 +657,8 @@ class Group:
                 histories[k].append(record)
             if progress:
                 progress(epoch + 1, epochs, {key: values[0] for key, values in means.items()})
-        for pos, head in zip(range(len(live)), group._heads_now(list(range(len(live))))):
-            heads[live[pos]] = head
+        for k, head in zip(live, group._heads_now(list(range(len(live))))):
+            heads[k] = head
         return [(heads[k], histories[k], subsets[k].numpy()) for k in range(len(cfgs))]
 
 
