@@ -1,55 +1,24 @@
-"""Training K FVG-PT configurations at once: stacked tensors, hand-written gradients, one optimiser step.
-
-Every run trains here; a single `train` is a group of one. The configurations of a group share the
-training data (one cache, class set and backbone), the batch size, the device and the FDC depth;
-everything else may differ per configuration and becomes data:
-
-* components and loss terms: per-configuration 0/1 factors on the loss terms and on r;
-* λ_d, λ_frg, λ_pc, τ, the logit scale switch, the FRG margin, the area gate, r's source: factors;
-* widths: zero-padded hidden units (a padded unit starts at zero and its gradient is exactly zero);
-  `train_group` trains each FDC width as its own part (padding the adapters costs more than a part),
-  gate widths are padded;
-* gate depths: layers padded to the group's depth with frozen identity layers, and a 1-layer gate
-  as a frozen embedding of its inputs followed by its one real layer (per-layer activation masks);
-* indicator subsets: the columns a configuration does not use are zero and frozen;
-* lr, weight decay, momentum, optimiser (SGD / AdamW), warm-up and epochs: per-configuration
-  schedules; configurations with equal settings step together in one call of torch's fused SGD or
-  AdamW kernel; a configuration whose epochs are over, or whose (smaller) data fraction has no batch
-  left in an epoch, takes no step;
-* data fraction, seed, drop_last: per-configuration batch plans.
-
-Gradients are written by hand (each checked against autograd of `heads.FVGPTHead.losses_from` in
-the tests); there is no autograd graph, so a step is about a hundred small tensor operations. To keep
-that number down, a step reads all its frozen statistics with one index into a single table, the FRG
-and BRG gates run as one block-diagonal MLP, the FDC cosine logits are normalised after the product
-(no normalised copies of the adapted vectors), and SGD over a whole group is one fused call on the
-flat buffers.
-Parameters and gradients live in flat buffers; the parameter of a layer is a contiguous
-(K, out, in) view into them. Entries that must not move (frozen identity and embedding layers,
-unused indicator columns, a switched-off adapter's bias) are put back after every step.
-"""
+"""The group: K configurations' stacked step, optimiser and training loop (see `fvgpt_cache.engine`)."""
 from __future__ import annotations
 
 import copy
-import math
-from dataclasses import dataclass
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import Tensor
 
-from .device import resolve_device
-from .heads import BRG_INDICATORS, FRG_INDICATORS, FVGPTHead, brg_indicators, frg_indicators
-from .training import (
+from ..heads import BRG_INDICATORS, FRG_INDICATORS, FVGPTHead, brg_indicators, frg_indicators
+from ..training import (
     TrainConfig, TrainData, build_head, epoch_batches, lr_at_epoch, subsample_per_class, view_schedule,
 )
+from .layout import GATE_INPUTS, Layout, gather, put, scatter
+from .mlp import _sum_terms, _times, mlp_backward, mlp_forward
 
 # fields that must be equal inside one group (besides the cache); all others may differ
 GROUP_FIELDS = ("backbone", "classes", "batch_size", "device", "fdc_layers")
 TERMS = ("frg", "ce_fdc", "dist", "acc_fdc", "ce_pc", "kl_pc")
-SMALL_STEP_FLOPS = 2e8  # a step below this trains single-threaded on the CPU (see Group.train)
-GATE_INPUTS = len(FRG_INDICATORS)  # = len(BRG_INDICATORS): each gate's input columns in the gate MLP
+SMALL_STEP_FLOPS = 2e8  # a step below this trains single-threaded on the CPU (see Group._use_threads)
 HISTORY_KEYS = ("frg", "ce_fdc", "dist", "base", "acc_fdc", "ce_pc", "kl_pc", "pc", "total")
 BETAS, ADAM_EPS = (0.9, 0.999), 1e-8
 
@@ -58,224 +27,8 @@ def group_key(cfg: TrainConfig) -> tuple:
     return tuple(getattr(cfg, k) for k in GROUP_FIELDS)
 
 
-# ---------------------------------------------------------------------------------------------
-# The padded layout of a group
-
-
-@dataclass
-class Block:
-    name: str
-    shape: tuple[int, ...]  # without the leading K
-    offset: int = 0
-
-    @property
-    def size(self) -> int:
-        return math.prod(self.shape)
-
-
-class Layout:
-    """Padded shapes of a group and the flat buffers that hold parameters, gradients and states.
-
-    The two gates share one block-diagonal MLP, "gate": its inputs are the 3 FRG indicators and then
-    the 3 BRG indicators, hidden units [0, H) belong to FRG and [H, 2H) to BRG, output 0 is q_FRG and
-    output 1 is q_BRG. The blocks between the two gates are frozen at zero, so the gates stay
-    independent while a step runs one small MLP instead of two."""
-
-    def __init__(self, dim: int, cfgs: list[TrainConfig], device: torch.device):
-        self.k, self.dim, self.device = len(cfgs), dim, device
-        self.fdc_depth = cfgs[0].fdc_layers
-        self.fdc_hidden = max(c.fdc_hidden for c in cfgs)
-        self.gate_depth = max(max(c.frg_layers, c.brg_layers) for c in cfgs)
-        one_layer = any(min(c.frg_layers, c.brg_layers) == 1 for c in cfgs) and self.gate_depth > 1
-        self.gate_hidden = max([c.gate_hidden for c in cfgs] + ([GATE_INPUTS] if one_layer else []))
-        fdc_dims = [dim] + [self.fdc_hidden] * (self.fdc_depth - 1) + [dim]
-        gate_dims = [2 * GATE_INPUTS] + [2 * self.gate_hidden] * (self.gate_depth - 1) + [2]
-        self.dims = {"fdc_img": fdc_dims, "fdc_txt": fdc_dims, "gate": gate_dims}
-        self.blocks: dict[str, Block] = {}
-        offset = 0
-        for module, dims in self.dims.items():
-            for i in range(len(dims) - 1):
-                for kind, shape in (("w", (dims[i + 1], dims[i])), ("b", (dims[i + 1],))):
-                    block = Block(f"{module}.{i}.{kind}", shape, offset)
-                    self.blocks[block.name] = block
-                    offset += self.k * block.size
-        self.numel = offset
-
-    def gate_units(self, gate: int, layer: int, n: int | None = None) -> slice:
-        """The outputs of padded gate layer `layer` that belong to gate 0 (FRG) or 1 (BRG): their first n."""
-        if layer == self.gate_depth - 1:
-            return slice(gate, gate + 1)
-        start = gate * self.gate_hidden
-        return slice(start, start + (self.gate_hidden if n is None else n))
-
-    def relu_switches(self) -> Tensor:
-        """All-on switches (K, depth − 1, 2H) of the ReLU after each hidden unit of the gate MLP, for `scatter`."""
-        return torch.ones(self.k, max(self.gate_depth - 1, 1), 2 * self.gate_hidden)
-
-    def views(self, flat: Tensor) -> dict[str, Tensor]:
-        """Contiguous (K, *shape) views of each parameter into a flat buffer."""
-        return {n: flat[b.offset:b.offset + self.k * b.size].view(self.k, *b.shape) for n, b in self.blocks.items()}
-
-    def rows(self, flat: Tensor) -> dict[str, Tensor]:
-        """(K, size) views of each block: one row per configuration, for per-configuration factors."""
-        return {n: flat[b.offset:b.offset + self.k * b.size].view(self.k, b.size) for n, b in self.blocks.items()}
-
-    def layers(self, views: dict[str, Tensor], module: str) -> list[tuple[Tensor, Tensor]]:
-        return [(views[f"{module}.{i}.w"], views[f"{module}.{i}.b"]) for i in range(len(self.dims[module]) - 1)]
-
-
-def _linears(seq: nn.Sequential | None) -> list[nn.Linear]:
-    return [] if seq is None else [m for m in seq if isinstance(m, nn.Linear)]
-
-
-def _gate_slots(layout: Layout, depth: int):
-    """For a gate of `depth` real layers: per padded layer, ("real", j) or ("identity" | "embed", None)."""
-    if depth == layout.gate_depth:
-        return [("real", j) for j in range(depth)]
-    if depth == 2:  # 2 real layers in a 3-layer structure: identity in the middle
-        return [("real", 0), ("identity", None), ("real", 1)]
-    return [("embed", None)] + [("identity", None)] * (layout.gate_depth - 2) + [("real", 0)]
-
-
-def _gates(layout: Layout, head: FVGPTHead, cfg: TrainConfig):
-    """(0 for FRG | 1 for BRG, the gate, its padded slots, the gate MLP's input columns of its indicators)."""
-    for g, (gate, depth, names, known) in enumerate(((head.frg, cfg.frg_layers, head.frg_names, FRG_INDICATORS),
-                                                     (head.brg, cfg.brg_layers, head.brg_names, BRG_INDICATORS))):
-        if gate is not None:
-            yield g, gate, _gate_slots(layout, depth), [g * GATE_INPUTS + known.index(n) for n in names]
-
-
-def _placements(layout: Layout, head: FVGPTHead, cfg: TrainConfig):
-    """Where each real parameter of a head sits in the padded stacks: (block, rows, columns or None, parameter)."""
-    for module, adapter in (("fdc_img", head.fdc and head.fdc.image), ("fdc_txt", head.fdc and head.fdc.text)):
-        for i, lin in enumerate(_linears(adapter.mlp if adapter is not None else None)):
-            out, inp = lin.weight.shape
-            yield f"{module}.{i}.w", slice(0, out), list(range(inp)), lin.weight
-            yield f"{module}.{i}.b", slice(0, out), None, lin.bias
-    for g, gate, slots, cols in _gates(layout, head, cfg):
-        lins = _linears(gate.mlp)
-        for i, (kind, j) in enumerate(slots):
-            if kind != "real":
-                continue
-            out, inp = lins[j].weight.shape
-            if i == 0:
-                in_cols = cols
-            elif slots[0][0] == "embed":  # the embedding put indicator c on hidden unit c of this gate
-                in_cols = [g * layout.gate_hidden + c - g * GATE_INPUTS for c in cols]
-            else:
-                units = layout.gate_units(g, i - 1, inp)
-                in_cols = list(range(units.start, units.stop))
-            yield f"gate.{i}.w", layout.gate_units(g, i, out), in_cols, lins[j].weight
-            yield f"gate.{i}.b", layout.gate_units(g, i, out), None, lins[j].bias
-
-
-def _put(layout: Layout, k: int, head: FVGPTHead, cfg: TrainConfig, views: dict[str, Tensor],
-         value: float | None = None) -> None:
-    """Write configuration k's real parameters (or `value` at their places) into the padded stacks `views`."""
-    for name, rows, cols, param in _placements(layout, head, cfg):
-        src = param.detach().to(views[name].device) if value is None else value
-        if cols is None:
-            views[name][k, rows] = src
-        else:
-            views[name][k, rows][:, cols] = src
-
-
-def scatter(layout: Layout, k: int, head: FVGPTHead, cfg: TrainConfig, params: dict[str, Tensor],
-            mask: dict[str, Tensor], acts: Tensor) -> None:
-    """Put configuration k's head into the padded stacks; mark its trainable entries in `mask`; set up
-    the frozen layers (identity, input embedding) and the activation switches (K, depth − 1, 2H) of a
-    shallower gate."""
-    _put(layout, k, head, cfg, params)
-    _put(layout, k, head, cfg, mask, value=1.0)
-    h = layout.gate_hidden
-    for g, gate, slots, cols in _gates(layout, head, cfg):
-        units = layout.gate_units(g, 0)
-        for i, (kind, _) in enumerate(slots):
-            if i < len(slots) - 1:  # a 1-layer gate (embedding first) is linear: no ReLU anywhere
-                acts[k, i, units] = 0.0 if slots[0][0] == "embed" else 1.0
-            if kind == "identity":
-                params[f"gate.{i}.w"][k, units, units] = torch.eye(h)
-            elif kind == "embed":
-                for c in cols:
-                    params[f"gate.{i}.w"][k, g * h + c - g * GATE_INPUTS, c] = 1.0
-
-
-def gather(layout: Layout, k: int, head: FVGPTHead, cfg: TrainConfig, params: dict[str, Tensor]) -> FVGPTHead:
-    """The inverse of `scatter`: configuration k's trained values back into its own head."""
-    with torch.no_grad():
-        for name, rows, cols, param in _placements(layout, head, cfg):
-            param.copy_(params[name][k, rows] if cols is None else params[name][k, rows][:, cols])
-    return head
-
-
-# ---------------------------------------------------------------------------------------------
-# Forward and backward of the padded MLPs
-
-
-def mlp_forward(x: Tensor, layers: list[tuple[Tensor, Tensor]], act: Tensor | None) -> tuple[Tensor, list[Tensor]]:
-    """x (K, N, in) or (N, in) shared; returns the output (K, N, out) and the inputs of each layer.
-
-    `act` (K, depth−1, 1, units), boolean, switches the ReLU of each hidden unit per configuration (None: all on)."""
-    inputs = []
-    h = x
-    for i, (w, b) in enumerate(layers):
-        inputs.append(h)
-        if h.dim() == 3:
-            pre = torch.baddbmm(b.unsqueeze(1), h, w.transpose(1, 2))
-        else:  # an input shared by all configurations: one (N, in) @ (in, K·out) product
-            k, out = w.shape[:2]
-            pre = torch.addmm(b.view(1, -1), h, w.view(k * out, -1).T).view(h.shape[0], k, out).transpose(0, 1)
-        if i < len(layers) - 1:
-            relu = torch.relu(pre)
-            h = relu if act is None else torch.where(act[:, i], relu, pre)
-        else:
-            h = pre
-    return h, inputs
-
-
-def mlp_backward(d_out: Tensor, layers: list[tuple[Tensor, Tensor]], inputs: list[Tensor], act: Tensor | None,
-                 grads: list[tuple[Tensor, Tensor]]) -> None:
-    """Writes ∂L/∂W, ∂L/∂b of every layer into `grads` (views of the flat gradient buffer)."""
-    d = d_out
-    for i in range(len(layers) - 1, -1, -1):
-        (w, _), (gw, gb), h = layers[i], grads[i], inputs[i]
-        if h.dim() == 3:
-            torch.bmm(d.transpose(1, 2), h, out=gw)
-        else:  # shared input: one (K·out, N) @ (N, in) product
-            torch.mm(d.transpose(1, 2).reshape(-1, h.shape[0]), h, out=gw.view(-1, h.shape[1]))
-        torch.sum(d, dim=1, out=gb)
-        if i == 0:
-            break
-        dh = torch.bmm(d, w)
-        through = torch.ops.aten.threshold_backward(dh, h, 0)  # h = relu(pre): the ReLU's gradient gate
-        d = through if act is None else torch.where(act[:, i - 1], through, dh)
-
-
-def _times(t: Tensor, factor: Tensor | float) -> Tensor | float:
-    """t · factor, where a Python-number factor of 1 is skipped and 0 gives 0."""
-    if isinstance(factor, float):
-        return t if factor == 1.0 else 0.0 if factor == 0.0 else t * factor
-    return t * factor
-
-
-def _sum_terms(*terms, like: Tensor) -> Tensor:
-    """The sum of tensor and number terms (zeros skipped); a tensor shaped like `like`."""
-    total = None
-    for term in terms:
-        if isinstance(term, float) and term == 0.0:
-            continue
-        total = term if total is None else total + term
-    if total is None:
-        return torch.zeros_like(like)
-    return total if isinstance(total, Tensor) else torch.full_like(like, total)
-
-
-# ---------------------------------------------------------------------------------------------
-# The group
-
-
 class Group:
-    """K configurations trained together on one TrainData; see the module docstring."""
+    """K configurations trained together on one TrainData; see the `fvgpt_cache.engine` docstring."""
 
     def __init__(self, data: TrainData, cfgs: list[TrainConfig], device: torch.device,
                  heads: list[FVGPTHead] | None = None):
@@ -402,7 +155,7 @@ class Group:
         keys = [(c.tau, c.frg_margin, c.area_min, c.area_max) for c in self.cfgs]
         self.row_offset = torch.tensor([self.variants.index(k) * rows for k in keys], device=self.device).view(-1, 1)
 
-    def narrowed(self, keep: list[int]) -> "Group":
+    def narrowed(self, keep: list[int]) -> Group:
         """The configurations at positions `keep` as a group of their own, padded only to their own widths and
         depths, with their current parameters and optimiser states and this group's table of statistics."""
         heads = [gather(self.layout, k, self.heads[k], self.cfgs[k], self.params) for k in keep]
@@ -416,7 +169,7 @@ class Group:
                 continue
             for j, k in enumerate(keep):
                 holder = gather(self.layout, k, copy.deepcopy(self.heads[k]), self.cfgs[k], self.layout.views(flat))
-                _put(new.layout, j, holder, new.cfgs[j], new.layout.views(new.state_flat[key]))
+                put(new.layout, j, holder, new.cfgs[j], new.layout.views(new.state_flat[key]))
         for j, k in enumerate(keep):
             new.per_config[j]["step"].copy_(self.per_config[k]["step"])
         return new
@@ -604,7 +357,7 @@ class Group:
 
     def _train(self, progress, threads: int) -> list[tuple[FVGPTHead, list[dict], np.ndarray]]:
         data, cfgs = self.data, self.cfgs
-        n, views = data.full.shape[:2]
+        views = data.full.shape[1]
         labels = data.y.numpy()
         subsets = [torch.from_numpy(subsample_per_class(labels, c.data_fraction, c.seed)) for c in cfgs]
         self.prepare()
@@ -670,72 +423,3 @@ def _logged(key: str, cfg: TrainConfig) -> bool:
             "pc": pc, "total": True}[key]
 
 
-def memory_estimate(data: TrainData, cfgs: list[TrainConfig]) -> tuple[int, int]:
-    """Bytes a group needs: (shared by all its configurations, added by each configuration).
-
-    Shared: the table of frozen statistics of every training row, once per distinct (τ, FRG margin,
-    area gate): features, logits, one-hot labels, teacher distributions and indicators. Per
-    configuration: its padded parameters with gradient, mask and optimiser states, and the
-    activations of one step."""
-    n, views, dim = data.full.shape
-    rows, c, b = n * views, len(data.txt_bb), cfgs[0].batch_size
-    variants = len({(x.tau, x.frg_margin, x.area_min, x.area_max) for x in cfgs})
-    shared = 4 * rows * variants * (dim + 6 * c + 5 + 2 * GATE_INPUTS) + 8 * rows
-    h, g = max(x.fdc_hidden for x in cfgs), 2 * max(x.gate_hidden for x in cfgs)
-    layers = cfgs[0].fdc_layers
-    fdc = 2 * (dim * dim + dim) if layers == 1 else 2 * (2 * dim * h + h + dim + (layers - 2) * (h * h + h))
-    params = fdc + 2 * GATE_INPUTS * g + g + g * g + g + 2 * g + 2
-    step = b * (16 * c + 6 * dim + 8 * h) + c * (4 * dim + 4 * h)
-    return shared, 4 * (7 * params + step)
-
-
-def available_memory(device: torch.device) -> int:
-    """Free memory of the device in bytes (CUDA: free device memory; CPU: the kernel's MemAvailable)."""
-    if device.type == "cuda":
-        return int(torch.cuda.mem_get_info(device)[0])
-    try:
-        with open("/proc/meminfo") as fh:
-            for line in fh:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return 8 << 30  # no way to ask: assume 8 GiB
-
-
-def split_for_memory(data: TrainData, cfgs: list[TrainConfig], budget: int) -> list[list[TrainConfig]]:
-    """Cut a group into parts that each fit `budget` bytes (at least one configuration per part)."""
-    shared, each = memory_estimate(data, cfgs)
-    room = max(1, (budget - shared) // max(each, 1))
-    return [cfgs[i:i + room] for i in range(0, len(cfgs), room)]
-
-
-def width_parts(cfgs: list[TrainConfig]) -> list[list[int]]:
-    """Positions of the configurations of each FDC width, widest first: the parts a group trains in.
-
-    Padding a narrow adapter to a wide one multiplies the group's largest products (on the paper
-    preset, its one 128-wide row made the other 98 runs train at twice their width), while a part
-    costs only a single run's per-step overhead; so each width trains as its own part."""
-    parts: dict[int, list[int]] = {}
-    for i, c in enumerate(cfgs):
-        parts.setdefault(c.fdc_hidden, []).append(i)
-    return [parts[w] for w in sorted(parts, reverse=True)]
-
-
-def train_group(data: TrainData, cfgs: list[TrainConfig], device: torch.device, progress=None):
-    """Train configurations that share a group key together, one part per FDC width (`width_parts`);
-    a single run is a group of one. Results in the order of `cfgs`."""
-    out: list = [None] * len(cfgs)
-    for positions in width_parts(cfgs):
-        for i, item in zip(positions, Group(data, [cfgs[i] for i in positions], device).train(progress)):
-            out[i] = item
-    return out
-
-
-def train_head(data: TrainData, cfg: TrainConfig, progress=None) -> tuple[FVGPTHead, list[dict], np.ndarray]:
-    """Train one head (a group of one); deterministic for a given `cfg.seed`.
-
-    Returns the head, its per-epoch history and the indices of the training images it used
-    (all of `data`, or the `data_fraction` subset)."""
-    cfg.validate()
-    return train_group(data, [cfg], resolve_device(cfg.device), progress)[0]

@@ -1,0 +1,82 @@
+"""How a group is cut into parts (memory, FDC width) and trained; a single run is a group of one."""
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from ..device import resolve_device
+from ..heads import FVGPTHead
+from ..training import TrainConfig, TrainData
+from .group import Group
+from .layout import GATE_INPUTS
+
+
+def memory_estimate(data: TrainData, cfgs: list[TrainConfig]) -> tuple[int, int]:
+    """Bytes a group needs: (shared by all its configurations, added by each configuration).
+
+    Shared: the table of frozen statistics of every training row, once per distinct (τ, FRG margin,
+    area gate): features, logits, one-hot labels, teacher distributions and indicators. Per
+    configuration: its padded parameters with gradient, mask and optimiser states, and the
+    activations of one step."""
+    n, views, dim = data.full.shape
+    rows, c, b = n * views, len(data.txt_bb), cfgs[0].batch_size
+    variants = len({(x.tau, x.frg_margin, x.area_min, x.area_max) for x in cfgs})
+    shared = 4 * rows * variants * (dim + 6 * c + 5 + 2 * GATE_INPUTS) + 8 * rows
+    h, g = max(x.fdc_hidden for x in cfgs), 2 * max(x.gate_hidden for x in cfgs)
+    layers = cfgs[0].fdc_layers
+    fdc = 2 * (dim * dim + dim) if layers == 1 else 2 * (2 * dim * h + h + dim + (layers - 2) * (h * h + h))
+    params = fdc + 2 * GATE_INPUTS * g + g + g * g + g + 2 * g + 2
+    step = b * (16 * c + 6 * dim + 8 * h) + c * (4 * dim + 4 * h)
+    return shared, 4 * (7 * params + step)
+
+
+def available_memory(device: torch.device) -> int:
+    """Free memory of the device in bytes (CUDA: free device memory; CPU: the kernel's MemAvailable)."""
+    if device.type == "cuda":
+        return int(torch.cuda.mem_get_info(device)[0])
+    try:
+        with open("/proc/meminfo") as fh:
+            for line in fh:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 8 << 30  # no way to ask: assume 8 GiB
+
+
+def split_for_memory(data: TrainData, cfgs: list[TrainConfig], budget: int) -> list[list[TrainConfig]]:
+    """Cut a group into parts that each fit `budget` bytes (at least one configuration per part)."""
+    shared, each = memory_estimate(data, cfgs)
+    room = max(1, (budget - shared) // max(each, 1))
+    return [cfgs[i:i + room] for i in range(0, len(cfgs), room)]
+
+
+def width_parts(cfgs: list[TrainConfig]) -> list[list[int]]:
+    """Positions of the configurations of each FDC width, widest first: the parts a group trains in.
+
+    Padding a narrow adapter to a wide one multiplies the group's largest products (on the paper
+    preset, its one 128-wide row made the other 98 runs train at twice their width), while a part
+    costs only a single run's per-step overhead; so each width trains as its own part."""
+    parts: dict[int, list[int]] = {}
+    for i, c in enumerate(cfgs):
+        parts.setdefault(c.fdc_hidden, []).append(i)
+    return [parts[w] for w in sorted(parts, reverse=True)]
+
+
+def train_group(data: TrainData, cfgs: list[TrainConfig], device: torch.device, progress=None):
+    """Train configurations that share a group key together, one part per FDC width (`width_parts`);
+    a single run is a group of one. Results in the order of `cfgs`."""
+    out: list = [None] * len(cfgs)
+    for positions in width_parts(cfgs):
+        for i, item in zip(positions, Group(data, [cfgs[i] for i in positions], device).train(progress)):
+            out[i] = item
+    return out
+
+
+def train_head(data: TrainData, cfg: TrainConfig, progress=None) -> tuple[FVGPTHead, list[dict], np.ndarray]:
+    """Train one head (a group of one); deterministic for a given `cfg.seed`.
+
+    Returns the head, its per-epoch history and the indices of the training images it used
+    (all of `data`, or the `data_fraction` subset)."""
+    cfg.validate()
+    return train_group(data, [cfg], resolve_device(cfg.device), progress)[0]
