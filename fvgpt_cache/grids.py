@@ -17,7 +17,7 @@ from pathlib import Path
 
 from .ablations import ABLATIONS, PAPER
 from .device import resolve_device
-from .engine import available_memory, memory_estimate, split_for_memory, train_group, width_parts
+from .engine import available_memory, memory_estimate, shape_parts, split_for_memory, train_group
 from .engine import group_key as engine_group_key
 from .runs import eval_sets, finish_run, run_id
 from .store import check_same_model, open_cache
@@ -260,12 +260,12 @@ def run_grid(runs: list[GridRun], out_dir: Path, *, resume: bool = True, batched
         budget = memory_budget or int(0.8 * available_memory(device))
         parts = split_for_memory(data, cfgs, budget)
         if log:
-            widths = width_parts(cfgs)
+            shapes = shape_parts(cfgs)
             shared, each = memory_estimate(data, cfgs)
             log(f"group of {len(cfgs)} configuration(s) on {cache.path.name}: {shared / 2**20:.0f} MB shared + "
                 f"{each / 2**20:.1f} MB each = {(shared + len(cfgs) * each) / 2**20:.0f} MB"
                 + (f"; trained in {len(parts)} parts to fit {budget / 2**20:.0f} MB" if len(parts) > 1 else "")
-                + (f"; one part per FDC width ({len(widths)})" if len(widths) > 1 else ""))
+                + (f"; one part per padded shape ({len(shapes)})" if len(shapes) > 1 else ""))
         t1 = time.perf_counter()
         trained = [item for part in parts for item in train_group(data, part, device)]
         seconds = {"load": t1 - t0, "train": (time.perf_counter() - t1) / len(cfgs), "group_size": len(cfgs)}

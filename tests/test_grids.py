@@ -120,7 +120,7 @@ MIXED = [
     {"fdc_hidden": 16, "use_frg": False, "r_without_frg": "target", "optimizer": "adamw", "lr": 0.001},
     {"use_pc": False, "loss_dist": False, "warmup_epochs": 0, "weight_decay": 0.0, "fdc_hidden": 96, "epochs": 2},
     {"use_fdc": False, "brg_indicators": ("cos",), "momentum": 0.5},
-    {"fdc_textual": False, "tau": 1.0, "detach_r": False, "lambda_frg": 2.0, "frg_margin": 0.1},
+    {"fdc_textual": False, "tau": 1.0, "detach_r": False, "lambda_frg": 2.0, "frg_margin": 0.1, "epochs": 2},
     {"r_source": "full", "area_min": 0.3, "use_scale": False, "drop_last": False, "data_fraction": 0.7},
     {"frg_layers": 3, "brg_layers": 2, "loss_frg": False, "lambda_pc": 0.5, "fdc_init_scale": 0.0},
 ]

@@ -7,8 +7,8 @@ everything else may differ per configuration and becomes data:
 * components and loss terms: per-configuration 0/1 factors on the loss terms and on r;
 * λ_d, λ_frg, λ_pc, τ, the logit scale switch, the FRG margin, the area gate, r's source: factors;
 * widths: zero-padded hidden units (a padded unit starts at zero and its gradient is exactly zero);
-  `train_group` trains each FDC width as its own part (padding the adapters costs more than a part),
-  gate widths are padded;
+  `train_group` trains each padded shape (FDC width, gate width, gate depth) as its own part, since
+  padding costs more than a part;
 * gate depths: layers padded to the group's depth with frozen identity layers, and a 1-layer gate
   as a frozen embedding of its inputs followed by its one real layer (per-layer activation masks);
 * indicator subsets: the columns a configuration does not use are zero and frozen;
@@ -30,7 +30,7 @@ unused indicator columns, a switched-off adapter's bias) are put back after ever
 """
 from .group import GROUP_FIELDS, SMALL_STEP_FLOPS, TERMS, Group, group_key
 from .layout import Layout, gather, scatter
-from .parts import available_memory, memory_estimate, split_for_memory, train_group, train_head, width_parts
+from .parts import available_memory, memory_estimate, split_for_memory, train_group, train_head, shape_parts
 
 __all__ = ["GROUP_FIELDS", "SMALL_STEP_FLOPS", "TERMS", "Group", "Layout", "available_memory", "gather", "group_key",
-           "memory_estimate", "scatter", "split_for_memory", "train_group", "train_head", "width_parts"]
+           "memory_estimate", "scatter", "split_for_memory", "train_group", "train_head", "shape_parts"]

@@ -51,23 +51,26 @@ def split_for_memory(data: TrainData, cfgs: list[TrainConfig], budget: int) -> l
     return [cfgs[i:i + room] for i in range(0, len(cfgs), room)]
 
 
-def width_parts(cfgs: list[TrainConfig]) -> list[list[int]]:
-    """Positions of the configurations of each FDC width, widest first: the parts a group trains in.
+def shape_parts(cfgs: list[TrainConfig]) -> list[list[int]]:
+    """Positions of the configurations of each padded shape (FDC width, gate width, gate depth), largest
+    first: the parts a group trains in.
 
-    Padding a narrow adapter to a wide one multiplies the group's largest products (on the paper
-    preset, its one 128-wide row made the other 98 runs train at twice their width), while a part
-    costs only a single run's per-step overhead; so each width trains as its own part."""
-    parts: dict[int, list[int]] = {}
+    Padding to the largest shape multiplies the work of every configuration (on the paper preset, its
+    three 128-wide adapters made the other 96 runs train at twice their width, and its three 3-layer,
+    128-wide gates gave every run a 256 × 256 frozen identity layer), while a part costs only a single
+    run's per-step overhead; so each shape trains as its own part. Inside a part, FRG and BRG of
+    different depths, indicator subsets and everything else still batch with padding."""
+    parts: dict[tuple, list[int]] = {}
     for i, c in enumerate(cfgs):
-        parts.setdefault(c.fdc_hidden, []).append(i)
-    return [parts[w] for w in sorted(parts, reverse=True)]
+        parts.setdefault((c.fdc_hidden, c.gate_hidden, max(c.frg_layers, c.brg_layers)), []).append(i)
+    return [parts[key] for key in sorted(parts, reverse=True)]
 
 
 def train_group(data: TrainData, cfgs: list[TrainConfig], device: torch.device, progress=None):
-    """Train configurations that share a group key together, one part per FDC width (`width_parts`);
+    """Train configurations that share a group key together, one part per padded shape (`shape_parts`);
     a single run is a group of one. Results in the order of `cfgs`."""
     out: list = [None] * len(cfgs)
-    for positions in width_parts(cfgs):
+    for positions in shape_parts(cfgs):
         for i, item in zip(positions, Group(data, [cfgs[i] for i in positions], device).train(progress)):
             out[i] = item
     return out
