@@ -142,7 +142,8 @@ def run_details(records: dict[str, dict[int, dict[str, dict]]]) -> dict:
 
 
 def _pts(x: float) -> str:
-    return f"{abs(x):.1f} point{'s' if round(abs(x), 1) != 1 else ''}"
+    """"3.2 points above" / "1.0 point below": a difference in words."""
+    return f"{abs(x):.1f} point{'s' if round(abs(x), 1) != 1 else ''} {'above' if x >= 0 else 'below'}"
 
 
 def story(summary: dict) -> list[str]:
@@ -156,18 +157,16 @@ def story(summary: dict) -> list[str]:
     cf_gap = cf["backbone"]["base"] - cf["zeroshot"]["base"]
     ref_gap = reference["backbone"]["base"] - reference["zeroshot"]["base"]
     first = (f"On counterfactual images, where each shape stands in another class's context, CoOp reaches "
-             f"{cf['backbone']['base']:.1f}% base accuracy, {_pts(cf_gap)} {'above' if cf_gap >= 0 else 'below'} "
-             f"zero-shot CLIP ({cf['zeroshot']['base']:.1f}%), while on {ref_name} images it is {_pts(ref_gap)} "
-             f"{'above' if ref_gap >= 0 else 'below'} it ({reference['backbone']['base']:.1f}% vs "
-             f"{reference['zeroshot']['base']:.1f}%)"
+             f"{cf['backbone']['base']:.1f}% base accuracy, {_pts(cf_gap)} zero-shot CLIP "
+             f"({cf['zeroshot']['base']:.1f}%), while on {ref_name} images it is {_pts(ref_gap)} it "
+             f"({reference['backbone']['base']:.1f}% vs {reference['zeroshot']['base']:.1f}%)"
              + (": tuned on images whose context matches their class, CoOp learned to read the context."
                 if cf_gap < ref_gap - 2 else "."))
     gain = cf["fvgpt"]["base"] - cf["backbone"]["base"]
     over_control = cf["fvgpt"]["base"] - cf["control_full"]["base"]
     second = (f"On counterfactual base images CoOp + FVG-PT reaches {cf['fvgpt']['base']:.1f}%, "
-              f"{_pts(gain)} {'above' if gain >= 0 else 'below'} CoOp, and "
-              f"{_pts(over_control)} {'above' if over_control >= 0 else 'below'} the control that distils towards the "
-              f"full image instead of the foreground ({cf['control_full']['base']:.1f}%), so "
+              f"{_pts(gain)} CoOp, and {_pts(over_control)} the control that distils towards the full image "
+              f"instead of the foreground ({cf['control_full']['base']:.1f}%), so "
               + ("the gain comes from the foreground view, not from anchoring to the backbone."
                  if over_control >= 3 and gain > 0 else
                  "only part of the gain is the foreground view's; the rest is distilling back to the backbone."
