@@ -1,4 +1,7 @@
+import contextlib
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -64,3 +67,20 @@ def write_generic_dataset(root: Path, per_class=(6, 3, 3), seed=0, mask_ext=".pn
 @pytest.fixture()
 def generic_data(tmp_path):
     return write_generic_dataset(tmp_path / "data")
+
+
+@contextlib.contextmanager
+def lock_held_elsewhere(path: Path, owner: str = ""):
+    """Another process holds the POSIX record lock `store.lock_file` takes on `path` (without importing
+    torch), writing its PID and `owner` into the lock file as a writer does; yields that process."""
+    code = ("import fcntl, os, sys, time\nfd = os.open(sys.argv[1] + '.lock', os.O_RDWR | os.O_CREAT)\n"
+            "fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)\n"
+            "os.write(fd, (str(os.getpid()) + (' ' + sys.argv[2] if sys.argv[2] else '')).encode())\n"
+            "print('locked', flush=True)\ntime.sleep(60)\n")
+    holder = subprocess.Popen([sys.executable, "-c", code, str(path), owner], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        yield holder
+    finally:
+        holder.kill()
+        holder.wait()

@@ -17,7 +17,7 @@ import h5py
 import numpy as np
 import pytest
 import torch.distributed as dist
-from conftest import write_generic_dataset
+from conftest import lock_held_elsewhere, write_generic_dataset
 from typer.testing import CliRunner
 
 from fvgpt_cache.cli.main import app
@@ -25,9 +25,20 @@ from fvgpt_cache.data import generic_dataset
 from fvgpt_cache.distributed import Job, JobFailed
 from fvgpt_cache.extraction import ExtractionError, ExtractOptions, extract
 from fvgpt_cache.passes import grid_batches
-from fvgpt_cache.store import CacheError, exclusive_lock, partial_path
+from fvgpt_cache.store import CacheError, exclusive_lock, open_cache, partial_path
 
 OPTS = dict(shots=4, seed=1, workers=0, batch_size=4, train_views=3)
+
+
+def _assert_same_import(one, two, group: str) -> None:
+    """An import run by one process and by two wrote the same file, save for when and by how many."""
+    a, b = _contents(one), _contents(two)
+    assert a.keys() == b.keys()
+    for key in a.keys() - {"attrs", "provenance"}:
+        assert np.array_equal(a[key], b[key]), key
+    pa, pb = open_cache(one).text_provenance(group), open_cache(two).text_provenance(group)
+    assert pb.pop("world_sizes") == [2] and pa.pop("created") and pb.pop("created")
+    assert pa == pb
 
 
 def _contents(path) -> dict:
@@ -222,7 +233,6 @@ def test_backbone_import_on_two_ranks_writes_the_groups_of_one_process(tmp_path,
 
     from fvgpt_cache.backbones import ImportOptions, import_backbone
     from fvgpt_cache.models import load_clip
-    from fvgpt_cache.store import open_cache
 
     deep = load_clip(str(_config(tmp_path_factory, "deep-clip")), "none", seed=0)
     ds = generic_dataset(*write_generic_dataset(tmp_path / "data", per_class=(4, 2, 2)))
@@ -245,13 +255,7 @@ def test_backbone_import_on_two_ranks_writes_the_groups_of_one_process(tmp_path,
     results, errors = run_ranks(2, lambda job: import_backbone(two, "mmrl", ckpt, options, loaded=deep, job=job))
     assert errors == [None, None]
     assert results[0].world_size == 2 and sum(r["rows"] for r in results[0].ranks) == 16 + 8 + 8
-    a, b = _contents(one), _contents(two)
-    assert a.keys() == b.keys()
-    for key in a.keys() - {"attrs", "provenance"}:
-        assert np.array_equal(a[key], b[key]), key
-    pa, pb = open_cache(one).text_provenance("mmrl"), open_cache(two).text_provenance("mmrl")
-    assert pb.pop("world_sizes") == [2] and pa.pop("created") and pb.pop("created")
-    assert pa == pb
+    _assert_same_import(one, two, "mmrl")
 
 
 # ---------------------------------------------------------------------------------- torchrun (slow)
@@ -392,7 +396,6 @@ def test_torchrun_backbone_import_writes_the_groups_of_one_process(tmp_path, tmp
     from test_import import _base_names, _config, _save, promptsrc_checkpoint
 
     from fvgpt_cache.models import load_clip
-    from fvgpt_cache.store import open_cache
 
     config = _config(tmp_path_factory, "deep-clip")
     split, images, masks = write_generic_dataset(tmp_path / "data", per_class=(4, 2, 2))
@@ -409,28 +412,14 @@ def test_torchrun_backbone_import_writes_the_groups_of_one_process(tmp_path, tmp
     res = _torchrun(2, "-m", "fvgpt_cache.cli.main", "backbone", "import", two, *args)
     assert res.returncode == 0, res.stderr + res.stdout
     assert re.search(r"2 processes: rank 0 .* rank 1 .*; total [\d.]+ img/s", res.stdout), res.stdout
-    a, b = _contents(one), _contents(two)
-    assert a.keys() == b.keys()
-    for key in a.keys() - {"attrs", "provenance"}:
-        assert np.array_equal(a[key], b[key]), key
-    pa, pb = open_cache(one).text_provenance("promptsrc"), open_cache(two).text_provenance("promptsrc")
-    assert pb.pop("world_sizes") == [2] and pa.pop("created") and pb.pop("created")
-    assert pa == pb
+    _assert_same_import(one, two, "promptsrc")
     assert not list(tmp_path.glob("two.h5.promptsrc.partial*"))
 
 
 def test_a_lock_held_from_another_machine_names_its_host(tmp_path):
     """On a shared file system rank 0 of another job may run on another node: the refusal names it."""
     out = tmp_path / "c.h5"
-    code = ("import fcntl, os, sys, time\nfd = os.open(sys.argv[1] + '.lock', os.O_RDWR | os.O_CREAT)\n"
-            "fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)\nos.write(fd, f'{os.getpid()} gpu-node-07'.encode())\n"
-            "print('locked', flush=True)\ntime.sleep(60)\n")
-    holder = subprocess.Popen([sys.executable, "-c", code, str(out)], stdout=subprocess.PIPE, text=True)
-    try:
-        assert holder.stdout.readline().strip() == "locked"
+    with lock_held_elsewhere(out, "gpu-node-07") as holder:
         with pytest.raises(CacheError, match=f"held by PID {holder.pid} on gpu-node-07\\)"):
             with exclusive_lock(out):
                 pass
-    finally:
-        holder.kill()
-        holder.wait()

@@ -7,7 +7,7 @@ import re
 
 import h5py
 import pytest
-from conftest import write_generic_dataset
+from conftest import lock_held_elsewhere, write_generic_dataset
 from typer.testing import CliRunner
 
 from fvgpt_cache.cli import common
@@ -380,25 +380,13 @@ def _children(pid: int) -> list[int]:
 
 
 def test_second_writer_is_refused_with_the_pid_holding_the_lock(tmp_path):
-    import subprocess
-    import sys
-
     from fvgpt_cache.store import CacheError, exclusive_lock
 
     out = tmp_path / "c.h5"
-    # the holder takes the same POSIX record lock as `store.lock_file` (without importing torch)
-    code = ("import fcntl, os, sys, time\nfd = os.open(sys.argv[1] + '.lock', os.O_RDWR | os.O_CREAT)\n"
-            "fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)\nos.write(fd, str(os.getpid()).encode())\n"
-            "print('locked', flush=True)\ntime.sleep(60)\n")
-    holder = subprocess.Popen([sys.executable, "-c", code, str(out)], stdout=subprocess.PIPE, text=True)
-    try:
-        assert holder.stdout.readline().strip() == "locked"
+    with lock_held_elsewhere(out) as holder:
         with pytest.raises(CacheError, match=f"another process is already writing .*held by PID {holder.pid}"):
             with exclusive_lock(out):
                 pass
-    finally:
-        holder.kill()
-        holder.wait()
     with exclusive_lock(out):  # the kernel dropped the killed holder's lock
         pass
 
