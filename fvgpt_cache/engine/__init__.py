@@ -14,8 +14,8 @@ everything else may differ per configuration and becomes data:
 * indicator subsets: the columns a configuration does not use are zero and frozen;
 * lr, weight decay, momentum, optimiser (SGD / AdamW), warm-up and epochs: per-configuration
   schedules; configurations with equal settings step together in one call of torch's fused SGD or
-  AdamW kernel; a configuration whose epochs are over, or whose (smaller) data fraction has no batch
-  left in an epoch, takes no step;
+  AdamW kernel; a configuration whose (smaller) data fraction has no batch left in an epoch takes no
+  step, and one whose epochs are over leaves the group (`Group.narrowed`);
 * data fraction, seed, drop_last: per-configuration batch plans.
 
 Gradients are written by hand (each checked against autograd of `heads.FVGPTHead.losses_from` in

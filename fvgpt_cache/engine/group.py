@@ -304,8 +304,8 @@ class Group:
     def optimizer_step(self, active: Tensor | None) -> None:
         """One step of every active configuration with torch.optim's own fused SGD (momentum, coupled
         weight decay) or AdamW kernel, called once per set of configurations with equal settings;
-        an inactive configuration (its epochs are over, or its smaller data fraction has no batch left
-        in this epoch) takes no step at all and keeps its states."""
+        an inactive configuration (its smaller data fraction has no batch left in this epoch) takes no
+        step at all and keeps its states."""
         on = None if active is None else active.tolist()
         for (kind, lr, wd, mom), (members, lists) in self.groups.items():
             if on is not None and not all(on[k] > 0 for k in members):
