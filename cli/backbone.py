@@ -36,10 +36,15 @@ def backbone_train(
     seed: int = typer.Option(1),
     pretrained: Optional[str] = typer.Option(None, help="Local weights file if the cache's weights must be found again."),
     device: str = typer.Option("auto"),
-    out: Optional[Path] = typer.Option(None, help="Checkpoint folder (default cache/backbones/<cache>-<name>-seed<S>)."),
+    out: Optional[Path] = typer.Option(None, help="Checkpoint folder (default cache/backbones/<dataset>/<cache>-<name>-"
+                                                  "seed<S>-<key of the cache's content and the settings>)."),
+    force: bool = typer.Option(False, help="Write into --out even if it holds another cache's backbone."),
 ):
     """Learn CoOp/KgCoOp context from the cached features and write /text/<name> for every class."""
-    from fvgpt_cache.backbones import BackboneConfig, default_epochs, save_coop_checkpoint, train_backbone, write_backbone
+    from fvgpt_cache.backbones import (
+        BACKBONE_RECORD, BackboneConfig, claim_backbone_dir, default_backbone_dir, default_epochs, save_coop_checkpoint,
+        train_backbone, write_backbone,
+    )
     from fvgpt_cache.store import open_cache
 
     try:
@@ -49,15 +54,17 @@ def backbone_train(
                              epochs=epochs or default_epochs(c.provenance.get("dataset"), method), lr=lr,
                              batch_size=batch_size, kg_weight=kg_weight, classes=classes, seed=seed, device=device).validate()
         name = name or method
+        folder = out or default_backbone_dir(c, name, seed, {k: v for k, v in cfg.to_dict().items() if k != "device"})
+        claim_backbone_dir(folder, c, force)
         with Progress(TextColumn(f"{method}"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[info]}"),
                       TimeRemainingColumn(), console=err) as bar:
             task = bar.add_task(method, total=cfg.epochs, info="epochs")
             result = train_backbone(c, cfg, pretrained=pretrained, progress=lambda e, n, h: bar.update(
                 task, completed=e, info=f"loss {h['loss']:.3f} acc {h['acc']:.1f}%"))
-        folder = out or Path("cache/backbones") / f"{c.path.stem}-{name}-seed{seed}"
+        source = {"cache": str(c.path), "cache_fingerprint": c.input_fingerprint("clip"), "name": name}
         ckpt = save_coop_checkpoint(folder, result.ctx, cfg.epochs)
+        (folder / BACKBONE_RECORD).write_text(json.dumps({**result.to_dict(), **source}, indent=1))
         write_backbone(c.path, name, result.ctx, cfg, result.loaded, checkpoint=ckpt)
-        (folder / "backbone.json").write_text(json.dumps({**result.to_dict(), "cache": str(c.path), "name": name}, indent=1))
     except (ValueError, FileNotFoundError, RuntimeError) as exc:
         fail(str(exc))
     m = result.metrics

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Optional
 
 import typer
 from rich.table import Table
@@ -47,7 +48,8 @@ def print_demo(summary: dict) -> None:
 
 @app.command()
 def demo(
-    out: Path = typer.Option(Path("cache/demo"), help="Folder for the demo's data, caches (world-<split>.h5) and runs."),
+    out: Optional[Path] = typer.Option(None, help="Folder for the demo's data, caches (world-<split>.h5) and runs "
+                                                  "(default cache/demo; with --smoke cache/demo-smoke)."),
     smoke: bool = typer.Option(False, help="Seconds-long pipeline check with a random tiny CLIP instead of the world model."),
     test_per_class: int = typer.Option(30, help="Test images per class of each split of the world demo."),
     as_json: bool = typer.Option(False, "--json", help="Print the summary JSON instead of the tables."),
@@ -73,6 +75,7 @@ def demo(
                           "Training images follow the world's mixture (mostly in their own context); test splits: "
                           "[bold]clean[/] (no context) and [bold]counterfactual[/] (each shape in another class's "
                           "context).")
+    out = out or Path("cache/demo-smoke" if smoke else "cache/demo")
     try:
         if smoke:
             summary = run_smoke_demo(out) if as_json else _with_progress(run_smoke_demo, out)

@@ -101,7 +101,7 @@ def extract(
     if not lead:
         return
     console.print(f"wrote [bold]{escape(str(summary.out))}[/]: " + ", ".join(f"{s} {n}" for s, n in summary.counts.items())
-                  + f" in {summary.seconds:.1f}s ({summary.images_per_second:.1f} img/s)")
+                  + f" samples in {summary.seconds:.1f}s ({summary.images_per_second:.1f} img/s)")
     if summary.world_size > 1:
         console.print(rank_rates(summary.ranks))
     if summary.resumed_rows:
@@ -117,6 +117,8 @@ def extract(
     empty = sum(summary.empty_masks.values())
     if empty:
         console.print(f"{empty} sample(s) have an empty foreground (A = 0) in at least one view")
+    for w in summary.warnings:
+        err.print(f"[bold yellow]warning:[/] {escape(w)}", highlight=False)
 
 
 def parse_scale(text: str) -> tuple[float, float]:
@@ -134,6 +136,7 @@ def print_inspection(report: dict) -> None:
 
     console.print(f"[bold]{escape(report['path'])}[/]")
     info = Table(show_header=False, box=None)
+    info.add_row("content", f"sha256 {report['fingerprint']}")
     for key in ("dataset", "model", "pretrained", "pretrained_sha256", "quick_gelu", "shots", "seed", "views",
                 "template", "fg_mode", "mask_root", "store_dtype", "open_clip_version", "torch_version", "created"):
         if key != "pretrained_sha256" or prov.get(key):
@@ -153,8 +156,9 @@ def print_inspection(report: dict) -> None:
     def fmt(feat: dict) -> str:
         return "×".join(map(str, feat["shape"])) + " " + feat["dtype"].replace("float", "f")
 
-    table = narrow_table("splits (features of full and fg views: N×V×D dtype)")
-    for col in ("split", "N", "classes", "per class", "features", "mean A", "empty", "skipped"):
+    table = narrow_table("splits: samples, features of full and fg views (N×V×D dtype), mean foreground area, "
+                         "views with an empty mask, samples skipped")
+    for col in ("split", "samples", "classes", "per class", "features", "mean A", "empty views", "skipped"):
         table.add_column(col, no_wrap=True, justify="left" if col in ("split", "features") else "right")
     for split, e in report["splits"].items():
         feats = e["features"]

@@ -27,7 +27,8 @@ def grid(
     settings: list[str] = typer.Option([], "--set", help="Fixed TrainConfig field for every run, KEY=VALUE."),
     eval_cache: list[Path] = typer.Option([], "--eval-cache", help="Caches to evaluate the PC branch on (cross-dataset)."),
     out: Path = typer.Option(Path("cache/grids/grid"), help="Run folder; results stream to OUT/results.jsonl."),
-    resume: bool = typer.Option(True, help="Skip runs already in OUT/results.jsonl."),
+    resume: bool = typer.Option(True, help="Skip runs already in OUT/results.jsonl whose caches still hold what they "
+                                           "read (others are set aside in OUT/stale/); --no-resume sets all aside."),
     batched: bool = typer.Option(True, help="Train runs that share a group (cache, classes, backbone, batch size, "
                                             "device, FDC depth) together."),
     save_heads: bool = typer.Option(False, help="Also write each run's head.pt under OUT/runs/."),
@@ -63,7 +64,7 @@ def grid(
     for warning in check_grid(params, base, preset):
         err.print(f"[bold yellow]warning:[/] {escape(warning)}", highlight=False)
     check_caches(caches, eval_cache)
-    runs = expand(caches, seed_list, params, {"device": device, **base}, preset, preset_of)
+    runs = expand(caches, seed_list, params, {"device": device, **base}, preset, preset_of, list(eval_cache))
     console.print(f"{len(runs)} runs ({len(caches)} cache(s) × {len(seed_list)} seed(s) × configurations) → "
                   f"{escape(str(out))}/results.jsonl")
     used = sorted({(r.preset or {}).get("preset", {}).get("name", "none") if (r.preset or {}).get("preset") else "none"
@@ -77,6 +78,8 @@ def grid(
         records = run_grid(runs, out, resume=resume, batched=batched, save_heads=save_heads,
                            eval_caches=list(eval_cache), log=lambda message: bar.console.print(message),
                            progress=lambda done, total: bar.update(task, completed=done))
+    for w in sorted({w for r in records for w in r.get("warnings") or []}):
+        err.print(f"[bold yellow]warning:[/] {escape(w)}", highlight=False)
     console.print(f"{len(records)} new run(s); {len(runs) - len(records)} were already done. "
                   f"Summarise with: fvgpt-cache report {out}")
 

@@ -26,6 +26,7 @@ from .extraction import ExtractOptions, extract
 from .grids import expand, run_grid
 from .heads import harmonic_mean
 from .models import LoadedModel, load_clip
+from .store import CacheError, open_cache
 
 SMOKE_MODEL = {
     "embed_dim": 32,
@@ -209,11 +210,25 @@ def run_world_demo(root: Path = Path("cache/demo"), seeds=DEMO_SEEDS, loaded: Lo
     return full
 
 
+def _refuse_real_demo(root: Path) -> None:
+    """The smoke test's random model must never replace the world demo's caches (or their runs)."""
+    for cache in sorted(root.glob("world-*.h5")):
+        try:
+            random_init = open_cache(cache).provenance.get("random_init")
+        except CacheError:
+            continue
+        if not random_init:
+            raise ValueError(f"{root} holds the world demo's caches ({cache.name}, extracted with the shipped world "
+                             "CLIP); the smoke test would replace them with random-model caches. Give the smoke test "
+                             "its own folder (its default is cache/demo-smoke)")
+
+
 def run_smoke_demo(root: Path = Path("cache/demo-smoke"), progress: Callable[[str, int, int], None] | None = None) -> dict:
     """The world demo's whole pipeline with a random tiny CLIP on 4 classes and a few images, one seed."""
     from .world import SHAPES
 
     root = Path(root)
+    _refuse_real_demo(root)
     root.mkdir(parents=True, exist_ok=True)
     config = root / "smoke-clip.json"
     config.write_text(json.dumps(SMOKE_MODEL, indent=1))

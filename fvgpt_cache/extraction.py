@@ -33,7 +33,8 @@ from .datasets import find_mask
 from .distributed import Job, current_job
 from .models import LoadedModel
 from .passes import DONE, PENDING, SKIPPED, BatchWrites, PassReport, run_pass
-from .store import FORMAT, FORMAT_VERSION, CacheError, check_partial, partial_path
+from .feature_checks import cache_warnings, token_warnings
+from .store import FORMAT, FORMAT_VERSION, CacheError, check_partial, open_cache, partial_path, seal
 from .views import FG_MODES, NO_BOX, AugmentConfig, Box, ViewMaker, binarize_mask, draw_box, fit_mask, view_generator
 
 MISSING_MASK_POLICIES = ("error", "full", "skip")
@@ -99,6 +100,7 @@ class ExtractSummary:
     short_classes: dict[str, list[dict]] = field(default_factory=dict)
     world_size: int = 1
     ranks: list[dict] = field(default_factory=list)  # per rank: rows it encoded and the seconds of its pass
+    warnings: list[str] = field(default_factory=list)  # features that cannot tell classes apart (feature_checks)
 
 
 def default_output(dataset: str, model: str, pretrained: str | None, shots: int, seed: int, views: int,
@@ -229,6 +231,21 @@ def _resolve_masks(dataset: Dataset, samples: dict[str, list], policy: str):
     return rows, full_masks, skipped
 
 
+def check_images_exist(dataset: Dataset, samples: dict[str, list], policy: str) -> list[str]:
+    """Every image of the draw, looked for before the first batch. Under `--bad-image error` missing ones
+    stop the run here (nothing written); under `skip` they are returned and left to the pass, which
+    skips and lists them like any unreadable image."""
+    missing = [f"{split}: {s.relpath}" for split in SPLITS for s in samples[split]
+               if not (Path(dataset.image_root) / s.relpath).is_file()]
+    if missing and policy == "error":
+        examples = "; ".join(missing[:5])
+        raise ExtractionError(
+            f"{len(missing)} image(s) of the split are not under {dataset.image_root}, e.g. {examples}. Fix the paths "
+            "(the split file's entries are relative to --image-root), or pass --bad-image skip to leave them out "
+            "(listed in the cache). Nothing was written")
+    return missing
+
+
 def _fingerprint(provenance: dict) -> str:
     volatile = ("created", "skipped", "full_mask_images", "resized_masks", "policy_runs", "short_classes", *ROW_POLICIES)
     stable = {k: v for k, v in provenance.items() if k not in volatile}
@@ -300,6 +317,7 @@ def extract(
         raise ValueError(f"template {template!r} must contain '{{}}' where the class name goes")
     samples = fewshot_splits(dataset.splits, options.shots, options.seed)
     short = short_classes(dataset.splits, options.shots, dataset.classnames)
+    check_images_exist(dataset, samples, options.bad_image)
     rows, full_masks, skipped_missing = _resolve_masks(dataset, samples, options.missing_mask)
     base, new = base_new_split(dataset.num_classes)
     views = {"train": options.train_views, "val": 1, "test": 1}
@@ -387,15 +405,18 @@ def extract(
             for key in ("fingerprint", "policy_runs", "world_sizes"):
                 if key in f.attrs:
                     del f.attrs[key]
+            seal(f)
             counts = {s: int(f[f"samples/{s}/label"].shape[0]) for s in SPLITS}
             empty = {s: int((f[f"samples/{s}/area"][()] == 0).any(axis=1).sum()) if counts[s] else 0 for s in SPLITS}
         os.replace(part, out)
+        prompts = [class_prompt(template, c) for c in dataset.classnames]
+        warnings = token_warnings(loaded.tokenizer(prompts).numpy(), dataset.classnames) + cache_warnings(open_cache(out))
         seconds = time.perf_counter() - started
         encoded = sum(r["rows"] for r in report.ranks)
         return ExtractSummary(out=out, counts=counts, skipped=skipped, full_masks=full_masks, resized_masks=resized,
                               empty_masks=empty, resumed_rows=report.resumed, seconds=seconds,
                               images_per_second=encoded / seconds if seconds > 0 else 0.0, short_classes=short,
-                              world_size=job.world_size, ranks=report.ranks)
+                              world_size=job.world_size, ranks=report.ranks, warnings=warnings)
 
     return run_pass(job, what="extract", lock=out, part=part, splits=list(SPLITS), fingerprint=fingerprint,
                     resume=options.resume, prepare=prepare, dataset_for=dataset_for,

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import os
 import sys
 import time
 from dataclasses import dataclass, field
@@ -19,8 +20,8 @@ from .ablations import ABLATIONS, PAPER
 from .device import resolve_device
 from .engine import available_memory, memory_estimate, shape_parts, split_for_memory, train_group
 from .engine import group_key as engine_group_key
-from .runs import eval_sets, finish_run, run_id
-from .store import check_same_model, open_cache
+from .runs import eval_sets, finish_run, record_slot, run_id, run_inputs, run_slot
+from .store import FINGERPRINT_CHARS, check_same_model, lock_file, open_cache
 from .training import TrainConfig, config_with, configure, parse_value, prepare
 
 if sys.version_info >= (3, 11):
@@ -40,6 +41,11 @@ class GridRun:
     run_id: str
     preset: dict | None = None
     ablations: list = field(default_factory=list)  # [(ablation preset, row label)] this run serves
+    inputs: list = field(default_factory=list)  # `runs.run_inputs`: what it reads, by content
+
+    @property
+    def slot(self) -> str:
+        return run_slot([i["path"] for i in self.inputs], self.config.to_dict())
 
 
 # Grid axes with their own option: a --param for them would silently replace that option.
@@ -169,7 +175,7 @@ def _toml_text(value) -> str:
 
 
 def expand(caches: list[Path], seeds: list[int], params: dict[str, list], base: dict | TrainConfig | None = None,
-           preset: str | None = None, preset_of: str = "auto") -> list[GridRun]:
+           preset: str | None = None, preset_of: str = "auto", eval_caches: list[Path] = ()) -> list[GridRun]:
     """Every (cache, seed, preset variant, parameter combination); all validated before any training.
 
     Each configuration is `training.configure`d on its cache: TrainConfig defaults < the backbone's
@@ -184,15 +190,20 @@ def expand(caches: list[Path], seeds: list[int], params: dict[str, list], base: 
         [(None, None, {})]
     names = list(params)
     runs: dict[str, GridRun] = {}
+    targets = [open_cache(p) for p in eval_caches]
     for cache_path in caches:
         cache = open_cache(cache_path)
+        inputs: dict[str, list] = {}  # per backbone
         for seed in seeds:
             for ablation, label, variant in variants:
                 for combo in itertools.product(*(params[n] for n in names)):
                     chosen = {**variant, **dict(zip(names, combo))}
                     cfg, info = configure(cache, {**base, **chosen, "seed": seed}, preset_of)
-                    rid = run_id(Path(cache_path), cfg)
-                    run = runs.setdefault(rid, GridRun(Path(cache_path), cfg, _jsonable(chosen), rid, info))
+                    if cfg.backbone not in inputs:
+                        inputs[cfg.backbone] = run_inputs(cache, cfg.backbone, targets)
+                    rid = run_id(inputs[cfg.backbone], cfg)
+                    run = runs.setdefault(rid, GridRun(Path(cache_path), cfg, _jsonable(chosen), rid, info,
+                                                       inputs=inputs[cfg.backbone]))
                     if ablation is not None:  # the full model serves every table once per seed
                         run.ablations.append([ablation, label])
     return list(runs.values())
@@ -207,22 +218,51 @@ def group_key(run: GridRun) -> tuple:
     return (str(run.cache),) + engine_group_key(run.config)
 
 
-def done_run_ids(results: Path) -> set[str]:
-    """Run ids already in a results file; a last line cut by an interruption is removed."""
+def read_results(results: Path) -> list[dict]:
+    """The records of a results file; a last line cut by an interruption is removed (that run is redone)."""
     if not results.exists():
-        return set()
+        return []
     text = results.read_text()
     if text and not text.endswith("\n"):
         results.write_text(text[: text.rfind("\n") + 1])
-    ids = set()
+    records = []
     for line in results.read_text().splitlines():
-        line = line.strip()
-        if line:
+        if line.strip():
             try:
-                ids.add(json.loads(line)["run_id"])
-            except (json.JSONDecodeError, KeyError):
-                continue  # a line cut by an interruption; that run is simply redone
-    return ids
+                records.append(json.loads(line))
+            except json.JSONDecodeError:
+                continue
+    return records
+
+
+def _stale_reason(record: dict, run: GridRun) -> str:
+    if not record.get("inputs"):
+        return "written before results recorded the content of their caches"
+    old = {i["path"]: i["fingerprint"] for i in record["inputs"]}
+    changed = [f"{Path(i['path']).name} ({old[i['path']][:FINGERPRINT_CHARS]} → {i['fingerprint'][:FINGERPRINT_CHARS]})"
+               for i in run.inputs if old.get(i["path"]) != i["fingerprint"]]
+    return "cache content changed since: " + ", ".join(changed) if changed else "computed from other inputs"
+
+
+def set_aside(out_dir: Path, kept: list[dict], stale: list[dict], why: str) -> Path:
+    """Move `stale` records out of `out_dir/results.jsonl` into a new file under `out_dir/stale/` (never deleted).
+
+    The stale file is written first, then results.jsonl is replaced atomically by `kept`, so an
+    interruption loses no record (at worst one is in both files; `report` reads only results files)."""
+    folder = out_dir / "stale"
+    folder.mkdir(parents=True, exist_ok=True)
+    target = folder / f"{time.strftime('%Y%m%dT%H%M%S')}-{len(stale)}.jsonl"
+    n = 1
+    while target.exists():
+        target = folder / f"{time.strftime('%Y%m%dT%H%M%S')}-{len(stale)}-{n}.jsonl"
+        n += 1
+    target.write_text("".join(json.dumps({**rec, "set_aside": why if "set_aside" not in rec else rec["set_aside"]}) + "\n"
+                              for rec in stale))
+    results = out_dir / "results.jsonl"
+    tmp = results.with_name("results.jsonl.new")
+    tmp.write_text("".join(json.dumps(rec) + "\n" for rec in kept))
+    os.replace(tmp, results)
+    return target
 
 
 def run_grid(runs: list[GridRun], out_dir: Path, *, resume: bool = True, batched: bool = True,
@@ -234,10 +274,50 @@ def run_grid(runs: list[GridRun], out_dir: Path, *, resume: bool = True, batched
     memory) is trained in parts; `log(message)` hears how much memory each group needs."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    with lock_file(out_dir / "grid.lock", f"the grid {out_dir}"):
+        return _run_grid(runs, out_dir, resume=resume, batched=batched, save_heads=save_heads,
+                         eval_caches=eval_caches, progress=progress, log=log, memory_budget=memory_budget)
+
+
+def _resume(runs: list[GridRun], out_dir: Path, resume: bool, log) -> set[str]:
+    """Run ids already done in `out_dir/results.jsonl`. A record in the slot of a requested run (same
+    cache paths and configuration) whose content differs is stale: set aside, with the reason."""
+    records = read_results(out_dir / "results.jsonl")
+    if not records:
+        return set()
+    if not resume:
+        where = set_aside(out_dir, [], records, "--no-resume")
+        if log:
+            log(f"--no-resume: set aside the {len(records)} earlier record(s) in {where}")
+        return set()
+    wanted = {r.run_id: r for r in runs}
+    slots = {r.slot: r for r in runs}
+    done, kept, stale, reasons = set(), [], [], {}
+    for rec in records:
+        run = wanted.get(rec.get("run_id"))
+        if run is not None and rec.get("inputs"):
+            done.add(run.run_id)
+            kept.append(rec)
+            continue
+        run = slots.get(record_slot(rec))
+        if run is None:
+            kept.append(rec)  # another grid's run in the same folder: not ours to judge
+            continue
+        reason = _stale_reason(rec, run)
+        stale.append({**rec, "set_aside": reason})
+        reasons[reason] = reasons.get(reason, 0) + 1
+    if stale:
+        where = set_aside(out_dir, kept, stale, "stale")
+        if log:
+            why = "; ".join(f"{n} {reason}" for reason, n in reasons.items())
+            log(f"set aside {len(stale)} stale record(s) in {where} ({why}); their runs are trained again")
+    return done
+
+
+def _run_grid(runs: list[GridRun], out_dir: Path, *, resume: bool, batched: bool, save_heads: bool,
+              eval_caches: list[Path], progress, log, memory_budget: int | None) -> list[dict]:
     results_path = out_dir / "results.jsonl"
-    if not resume and results_path.exists():
-        results_path.unlink()
-    done = done_run_ids(results_path) if resume else set()
+    done = _resume(runs, out_dir, resume, log)
     todo = [r for r in runs if r.run_id not in done]
     if progress:
         progress(len(runs) - len(todo), len(runs))
@@ -274,7 +354,9 @@ def run_grid(runs: list[GridRun], out_dir: Path, *, resume: bool = True, batched
             for m, cfg, (head, history, images) in zip(members, cfgs, trained):
                 record = finish_run(cache, cfg, data.subset(images), head, history, seconds, targets,
                                     out_dir / "runs" / m.run_id, save=save_heads, preset=m.preset, evalsets=sets)
-                record["run_id"] = m.run_id
+                if record["run_id"] != m.run_id:  # the cache changed between expand and training
+                    raise RuntimeError(f"{cache.path} changed while the grid ran (run {m.run_id} read content "
+                                       f"{record['run_id']}); rerun the grid")
                 record["params"] = m.params
                 record["ablations"] = m.ablations
                 fh.write(json.dumps(record) + "\n")

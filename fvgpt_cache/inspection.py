@@ -7,6 +7,7 @@ import h5py
 import numpy as np
 
 from .data import format_short_classes
+from .feature_checks import cache_warnings
 from .store import open_cache
 
 
@@ -15,6 +16,7 @@ def inspect_cache(path: str | Path) -> dict:
     prov = cache.provenance
     report: dict = {
         "path": str(cache.path),
+        "fingerprint": cache.fingerprint,
         "provenance": prov,
         "logit_scale": cache.logit_scale,
         "classes": {"count": len(cache.classnames), "names": cache.classnames,
@@ -31,6 +33,7 @@ def inspect_cache(path: str | Path) -> dict:
         problems.append("the model has random weights: its features are only good for smoke tests")
     for line in format_short_classes(prov.get("short_classes") or {}):
         problems.append(f"fewer images than the few-shot draw asks for (all were taken) in {line}")
+    problems += cache_warnings(cache)
     if prov.get("full_mask_images"):
         problems.append(f"{len(prov['full_mask_images'])} image(s) had no mask and use the whole image as foreground")
     with h5py.File(cache.path, "r") as f:

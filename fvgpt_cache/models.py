@@ -405,6 +405,16 @@ def _download_error(model_name: str, tag: str, exc: Exception) -> RuntimeError:
     )
 
 
+WEIGHT_SUFFIXES = (".pt", ".pth", ".bin", ".safetensors", ".ckpt", ".tar")
+
+
+def looks_like_a_file(name: str) -> bool:
+    """A --pretrained value meant as a path (a folder separator or a weights suffix), not an open_clip tag."""
+    if name.startswith("hf-hub:"):
+        return False
+    return "/" in name or os.sep in name or name.startswith("~") or name.lower().endswith(WEIGHT_SUFFIXES)
+
+
 def load_clip(
     model: str = DEFAULT_MODEL,
     pretrained: str | None = DEFAULT_PRETRAINED,
@@ -423,6 +433,9 @@ def load_clip(
     """
     pretrained = None if pretrained in (None, "", "none", "None") else str(pretrained)
     local_file = local_path(pretrained)
+    if pretrained is not None and local_file is None and looks_like_a_file(pretrained):
+        raise FileNotFoundError(f"--pretrained {pretrained}: weights file not found (looked at "
+                                f"{Path(pretrained).expanduser().resolve()}); check the path")
     config_path = (local_path(model) or Path(model)) if model.endswith(".json") else None
     prov = {"model": package_name(config_path) or model if config_path and config_path.is_file() else model,
             "pretrained": pretrained or "none", "random_init": pretrained is None}

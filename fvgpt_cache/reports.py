@@ -17,6 +17,7 @@ from pathlib import Path
 
 from .ablations import ABLATIONS
 from .heads import harmonic_mean
+from .store import FINGERPRINT_CHARS
 from .training import TrainConfig
 
 METHODS = ("zeroshot", "backbone", "fvgpt")
@@ -251,12 +252,39 @@ def aggregate(records: list[dict]) -> dict:
                 g["cross"].setdefault(ds, {}).setdefault(target["dataset"], {}).setdefault(method, []).append(target[method])
     out = {}
     for key, g in groups.items():
+        for ds, runs in g["runs"].items():
+            check_one_run_per_seed(ds, g["title"], runs)
         datasets = {ds: {m: c.summary() for m, c in cells.items()} for ds, cells in sorted(g["cells"].items())}
         out[key] = {"setting": g["setting"], "title": g["title"], "datasets": datasets, "average": _average(datasets),
                     "seeds": g["seeds"], "runs": g["runs"],
                     "cross": {src: {tgt: {m: {"mean": _mean(v), "std": _std(v), "n_seeds": len(v)} for m, v in ms.items()}
                                     for tgt, ms in tg.items()} for src, tg in g["cross"].items()}}
     return out
+
+
+def train_fingerprint(record: dict) -> str | None:
+    """The content fingerprint of the cache a run trained on (None for records older than fingerprints)."""
+    return next((i["fingerprint"] for i in record.get("inputs") or [] if i["role"] == "train"), None)
+
+
+def check_one_run_per_seed(dataset: str, title: str, runs: list[dict]) -> None:
+    """Refuse a table cell that would pool two runs of one seed: they were computed from different
+    inputs (cache contents, or evaluation caches), and averaging them would pass for a seed mean."""
+    by_seed: dict[int, list[dict]] = {}
+    for rec in runs:
+        by_seed.setdefault(rec["seed"], []).append(rec)
+    for seed, recs in sorted(by_seed.items()):
+        if len(recs) < 2:
+            continue
+        a, b = recs[:2]
+        fa, fb = train_fingerprint(a), train_fingerprint(b)
+        what = ("caches of different content" if fa and fb and fa != fb else
+                "caches of unknown content (records written before fingerprints)" if not (fa and fb) else
+                "the same cache but other inputs (evaluation caches)")
+        show = lambda r, fp: f"{r['cache']} (content {fp[:FINGERPRINT_CHARS] if fp else '?'}, run {r['run_id']})"  # noqa: E731
+        raise ValueError(f"{dataset}, seed {seed} ({title}): {len(recs)} runs computed from {what} would be pooled "
+                         f"under one name: {show(a, fa)} and {show(b, fb)}. Report them from separate results files, "
+                         "or move the stale ones away (grid keeps set-aside records in OUT/stale/)")
 
 
 def _average(datasets: dict) -> dict | None:
@@ -322,17 +350,22 @@ def to_json(summary: dict) -> str:
     return json.dumps(rows(summary), indent=1)
 
 
+def _spread(s: dict, key: str, sep: str) -> str:
+    """'± 0.00' included: a spread is shown whenever there are two seeds or more, even when it is zero."""
+    sd = s.get(f"{key}_std")
+    return f"{sep}±{sep}{sd:.2f}" if sd is not None and s.get("n_seeds", 1) > 1 else ""
+
+
 def _fmt(s: dict, key: str, std: bool = True) -> str:
     if s.get(key) is None:
         return "-"
-    sd = s.get(f"{key}_std")
-    return f"{s[key]:.2f}" + (f" ± {sd:.2f}" if std and sd else "")
+    return f"{s[key]:.2f}" + (_spread(s, key, " ") if std else "")
 
 
 def table_rows(backbone: str, g: dict, compare_paper: bool = False) -> tuple[list[str], list[list[str]]]:
     """Table 1 layout: a row per dataset (and the average): zero-shot, backbone, +FVG-PT (B, N, HM), ΔHM."""
     header = ["Dataset", "CLIP B", "CLIP N", "CLIP HM", f"{backbone} B", f"{backbone} N", f"{backbone} HM",
-              "+FVG-PT B", "+FVG-PT N", "+FVG-PT HM", "ΔHM"]
+              "+FVG-PT B", "+FVG-PT N", "+FVG-PT HM", "ΔHM", "Seeds"]
     body = []
     paper = paper_rows(backbone, list(g["datasets"])) if compare_paper else {}
     items = list(g["datasets"].items())
@@ -343,6 +376,7 @@ def table_rows(backbone: str, g: dict, compare_paper: bool = False) -> tuple[lis
         for m in METHODS:
             cells += [_fmt(methods[m], "base"), _fmt(methods[m], "new"), f"{methods[m]['hm']:.2f}"]
         cells.append(f"{methods['fvgpt']['hm'] - methods['backbone']['hm']:+.2f}")
+        cells.append(str(methods["fvgpt"]["n_seeds"]))
         flagged = methods["fvgpt"].get("collapsed_seeds")
         if flagged:
             cells[0] += f" (collapsed: seed {', '.join(map(str, flagged))})"
@@ -355,6 +389,7 @@ def table_rows(backbone: str, g: dict, compare_paper: bool = False) -> tuple[lis
         for m in METHODS:
             cells += [f"{a[m]['base']:.2f}", f"{a[m]['new']:.2f}", f"{a[m]['hm']:.2f}"]
         cells.append(f"{a['fvgpt']['hm'] - a['backbone']['hm']:+.2f}")
+        cells.append("")
         body.append(cells)
         if "average" in paper:
             body.append(_paper_row("average", paper["average"]))
@@ -366,6 +401,7 @@ def _paper_row(ds: str, p: dict) -> list[str]:
     for m in ("backbone", "fvgpt"):
         cells += [f"{p[m]['base']:.2f}", f"{p[m]['new']:.2f}", f"{p[m]['hm']:.2f}"]
     cells.append(f"{p['fvgpt']['hm'] - p['backbone']['hm']:+.2f}")
+    cells.append("")
     return cells
 
 
@@ -376,19 +412,20 @@ def cross_rows(backbone: str, g: dict, compare_paper: bool = False) -> tuple[lis
     body, header = [], None
     for src, targets in g["cross"].items():
         names = sorted(targets)
-        header = ["Method", f"{src} (source)", "Avg. targets", *names]
+        header = ["Method", f"{src} (source)", "Avg. targets", *names, "Seeds"]
         src_cell = g["datasets"].get(src, {})
         for m in METHODS:
             vals = [targets[t][m]["mean"] for t in names]
             source = src_cell.get(m, {}).get("all")
             body.append([METHOD_NAMES[m].format(backbone=backbone), "-" if source is None else f"{source:.2f}",
-                         f"{_mean(vals):.2f}", *[f"{v:.2f}" for v in vals]])
+                         f"{_mean(vals):.2f}", *[f"{v:.2f}" for v in vals],
+                         str(min(targets[t][m]["n_seeds"] for t in names))])
         name = PAPER_BACKBONES.get(backbone.lower())
         if compare_paper and name:
             t2 = load_paper()["table2_cross_dataset"]
             for key in (name, f"{name}+FVG-PT"):
                 body.append([f"{key} (paper)", f"{t2[key]['imagenet']:.2f}", f"{t2[key]['average_target']:.2f}",
-                             *[f"{t2[key][t]:.2f}" if t in t2[key] else "" for t in names]])
+                             *[f"{t2[key][t]:.2f}" if t in t2[key] else "" for t in names], ""])
     return header, body
 
 
@@ -404,11 +441,10 @@ def tables(summary: dict, compare_paper: bool = False, extra=()):
 
 
 def _pm(s: dict, key: str) -> str:
-    """'82.00±2.00' (no spaces, to fit a terminal), '82.00' for one seed, '-' when missing."""
+    """'82.00±2.00' (no spaces, to fit a terminal; '±0.00' too), '82.00' for one seed, '-' when missing."""
     if s.get(key) is None:
         return "-"
-    sd = s.get(f"{key}_std")
-    return f"{s[key]:.2f}" + (f"±{sd:.2f}" if sd else "")
+    return f"{s[key]:.2f}" + _spread(s, key, "")
 
 
 def console_tables(summary: dict, compare_paper: bool = False, extra=()):

@@ -11,20 +11,41 @@ import torch
 from .engine import train_head
 from .evaluation import EvalSet, evaluate, evaluate_transfer, gate_diagnostics
 from .heads import FVGPTHead
-from .store import check_same_model, open_cache
+from .store import Cache, check_same_model, open_cache
 from .training import TrainConfig, build_head, prepare, stability
 
 RESULTS_FORMAT = "fvgpt-cache-results"
 HEAD_FORMAT = "fvgpt-cache-head"
 
 
-def run_id(cache_path: Path, cfg: TrainConfig) -> str:
-    digest = hashlib.sha256(json.dumps([str(Path(cache_path).resolve()), cfg.to_dict()], sort_keys=True).encode()).hexdigest()
-    return digest[:10]
+def run_inputs(cache: Cache, backbone: str, targets=()) -> list[dict]:
+    """What a run reads, by content: the training cache and every evaluation cache, each with the
+    fingerprint of the datasets the run uses (`Cache.input_fingerprint`) and its path."""
+    return [{"role": role, "path": str(Path(c.path).resolve()), "fingerprint": c.input_fingerprint(backbone)}
+            for role, c in [("train", cache), *(("eval", t) for t in targets)]]
 
 
-def default_run_dir(cache_path: Path, cfg: TrainConfig, backbone: str, root: Path = Path("cache/runs")) -> Path:
-    return root / f"{cache_path.stem}-{backbone}-seed{cfg.seed}-{run_id(cache_path, cfg)}"
+def run_id(inputs: list[dict], cfg: TrainConfig) -> str:
+    """The key of a result: its configuration and the content of what it read (not the files' paths)."""
+    key = [[(i["role"], i["fingerprint"]) for i in inputs], cfg.to_dict()]
+    return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def run_slot(paths: list[str], config: dict) -> str:
+    """Where a result would sit by what was asked (cache paths and configuration), whatever the caches
+    held: two records in one slot with different `run_id`s were computed from different contents."""
+    return json.dumps([list(paths), config], sort_keys=True)
+
+
+def record_slot(record: dict) -> str:
+    """`run_slot` of a results record (records written before inputs were recorded: its cache path)."""
+    paths = [i["path"] for i in record["inputs"]] if record.get("inputs") else [str(Path(record["cache"]).resolve())]
+    return run_slot(paths, record["config"])
+
+
+def default_run_dir(cache_path: Path, cfg: TrainConfig, backbone: str, rid: str,
+                    root: Path = Path("cache/runs")) -> Path:
+    return root / f"{Path(cache_path).stem}-{backbone}-seed{cfg.seed}-{rid}"
 
 
 def save_head(head: FVGPTHead, cfg: TrainConfig, dim: int, path: Path) -> None:
@@ -62,10 +83,25 @@ def run_training(cache_path: str | Path, cfg: TrainConfig, out_dir: Path | None 
     check_same_model([cache, *targets])
     data = prepare(cache, cfg)
     cfg_used = TrainConfig(**{**cfg.to_dict(), "backbone": data.meta["backbone"]}).validate()
+    if save and out_dir is not None:
+        check_run_dir(Path(out_dir), run_id(run_inputs(cache, cfg_used.backbone, targets), cfg_used))
     t1 = time.perf_counter()
     head, history, images = train_head(data, cfg_used, progress)
     return finish_run(cache, cfg_used, data.subset(images), head, history, {"load": t1 - t0, "train": time.perf_counter() - t1},
                       targets, out_dir, save, preset)
+
+
+def check_run_dir(out_dir: Path, rid: str) -> None:
+    """Refuse a run folder that holds another run's results (a rerun of the same run may rewrite its own)."""
+    existing = out_dir / "results.json"
+    if existing.is_file():
+        try:
+            other = json.loads(existing.read_text()).get("run_id")
+        except (OSError, ValueError):
+            other = None
+        if other != rid:
+            raise ValueError(f"{out_dir} already holds the results of another run ({other or 'unreadable'}; this run is "
+                             f"{rid}); choose another --out, or move that folder away first")
 
 
 def eval_sets(cache, targets, backbone: str) -> dict:
@@ -85,12 +121,15 @@ def finish_run(cache, cfg: TrainConfig, data, head: FVGPTHead, history: list[dic
     results["diagnostics"] = gate_diagnostics(head, data, cache, cfg.backbone, cfg.classes, sets["own"], initial)
     results["stability"] = stability(results["diagnostics"]["fdc_fit"], results["diagnostics"]["train"]["backbone_acc"])
     warnings = list(data.meta.get("warnings", [])) + list((preset or {}).get("warnings", []))
-    out_dir = Path(out_dir) if out_dir else default_run_dir(cache.path, cfg, cfg.backbone)
+    inputs = run_inputs(cache, cfg.backbone, targets)
+    rid = run_id(inputs, cfg)
+    out_dir = Path(out_dir) if out_dir else default_run_dir(cache.path, cfg, cfg.backbone, rid)
     record = {
         "format": RESULTS_FORMAT,
         "version": 1,
-        "run_id": run_id(cache.path, cfg),
+        "run_id": rid,
         "cache": str(cache.path),
+        "inputs": inputs,
         "dataset": cache.provenance.get("dataset"),
         "cache_provenance": cache.provenance,
         "backbone": cfg.backbone,
@@ -109,6 +148,7 @@ def finish_run(cache, cfg: TrainConfig, data, head: FVGPTHead, history: list[dic
         "run_dir": str(out_dir) if save else None,
     }
     if save:
+        check_run_dir(out_dir, rid)
         out_dir.mkdir(parents=True, exist_ok=True)
         save_head(head, cfg, data.full.shape[-1], out_dir / "head.pt")
         (out_dir / "results.json").write_text(json.dumps(record, indent=1))

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import hashlib
 import json
 import os
 import socket
@@ -40,6 +41,104 @@ def model_identity(provenance: dict) -> dict:
 
 class CacheError(ValueError):
     """A cache file that cannot be used as asked; the message says which file and what to do."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Content identity. Every dataset of a finished cache carries the SHA-256 of its dtype, shape,
+# attributes and bytes (attribute DIGEST_ATTR); the file's root carries CONTENT_ATTR, the SHA-256
+# over all of them and the root's provenance. Writers call `seal` last; a writer that changes a
+# dataset in place must delete that dataset's DIGEST_ATTR first (writers here delete and recreate).
+# Run records store the digest of the datasets a run reads (`Cache.input_fingerprint`), so a
+# result is recognised by what it was computed from, never by the file's path.
+DIGEST_ATTR = "sha256"
+CONTENT_ATTR = "content_sha256"
+FINGERPRINT_CHARS = 16  # how much of a fingerprint names things (folders, tables); records keep all 64
+
+
+def _dataset_digest(ds: h5py.Dataset) -> str:
+    h = hashlib.sha256()
+    attrs = {k: (v.item() if hasattr(v, "item") else v) for k, v in ds.attrs.items() if k != DIGEST_ATTR}
+    h.update(json.dumps([str(ds.dtype), list(ds.shape), attrs], sort_keys=True, default=str).encode())
+    if ds.size:
+        rows = ds.chunks[0] if ds.chunks and ds.ndim else ds.shape[0] if ds.ndim else 1
+        step = max(1, min(ds.shape[0] if ds.ndim else 1, max(rows, 4096)))
+        if ds.ndim == 0:
+            h.update(np.asarray(ds[()]).tobytes())
+        elif ds.dtype.kind == "O":  # variable-length strings
+            for start in range(0, ds.shape[0], step):
+                h.update(json.dumps([x.decode() if isinstance(x, bytes) else str(x) for x in ds[start:start + step]]).encode())
+        else:
+            for start in range(0, ds.shape[0], step):
+                h.update(np.ascontiguousarray(ds[start:start + step]).tobytes())
+    return h.hexdigest()
+
+
+def _dataset_keys(f: h5py.File) -> list[str]:
+    keys: list[str] = []
+    f.visititems(lambda name, obj: keys.append(name) if isinstance(obj, h5py.Dataset) else None)
+    return sorted(keys)
+
+
+def _digests(f: h5py.File, write: bool) -> dict[str, str]:
+    """{dataset key: digest}: stored ones as they are, missing ones computed (and stored if `write`)."""
+    out = {}
+    for key in _dataset_keys(f):
+        ds = f[key]
+        digest = ds.attrs.get(DIGEST_ATTR)
+        if digest is None:
+            digest = _dataset_digest(ds)
+            if write:
+                ds.attrs[DIGEST_ATTR] = digest
+        out[key] = str(digest)
+    return out
+
+
+def combine_digests(digests: dict[str, str], *extra: str) -> str:
+    """One SHA-256 over named digests (sorted by name) and extra strings."""
+    h = hashlib.sha256()
+    for key in sorted(digests):
+        h.update(f"{key}\0{digests[key]}\n".encode())
+    for item in extra:
+        h.update(f"\1{item}".encode())
+    return h.hexdigest()
+
+
+# Provenance that says when or how a file was written, not what it holds.
+VOLATILE_PROVENANCE = ("created", "world_sizes")
+
+
+def _root_identity(f: h5py.File) -> tuple[str, str]:
+    prov = json.loads(f.attrs.get("provenance", "{}"))
+    stable = {k: v for k, v in prov.items() if k not in VOLATILE_PROVENANCE}
+    return json.dumps(stable, sort_keys=True, default=str), repr(float(f.attrs.get("logit_scale", 0.0)))
+
+
+def seal(f: h5py.File) -> str:
+    """Digest every dataset that has none yet and write the file's content fingerprint; returns it.
+
+    Call it last, inside the writer's open `h5py.File(..., "r+"|"w")`, after every change."""
+    fingerprint = combine_digests(_digests(f, write=True), *_root_identity(f))
+    f.attrs[CONTENT_ATTR] = fingerprint
+    return fingerprint
+
+
+def input_keys(keys: list[str], backbone: str = "clip", encoder: str = "clip") -> list[str]:
+    """The datasets a run on `backbone` (image features from `encoder`) reads: everything but the
+    text groups of other backbones and the image groups of other encoders. Adding or replacing
+    another backbone therefore leaves a run's inputs, and so its records, untouched."""
+    def used(key: str) -> bool:
+        parts = key.split("/")
+        if parts[0] == "text":
+            return parts[1] in ("clip", backbone)
+        if parts[0] == "image":
+            return parts[1] in ("clip", encoder)
+        return True
+    return [k for k in keys if used(k)]
+
+
+# Fingerprints computed for files that were written before datasets carried digests, by
+# (path, inode, size, mtime): such a file is hashed once per process, not once per read.
+_COMPUTED: dict[tuple, dict[str, str]] = {}
 
 
 def partial_path(out: Path) -> Path:
@@ -201,6 +300,39 @@ class Cache:
     def model_signature(self) -> dict:
         return model_identity(self.provenance)
 
+    def digests(self) -> dict[str, str]:
+        """{dataset key: SHA-256} of every dataset (stored by `seal`; computed for older files)."""
+        st = self.path.stat()
+        memo = (str(self.path.resolve()), st.st_ino, st.st_size, st.st_mtime_ns)
+        if memo not in _COMPUTED:
+            with self._h5() as f:
+                _COMPUTED.clear()  # one file's worth is enough to avoid re-hashing within a command
+                _COMPUTED[memo] = _digests(f, write=False)
+        return _COMPUTED[memo]
+
+    @property
+    def fingerprint(self) -> str:
+        """SHA-256 of the whole content (every dataset and the provenance): the cache's identity."""
+        with self._h5() as f:
+            stored = f.attrs.get(CONTENT_ATTR)
+            root = _root_identity(f)
+        return str(stored) if stored is not None else combine_digests(self.digests(), *root)
+
+    def image_encoder_of(self, backbone: str) -> str:
+        """The image group a backbone's runs read: its provenance's `image_encoder`, else CLIP's."""
+        if backbone == "clip" or backbone not in self.text_groups:
+            return "clip"
+        return str(self.text_provenance(backbone).get("image_encoder", "clip"))
+
+    def input_fingerprint(self, backbone: str = "clip") -> str:
+        """SHA-256 of what a run on `backbone` reads (`input_keys`) and the provenance; the key a
+        result is filed under. Equal content at another path gives the same value."""
+        digests = self.digests()
+        used = input_keys(list(digests), backbone, self.image_encoder_of(backbone))
+        with self._h5() as f:
+            root = _root_identity(f)
+        return combine_digests({k: digests[k] for k in used}, *root)
+
 
 def open_cache(path: str | Path) -> Cache:
     """Open and validate a finished cache; refuse partial, foreign and unknown-version files."""
@@ -281,6 +413,7 @@ def write_cache(path: str | Path, *, classnames: list[str], base: list[int], new
             f.create_dataset(f"samples/{split}/label", data=np.asarray(labels[split], dtype=np.int64))
             f.create_dataset(f"samples/{split}/area", data=np.asarray(areas[split], dtype=np.float32))
             f.create_dataset(f"samples/{split}/path", data=paths[split], dtype=utf8)
+        seal(f)
     os.replace(tmp, path)
     return path
 
@@ -300,3 +433,4 @@ def write_text_group(path: str | Path, name: str, features: np.ndarray | torch.T
             del f[f"text/{name}"]
         f.create_dataset(f"text/{name}", data=feats)
         f[f"text/{name}"].attrs["provenance"] = json.dumps(provenance)
+        seal(f)

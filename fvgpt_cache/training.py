@@ -15,6 +15,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .feature_checks import image_warnings, text_warnings
 from .heads import BRG_INDICATORS, FRG_INDICATORS, R_SOURCES, R_WITHOUT_FRG, FVGPTHead
 from .presets import choose_preset, method_of
 from .store import Cache, CacheError
@@ -249,6 +250,11 @@ def prepare(cache: Cache, cfg: TrainConfig) -> TrainData:
     if rows.size == 0:
         raise CacheError(f"{cache.path} has no training images of the {cfg.classes} classes")
     full = backbone_images(cache, backbone, "train", "full")[rows]
+    txt_bb, txt_clip = cache.text(backbone)[class_ids], cache.text(ZERO_SHOT)[class_ids]
+    names = [cache.classnames[c] for c in class_ids]
+    warnings = view_warnings(int(full.shape[1])) + text_warnings(txt_clip.numpy(), names, ZERO_SHOT) + \
+        (text_warnings(txt_bb.numpy(), names, backbone) if backbone != ZERO_SHOT else []) + \
+        image_warnings(full.numpy(), f"image/{encoder}/train/full")
     return TrainData(
         class_ids=class_ids,
         full=full,
@@ -256,11 +262,11 @@ def prepare(cache: Cache, cfg: TrainConfig) -> TrainData:
         clip=full if encoder == "clip" else cache.image("train", "full", "clip")[rows],
         area=cache.areas("train")[rows],
         y=torch.from_numpy(position[labels[rows]]),
-        txt_bb=cache.text(backbone)[class_ids],
-        txt_clip=cache.text(ZERO_SHOT)[class_ids],
+        txt_bb=txt_bb,
+        txt_clip=txt_clip,
         scale=cache.logit_scale,
         meta={"backbone": backbone, "image_encoder": encoder, "train_images": int(rows.size),
-              "views": int(full.shape[1]), "warnings": view_warnings(int(full.shape[1]))},
+              "views": int(full.shape[1]), "warnings": warnings},
     )
 
 

@@ -78,7 +78,7 @@ def test_markdown_has_the_expected_rows_and_columns():
     lines = [line for line in md.splitlines() if line.startswith("|")]
     header = [c.strip() for c in lines[0].strip("|").split("|")]
     assert header == ["Dataset", "CLIP B", "CLIP N", "CLIP HM", "coop B", "coop N", "coop HM", "+FVG-PT B",
-                      "+FVG-PT N", "+FVG-PT HM", "ΔHM"]
+                      "+FVG-PT N", "+FVG-PT HM", "ΔHM", "Seeds"]
     first_table = md.split("###")[1]
     body = [line for line in first_table.splitlines() if line.startswith("| ") and "Dataset" not in line]
     assert [row.split("|")[1].strip() for row in body] == ["dtd", "eurosat", "Average over 2"]

@@ -9,7 +9,10 @@
 * `image_pass`: importing those checkpoints, one more pass over the cached views.
 """
 from .cache_model import VERIFY_THRESHOLD, model_for_cache, verify_model
-from .checkpoints import find_checkpoint, load_context, load_state_dict, resolve_checkpoint, save_coop_checkpoint
+from .checkpoints import (
+    BACKBONE_RECORD, claim_backbone_dir, default_backbone_dir, find_checkpoint, load_context, load_state_dict,
+    resolve_checkpoint, save_coop_checkpoint,
+)
 from .coop import (
     KGCOOP_CTX_INIT, METHODS, BackboneConfig, BackboneResult, backbone_features, default_epochs, kgcoop_loss_term,
     load_backbone, train_backbone, write_backbone,
@@ -20,7 +23,7 @@ from .mmrl import DEFAULT_ALPHA, MMRLRepresentation, mmrl_image_features, mmrl_t
 from .promptsrc import PromptSRCPrompts, promptsrc_image_features, promptsrc_text_features, read_promptsrc
 
 __all__ = [
-    "VERIFY_THRESHOLD", "model_for_cache", "verify_model", "load_context", "resolve_checkpoint", "save_coop_checkpoint",
+    "BACKBONE_RECORD", "claim_backbone_dir", "default_backbone_dir", "VERIFY_THRESHOLD", "model_for_cache", "verify_model", "load_context", "resolve_checkpoint", "save_coop_checkpoint",
     "KGCOOP_CTX_INIT", "METHODS", "BackboneConfig", "BackboneResult", "backbone_features", "default_epochs",
     "kgcoop_loss_term", "load_backbone", "train_backbone", "write_backbone", "TEMPLATE_SETS",
     "ensemble_text_features", "write_ensemble", "find_checkpoint", "load_state_dict", "IMPORT_METHODS", "ImportOptions",

@@ -9,6 +9,8 @@ file that pickles anything else is refused with the class named.
 from __future__ import annotations
 
 import collections
+import hashlib
+import json
 import pickle
 import re
 import zipfile
@@ -17,12 +19,51 @@ from pathlib import Path
 import torch
 
 from ..data import sha256_of
+from ..store import FINGERPRINT_CHARS, Cache, CacheError
 
 # State-dict entries of CoOp / KgCoOp prompt learners that do not take part in the text features:
 # CoOp's frozen token embeddings (recomputed here from the class names) and KgCoOp's unused
 # `bias_vectors` and `meta_net` (defined but never called in its forward pass, and not trained).
 IGNORED_KEYS = ("token_prefix", "token_suffix", "token_midfix", "bias_vectors", "meta_net.linear1.weight",
                 "meta_net.linear1.bias")
+
+
+BACKBONE_RECORD = "backbone.json"  # what a backbone folder holds and which cache content it was trained from
+
+
+def default_backbone_dir(cache: Cache, name: str, seed: int, settings: dict,
+                         root: Path = Path("cache/backbones")) -> Path:
+    """`root/<dataset>/<cache stem>-<name>-seed<S>-<key>`; the key hashes the content the backbone trains
+    from (the cache's CLIP features, `Cache.input_fingerprint`) and its settings, so two caches with
+    the same file name, or two settings on one cache, never share a folder."""
+    key = hashlib.sha256(json.dumps([cache.input_fingerprint("clip"), name, settings], sort_keys=True,
+                                    default=str).encode()).hexdigest()[:FINGERPRINT_CHARS]
+    dataset = str(cache.provenance.get("dataset") or cache.path.parent.name).replace("/", "_")
+    return Path(root) / dataset / f"{cache.path.stem}-{name}-seed{seed}-{key}"
+
+
+def claim_backbone_dir(folder: Path, cache: Cache, force: bool = False) -> None:
+    """Refuse to write into a folder that holds another cache's backbone (or a checkpoint of unknown
+    origin) unless `force`; both caches are named."""
+    folder = Path(folder)
+    if force or not folder.exists():
+        return
+    record = folder / BACKBONE_RECORD
+    mine = cache.input_fingerprint("clip")
+    if record.is_file():
+        try:
+            other = json.loads(record.read_text())
+        except (OSError, ValueError):
+            other = {}
+        theirs = other.get("cache_fingerprint")
+        if theirs == mine:
+            return
+        raise CacheError(f"{folder} holds the backbone of another cache: {other.get('cache', '?')} (content "
+                         f"{str(theirs)[:FINGERPRINT_CHARS] if theirs else 'not recorded'}), not {cache.path} (content "
+                         f"{mine[:FINGERPRINT_CHARS]}); choose another --out, or pass --force to replace it")
+    if any(folder.rglob("model.pth.tar-*")):
+        raise CacheError(f"{folder} holds a checkpoint of unknown origin (no {BACKBONE_RECORD}); choose another --out, "
+                         f"or pass --force to replace it with the backbone of {cache.path}")
 
 
 def save_coop_checkpoint(directory: str | Path, ctx: torch.Tensor, epoch: int) -> Path:
