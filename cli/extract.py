@@ -135,8 +135,8 @@ def print_inspection(report: dict) -> None:
     from fvgpt_cache.data import format_short_classes
 
     console.print(f"[bold]{escape(report['path'])}[/]")
+    console.print(f"content {report['fingerprint']}", highlight=False, soft_wrap=True)  # SHA-256: what results key on
     info = Table(show_header=False, box=None)
-    info.add_row("content", f"sha256 {report['fingerprint']}")
     for key in ("dataset", "model", "pretrained", "pretrained_sha256", "quick_gelu", "shots", "seed", "views",
                 "template", "fg_mode", "mask_root", "store_dtype", "open_clip_version", "torch_version", "created"):
         if key != "pretrained_sha256" or prov.get(key):
