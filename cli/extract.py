@@ -180,12 +180,13 @@ def print_inspection(report: dict) -> None:
 def inspect(
     path: Path = typer.Argument(..., help="A cache file written by `fvgpt-cache extract`."),
     as_json: bool = typer.Option(False, "--json", help="Print the report as JSON."),
+    verify: bool = typer.Option(False, help="Also re-hash every dataset and compare it with its stored digest."),
 ):
     """Show provenance, classes, splits, shapes, mask statistics and problems of a cache."""
     from fvgpt_cache.inspection import inspect_cache
 
     try:
-        report = inspect_cache(path)
+        report = inspect_cache(path, verify=verify)
     except (ValueError, FileNotFoundError) as exc:
         fail(str(exc))
     if as_json:

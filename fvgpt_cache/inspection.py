@@ -11,7 +11,8 @@ from .feature_checks import cache_warnings
 from .store import open_cache
 
 
-def inspect_cache(path: str | Path) -> dict:
+def inspect_cache(path: str | Path, verify: bool = False) -> dict:
+    """The summary; `verify` also re-hashes every dataset against its stored digest."""
     cache = open_cache(path)
     prov = cache.provenance
     report: dict = {
@@ -34,6 +35,13 @@ def inspect_cache(path: str | Path) -> dict:
     for line in format_short_classes(prov.get("short_classes") or {}):
         problems.append(f"fewer images than the few-shot draw asks for (all were taken) in {line}")
     problems += cache_warnings(cache)
+    if verify:
+        changed = cache.verify()
+        report["verified"] = not changed
+        if changed:
+            problems.append(f"{len(changed)} dataset(s) no longer match their stored digest (changed in place by "
+                            f"another tool): {', '.join(changed[:5])}; results keyed to this cache cannot be trusted, "
+                            "re-extract it")
     if prov.get("full_mask_images"):
         problems.append(f"{len(prov['full_mask_images'])} image(s) had no mask and use the whole image as foreground")
     with h5py.File(cache.path, "r") as f:

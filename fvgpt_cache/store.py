@@ -306,9 +306,16 @@ class Cache:
         memo = (str(self.path.resolve()), st.st_ino, st.st_size, st.st_mtime_ns)
         if memo not in _COMPUTED:
             with self._h5() as f:
-                _COMPUTED.clear()  # one file's worth is enough to avoid re-hashing within a command
+                if len(_COMPUTED) >= 64:
+                    _COMPUTED.clear()
                 _COMPUTED[memo] = _digests(f, write=False)
         return _COMPUTED[memo]
+
+    def verify(self) -> list[str]:
+        """Datasets whose bytes no longer match their stored digest (changed in place by another tool)."""
+        with self._h5() as f:
+            return [k for k in _dataset_keys(f)
+                    if f[k].attrs.get(DIGEST_ATTR) is not None and f[k].attrs[DIGEST_ATTR] != _dataset_digest(f[k])]
 
     @property
     def fingerprint(self) -> str:

@@ -92,6 +92,12 @@ def test_extracted_cache_is_sealed_and_inspect_shows_it(tmp_path, tiny_model, ge
         assert "content_sha256" in f.attrs
     res = _run("inspect", out)
     assert res.exit_code == 0 and open_cache(out).fingerprint in res.output
+    assert open_cache(out).verify() == []
+    with h5py.File(out, "r+") as f:  # another tool changes a value in place
+        f["image/clip/test/full"][0, 0, 0] += 1
+    assert open_cache(out).verify() == ["image/clip/test/full"]
+    res = _run("inspect", out, "--verify")
+    assert "no longer match their stored digest" in res.output and "image/clip/test/full" in res.output
 
 
 # --- grids: stale records, resume by content, one writer ---------------------------------------
