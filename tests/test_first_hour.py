@@ -340,7 +340,7 @@ def test_ctrl_c_says_how_to_resume_and_exits_130(tmp_path, generic_data, tiny_co
 def test_unexpected_errors_have_no_traceback_unless_debug(tmp_path, monkeypatch):
     import fvgpt_cache.inspection as inspection
 
-    def broken(path):
+    def broken(path, **kwargs):
         raise ZeroDivisionError("a bug")
 
     monkeypatch.setattr(inspection, "inspect_cache", broken)
