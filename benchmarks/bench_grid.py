@@ -9,6 +9,8 @@ per run either way and is reported separately):
 2. `dense`: the default cache shape (100 classes → 50 base × 16 shots × 11 views, D = 512) and
    64 configurations (16 λ_d × 4 seeds): the group vs. one by one (goal ≥ 4×), and the group's
    effective GFLOP/s against a bare stacked `bmm` loop of the same shapes (goal ≥ 70 %).
+4. `curves`: the per-epoch evaluation's share of a 16-configuration group on the default cache shape
+   (the monitor's own seconds inside the same run; the goal: at most 10 %).
 3. `scaling`: time per step of a group of K = 1, 8, 64, 256 default configurations (50 base
    classes), and of K = 8 with 50, 500 and 1000 classes (the cross-dataset ImageNet source).
 
@@ -29,6 +31,8 @@ import torch
 from fvgpt_cache.store import open_cache
 from fvgpt_cache.synthetic import write_feature_cache
 from fvgpt_cache.engine import train_group, train_head
+from fvgpt_cache.engine.monitor import Monitor
+from fvgpt_cache.evaluation import curve_data
 from fvgpt_cache.training import TrainConfig, config_with, prepare
 
 
@@ -91,9 +95,33 @@ def bare_bmm_gflops(k: int, b: int, c: int, d: int, h: int, steps: int) -> float
     return steps * step_flops(k, b, c, d, h) / seconds / 1e9
 
 
+class MonitorClock:
+    """Seconds spent inside the monitor (observe + finish) while it is installed: the curves' own share of a
+    run, measured inside the same run (robust to a machine that other work slows down)."""
+
+    def __init__(self):
+        self.seconds = 0.0
+        self.saved = {name: getattr(Monitor, name) for name in ("observe", "finish")}
+
+    def __enter__(self):
+        for name, fn in self.saved.items():
+            def timed(*args, _fn=fn, **kwargs):
+                start = time.perf_counter()
+                try:
+                    return _fn(*args, **kwargs)
+                finally:
+                    self.seconds += time.perf_counter() - start
+            setattr(Monitor, name, timed)
+        return self
+
+    def __exit__(self, *exc):
+        for name, fn in self.saved.items():
+            setattr(Monitor, name, fn)
+
+
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--only", choices=("mixed", "dense", "scaling"))
+    ap.add_argument("--only", choices=("mixed", "dense", "scaling", "curves"))
     ap.add_argument("--sequential-sample", type=int, default=16, help="time this many one-by-one runs, extrapolate")
     args = ap.parse_args(argv)
     result: dict = {"torch_threads": torch.get_num_threads()}
@@ -125,6 +153,17 @@ def main(argv=None) -> dict:
                                "group_gflops": round(flops / batched / 1e9, 1), "bare_bmm_gflops": round(bare, 1),
                                "efficiency": round(flops / batched / 1e9 / bare, 2)}
             print(json.dumps(result["dense"]), flush=True)
+        if args.only in (None, "curves"):
+            cache = open_cache(write_feature_cache(Path(tmp) / "curves.h5", num_classes=100, shots=16, views=11,
+                                                   dim=512, test_per_class=25))
+            data, curve = prepare(cache, TrainConfig()), curve_data(cache, "synthetic_bb", "base")
+            cfgs = [TrainConfig(lambda_d=v, seed=s) for v in (1, 5, 10, 20) for s in (1, 2, 3, 4)]
+            with MonitorClock() as clock:
+                seconds = timed(lambda: train_group(data, cfgs, torch.device("cpu"), curve=curve))
+            result["curves"] = {"configurations": len(cfgs), "group_seconds": round(seconds, 1),
+                                "monitor_seconds": round(clock.seconds, 2),
+                                "curves_share_of_group": round(clock.seconds / seconds, 3)}
+            print(json.dumps(result["curves"]), flush=True)
         if args.only in (None, "scaling"):
             rows = []
             for classes, k in [(100, 1), (100, 8), (100, 64), (100, 256), (1000, 8), (2000, 8)]:

@@ -4,6 +4,9 @@ Data: a synthetic cache shaped like a real dataset (100 classes → 50 base × 1
 D = 512, 25 test images per class), the default configuration (10 epochs, batch 4 → 2,000 steps).
 
 * engine: `engine.train_head` (the stacked engine with hand-written gradients, a group of one);
+* engine + curves: the same with the per-epoch evaluation every run does (`engine.monitor`: test
+  predictions, validation scores and gate statistics at the end of each of the 10 epochs); the
+  ratio to the engine alone is the curves' cost (the goal: at most 1.10);
 * eager: the textbook loop over the same data and schedule — `FVGPTHead.losses_from` on each batch,
   `loss.backward()`, `torch.optim.SGD` (momentum 0.9, weight decay 5e-4, fused where available);
   this is the reference the engine's gradients are tested against;
@@ -28,7 +31,8 @@ from pathlib import Path
 
 import torch
 
-from bench_grid import bare_bmm_gflops, step_flops
+from bench_grid import MonitorClock, bare_bmm_gflops, step_flops
+from fvgpt_cache.evaluation import curve_data
 from fvgpt_cache.store import open_cache
 from fvgpt_cache.synthetic import write_feature_cache
 from fvgpt_cache.engine import train_head
@@ -79,13 +83,20 @@ def main(argv=None) -> dict:
         cache = open_cache(write_feature_cache(Path(tmp) / "bench.h5", num_classes=args.classes, shots=args.shots,
                                                views=args.views, dim=args.dim, test_per_class=25))
         data = prepare(cache, cfg)
+        curve = curve_data(cache, data.meta["backbone"], cfg.classes)
         train_head(data, TrainConfig(epochs=2, device="cpu"))  # warm-up
+        train_head(data, TrainConfig(epochs=2, device="cpu"), curve=curve)
         eager_loop(data, TrainConfig(epochs=2))
-        engine, eager = [], []
+        engine, curves, eager, shares = [], [], [], []
         for _ in range(args.runs):
             start = time.perf_counter()
             train_head(data, cfg)
             engine.append(time.perf_counter() - start)
+            with MonitorClock() as clock:
+                start = time.perf_counter()
+                train_head(data, cfg, curve=curve)
+                curves.append(time.perf_counter() - start)
+            shares.append(clock.seconds / curves[-1])
             eager.append(eager_loop(data, cfg))
     n_images = len(data.y)
     steps = cfg.epochs * (n_images // cfg.batch_size)
@@ -93,6 +104,9 @@ def main(argv=None) -> dict:
               "torch_threads": torch.get_num_threads(),
               "engine_seconds": [round(t, 3) for t in engine], "eager_seconds": [round(t, 3) for t in eager],
               "engine_ms_per_step": round(1000 * statistics.median(engine) / steps, 3),
+              "engine_with_curves_seconds": [round(t, 3) for t in curves],
+              "ratio_curves_vs_engine": round(statistics.median(curves) / statistics.median(engine), 3),
+              "curves_share_of_run": round(statistics.median(shares), 3),
               "ratio_engine_vs_eager": round(statistics.median(engine) / statistics.median(eager), 3)}
     classes = len(data.txt_bb)
     flops = step_flops(1, cfg.batch_size, classes, args.dim, cfg.fdc_hidden)

@@ -6,6 +6,9 @@ foreground shift index D_fg is reported on base test images for the backbone and
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Callable
+
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -165,4 +168,77 @@ def gate_diagnostics(head: FVGPTHead, data, cache: Cache, backbone: str, classes
         out[f"b_mean_{name}"] = float(b.mean()) if b is not None and b.numel() else None
     auc = out["train"]["frg_auc"]
     out["frg_learned"] = None if auc is None else abs(auc - 0.5) >= AUC_FLAT
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Per-epoch curves: what the engine's monitor needs, read once per cache and backbone.
+# Test labels are not part of it: the monitor predicts, and the predictions are scored by
+# `score_predictions` after training, so no epoch can be chosen on the test split.
+
+
+@dataclass
+class CurveSplit:
+    """Image vectors of one split for the monitor: base-branch `full`, new-branch `full_new` (MMRL
+    scores new classes with the class token alone), zero-shot CLIP's `clip`; `labels` only for val."""
+
+    full: torch.Tensor
+    full_new: torch.Tensor
+    clip: torch.Tensor
+    labels: torch.Tensor | None = None
+
+
+@dataclass
+class CurveData:
+    """Everything per-epoch evaluation reads: the class sets, every class's text features, the test
+    split without labels, the validation split with them (None when the cache has none)."""
+
+    classes: str
+    base: np.ndarray
+    new: np.ndarray
+    txt_bb: torch.Tensor
+    txt_clip: torch.Tensor
+    scale: float
+    test: CurveSplit
+    val: CurveSplit | None
+    read_test_labels: Callable[[], torch.Tensor]  # called once training is over
+
+
+def _curve_split(cache: Cache, backbone: str, split: str, labelled: bool) -> CurveSplit | None:
+    if split not in cache.splits or not cache.has_image(split, "full") or cache.image(split, "full").shape[0] == 0:
+        return None
+    full = backbone_images(cache, backbone, split, "full", "base")[:, 0]
+    encoder = backbone_image_encoder(cache, backbone)
+    full_new = full if encoder == "clip" else backbone_images(cache, backbone, split, "full", "new")[:, 0]
+    clip = full_new if encoder == "clip" else F.normalize(cache.image(split, "full", "clip")[:, 0], dim=-1)
+    return CurveSplit(full, full_new, clip, cache.labels(split) if labelled else None)
+
+
+def curve_data(cache: Cache, backbone: str, classes: str = "base") -> CurveData:
+    """The monitor's inputs for runs on `cache` with `backbone`; reads no test label."""
+    test = _curve_split(cache, backbone, "test", labelled=False)
+    if test is None:
+        raise CacheError(f"{cache.path} has no test images to evaluate on")
+    return CurveData(classes=classes, base=np.asarray(cache.base), new=np.asarray(cache.new),
+                     txt_bb=cache.text(backbone), txt_clip=cache.text(ZERO_SHOT), scale=cache.logit_scale,
+                     test=test, val=_curve_split(cache, backbone, "val", labelled=True),
+                     read_test_labels=lambda: cache.labels("test"))
+
+
+def score_predictions(pred: dict[str, torch.Tensor], labels: torch.Tensor, curve: CurveData) -> dict:
+    """Accuracies (%) of predicted class ids: `pred["base"]` scored on images of base classes, `pred["new"]`
+    on new ones (HM of the two), or `pred["all"]` on every image; `b_mean_new` from `pred["b"]`."""
+    out = {}
+    if curve.classes == "all":
+        out["all"] = float((pred["all"] == labels).float().mean() * 100) if labels.numel() else None
+    else:
+        for name, ids in (("base", curve.base), ("new", curve.new)):
+            rows = torch.isin(labels, torch.as_tensor(ids))
+            out[name] = float((pred[name][rows] == labels[rows]).float().mean() * 100) if rows.any() else None
+        both = out["base"] is not None and out["new"] is not None
+        out["hm"] = harmonic_mean(out["base"], out["new"]) if both else None
+        if pred.get("b") is not None:
+            rows = torch.isin(labels, torch.as_tensor(curve.new))
+            b = pred["b"][rows].float()
+            out["b_mean_new"] = float(b.mean()) if rows.any() and not bool(b.isnan().any()) else None  # NaN: no PC
     return out

@@ -18,6 +18,7 @@ from pathlib import Path
 
 from .ablations import ABLATIONS, PAPER
 from .device import resolve_device
+from .evaluation import curve_data
 from .engine import available_memory, memory_estimate, shape_parts, split_for_memory, train_group
 from .engine import group_key as engine_group_key
 from .runs import eval_sets, finish_run, record_slot, run_id, run_inputs, run_slot
@@ -347,7 +348,8 @@ def _run_grid(runs: list[GridRun], out_dir: Path, *, resume: bool, batched: bool
                 + (f"; trained in {len(parts)} parts to fit {budget / 2**20:.0f} MB" if len(parts) > 1 else "")
                 + (f"; one part per padded shape ({len(shapes)})" if len(shapes) > 1 else ""))
         t1 = time.perf_counter()
-        trained = [item for part in parts for item in train_group(data, part, device)]
+        curve = curve_data(cache, cfgs[0].backbone, cfgs[0].classes)
+        trained = [item for part in parts for item in train_group(data, part, device, curve=curve)]
         seconds = {"load": t1 - t0, "train": (time.perf_counter() - t1) / len(cfgs), "group_size": len(cfgs)}
         sets = eval_sets(cache, targets, cfgs[0].backbone)
         with results_path.open("a") as fh:

@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 
 from .engine import train_head
-from .evaluation import EvalSet, evaluate, evaluate_transfer, gate_diagnostics
+from .evaluation import EvalSet, curve_data, evaluate, evaluate_transfer, gate_diagnostics
 from .heads import FVGPTHead
 from .store import Cache, check_same_model, open_cache
 from .training import TrainConfig, build_head, prepare, stability
@@ -40,7 +40,7 @@ def run_slot(paths: list[str], config: dict) -> str:
 def record_slot(record: dict) -> str:
     """`run_slot` of a results record (records written before inputs were recorded: its cache path)."""
     paths = [i["path"] for i in record["inputs"]] if record.get("inputs") else [str(Path(record["cache"]).resolve())]
-    return run_slot(paths, record["config"])
+    return run_slot(paths, {**TrainConfig().to_dict(), **record["config"]})  # fields added since take their defaults
 
 
 def default_run_dir(cache_path: Path, cfg: TrainConfig, backbone: str, rid: str,
@@ -86,9 +86,24 @@ def run_training(cache_path: str | Path, cfg: TrainConfig, out_dir: Path | None 
     if save and out_dir is not None:
         check_run_dir(Path(out_dir), run_id(run_inputs(cache, cfg_used.backbone, targets), cfg_used))
     t1 = time.perf_counter()
-    head, history, images = train_head(data, cfg_used, progress)
+    head, history, images = train_head(data, cfg_used, progress, curve=curve_data(cache, cfg_used.backbone, cfg_used.classes))
     return finish_run(cache, cfg_used, data.subset(images), head, history, {"load": t1 - t0, "train": time.perf_counter() - t1},
                       targets, out_dir, save, preset)
+
+
+CURVE_METRICS = ("base", "new", "hm", "all")
+
+
+def selection(cfg: TrainConfig, history: list[dict]) -> dict | None:
+    """Which epoch the run reports and why: `rule` (last | val), `epoch`, the validation numbers at that
+    epoch and the test numbers of FVG-PT at the last epoch (from the curve), so both are recorded."""
+    chosen = [h for h in history if h.get("selected")]
+    if not chosen:
+        return None  # trained without curves
+    pick, last = chosen[0], history[-1]
+    return {"rule": cfg.select, "epoch": pick["epoch"],
+            "val": {m: pick[f"val_{m}"] for m in CURVE_METRICS if f"val_{m}" in pick} or None,
+            "last_epoch_test": {m: last[f"test_{m}"] for m in CURVE_METRICS if f"test_{m}" in last}}
 
 
 def check_run_dir(out_dir: Path, rid: str) -> None:
@@ -144,6 +159,7 @@ def finish_run(cache, cfg: TrainConfig, data, head: FVGPTHead, history: list[dic
         "train_images": data.meta["train_images"],
         "views": data.meta["views"],
         "seconds": {**seconds, "evaluate": time.perf_counter() - t2},
+        "selection": selection(cfg, history),
         "history": history,
         "run_dir": str(out_dir) if save else None,
     }

@@ -22,6 +22,7 @@ from .store import Cache, CacheError
 
 CLASS_SETS = ("base", "all")
 OPTIMIZERS = ("sgd", "adamw")
+SELECTIONS = ("last", "val")  # the epoch a run reports: the last, or the best on the validation split
 ZERO_SHOT = "clip"
 
 
@@ -75,6 +76,8 @@ class TrainConfig:
     use_scale: bool = True
     detach_r: bool = True
     r_without_frg: str = "one"
+    # which epoch's head a run reports: the last (the protocol) or the best on the validation split
+    select: str = "last"
     device: str = "auto"
 
     def validate(self) -> "TrainConfig":
@@ -101,6 +104,7 @@ class TrainConfig:
         for name in ("fdc_hidden", "gate_hidden"):
             need(isinstance(getattr(self, name), int) and getattr(self, name) >= 1, name, "use a positive width")
         need(self.r_without_frg in R_WITHOUT_FRG, "r_without_frg", f"choose one of {R_WITHOUT_FRG}")
+        need(self.select in SELECTIONS, "select", f"choose one of {SELECTIONS} (no option selects on the test split)")
         self.frg_indicators = tuple(self.frg_indicators)
         self.brg_indicators = tuple(self.brg_indicators)
         for name, known in (("frg_indicators", FRG_INDICATORS), ("brg_indicators", BRG_INDICATORS)):

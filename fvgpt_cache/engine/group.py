@@ -332,7 +332,7 @@ class Group:
         d, h, c, b = self.layout.dim, self.layout.fdc_hidden, len(self.data.txt_bb), self.cfgs[0].batch_size
         return self.k * (10 * (c + b) * d * h + 6 * b * c * d)
 
-    def train(self, progress=None) -> list[tuple[FVGPTHead, list[dict], np.ndarray]]:
+    def train(self, progress=None, monitor=None) -> list[tuple[FVGPTHead, list[dict], np.ndarray]]:
         """Train every configuration; returns (head, per-epoch history, training image indices) for each.
 
         A configuration whose epochs are over leaves the group at the start of the next epoch (the
@@ -340,7 +340,7 @@ class Group:
         epochs does not carry the finished ones along."""
         threads = torch.get_num_threads()
         try:
-            return self._train(progress, threads)
+            return self._train(progress, threads, monitor)
         finally:
             torch.set_num_threads(threads)
 
@@ -351,11 +351,13 @@ class Group:
         small = self.device.type == "cpu" and self.step_flops() < SMALL_STEP_FLOPS
         torch.set_num_threads(1 if small else threads)
 
-    def _heads_now(self, positions: list[int]) -> list[FVGPTHead]:
+    def _heads_now(self, positions: list[int], snapshot: bool = False) -> list[FVGPTHead]:
+        """The heads at `positions` as they are now (`snapshot`: copies that later steps leave alone)."""
         params_cpu = self.layout.views(self.flat.cpu())
-        return [gather(self.layout, k, self.heads[k], self.cfgs[k], params_cpu).eval() for k in positions]
+        return [gather(self.layout, k, copy.deepcopy(self.heads[k]) if snapshot else self.heads[k], self.cfgs[k],
+                       params_cpu).eval() for k in positions]
 
-    def _train(self, progress, threads: int) -> list[tuple[FVGPTHead, list[dict], np.ndarray]]:
+    def _train(self, progress, threads: int, monitor=None) -> list[tuple[FVGPTHead, list[dict], np.ndarray]]:
         data, cfgs = self.data, self.cfgs
         views = data.full.shape[1]
         labels = data.y.numpy()
@@ -367,6 +369,7 @@ class Group:
         batch, epochs = cfgs[0].batch_size, max(c.epochs for c in cfgs)
         histories: list[list[dict]] = [[] for _ in cfgs]
         heads: list[FVGPTHead | None] = [None] * len(cfgs)
+        best: dict[int, FVGPTHead] = {}  # select = "val": the head of the best validation epoch so far
         group, live = self, list(range(len(cfgs)))  # the group training now and its configurations
         group._use_threads(threads)
         for epoch in range(epochs):
@@ -408,10 +411,17 @@ class Group:
                 record = {"epoch": epoch, "lr": float(lr[pos])}
                 record.update({key: means[key][pos] for key in HISTORY_KEYS if _logged(key, cfgs[k])})
                 histories[k].append(record)
+            if monitor is not None:
+                improved = monitor.observe(epoch, group, live, rows, weight)
+                for k, head in zip([live[pos] for pos in improved], group._heads_now(improved, snapshot=True)):
+                    best[k] = head
             if progress:
                 progress(epoch + 1, epochs, {key: values[0] for key, values in means.items()})
         for k, head in zip(live, group._heads_now(list(range(len(live))))):
             heads[k] = head
+        if monitor is not None:
+            monitor.finish(histories)
+            heads = [best.get(k, head) if cfgs[k].select == "val" else head for k, head in enumerate(heads)]
         return [(heads[k], histories[k], subsets[k].numpy()) for k in range(len(cfgs))]
 
 

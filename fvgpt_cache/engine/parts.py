@@ -7,8 +7,10 @@ import torch
 from ..device import resolve_device
 from ..heads import FVGPTHead
 from ..training import TrainConfig, TrainData
+from ..evaluation import CurveData
 from .group import Group
 from .layout import GATE_INPUTS
+from .monitor import Monitor
 
 
 def memory_estimate(data: TrainData, cfgs: list[TrainConfig]) -> tuple[int, int]:
@@ -66,20 +68,28 @@ def shape_parts(cfgs: list[TrainConfig]) -> list[list[int]]:
     return [parts[key] for key in sorted(parts, reverse=True)]
 
 
-def train_group(data: TrainData, cfgs: list[TrainConfig], device: torch.device, progress=None):
+def train_group(data: TrainData, cfgs: list[TrainConfig], device: torch.device, progress=None,
+                curve: CurveData | None = None):
     """Train configurations that share a group key together, one part per padded shape (`shape_parts`);
-    a single run is a group of one. Results in the order of `cfgs`."""
+    a single run is a group of one. Results in the order of `cfgs`.
+
+    With `curve` (`evaluation.curve_data` of the cache) every epoch is evaluated (`monitor.Monitor`):
+    the histories carry the per-epoch curves, and a configuration with `select = "val"` returns the
+    head of its best validation epoch."""
     out: list = [None] * len(cfgs)
     for positions in shape_parts(cfgs):
-        for i, item in zip(positions, Group(data, [cfgs[i] for i in positions], device).train(progress)):
+        part = [cfgs[i] for i in positions]
+        monitor = None if curve is None else Monitor(curve, part, device)
+        for i, item in zip(positions, Group(data, part, device).train(progress, monitor)):
             out[i] = item
     return out
 
 
-def train_head(data: TrainData, cfg: TrainConfig, progress=None) -> tuple[FVGPTHead, list[dict], np.ndarray]:
+def train_head(data: TrainData, cfg: TrainConfig, progress=None,
+               curve: CurveData | None = None) -> tuple[FVGPTHead, list[dict], np.ndarray]:
     """Train one head (a group of one); deterministic for a given `cfg.seed`.
 
     Returns the head, its per-epoch history and the indices of the training images it used
     (all of `data`, or the `data_fraction` subset)."""
     cfg.validate()
-    return train_group(data, [cfg], resolve_device(cfg.device), progress)[0]
+    return train_group(data, [cfg], resolve_device(cfg.device), progress, curve)[0]
