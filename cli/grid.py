@@ -21,7 +21,7 @@ def grid(
     preset_of: str = typer.Option("auto", help="Training preset per cache: auto (from the backbone's method and the "
                                                "dataset), none, or coop|kgcoop|promptsrc|mmrl|clip."),
     grid_file: Optional[Path] = typer.Option(None, "--grid-file", help="TOML with [params], optional [base], seeds, preset."),
-    seeds: str = typer.Option("1", help="Comma-separated seeds, e.g. 1,2,3."),
+    seeds: str = typer.Option("1", help="Seeds: a list, a range or both, e.g. 1,2,3 or 1-50 or 1-5,8."),
     backbone: Optional[str] = typer.Option(None, help="Text-feature group to build on (clip = zero-shot CLIP), as in "
                                                       "train; default: the only tuned one. Same as --set backbone=NAME."),
     settings: list[str] = typer.Option([], "--set", help="Fixed TrainConfig field for every run, KEY=VALUE."),
@@ -33,8 +33,14 @@ def grid(
                                             "device, FDC depth) together."),
     save_heads: bool = typer.Option(False, help="Also write each run's head.pt under OUT/runs/."),
     device: str = typer.Option("auto", help="auto|cpu|cuda."),
+    tensorboard: Optional[Path] = typer.Option(None, help="Also write each run's per-epoch scalars here (TensorBoard)."),
 ):
-    """Train a grid of FVG-PT configurations over caches and seeds, batched across configurations."""
+    """Train a grid of FVG-PT configurations over caches and seeds, batched across configurations.
+
+    Each run is written to OUT/results.jsonl as soon as it is done; SIGTERM (e.g. SLURM pre-emption)
+    finishes the current epoch, keeps every finished run and exits with status 143: rerun the same
+    command to resume."""
+    from fvgpt_cache.engine import TrainingStopped
     from fvgpt_cache.grids import (
         check_caches, check_grid, expand, merge_params, parse_params, parse_seeds, read_grid_file, run_grid,
     )
@@ -72,16 +78,47 @@ def grid(
     console.print(f"training preset(s): {', '.join(used)}")
     for w in sorted({w for r in runs for w in (r.preset or {}).get("warnings", [])}):
         err.print(f"[bold yellow]warning:[/] {escape(w)}")
+    if tensorboard:
+        from fvgpt_cache.tensorboard import check_available
+
+        check_available()
+    stop = stop_on_sigterm()
+    written: list[dict] = []
+
+    def on_record(record: dict) -> None:
+        written.append(record)
+        if tensorboard:
+            from fvgpt_cache.tensorboard import write_run
+
+            write_run(tensorboard, record)
+
     with Progress(TextColumn("grid"), BarColumn(), MofNCompleteColumn(), TextColumn("runs"), TimeRemainingColumn(),
                   console=err) as bar:
         task = bar.add_task("grid", total=len(runs))
-        records = run_grid(runs, out, resume=resume, batched=batched, save_heads=save_heads,
-                           eval_caches=list(eval_cache), log=lambda message: bar.console.print(message),
-                           progress=lambda done, total: bar.update(task, completed=done))
+        try:
+            records = run_grid(runs, out, resume=resume, batched=batched, save_heads=save_heads,
+                               eval_caches=list(eval_cache), log=lambda message: bar.console.print(message),
+                               progress=lambda done, total: bar.update(task, completed=done),
+                               should_stop=stop, on_record=on_record)
+        except TrainingStopped:
+            bar.stop()
+            err.print(f"stopped by SIGTERM: {len(written)} run(s) finished and written to {escape(str(out))}/"
+                      "results.jsonl; rerun the same command to resume")
+            raise typer.Exit(code=143) from None
     for w in sorted({w for r in records for w in r.get("warnings") or []}):
         err.print(f"[bold yellow]warning:[/] {escape(w)}", highlight=False)
     console.print(f"{len(records)} new run(s); {len(runs) - len(records)} were already done. "
                   f"Summarise with: fvgpt-cache report {out}")
+
+
+def stop_on_sigterm():
+    """A `should_stop` that turns true once the process receives SIGTERM (the default handler would end
+    it mid-epoch); the grid then stops after the current epoch, every finished run written."""
+    import signal
+
+    received = []
+    signal.signal(signal.SIGTERM, lambda signum, frame: received.append(signum))
+    return lambda: bool(received)
 
 
 @app.command()
@@ -92,18 +129,32 @@ def report(
     compare: Optional[str] = typer.Option(None, help="'paper' puts the paper's Tables 1/2 beside your runs."),
     plot: Optional[str] = typer.Option(None, help="Plot a one-parameter sweep of this TrainConfig field (needs matplotlib)."),
     plot_out: Path = typer.Option(Path("sweep.png"), help="Plot file, .png or .svg."),
+    curves: Optional[str] = typer.Option(None, help="Plot Base/New/HM against epoch, one line per value of this "
+                                                    "TrainConfig field, a band for the seed spread (needs matplotlib)."),
+    curves_out: Path = typer.Option(Path("curves.png"), help="Curves plot file, .png or .svg."),
+    ci: str = typer.Option("t", help="Confidence interval of seed means: t (Student) or bootstrap (percentile)."),
+    vs: Optional[str] = typer.Option(None, help="Compare every configuration with this one seed by seed (paired "
+                                                "t-test): backbone, default or KEY=VALUE[,KEY=VALUE], e.g. lambda_d=10."),
 ):
     """Aggregate runs over seeds and datasets into the paper's table layouts."""
     from fvgpt_cache import reports
 
-    formats = {"markdown": reports.to_markdown, "csv": reports.to_csv, "json": reports.to_json, "latex": reports.to_latex}
+    formats = {"markdown": reports.to_markdown, "csv": reports.to_csv, "json": reports.to_json, "latex": reports.to_latex,
+               "curves": reports.curves_csv}
     if fmt not in ("console", *formats):
-        fail(f"--format {fmt!r}: choose console, markdown, csv, json or latex")
+        fail(f"--format {fmt!r}: choose console, markdown, csv, json, latex or curves (per-epoch CSV)")
     if compare not in (None, "paper"):
         fail(f"--compare {compare!r}: only 'paper' is known")
+    if ci not in reports.CI_METHODS:
+        fail(f"--ci {ci!r}: choose t or bootstrap")
     records = reports.load_records(results)
-    summary = reports.aggregate(records)
+    summary = reports.aggregate(records, ci)
     ablations = reports.ablation_tables(records)
+    if vs:
+        ablations = [*reports.paired_tables(summary, vs), *ablations]
+    if curves:
+        path = reports.plot_curves(records, curves, curves_out)
+        console.print(f"wrote {escape(str(path))}")
     if plot:
         averaged = reports.averaged_over(records, plot)
         path = reports.plot_sweep(reports.sweep(records, plot), plot, plot_out, averaged)
@@ -116,9 +167,15 @@ def report(
     if fmt == "console":
         print_report(summary, paper, ablations)
         console.print(f"{len(records)} run(s) in {len(summary)} group(s) of comparable runs; Base/New are seed means ± "
-                      "sample std, HM is the HM of the means")
+                      f"sample std, HM is the HM of the means; 95% CI: {reports.CI_NAMES[ci]} interval of the seed mean "
+                      "(for HM: of the per-seed HMs' mean)")
+        for w in reports.interval_warnings(summary):
+            err.print(f"[bold yellow]warning:[/] {escape(w)}", highlight=False)
         return
-    text = formats[fmt](summary, paper, ablations) if fmt in ("markdown", "latex") else formats[fmt](summary)
+    if fmt == "curves":
+        text = reports.curves_csv(records)
+    else:
+        text = formats[fmt](summary, paper, ablations) if fmt in ("markdown", "latex") else formats[fmt](summary)
     if output:
         output.write_text(text)
         console.print(f"wrote {escape(str(output))}" + (" (LaTeX: needs \\usepackage{booktabs})" if fmt == "latex" else ""))
@@ -138,6 +195,6 @@ def print_report(summary: dict, compare_paper: bool = False, extra=()) -> None:
             table.add_column(name, justify="left" if i == 0 else "right", no_wrap=i > 0,
                              overflow="fold" if i == 0 else "ellipsis")
         for row, kind in zip(body, kinds):
-            style = "bold" if kind == "dataset" else ("dim" if kind == "paper" else None)
+            style = "bold" if kind == "dataset" else ("dim" if kind in ("paper", "ci") else None)
             table.add_row(*map(escape, row), style=style)
         console.print(table)

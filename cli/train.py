@@ -78,6 +78,12 @@ def print_results(record: dict) -> None:
             cross.add_row(str(t["dataset"]), str(t["test_images"]), _pct(t["zeroshot"]), _pct(t["backbone"]), _pct(t["fvgpt"]))
         console.print(cross)
     print_diagnostics(record)
+    sel = record.get("selection")
+    if sel and sel["rule"] == "val":
+        val, last = sel["val"] or {}, sel["last_epoch_test"]
+        score = f"validation {'HM' if 'hm' in val else 'accuracy'} {_num(val.get('hm', val.get('all')))}"
+        console.print(f"reported epoch {sel['epoch'] + 1} of {len(record['history'])}, chosen by {score}; at the last "
+                      f"epoch the test numbers were " + ", ".join(f"{k} {_num(v)}" for k, v in last.items()))
     sec = record["seconds"]
     console.print(f"{record['head_parameters']:,} head parameters · {record['train_images']} training images × "
                   f"{record['views']} views · trained in {sec['train']:.2f}s · run folder {record['run_dir']}")
@@ -109,6 +115,9 @@ def train(
     device: str = typer.Option("auto", help="auto|cpu|cuda."),
     out: Optional[Path] = typer.Option(None, help="Run folder (default: cache/runs/<cache>-<backbone>-seed<S>-<id>)."),
     as_json: bool = typer.Option(False, "--json", help="Print the results JSON instead of the table."),
+    select: str = typer.Option("last", help="The epoch to report: last (the protocol) or val (best on the "
+                                            "few-shot validation split; the test split is never used to choose)."),
+    tensorboard: Optional[Path] = typer.Option(None, help="Also write the run's per-epoch scalars here (TensorBoard)."),
 ):
     """Train the FVG-PT heads on base classes from a cache and evaluate Base/New/HM.
 
@@ -120,7 +129,11 @@ def train(
     from fvgpt_cache.training import configure, parse_value
 
     try:
-        overrides = {"classes": classes, "seed": seed, "device": device}
+        if tensorboard:
+            from fvgpt_cache.tensorboard import check_available
+
+            check_available()
+        overrides = {"classes": classes, "seed": seed, "device": device, "select": select}
         explicit = {"backbone": backbone, "lambda_d": lambda_d, "lambda_pc": lambda_new, "epochs": epochs,
                     "batch_size": batch_size, "lr": lr}
         overrides.update({k: v for k, v in explicit.items() if v is not None})
@@ -143,6 +156,10 @@ def train(
                     task, completed=e, loss=f"loss {h.get('total', 0):.3f}"))
     except (ValueError, FileNotFoundError, RuntimeError) as exc:
         fail(str(exc))
+    if tensorboard:
+        from fvgpt_cache.tensorboard import write_run
+
+        console.print(f"TensorBoard scalars: {write_run(tensorboard, record)}")
     if as_json:
         print(json.dumps(record, indent=1))
     else:

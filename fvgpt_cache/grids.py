@@ -133,14 +133,21 @@ def check_grid(params: dict[str, list], fixed: dict, preset: str | None) -> list
 
 
 def parse_seeds(text: str) -> list[int]:
-    """`--seeds 1,2,3`; empty entries, non-integers and repeats are refused."""
+    """`--seeds 1,2,3`, `--seeds 1-50` or a mix (`1-5,8,10-12`); empty entries, non-integers, backward
+    ranges and repeats are refused."""
     items = [t.strip() for t in str(text).split(",")]
     if any(not t for t in items):
-        raise ValueError(f"--seeds {text!r}: empty entry; write e.g. 1,2,3")
-    try:
-        seeds = [int(t) for t in items]
-    except ValueError:
-        raise ValueError(f"--seeds {text!r}: seeds are integers, e.g. 1,2,3") from None
+        raise ValueError(f"--seeds {text!r}: empty entry; write e.g. 1,2,3 or 1-50")
+    seeds: list[int] = []
+    for item in items:
+        first, dash, last = item.partition("-")
+        try:
+            lo, hi = int(first), int(last) if dash else int(first)
+        except ValueError:
+            raise ValueError(f"--seeds {text!r}: {item!r} is not a seed or a range; write e.g. 1,2,3 or 1-50") from None
+        if hi < lo:
+            raise ValueError(f"--seeds {text!r}: the range {item!r} runs backwards; write {hi}-{lo}")
+        seeds.extend(range(lo, hi + 1))
     if len(set(seeds)) != len(seeds):
         raise ValueError(f"--seeds {text!r}: a seed is given twice")
     return seeds
@@ -268,16 +275,22 @@ def set_aside(out_dir: Path, kept: list[dict], stale: list[dict], why: str) -> P
 
 def run_grid(runs: list[GridRun], out_dir: Path, *, resume: bool = True, batched: bool = True,
              save_heads: bool = False, eval_caches: list[Path] = (), progress=None, log=None,
-             memory_budget: int | None = None) -> list[dict]:
-    """Train and evaluate `runs`, appending one JSON line per finished run to `out_dir/results.jsonl`.
+             memory_budget: int | None = None, should_stop=None, on_record=None) -> list[dict]:
+    """Train and evaluate `runs`, appending one JSON line to `out_dir/results.jsonl` as each run finishes
+    (a run whose epochs end early is written before the rest of its group), so an interrupted grid
+    resumes without retraining finished runs.
 
     A group whose estimated memory exceeds `memory_budget` (default: 80 % of the device's free
-    memory) is trained in parts; `log(message)` hears how much memory each group needs."""
+    memory) is trained in parts; `log(message)` hears how much memory each group needs;
+    `should_stop()` (asked after every epoch; the CLI sets it on SIGTERM) ends the grid with
+    `engine.TrainingStopped` once the current epoch is done and written; `on_record(record)` hears each
+    record as it is written."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     with lock_file(out_dir / "grid.lock", f"the grid {out_dir}"):
         return _run_grid(runs, out_dir, resume=resume, batched=batched, save_heads=save_heads,
-                         eval_caches=eval_caches, progress=progress, log=log, memory_budget=memory_budget)
+                         eval_caches=eval_caches, progress=progress, log=log, memory_budget=memory_budget,
+                         should_stop=should_stop, on_record=on_record)
 
 
 def _resume(runs: list[GridRun], out_dir: Path, resume: bool, log) -> set[str]:
@@ -316,7 +329,8 @@ def _resume(runs: list[GridRun], out_dir: Path, resume: bool, log) -> set[str]:
 
 
 def _run_grid(runs: list[GridRun], out_dir: Path, *, resume: bool, batched: bool, save_heads: bool,
-              eval_caches: list[Path], progress, log, memory_budget: int | None) -> list[dict]:
+              eval_caches: list[Path], progress, log, memory_budget: int | None, should_stop,
+              on_record) -> list[dict]:
     results_path = out_dir / "results.jsonl"
     done = _resume(runs, out_dir, resume, log)
     todo = [r for r in runs if r.run_id not in done]
@@ -349,22 +363,34 @@ def _run_grid(runs: list[GridRun], out_dir: Path, *, resume: bool, batched: bool
                 + (f"; one part per padded shape ({len(shapes)})" if len(shapes) > 1 else ""))
         t1 = time.perf_counter()
         curve = curve_data(cache, cfgs[0].backbone, cfgs[0].classes)
-        trained = [item for part in parts for item in train_group(data, part, device, curve=curve)]
-        seconds = {"load": t1 - t0, "train": (time.perf_counter() - t1) / len(cfgs), "group_size": len(cfgs)}
-        sets = eval_sets(cache, targets, cfgs[0].backbone)
-        with results_path.open("a") as fh:
-            for m, cfg, (head, history, images) in zip(members, cfgs, trained):
-                record = finish_run(cache, cfg, data.subset(images), head, history, seconds, targets,
-                                    out_dir / "runs" / m.run_id, save=save_heads, preset=m.preset, evalsets=sets)
-                if record["run_id"] != m.run_id:  # the cache changed between expand and training
-                    raise RuntimeError(f"{cache.path} changed while the grid ran (run {m.run_id} read content "
-                                       f"{record['run_id']}); rerun the grid")
-                record["params"] = m.params
-                record["ablations"] = m.ablations
+        sets: dict = {}  # the test features for evaluation, read when the first configuration is done
+
+        def write(i: int, item, members=members, cfgs=cfgs, cache=cache, data=data, t1=t1, sets=sets) -> None:
+            nonlocal finished
+            head, history, images = item
+            m, cfg = members[i], cfgs[i]
+            if not sets:
+                sets.update(eval_sets(cache, targets, cfg.backbone))
+            seconds = {"load": t1 - t0, "train": (time.perf_counter() - t1) / len(cfgs), "group_size": len(cfgs)}
+            record = finish_run(cache, cfg, data.subset(images), head, history, seconds, targets,
+                                out_dir / "runs" / m.run_id, save=save_heads, preset=m.preset, evalsets=sets)
+            if record["run_id"] != m.run_id:  # the cache changed between expand and training
+                raise RuntimeError(f"{cache.path} changed while the grid ran (run {m.run_id} read content "
+                                   f"{record['run_id']}); rerun the grid")
+            record["params"] = m.params
+            record["ablations"] = m.ablations
+            with results_path.open("a") as fh:  # each run as soon as it is done: an interruption loses no finished run
                 fh.write(json.dumps(record) + "\n")
-                fh.flush()
-                records.append(record)
-                finished += 1
-                if progress:
-                    progress(finished, len(runs))
+            records.append(record)
+            if on_record:
+                on_record(record)
+            finished += 1
+            if progress:
+                progress(finished, len(runs))
+
+        offset = 0
+        for part in parts:
+            train_group(data, part, device, curve=curve, should_stop=should_stop,
+                        on_finished=lambda i, item, offset=offset: write(offset + i, item))
+            offset += len(part)
     return records

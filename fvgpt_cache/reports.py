@@ -17,6 +17,7 @@ from pathlib import Path
 
 from .ablations import ABLATIONS
 from .heads import harmonic_mean
+from .statistics import CI_METHODS, mean_interval, overlap, paired_difference
 from .store import FINGERPRINT_CHARS
 from .training import TrainConfig
 
@@ -197,21 +198,30 @@ class Cell:
     base: list[float] = field(default_factory=list)
     new: list[float] = field(default_factory=list)
     all: list[float] = field(default_factory=list)
+    seeds: list[int] = field(default_factory=list)  # the seed of each value, in order
     collapsed: list[int] = field(default_factory=list)  # seeds whose run was flagged as collapsed
 
-    def summary(self) -> dict:
-        out: dict = {"n_seeds": max(len(self.base), len(self.all)), "collapsed_seeds": sorted(self.collapsed)}
+    def summary(self, ci: str = "t") -> dict:
+        """Means, sample standard deviations and `ci` intervals of the mean (95 %; `statistics.mean_interval`)
+        over seeds; HM is the HM of the means, `hm_ci` the interval of the per-seed HMs' mean."""
+        out: dict = {"n_seeds": max(len(self.base), len(self.all)), "collapsed_seeds": sorted(self.collapsed),
+                     "ci_method": ci}
         if self.base and self.new:
             b, n = _mean(self.base), _mean(self.new)
             per_seed = [harmonic_mean(x, y) for x, y in zip(self.base, self.new)]
             out.update(base=b, base_std=_std(self.base), new=n, new_std=_std(self.new), hm=harmonic_mean(b, n),
-                       hm_seed_mean=_mean(per_seed), hm_seed_std=_std(per_seed))
+                       hm_seed_mean=_mean(per_seed), hm_seed_std=_std(per_seed),
+                       base_ci=mean_interval(self.base, ci), new_ci=mean_interval(self.new, ci),
+                       hm_ci=mean_interval(per_seed, ci),
+                       per_seed={s: {"base": x, "new": y, "hm": h}
+                                 for s, x, y, h in zip(self.seeds, self.base, self.new, per_seed)})
         if self.all:
-            out.update(all=_mean(self.all), all_std=_std(self.all))
+            out.update(all=_mean(self.all), all_std=_std(self.all), all_ci=mean_interval(self.all, ci),
+                       per_seed={s: {"all": x} for s, x in zip(self.seeds, self.all)})
         return out
 
 
-def aggregate(records: list[dict]) -> dict:
+def aggregate(records: list[dict], ci: str = "t") -> dict:
     """Runs pooled over seeds only when everything that makes numbers comparable agrees.
 
     Returns {key: group}, key = the group's SETTING_FIELDS values. A group has `setting` (those
@@ -243,8 +253,11 @@ def aggregate(records: list[dict]) -> dict:
             if m.get("base") is not None and m.get("new") is not None:
                 cell.base.append(m["base"])
                 cell.new.append(m["new"])
+                cell.seeds.append(rec["seed"])
             if m.get("all") is not None:
                 cell.all.append(m["all"])
+                if not (m.get("base") is not None and m.get("new") is not None):
+                    cell.seeds.append(rec["seed"])
             if method == "fvgpt" and (rec.get("stability") or {}).get("collapsed"):
                 cell.collapsed.append(rec["seed"])
         for target in rec.get("cross_dataset", []):
@@ -254,7 +267,7 @@ def aggregate(records: list[dict]) -> dict:
     for key, g in groups.items():
         for ds, runs in g["runs"].items():
             check_one_run_per_seed(ds, g["title"], runs)
-        datasets = {ds: {m: c.summary() for m, c in cells.items()} for ds, cells in sorted(g["cells"].items())}
+        datasets = {ds: {m: c.summary(ci) for m, c in cells.items()} for ds, cells in sorted(g["cells"].items())}
         out[key] = {"setting": g["setting"], "title": g["title"], "datasets": datasets, "average": _average(datasets),
                     "seeds": g["seeds"], "runs": g["runs"],
                     "cross": {src: {tgt: {m: {"mean": _mean(v), "std": _std(v), "n_seeds": len(v)} for m, v in ms.items()}
@@ -321,7 +334,7 @@ def rows(summary: dict) -> list[dict]:
         setting = g["setting"]
         for ds, methods in g["datasets"].items():
             for method, s in methods.items():
-                out.append({**setting, "dataset": ds, "method": method, **s})
+                out.append({**setting, "dataset": ds, "method": method, **_flat_intervals(s)})
         if g["average"]:
             for method in METHODS:
                 out.append({**setting, "dataset": f"average ({g['average']['n_datasets']})", "method": method,
@@ -334,10 +347,25 @@ def rows(summary: dict) -> list[dict]:
     return out
 
 
+CI_KEYS = ("base", "new", "hm", "all")
+
+
+def _flat_intervals(s: dict) -> dict:
+    """A summary with each `<key>_ci` interval as `<key>_ci_low`, `<key>_ci_high` columns (per-seed values kept)."""
+    out = {k: v for k, v in s.items() if not k.endswith("_ci")}
+    for key in CI_KEYS:
+        if f"{key}_ci" in s:
+            ci = s[f"{key}_ci"]
+            out[f"{key}_ci_low"], out[f"{key}_ci_high"] = (None, None) if ci is None else ci
+    return out
+
+
 def to_csv(summary: dict) -> str:
     data = rows(summary)
-    cols = [*SETTING_FIELDS[:2], "dataset", "method", "n_seeds", "collapsed_seeds", "base", "base_std", "new", "new_std",
-            "hm", "hm_seed_mean", "hm_seed_std", "all", "all_std", *SETTING_FIELDS[2:]]
+    cols = [*SETTING_FIELDS[:2], "dataset", "method", "n_seeds", "collapsed_seeds", "ci_method",
+            "base", "base_std", "base_ci_low", "base_ci_high", "new", "new_std", "new_ci_low", "new_ci_high",
+            "hm", "hm_seed_mean", "hm_seed_std", "hm_ci_low", "hm_ci_high", "all", "all_std", "all_ci_low",
+            "all_ci_high", *SETTING_FIELDS[2:]]
     buf = io.StringIO()
     writer = csv.DictWriter(buf, fieldnames=cols, extrasaction="ignore")
     writer.writeheader()
@@ -356,10 +384,16 @@ def _spread(s: dict, key: str, sep: str) -> str:
     return f"{sep}±{sep}{sd:.2f}" if sd is not None and s.get("n_seeds", 1) > 1 else ""
 
 
+def _interval(s: dict, key: str, sep: str = " ") -> str:
+    """'[79.51, 84.49]': the confidence interval of the mean ('' for one seed)."""
+    ci = s.get(f"{key}_ci")
+    return f"{sep}[{ci[0]:.2f}, {ci[1]:.2f}]" if ci else ""
+
+
 def _fmt(s: dict, key: str, std: bool = True) -> str:
     if s.get(key) is None:
         return "-"
-    return f"{s[key]:.2f}" + (_spread(s, key, " ") if std else "")
+    return f"{s[key]:.2f}" + (_spread(s, key, " ") + _interval(s, key) if std else "")
 
 
 def table_rows(backbone: str, g: dict, compare_paper: bool = False) -> tuple[list[str], list[list[str]]]:
@@ -447,13 +481,26 @@ def _pm(s: dict, key: str) -> str:
     return f"{s[key]:.2f}" + _spread(s, key, "")
 
 
+def _ci_short(s: dict, key: str, centre: str | None = None) -> str:
+    """An interval in a few characters: '±2.51' when it is symmetric about the mean (Student's t), else
+    'lo–hi' (bootstrap); '-' when missing."""
+    ci, mid = s.get(f"{key}_ci"), s.get(centre or key)
+    if not ci or mid is None:
+        return "-"
+    lo, hi = ci
+    if abs((mid - lo) - (hi - mid)) < 1e-6:
+        return f"±{hi - mid:.2f}"
+    return f"{lo:.1f}–{hi:.1f}"
+
+
 def console_tables(summary: dict, compare_paper: bool = False, extra=()):
     """The same tables in a layout that fits 80 columns: (title, header, rows, kinds).
 
     Base-to-new: a line with the dataset and its number of runs (n), then one line per method
     (Base, New, HM, ΔHM vs the backbone). Cross-dataset: one line per target, one column per
     method. `extra` tables (the ablations, already narrow) follow as they are. `kinds[i]` is
-    "dataset", "method" or "paper" for row i.
+    "dataset", "method", "ci" (the intervals of the methods' means, `statistics.mean_interval`; for HM the
+    interval of the per-seed HMs' mean) or "paper" for row i.
     """
     for g in summary.values():
         backbone = g["setting"]["backbone"]
@@ -473,6 +520,12 @@ def console_tables(summary: dict, compare_paper: bool = False, extra=()):
                 delta = f"{s['hm'] - methods['backbone']['hm']:+.2f}" if m == "fvgpt" else ""
                 body.append([f"  {names[m]}", _pm(s, "base"), _pm(s, "new"), f"{s['hm']:.2f}", delta, ""])
                 kinds.append("method")
+            for m in METHODS:  # the intervals of the means, after the methods' lines (one seed: none)
+                s = methods[m]
+                if s.get("base_ci"):
+                    body.append([f"  95% CI {names[m]}", _ci_short(s, "base"), _ci_short(s, "new"),
+                                 _ci_short(s, "hm", "hm_seed_mean"), "", ""])
+                    kinds.append("ci")
             key = "average" if ds.startswith("Average over") else ds
             if key in paper:
                 p = paper[key]
@@ -525,9 +578,10 @@ def ablation_tables(records: list[dict]) -> list[tuple[str, list[str], list[list
             m = rec["metrics"]["fvgpt"]
             if m.get("base") is None:
                 continue
-            ds = row.setdefault(rec.get("dataset"), {"base": [], "new": [], "collapsed": []})
+            ds = row.setdefault(rec.get("dataset"), {"base": [], "new": [], "seeds": [], "collapsed": []})
             ds["base"].append(m["base"])
             ds["new"].append(m["new"])
+            ds["seeds"].append(rec["seed"])
             if (rec.get("stability") or {}).get("collapsed"):
                 ds["collapsed"].append(rec["seed"])
     varying = {ablation: varying_fields([v for k, v in settings.items() if k[0] == ablation]) for ablation, _ in settings}
@@ -537,7 +591,7 @@ def ablation_tables(records: list[dict]) -> list[tuple[str, list[str], list[list
         backbone = setting["backbone"]
         title, order = ABLATIONS[ablation]
         datasets = sorted(set.union(*(set(r) for r in rows.values())))
-        body, full_hm = [], None
+        body, full_hm, full_label = [], None, None
         summaries = {}
         for label, _ in order:
             per_ds = rows.get(label, {})
@@ -549,10 +603,12 @@ def ablation_tables(records: list[dict]) -> list[tuple[str, list[str], list[list
             flagged = sorted({s for d in datasets for s in per_ds[d]["collapsed"]})
             summaries[label] = (b, n, harmonic_mean(b, n), seeds, flagged)
             if label in FULL_ROWS:
-                full_hm = harmonic_mean(b, n)
+                full_hm, full_label = harmonic_mean(b, n), label
         for label, (b, n, hm, seeds, flagged) in summaries.items():
             delta = "" if full_hm is None or label in FULL_ROWS else f"{hm - full_hm:+.2f}"
-            body.append([label, f"{b:.2f}", f"{n:.2f}", f"{hm:.2f}", delta, str(seeds),
+            paired = None if full_label is None or label in FULL_ROWS else \
+                paired_difference(_hm_by_seed(rows[label], datasets), _hm_by_seed(rows[full_label], datasets))
+            body.append([label, f"{b:.2f}", f"{n:.2f}", f"{hm:.2f}", delta, _paired_cell(paired), str(seeds),
                          ", ".join(map(str, flagged)) or "-"])
         if body:
             where = datasets[0] if len(datasets) == 1 else f"average over {len(datasets)} datasets"
@@ -560,7 +616,116 @@ def ablation_tables(records: list[dict]) -> list[tuple[str, list[str], list[list
             if setting["config"] != "default":
                 parts.insert(0, setting["config"])
             out.append((" · ".join([title, f"backbone {backbone}", *parts, where]),
-                        ["Variant", "Base", "New", "HM", "ΔHM", "seeds", "collapsed"], body))
+                        ["Variant", "Base", "New", "HM", "ΔHM", "95% CI", "seeds", "collapsed"], body))
+    return out
+
+
+def _hm_by_seed(per_ds: dict, datasets: list[str]) -> dict[int, float]:
+    """{seed: HM of the mean Base and the mean New over `datasets`} for the seeds every dataset has."""
+    common = set.intersection(*(set(per_ds[d]["seeds"]) for d in datasets))
+    out = {}
+    for seed in common:
+        pick = [per_ds[d]["seeds"].index(seed) for d in datasets]
+        b = _mean([per_ds[d]["base"][i] for d, i in zip(datasets, pick)])
+        n = _mean([per_ds[d]["new"][i] for d, i in zip(datasets, pick)])
+        out[seed] = harmonic_mean(b, n)
+    return out
+
+
+def _paired_cell(paired) -> str:
+    """'±1.23' (or 'lo–hi'), with ' n.s.' when the paired t-test finds no difference at 5 %; '' for one seed."""
+    if paired is None or paired.interval is None:
+        return ""
+    lo, hi = paired.interval
+    return f"±{(hi - lo) / 2:.2f}" + ("" if paired.significant else " n.s.")
+
+
+def interval_warnings(summary: dict) -> list[str]:
+    """Datasets where +FVG-PT's and the backbone's HM intervals overlap: the table's ΔHM may be noise."""
+    out = []
+    for g in summary.values():
+        for ds, methods in g["datasets"].items():
+            f, b = methods["fvgpt"], methods["backbone"]
+            if overlap(f.get("hm_ci"), b.get("hm_ci")):
+                out.append(f"{ds} ({g['title']}): the 95 % intervals of +FVG-PT's HM ({_ci_text(f['hm_ci'])}) and "
+                           f"{g['setting']['backbone']}'s ({_ci_text(b['hm_ci'])}) overlap over {f['n_seeds']} seeds: "
+                           "the difference may be noise; `report --vs backbone` compares them seed by seed")
+    return out
+
+
+def _ci_text(ci) -> str:
+    return f"{ci[0]:.2f}–{ci[1]:.2f}"
+
+
+PAIRED_METRICS = ("base", "new", "hm")
+
+
+def _config_matches(config: dict, reference: str) -> bool:
+    """Whether a run's configuration is the `--vs` reference: 'default' or KEY=VALUE[,KEY=VALUE…]."""
+    if reference == "default":
+        return config_label(config) == "default"
+    from .training import parse_value
+
+    for item in reference.split(","):
+        key, eq, value = item.partition("=")
+        if not eq:
+            raise ValueError(f"--vs {reference!r}: write backbone, default or KEY=VALUE[,KEY=VALUE]")
+        want = parse_value(key.strip(), value)
+        have = config.get(key.strip())
+        if (list(want) if isinstance(want, tuple) else want) != have:
+            return False
+    return True
+
+
+def paired_tables(summary: dict, reference: str) -> list[tuple[str, list[str], list[list[str]]]]:
+    """`report --vs REFERENCE`: every other configuration against the reference, seed by seed.
+
+    `backbone`: +FVG-PT against its own backbone in the same runs. A configuration (`default`,
+    `lambda_d=10`, …): every group whose setting equals the reference group's in everything but the
+    configuration, per dataset, paired by seed (only seeds both have). Columns: the mean paired
+    difference of Base, New and HM, the 95 % t interval of ΔHM and the paired t-test's p-value;
+    'n.s.' marks p ≥ 0.05."""
+    header = ["Dataset", "vs", "n", "ΔBase", "ΔNew", "ΔHM", "95% CI", "p"]
+    out = []
+
+    def line(ds: str, name: str, cur: dict, ref: dict) -> list[str] | None:
+        if not all("hm" in v for v in [*cur.values(), *ref.values()]):
+            return None  # all-class runs: no Base/New to compare
+        diffs = {m: paired_difference({s: v[m] for s, v in cur.items()}, {s: v[m] for s, v in ref.items()})
+                 for m in PAIRED_METRICS}
+        hm = diffs["hm"]
+        if hm is None:
+            return None
+        p = "-" if hm.p_value is None else f"{hm.p_value:.3f}" + ("" if hm.significant else " n.s.")
+        return [ds, name, str(hm.n), *[f"{diffs[m].mean:+.2f}" for m in PAIRED_METRICS],
+                "-" if hm.interval is None else _ci_text(hm.interval), p]
+
+    if reference == "backbone":
+        for g in summary.values():
+            body = [row for ds, methods in g["datasets"].items() if "per_seed" in methods["fvgpt"]
+                    for row in [line(ds, "+FVG-PT", methods["fvgpt"]["per_seed"], methods["backbone"]["per_seed"])]
+                    if row]
+            if body:
+                out.append((f"Paired vs the backbone · {g['title']}", header, body))
+        return out
+    refs = [g for g in summary.values() if any(_config_matches(r["config"], reference)
+                                               for runs in g["runs"].values() for r in runs)]
+    if not refs:
+        raise ValueError(f"--vs {reference!r}: no configuration in these results matches it; the configurations "
+                         f"are: {', '.join(sorted({g['setting']['config'] for g in summary.values()}))}")
+    for ref in refs:
+        others = [g for g in summary.values() if g is not ref and
+                  all(g["setting"][k] == ref["setting"][k] for k in SETTING_FIELDS if k != "config")]
+        body = []
+        for g in others:
+            for ds, methods in g["datasets"].items():
+                base = ref["datasets"].get(ds, {}).get("fvgpt", {})
+                if "per_seed" in methods["fvgpt"] and "per_seed" in base:
+                    row = line(ds, g["setting"]["config"], methods["fvgpt"]["per_seed"], base["per_seed"])
+                    if row:
+                        body.append(row)
+        if body:
+            out.append((f"Paired vs {ref['setting']['config']} (+FVG-PT, seed by seed) · {ref['title']}", header, body))
     return out
 
 
@@ -702,6 +867,93 @@ def plot_sweep(data: dict, param: str, path: Path, averaged: dict[str, list[str]
         fig.tight_layout(rect=(0, 0.05 + 0.035 * text.count("\n"), 1, 1))
     else:
         fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+# ---------------------------------------------------------------------------------------------
+# Per-epoch curves (the `history` of every record: losses, test and validation accuracy, gate statistics)
+
+CI_NAMES = {"t": "Student's t", "bootstrap": "percentile bootstrap (10,000 resamples)"}
+CURVE_COLUMNS = ("epoch", "lr", "selected", "test_base", "test_new", "test_hm", "test_all", "val_base", "val_new",
+                 "val_hm", "val_all", "r_mean", "frg_auc", "b_mean_new", "frg", "ce_fdc", "dist", "base", "acc_fdc",
+                 "ce_pc", "kl_pc", "pc", "total")
+
+
+def curves_csv(records: list[dict]) -> str:
+    """One row per run and epoch (`report --format curves`): the run's identity (id, dataset, backbone, seed,
+    every TrainConfig field) and that epoch's numbers; empty where a run has no such number."""
+    fields_ = TrainConfig.field_names()
+    cols = ["run_id", "dataset", "backbone", "seed", *CURVE_COLUMNS, *(f"config.{f}" for f in fields_ if f != "seed")]
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=cols, extrasaction="ignore")
+    writer.writeheader()
+    for rec in records:
+        config = {f"config.{k}": "+".join(map(str, v)) if isinstance(v, list) else v for k, v in rec["config"].items()}
+        for entry in rec.get("history") or []:
+            writer.writerow({"run_id": rec["run_id"], "dataset": rec.get("dataset"), "backbone": rec["backbone"],
+                             "seed": rec["seed"], **config,
+                             **{k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in entry.items()}})
+    return buf.getvalue()
+
+
+def curve_bands(records: list[dict], param: str, metric: str) -> dict:
+    """{dataset: {value of `param`: (epochs, mean, std over the runs)}} of one curve metric (e.g. test_hm)."""
+    if param not in TrainConfig.field_names():
+        raise ValueError(f"unknown parameter {param!r}; valid parameters: {', '.join(TrainConfig.field_names())}")
+    by: dict = {}
+    for rec in records:
+        points = [(h["epoch"], h[metric]) for h in rec.get("history") or [] if h.get(metric) is not None]
+        if not points:
+            continue
+        value = rec["config"][param]
+        value = "+".join(map(str, value)) if isinstance(value, list) else value
+        by.setdefault(rec.get("dataset"), {}).setdefault(value, []).append(dict(points))
+    out: dict = {}
+    for ds, values in by.items():
+        for value, runs in values.items():
+            epochs = sorted(set.intersection(*(set(r) for r in runs)))
+            vals = [[r[e] for r in runs] for e in epochs]
+            out.setdefault(ds, {})[value] = (epochs, [_mean(v) for v in vals], [_std(v) for v in vals])
+    return out
+
+
+def plot_curves(records: list[dict], param: str, path: Path) -> Path:
+    """Test Base/New/HM (or All) against epoch: a row of panels per dataset, one line per value of `param`
+    (mean over the runs with it), a band of ± one standard deviation over them (the seed spread)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise RuntimeError("plots need matplotlib: pip install 'fvgpt-cache[plot]' (or pip install matplotlib)") from None
+    has_bn = any(h.get("test_hm") is not None for r in records for h in r.get("history") or [])
+    metrics = ("test_base", "test_new", "test_hm") if has_bn else ("test_all",)
+    bands = {m: curve_bands(records, param, m) for m in metrics}
+    datasets = sorted(bands[metrics[0]])
+    if not datasets:
+        raise ValueError("these results carry no per-epoch test accuracy (written before curves were recorded)")
+    fig, axes = plt.subplots(len(datasets), len(metrics), figsize=(4 * len(metrics), 3 * len(datasets)), squeeze=False)
+    for row, ds in enumerate(datasets):
+        for col, metric in enumerate(metrics):
+            ax = axes[row][col]
+            for value, (epochs, mean, std) in sorted(bands[metric][ds].items(), key=lambda kv: str(kv[0])):
+                x = [e + 1 for e in epochs]
+                ax.plot(x, mean, marker="o", ms=3, label=f"{param}={value}")
+                ax.fill_between(x, [m - s for m, s in zip(mean, std)], [m + s for m, s in zip(mean, std)], alpha=0.2)
+            ax.set_title(f"{ds} · {metric.replace('test_', '').replace('hm', 'HM').capitalize()}")
+            ax.set_xlabel("epoch")
+    axes[0][0].set_ylabel("test accuracy (%)")
+    axes[0][-1].legend(fontsize=7)
+    averaged = averaged_over(records, param)
+    if averaged:
+        fig.text(0.01, 0.01, textwrap.fill("averaged over: " + describe_averaged(averaged), 180), fontsize=7,
+                 color="darkred", va="bottom")
+    fig.tight_layout(rect=(0, 0.06 if averaged else 0, 1, 1))
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path)

@@ -213,7 +213,7 @@ def test_paper_preset_end_to_end_prints_each_table_in_the_paper_layout(tmp_path)
     full = next(r for r in records if ["components", "(5) FRG+FDC+PC"] in r["ablations"] and r["seed"] == 1)
     other = next(r for r in records if ["components", "(5) FRG+FDC+PC"] in r["ablations"] and r["seed"] == 2)
     mean_base = (full["metrics"]["fvgpt"]["base"] + other["metrics"]["fvgpt"]["base"]) / 2
-    assert body[4][1] == f"{mean_base:.2f}" and body[4][4] == "" and body[4][5] == "2"
+    assert body[4][1] == f"{mean_base:.2f}" and body[4][4] == body[4][5] == "" and body[4][6] == "2"  # no Δ, no CI: the full row
     text = CliRunner().invoke(app, ["report", str(tmp_path / "g"), "--format", "markdown"]).output
     assert "### Table 5: gate depth" in text and "| 3 layers |" in text
 

@@ -28,9 +28,9 @@ Parameters and gradients live in flat buffers; the parameter of a layer is a con
 (K, out, in) view into them. Entries that must not move (frozen identity and embedding layers,
 unused indicator columns, a switched-off adapter's bias) are put back after every step.
 """
-from .group import GROUP_FIELDS, SMALL_STEP_FLOPS, TERMS, Group, group_key
+from .group import GROUP_FIELDS, SMALL_STEP_FLOPS, TERMS, Group, TrainingStopped, group_key
 from .layout import Layout, gather, scatter
 from .parts import available_memory, memory_estimate, split_for_memory, train_group, train_head, shape_parts
 
-__all__ = ["GROUP_FIELDS", "SMALL_STEP_FLOPS", "TERMS", "Group", "Layout", "available_memory", "gather", "group_key",
+__all__ = ["GROUP_FIELDS", "SMALL_STEP_FLOPS", "TERMS", "Group", "TrainingStopped", "Layout", "available_memory", "gather", "group_key",
            "memory_estimate", "scatter", "split_for_memory", "train_group", "train_head", "shape_parts"]

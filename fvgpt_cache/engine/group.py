@@ -23,6 +23,10 @@ HISTORY_KEYS = ("frg", "ce_fdc", "dist", "base", "acc_fdc", "ce_pc", "kl_pc", "p
 BETAS, ADAM_EPS = (0.9, 0.999), 1e-8
 
 
+class TrainingStopped(RuntimeError):
+    """Training was asked to stop (`should_stop`, e.g. SIGTERM); finished configurations were handed back."""
+
+
 def group_key(cfg: TrainConfig) -> tuple:
     return tuple(getattr(cfg, k) for k in GROUP_FIELDS)
 
@@ -332,15 +336,18 @@ class Group:
         d, h, c, b = self.layout.dim, self.layout.fdc_hidden, len(self.data.txt_bb), self.cfgs[0].batch_size
         return self.k * (10 * (c + b) * d * h + 6 * b * c * d)
 
-    def train(self, progress=None, monitor=None) -> list[tuple[FVGPTHead, list[dict], np.ndarray]]:
+    def train(self, progress=None, monitor=None, on_finished=None,
+              should_stop=None) -> list[tuple[FVGPTHead, list[dict], np.ndarray]]:
         """Train every configuration; returns (head, per-epoch history, training image indices) for each.
 
         A configuration whose epochs are over leaves the group at the start of the next epoch (the
         others go on as a narrower group, see `narrowed`), so a grid whose configurations differ in
-        epochs does not carry the finished ones along."""
+        epochs does not carry the finished ones along. `on_finished(k, (head, history, images))` hears
+        each configuration as soon as it is done (so its result can be written before the others end);
+        `should_stop()`, asked after every epoch, ends training with `TrainingStopped` when it is true."""
         threads = torch.get_num_threads()
         try:
-            return self._train(progress, threads, monitor)
+            return self._train(progress, threads, monitor, on_finished, should_stop)
         finally:
             torch.set_num_threads(threads)
 
@@ -357,7 +364,8 @@ class Group:
         return [gather(self.layout, k, copy.deepcopy(self.heads[k]) if snapshot else self.heads[k], self.cfgs[k],
                        params_cpu).eval() for k in positions]
 
-    def _train(self, progress, threads: int, monitor=None) -> list[tuple[FVGPTHead, list[dict], np.ndarray]]:
+    def _train(self, progress, threads: int, monitor=None, on_finished=None,
+               should_stop=None) -> list[tuple[FVGPTHead, list[dict], np.ndarray]]:
         data, cfgs = self.data, self.cfgs
         views = data.full.shape[1]
         labels = data.y.numpy()
@@ -370,13 +378,22 @@ class Group:
         histories: list[list[dict]] = [[] for _ in cfgs]
         heads: list[FVGPTHead | None] = [None] * len(cfgs)
         best: dict[int, FVGPTHead] = {}  # select = "val": the head of the best validation epoch so far
+
+        def done(k: int, head: FVGPTHead) -> None:
+            if monitor is not None:
+                monitor.finish(k, histories[k])
+                head = best.get(k, head) if cfgs[k].select == "val" else head
+            heads[k] = head
+            if on_finished is not None:
+                on_finished(k, (head, histories[k], subsets[k].numpy()))
+
         group, live = self, list(range(len(cfgs)))  # the group training now and its configurations
         group._use_threads(threads)
         for epoch in range(epochs):
             over = [pos for pos, k in enumerate(live) if epoch >= cfgs[k].epochs]
             if over:
                 for k, head in zip([live[pos] for pos in over], group._heads_now(over)):
-                    heads[k] = head
+                    done(k, head)
                 keep = [pos for pos in range(len(live)) if pos not in over]
                 group, live = group.narrowed(keep), [live[pos] for pos in keep]
                 group._use_threads(threads)
@@ -417,11 +434,11 @@ class Group:
                     best[k] = head
             if progress:
                 progress(epoch + 1, epochs, {key: values[0] for key, values in means.items()})
+            if should_stop is not None and epoch + 1 < epochs and should_stop():
+                raise TrainingStopped(f"stopped after epoch {epoch + 1} of {epochs}; "
+                                      f"{sum(h is not None for h in heads)} configuration(s) of this group had finished")
         for k, head in zip(live, group._heads_now(list(range(len(live))))):
-            heads[k] = head
-        if monitor is not None:
-            monitor.finish(histories)
-            heads = [best.get(k, head) if cfgs[k].select == "val" else head for k, head in enumerate(heads)]
+            done(k, head)
         return [(heads[k], histories[k], subsets[k].numpy()) for k in range(len(cfgs))]
 
 

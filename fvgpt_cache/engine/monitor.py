@@ -48,6 +48,7 @@ class Monitor:
         self.epochs: list[list[dict]] = [[] for _ in cfgs]  # per configuration, per epoch: val and gate numbers
         self.best: list[float | None] = [None for _ in cfgs]
         self.best_epoch: list[int | None] = [None for _ in cfgs]
+        self._labels: Tensor | None = None  # the test labels, read by the first `finish`
 
     def _frozen(self, split: CurveSplit) -> dict:
         """What does not change during training: image vectors and, per τ, the new branch's logits and BRG input."""
@@ -187,14 +188,15 @@ class Monitor:
             return self.best_epoch[k]
         return last
 
-    def finish(self, histories: list[list[dict]]) -> None:
-        """Score the stored test predictions (test labels are read here, after every epoch is chosen) and
-        write each epoch's numbers into `histories` (one list of epoch dicts per configuration)."""
-        labels = self.curve.read_test_labels()
-        for k, hist in enumerate(histories):
-            chosen = self.selected_epoch(k)
-            for epoch, (entry, extra, pred) in enumerate(zip(hist, self.epochs[k], self.test_pred[k])):
-                scores = score_predictions(pred, labels, self.curve)
-                entry.update({f"test_{key}" if key != "b_mean_new" else key: value for key, value in scores.items()})
-                entry.update({key: value for key, value in extra.items() if key != "epoch"})
-                entry["selected"] = epoch == chosen
+    def finish(self, k: int, history: list[dict]) -> None:
+        """Configuration k has trained its last epoch: choose its epoch, then (and only then) read the test
+        labels, score its stored predictions and write each epoch's numbers into its `history`."""
+        chosen = self.selected_epoch(k)
+        if self._labels is None:
+            self._labels = self.curve.read_test_labels()
+        for epoch, (entry, extra, pred) in enumerate(zip(history, self.epochs[k], self.test_pred[k])):
+            scores = score_predictions(pred, self._labels, self.curve)
+            entry.update({f"test_{key}" if key != "b_mean_new" else key: value for key, value in scores.items()})
+            entry.update({key: value for key, value in extra.items() if key != "epoch"})
+            entry["selected"] = epoch == chosen
+        self.test_pred[k] = []  # scored: the predictions are no longer needed
