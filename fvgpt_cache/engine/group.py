@@ -340,7 +340,7 @@ class Group:
               should_stop=None) -> list[tuple[FVGPTHead, list[dict], np.ndarray]]:
         """Train every configuration; returns (head, per-epoch history, training image indices) for each.
 
-        A configuration whose epochs are over leaves the group at the start of the next epoch (the
+        A configuration whose epochs are over leaves the group at the end of its last epoch (the
         others go on as a narrower group, see `narrowed`), so a grid whose configurations differ in
         epochs does not carry the finished ones along. `on_finished(k, (head, history, images))` hears
         each configuration as soon as it is done (so its result can be written before the others end);
@@ -390,13 +390,6 @@ class Group:
         group, live = self, list(range(len(cfgs)))  # the group training now and its configurations
         group._use_threads(threads)
         for epoch in range(epochs):
-            over = [pos for pos, k in enumerate(live) if epoch >= cfgs[k].epochs]
-            if over:
-                for k, head in zip([live[pos] for pos in over], group._heads_now(over)):
-                    done(k, head)
-                keep = [pos for pos in range(len(live)) if pos not in over]
-                group, live = group.narrowed(keep), [live[pos] for pos in keep]
-                group._use_threads(threads)
             K = len(live)
             plans = [epoch_batches(len(subsets[k]), cfgs[k], gens[k]) for k in live]
             steps = max(len(p) for p in plans)
@@ -434,6 +427,13 @@ class Group:
                     best[k] = head
             if progress:
                 progress(epoch + 1, epochs, {key: values[0] for key, values in means.items()})
+            over = [pos for pos, k in enumerate(live) if epoch + 1 >= cfgs[k].epochs]
+            if over and len(over) < len(live):  # done now (written at once by `on_finished`); the rest go on
+                for k, head in zip([live[pos] for pos in over], group._heads_now(over)):
+                    done(k, head)
+                keep = [pos for pos in range(len(live)) if pos not in over]
+                group, live = group.narrowed(keep), [live[pos] for pos in keep]
+                group._use_threads(threads)
             if should_stop is not None and epoch + 1 < epochs and should_stop():
                 raise TrainingStopped(f"stopped after epoch {epoch + 1} of {epochs}; "
                                       f"{sum(h is not None for h in heads)} configuration(s) of this group had finished")
