@@ -1,6 +1,7 @@
 import json
 
 import pytest
+from conftest import run_cli
 
 from fvgpt_cache.grids import PRESETS, expand, parse_params, read_grid_file, run_grid
 from fvgpt_cache.reports import aggregate, load_records, to_csv
@@ -244,3 +245,46 @@ def test_training_modules_do_not_import_open_clip_or_torchvision():
             "if m in sys.modules]; print(bad); sys.exit(1 if bad else 0)")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert done.returncode == 0, done.stdout + done.stderr
+
+
+# ------------------------------------------------------------------ grids take the backbone like train
+
+
+def test_grid_backbone_option_equals_set_backbone(tmp_path):
+    cache = write_feature_cache(tmp_path / "syn.h5", num_classes=4, shots=4, views=2, dim=16, test_per_class=4)
+    from fvgpt_cache.store import write_text_group
+    import numpy as np
+
+    write_text_group(cache, "other_bb", np.random.default_rng(0).standard_normal((4, 16)), {"method": "synthetic"})
+    res = run_cli("grid", cache, "--set", "epochs=2", "--out", tmp_path / "none")
+    assert res.exit_code == 2 and "choose one with --backbone" in res.output
+    assert "--backbone" in run_cli("grid", "--help").output
+    outputs = []
+    for args in (["--backbone", "other_bb"], ["--set", "backbone=other_bb"]):
+        out = tmp_path / args[0].strip("-")
+        res = run_cli("grid", cache, *args, "--seeds", "1,2", "--set", "epochs=2", "--out", out)
+        assert res.exit_code == 0, res.output
+        outputs.append([json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()])
+    for a, b in zip(*outputs):
+        assert a["backbone"] == b["backbone"] == "other_bb" and a["metrics"] == b["metrics"]
+    res = run_cli("grid", cache, "--backbone", "other_bb", "--set", "backbone=synthetic_bb", "--out", tmp_path / "x")
+    assert res.exit_code == 2 and "disagree" in res.output
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--param", "lambda_d=1,,10"], "--param 'lambda_d=1,,10': empty value"),
+    (["--param", "lambda_d=1,1.0"], "--param lambda_d: the value 1.0 is given twice"),
+    (["--param", "lambda_d=1", "--param", "lambda_d=10"], "--param lambda_d is given twice"),
+    (["--param", "seed=1,2"], "use --seeds for seed"),
+    (["--seeds", "1,,2"], "--seeds '1,,2': empty entry"),
+    (["--seeds", "1,1"], "a seed is given twice"),
+    (["--param", "lambda_d=1,10", "--set", "lambda_d=5"], "lambda_d is both fixed"),
+    (["--preset", "lambda", "--param", "lambda_d=1,10"], "preset 'lambda' varies lambda_d in its rows"),
+    (["--preset", "lambda", "--set", "lambda_d=5"], "preset 'lambda' varies lambda_d; a --set of it would have no"),
+    (["--set", "epochs"], "--set 'epochs': write KEY=VALUE"),
+])
+def test_grid_refuses_ambiguous_parameters_by_name(tmp_path, args, message):
+    cache = write_feature_cache(tmp_path / "syn.h5", num_classes=4, shots=4, views=2, dim=16, test_per_class=4)
+    res = run_cli("grid", cache, *args, "--out", tmp_path / "g")
+    assert res.exit_code == 2 and message in res.output, res.output
+    assert "Traceback" not in res.output and not (tmp_path / "g").exists()
