@@ -73,14 +73,11 @@ def demo(
                           "Training images follow the world's mixture (mostly in their own context); test splits: "
                           "[bold]clean[/] (no context) and [bold]counterfactual[/] (each shape in another class's "
                           "context).")
-    try:
-        if smoke:
-            summary = run_smoke_demo(out) if as_json else _with_progress(run_smoke_demo, out)
-        else:
-            kwargs = {"test_per_class": test_per_class}
-            summary = run_world_demo(out, **kwargs) if as_json else _with_progress(run_world_demo, out, **kwargs)
-    except (ValueError, FileNotFoundError, RuntimeError) as exc:
-        fail(str(exc))
+    if smoke:
+        summary = run_smoke_demo(out) if as_json else _with_progress(run_smoke_demo, out)
+    else:
+        kwargs = {"test_per_class": test_per_class}
+        summary = run_world_demo(out, **kwargs) if as_json else _with_progress(run_world_demo, out, **kwargs)
     if as_json:
         print(json.dumps({"splits": summary["splits"], "seeds": summary["seeds"]}, indent=1))
     else:
