@@ -44,15 +44,31 @@ def test_extract_generic_then_inspect_json(tmp_path, generic_data, tiny_config):
 
 @pytest.mark.parametrize("name", ["oxford_pets", "fgvc_aircraft", "imagenet"])
 def test_extract_named_dataset_with_default_output(tmp_path, tiny_config, name, monkeypatch):
-    root, _ = build(tmp_path / "data", name)
+    """The released masks' layout (`<dataset folder>/mask/…`, white here) is found without options, even
+    beside a decoy `mask/<image folder>/` of black masks; the cache path, names and template follow the dataset.
+    Break used: `datasets.resolve_mask_root` trying `mask/<image folder>` before `mask` (the old check,
+    `"mask" in mask_root`, passed on the decoy)."""
+    from PIL import Image
+
+    from fvgpt_cache.datasets import DATASETS
+
+    root, names = build(tmp_path / "data", name)
+    masks = root / DATASETS[name].folder / "mask"
+    for white in [p for p in masks.rglob("*") if p.is_file()]:
+        decoy = masks / DATASETS[name].image_dir / white.relative_to(masks)
+        decoy.parent.mkdir(parents=True, exist_ok=True)
+        Image.new("L", (8, 8), 0).save(decoy, "PNG" if decoy.suffix == ".png" else "JPEG")
     monkeypatch.chdir(tmp_path)
     res = _run("extract", "--data", root, "--dataset", name, "--model", tiny_config, "--pretrained", "none",
                "--shots", "all", "--workers", "0")
     assert res.exit_code == 0, res.output
     out = tmp_path / "cache" / name / "tiny-clip-none" / "allshots_seed1.h5"
     cache = open_cache(out)
-    assert cache.provenance["dataset"] == name and len(cache.classnames) == 3
-    assert cache.provenance["mask_root"].endswith("mask") or "mask" in cache.provenance["mask_root"]
+    assert cache.provenance["dataset"] == name and cache.classnames == names
+    assert cache.provenance["mask_root"] == str(masks)
+    assert not cache.provenance.get("full_mask_images")
+    assert all(bool((cache.areas(split) == 1).all()) for split in cache.splits), "the white masks were read"
+    assert cache.text_attrs("clip")["template"] == DATASETS[name].template
 
 
 @pytest.mark.parametrize("args, message", [

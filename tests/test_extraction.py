@@ -220,12 +220,25 @@ def test_partial_with_other_settings_is_not_continued(tmp_path, generic_data, ti
 
 
 def test_existing_cache_needs_force_and_second_writer_is_refused(tmp_path, generic_data, tiny_model):
+    """Without --force an existing cache is refused and left as it was; with --force it is replaced by exactly
+    what a fresh extraction with the new settings writes.
+    Break used: `extract` keeping an existing output under --force (`os.replace(part, out)` skipped when `out`
+    exists): the old check only saw that --force did not raise."""
     ds = _dataset(generic_data)
     out = tmp_path / "c.h5"
     extract(ds, tiny_model, out, ExtractOptions(**OPTS))
+    first = _contents(out)
     with pytest.raises(CacheError, match="--force"):
         extract(ds, tiny_model, out, ExtractOptions(**OPTS))
-    extract(ds, tiny_model, out, ExtractOptions(**OPTS, force=True))
+    assert all(np.array_equal(v, first[k]) for k, v in _contents(out).items())
+    other = {**OPTS, "seed": 2}
+    extract(ds, tiny_model, out, ExtractOptions(**other, force=True))
+    extract(ds, tiny_model, tmp_path / "fresh.h5", ExtractOptions(**other))
+    forced, fresh = _contents(out), _contents(tmp_path / "fresh.h5")
+    assert open_cache(out).provenance["seed"] == 2 and forced.keys() == fresh.keys()
+    assert all(np.array_equal(forced[k], fresh[k]) for k in fresh)
+    assert not np.array_equal(forced["samples/train/path"], first["samples/train/path"]), "another few-shot draw"
+    assert not partial_path(out).exists()
     with exclusive_lock(out):
         with pytest.raises(CacheError, match="this process is already writing"):
             extract(ds, tiny_model, out, ExtractOptions(**OPTS, force=True))
