@@ -1,4 +1,4 @@
-"""The HDF5 feature store, format version 1 (SPEC §5): reading, validating, locking.
+"""The HDF5 feature store, format version 1 (docs/cache-format.md): reading, validating, locking.
 
 Writing happens in `extraction.py`; this module owns the layout and the checks every reader
 makes, so that a foreign, stale or half-written file is refused with a message that says why.

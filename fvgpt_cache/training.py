@@ -1,4 +1,4 @@
-"""Training FVG-PT heads from a cache (SPEC §3): configuration, data preparation, schedule, the loop.
+"""Training FVG-PT heads from a cache (docs/training.md): configuration, data preparation, schedule, the loop.
 
 The defaults are the release's CoOp setting (`presets.py` has the other backbones'): 10 epochs,
 batch 4, SGD (momentum 0.9, weight decay 5e-4), lr 0.0035, cosine schedule after one constant
