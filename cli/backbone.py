@@ -10,7 +10,7 @@ import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
-from .common import DIST_TIMEOUT_HELP, _pct, app, console, err, fail, rank_rates, resumable, split_progress
+from .common import DIST_TIMEOUT_HELP, _pct, app, console, err, rank_rates, resumable, split_progress
 
 backbone_app = typer.Typer(help="Backbones in the cache: CoOp/KgCoOp prompt learning, official checkpoints "
                                 "(CoOp, KgCoOp, PromptSRC, MMRL), ensembles.",

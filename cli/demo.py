@@ -7,7 +7,7 @@ from pathlib import Path
 import typer
 from rich.table import Table
 
-from .common import app, console, fail, split_progress
+from .common import app, console, split_progress
 
 LABELS = {"zeroshot": "zero-shot", "backbone": "CoOp", "fvgpt": "+FVG-PT", "control_full": "control"}
 
