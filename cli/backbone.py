@@ -10,7 +10,7 @@ import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
-from .common import DIST_TIMEOUT_HELP, _pct, app, console, err, fail, rank_rates, resumable, split_progress
+from .common import DIST_TIMEOUT_HELP, _pct, app, console, err, rank_rates, resumable, split_progress
 
 backbone_app = typer.Typer(help="Backbones in the cache: CoOp/KgCoOp prompt learning, official checkpoints "
                                 "(CoOp, KgCoOp, PromptSRC, MMRL), ensembles.",
@@ -47,26 +47,23 @@ def backbone_train(
     )
     from fvgpt_cache.store import open_cache
 
-    try:
-        c = open_cache(cache)
-        cfg = BackboneConfig(method=method, n_ctx=n_ctx, ctx_init=ctx_init, csc=csc,
-                             class_token_position=class_token_position,
-                             epochs=epochs or default_epochs(c.provenance.get("dataset"), method), lr=lr,
-                             batch_size=batch_size, kg_weight=kg_weight, classes=classes, seed=seed, device=device).validate()
-        name = name or method
-        folder = out or default_backbone_dir(c, name, seed, {k: v for k, v in cfg.to_dict().items() if k != "device"})
-        claim_backbone_dir(folder, c, force)
-        with Progress(TextColumn(f"{method}"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[info]}"),
-                      TimeRemainingColumn(), console=err) as bar:
-            task = bar.add_task(method, total=cfg.epochs, info="epochs")
-            result = train_backbone(c, cfg, pretrained=pretrained, progress=lambda e, n, h: bar.update(
-                task, completed=e, info=f"loss {h['loss']:.3f} acc {h['acc']:.1f}%"))
-        source = {"cache": str(c.path), "cache_fingerprint": c.input_fingerprint("clip"), "name": name}
-        ckpt = save_coop_checkpoint(folder, result.ctx, cfg.epochs)
-        (folder / BACKBONE_RECORD).write_text(json.dumps({**result.to_dict(), **source}, indent=1))
-        write_backbone(c.path, name, result.ctx, cfg, result.loaded, checkpoint=ckpt)
-    except (ValueError, FileNotFoundError, RuntimeError) as exc:
-        fail(str(exc))
+    c = open_cache(cache)
+    cfg = BackboneConfig(method=method, n_ctx=n_ctx, ctx_init=ctx_init, csc=csc,
+                         class_token_position=class_token_position,
+                         epochs=epochs or default_epochs(c.provenance.get("dataset"), method), lr=lr,
+                         batch_size=batch_size, kg_weight=kg_weight, classes=classes, seed=seed, device=device).validate()
+    name = name or method
+    folder = out or default_backbone_dir(c, name, seed, {k: v for k, v in cfg.to_dict().items() if k != "device"})
+    claim_backbone_dir(folder, c, force)
+    with Progress(TextColumn(f"{method}"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[info]}"),
+                  TimeRemainingColumn(), console=err) as bar:
+        task = bar.add_task(method, total=cfg.epochs, info="epochs")
+        result = train_backbone(c, cfg, pretrained=pretrained, progress=lambda e, n, h: bar.update(
+            task, completed=e, info=f"loss {h['loss']:.3f} acc {h['acc']:.1f}%"))
+    source = {"cache": str(c.path), "cache_fingerprint": c.input_fingerprint("clip"), "name": name}
+    ckpt = save_coop_checkpoint(folder, result.ctx, cfg.epochs)
+    (folder / BACKBONE_RECORD).write_text(json.dumps({**result.to_dict(), **source}, indent=1))
+    write_backbone(c.path, name, result.ctx, cfg, result.loaded, checkpoint=ckpt)
     m = result.metrics
     new = "" if m.get("test_acc_new") is None else f", new-class test accuracy {m['test_acc_new']:.2f}%"
     console.print(f"{method}: {'base' if classes == 'base' else 'all'}-class test accuracy {m['test_acc']:.2f}% "
@@ -90,11 +87,8 @@ def backbone_load(
     from fvgpt_cache.backbones import load_backbone
     from fvgpt_cache.device import resolve_device
 
-    try:
-        info = load_backbone(cache, checkpoint, method, name=name, pretrained=pretrained,
-                             class_token_position=class_token_position, device=resolve_device(device))
-    except (ValueError, FileNotFoundError, RuntimeError) as exc:
-        fail(str(exc))
+    info = load_backbone(cache, checkpoint, method, name=name, pretrained=pretrained,
+                         class_token_position=class_token_position, device=resolve_device(device))
     console.print(f"wrote /text/{info['name']} {info['shape']} from {info['checkpoint']}")
 
 
@@ -131,24 +125,21 @@ def backbone_import(
 
     resumable()
 
-    try:
-        job = current_job(dist_timeout)
-        lead = job.rank == 0
-        layers = None
-        if rep_layers is not None:
-            try:
-                layers = tuple(int(x) for x in rep_layers.replace(" ", "").split(",") if x)
-            except ValueError:
-                raise ValueError(f"--rep-layers {rep_layers!r}: give layer numbers separated by commas, "
-                                 "e.g. 6,7,8,9,10,11,12") from None
-        options = ImportOptions(name=name, alpha=alpha, rep_layers=layers, ctx_init=ctx_init, template=template,
-                                prompt_check=prompt_check, image_root=str(image_root) if image_root else None,
-                                mask_root=str(mask_root) if mask_root else None, pretrained=pretrained,
-                                batch_size=batch_size, workers=workers, device=device, resume=resume, force=force)
-        with split_progress() if lead else contextlib.nullcontext() as update:
-            summary = import_backbone(cache, method, checkpoint, options, progress=update, job=job)
-    except (ValueError, FileNotFoundError, RuntimeError) as exc:
-        fail(str(exc))
+    job = current_job(dist_timeout)
+    lead = job.rank == 0
+    layers = None
+    if rep_layers is not None:
+        try:
+            layers = tuple(int(x) for x in rep_layers.replace(" ", "").split(",") if x)
+        except ValueError:
+            raise ValueError(f"--rep-layers {rep_layers!r}: give layer numbers separated by commas, "
+                             "e.g. 6,7,8,9,10,11,12") from None
+    options = ImportOptions(name=name, alpha=alpha, rep_layers=layers, ctx_init=ctx_init, template=template,
+                            prompt_check=prompt_check, image_root=str(image_root) if image_root else None,
+                            mask_root=str(mask_root) if mask_root else None, pretrained=pretrained,
+                            batch_size=batch_size, workers=workers, device=device, resume=resume, force=force)
+    with split_progress() if lead else contextlib.nullcontext() as update:
+        summary = import_backbone(cache, method, checkpoint, options, progress=update, job=job)
     if not lead:
         return
     images = sum(summary.counts.values())
@@ -172,10 +163,7 @@ def backbone_ensemble(
     from fvgpt_cache.backbones import write_ensemble
     from fvgpt_cache.device import resolve_device
 
-    try:
-        info = write_ensemble(cache, templates, pretrained=pretrained, device=resolve_device(device))
-    except (ValueError, FileNotFoundError, RuntimeError) as exc:
-        fail(str(exc))
+    info = write_ensemble(cache, templates, pretrained=pretrained, device=resolve_device(device))
     console.print(f"wrote /text/{info['name']} ({info['templates']} templates)")
 
 
@@ -193,23 +181,20 @@ def baselines(
     from fvgpt_cache.linear_probe import linear_probe as fit_probe
     from fvgpt_cache.store import open_cache
 
-    try:
-        c = open_cache(cache)
-        rows = {}
-        for group in c.text_groups:
-            ts = EvalSet(c, group)
-            acc = {}
-            for split, ids in (("base", c.base), ("new", c.new)):
-                sel, y, txt, _ = ts.subset(np.asarray(ids))
-                img = ts.full if split == "base" else ts.full_new
-                acc[split] = accuracy(backbone_logits(img[sel], txt, ts.scale), y)
-            both = acc["base"] is not None and acc["new"] is not None
-            rows[group] = {**acc, "hm": harmonic_mean(acc["base"], acc["new"]) if both else None}
-        if linear_probe:
-            lp = fit_probe(c)
-            rows["linear probe"] = {"base": lp["test_acc_base"], "new": None, "hm": None, "C": lp["C"]}
-    except (ValueError, FileNotFoundError, RuntimeError) as exc:
-        fail(str(exc))
+    c = open_cache(cache)
+    rows = {}
+    for group in c.text_groups:
+        ts = EvalSet(c, group)
+        acc = {}
+        for split, ids in (("base", c.base), ("new", c.new)):
+            sel, y, txt, _ = ts.subset(np.asarray(ids))
+            img = ts.full if split == "base" else ts.full_new
+            acc[split] = accuracy(backbone_logits(img[sel], txt, ts.scale), y)
+        both = acc["base"] is not None and acc["new"] is not None
+        rows[group] = {**acc, "hm": harmonic_mean(acc["base"], acc["new"]) if both else None}
+    if linear_probe:
+        lp = fit_probe(c)
+        rows["linear probe"] = {"base": lp["test_acc_base"], "new": None, "hm": None, "C": lp["C"]}
     if as_json:
         print(json.dumps(rows, indent=1))
         return

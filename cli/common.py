@@ -1,16 +1,20 @@
 """What every command shares: the Typer app, the consoles, progress bars and the error handling.
 
-Errors: every exception that reaches the app is printed as one `error:` paragraph without a
-traceback (`fvgpt-cache --debug …` or FVGPT_CACHE_DEBUG=1 shows it). Ctrl-C exits with status
-130 and, for commands that resume (`resumable()`), says that rerunning the same command resumes.
+Errors are handled here and only here (`HandledGroup`): a command raises, and every exception that
+reaches the app is printed as one `error:` paragraph without a traceback (`fvgpt-cache --debug …`
+or FVGPT_CACHE_DEBUG=1 shows it). ValueError, OSError and RuntimeError are the user's (bad input, a
+missing file: the message says what to do); anything else is called an unexpected error. Usage
+errors (a mistyped command or option) are click's own message with its close matches and the
+`--help` hint. Ctrl-C exits with status 130 and, for commands that resume (`resumable()`), says that
+rerunning the same command resumes.
 """
 from __future__ import annotations
 
 import sys
 import traceback
 from contextlib import contextmanager
+from typing import NoReturn
 
-import click
 import typer
 from rich import box
 from rich.console import Console
@@ -19,6 +23,11 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, ProgressColum
 from rich.table import Table
 from rich.text import Text
 from typer.core import TyperGroup
+
+try:  # typer 0.2x carries its own copy of click (typer._click); older releases use click itself
+    from typer._click.exceptions import ClickException
+except ImportError:  # pragma: no cover - depends on the installed typer
+    from click import ClickException
 
 console = Console()
 err = Console(stderr=True)
@@ -48,11 +57,11 @@ def _report(exc: BaseException) -> None:
 class HandledGroup(TyperGroup):
     """The root command group: one place that turns exceptions and Ctrl-C into messages and exit codes."""
 
-    def invoke(self, ctx: click.Context):
+    def invoke(self, ctx: typer.Context):
         _state.update(resumable=False, debug=False)
         try:
             return super().invoke(ctx)
-        except (typer.Exit, typer.Abort, click.exceptions.Exit, click.exceptions.Abort, click.ClickException):
+        except (typer.Exit, typer.Abort, ClickException):  # exit codes, and usage errors click prints itself
             raise
         except KeyboardInterrupt:
             _show_traceback()
@@ -111,18 +120,10 @@ DIST_TIMEOUT_HELP = ("torchrun jobs: seconds without a heartbeat from a rank bef
                      "process or node is gone).")
 
 
-def fail(message: str) -> None:
-    """Stop with an error message (and, with --debug, the traceback of the exception being handled).
-
-    typer.Exit is a RuntimeError, so `except RuntimeError as exc: fail(str(exc))` around a block
-    that already failed lands here with that Exit: it passes through instead of a second message.
-    """
-    current = sys.exc_info()[1]
-    if isinstance(current, (typer.Exit, click.exceptions.Exit)):
-        raise current
-    _show_traceback()
-    err.print(f"[bold red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)  # one paragraph
-    raise typer.Exit(code=2)
+def fail(message: str) -> NoReturn:
+    """Stop the command with `message` as its one `error:` paragraph (a command's own check of its
+    options); the command group prints it, as it prints every error (module docstring)."""
+    raise ValueError(message)
 
 
 def _pct(x) -> str:

@@ -8,7 +8,7 @@ from typing import Optional
 import typer
 from rich.table import Table
 
-from .common import app, console, fail, split_progress
+from .common import app, console, split_progress
 
 LABELS = {"zeroshot": "zero-shot", "backbone": "CoOp", "fvgpt": "+FVG-PT", "control_full": "control"}
 
@@ -76,14 +76,11 @@ def demo(
                           "[bold]clean[/] (no context) and [bold]counterfactual[/] (each shape in another class's "
                           "context).")
     out = out or Path("cache/demo-smoke" if smoke else "cache/demo")
-    try:
-        if smoke:
-            summary = run_smoke_demo(out) if as_json else _with_progress(run_smoke_demo, out)
-        else:
-            kwargs = {"test_per_class": test_per_class}
-            summary = run_world_demo(out, **kwargs) if as_json else _with_progress(run_world_demo, out, **kwargs)
-    except (ValueError, FileNotFoundError, RuntimeError) as exc:
-        fail(str(exc))
+    if smoke:
+        summary = run_smoke_demo(out) if as_json else _with_progress(run_smoke_demo, out)
+    else:
+        kwargs = {"test_per_class": test_per_class}
+        summary = run_world_demo(out, **kwargs) if as_json else _with_progress(run_world_demo, out, **kwargs)
     if as_json:
         print(json.dumps({"splits": summary["splits"], "seeds": summary["seeds"]}, indent=1))
     else:

@@ -60,44 +60,41 @@ def extract(
     from fvgpt_cache.views import AugmentConfig
 
     resumable()
-    try:
-        job = current_job(dist_timeout)
-        lead = job.rank == 0  # under torchrun only rank 0 talks
-        k = parse_shots(shots)
-        if dataset and name:
-            fail(f"--name is for generic datasets (--split-file); --dataset {dataset} keeps its name so reports can "
-                 "match the paper's rows")
-        if dataset and split_file:
-            fail("give either --dataset (with --data) or --split-file (with --image-root), not both")
-        if dataset:
-            if data is None:
-                fail("--dataset needs --data ROOT, the folder that contains the dataset's folder")
-            ds = load_dataset(dataset, data, mask_root)
-        elif split_file:
-            if image_root is None:
-                fail("--split-file needs --image-root DIR, the folder the split's paths are relative to")
-            ds = generic_dataset(split_file, image_root, mask_root, template=template or "a photo of a {}.", name=name)
-        else:
-            fail("say which data to read: --data ROOT --dataset NAME, or --split-file FILE --image-root DIR")
-        options = ExtractOptions(shots=k, seed=seed, train_views=train_views, batch_size=batch_size, workers=workers,
-                                 device=device, missing_mask=missing_mask, bad_image=bad_image,
-                                 mask_size_mismatch=mask_size_mismatch, fg_mode=fg_mode, template=template,
-                                 store_dtype=dtype, resume=resume, force=force,
-                                 augment=AugmentConfig(scale=parse_scale(rrc_scale)))
-        options.validate()
-        out = out or default_output(ds.name, model, pretrained, k, seed, train_views)
-        short = format_short_classes(short_classes(ds.splits, k, ds.classnames))
-        if short and lead:  # said before the long pass, so it can be stopped
-            err.print(f"[bold yellow]warning:[/] fewer images than --shots {k} asks for (all of them are taken; "
-                      f"listed in provenance): {escape('; '.join(short))}", highlight=False)
-        loaded = load_clip(model, pretrained, quick_gelu=quick_gelu)
-        if loaded.provenance["random_init"] and lead:
-            err.print("[bold yellow]warning:[/] --pretrained none: the model has random weights (seeded); "
-                      "its features are only a smoke test")
-        with split_progress() if lead else contextlib.nullcontext() as update:
-            summary = run_extract(ds, loaded, out, options, progress=update, job=job)
-    except (ValueError, FileNotFoundError, RuntimeError) as exc:
-        fail(str(exc))
+    job = current_job(dist_timeout)
+    lead = job.rank == 0  # under torchrun only rank 0 talks
+    k = parse_shots(shots)
+    if dataset and name:
+        fail(f"--name is for generic datasets (--split-file); --dataset {dataset} keeps its name so reports can "
+             "match the paper's rows")
+    if dataset and split_file:
+        fail("give either --dataset (with --data) or --split-file (with --image-root), not both")
+    if dataset:
+        if data is None:
+            fail("--dataset needs --data ROOT, the folder that contains the dataset's folder")
+        ds = load_dataset(dataset, data, mask_root)
+    elif split_file:
+        if image_root is None:
+            fail("--split-file needs --image-root DIR, the folder the split's paths are relative to")
+        ds = generic_dataset(split_file, image_root, mask_root, template=template or "a photo of a {}.", name=name)
+    else:
+        fail("say which data to read: --data ROOT --dataset NAME, or --split-file FILE --image-root DIR")
+    options = ExtractOptions(shots=k, seed=seed, train_views=train_views, batch_size=batch_size, workers=workers,
+                             device=device, missing_mask=missing_mask, bad_image=bad_image,
+                             mask_size_mismatch=mask_size_mismatch, fg_mode=fg_mode, template=template,
+                             store_dtype=dtype, resume=resume, force=force,
+                             augment=AugmentConfig(scale=parse_scale(rrc_scale)))
+    options.validate()
+    out = out or default_output(ds.name, model, pretrained, k, seed, train_views)
+    short = format_short_classes(short_classes(ds.splits, k, ds.classnames))
+    if short and lead:  # said before the long pass, so it can be stopped
+        err.print(f"[bold yellow]warning:[/] fewer images than --shots {k} asks for (all of them are taken; "
+                  f"listed in provenance): {escape('; '.join(short))}", highlight=False)
+    loaded = load_clip(model, pretrained, quick_gelu=quick_gelu)
+    if loaded.provenance["random_init"] and lead:
+        err.print("[bold yellow]warning:[/] --pretrained none: the model has random weights (seeded); "
+                  "its features are only a smoke test")
+    with split_progress() if lead else contextlib.nullcontext() as update:
+        summary = run_extract(ds, loaded, out, options, progress=update, job=job)
     if not lead:
         return
     console.print(f"wrote [bold]{escape(str(summary.out))}[/]: " + ", ".join(f"{s} {n}" for s, n in summary.counts.items())
@@ -133,6 +130,7 @@ def parse_scale(text: str) -> tuple[float, float]:
 def print_inspection(report: dict) -> None:
     prov = report["provenance"]
     from fvgpt_cache.data import format_short_classes
+    from fvgpt_cache.store import text_key
 
     console.print(f"[bold]{escape(report['path'])}[/]")
     console.print(f"content {report['fingerprint']}", highlight=False, soft_wrap=True)  # SHA-256: what results key on
@@ -168,7 +166,7 @@ def print_inspection(report: dict) -> None:
                       str(e["empty_mask_views"]), str(e["skipped"]))
     console.print(table)
     for name, t in report["text"].items():
-        console.print(f"text/{name}: {t['shape']} {t['dtype']}" + (f"  template {t['template']!r}" if "template" in t else ""))
+        console.print(f"{text_key(name)}: {t['shape']} {t['dtype']}" + (f"  template {t['template']!r}" if "template" in t else ""))
     if report["problems"]:
         for p in report["problems"]:
             console.print(f"[yellow]problem:[/] {escape(p)}")
@@ -185,10 +183,7 @@ def inspect(
     """Show provenance, classes, splits, shapes, mask statistics and problems of a cache."""
     from fvgpt_cache.inspection import inspect_cache
 
-    try:
-        report = inspect_cache(path, verify=verify)
-    except (ValueError, FileNotFoundError) as exc:
-        fail(str(exc))
+    report = inspect_cache(path, verify=verify)
     if as_json:
         print(json.dumps(report, indent=2))
     else:

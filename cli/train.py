@@ -128,34 +128,31 @@ def train(
     from fvgpt_cache.store import open_cache
     from fvgpt_cache.training import configure, parse_value
 
-    try:
-        if tensorboard:
-            from fvgpt_cache.tensorboard import check_available
+    if tensorboard:
+        from fvgpt_cache.tensorboard import check_available
 
-            check_available()
-        overrides = {"classes": classes, "seed": seed, "device": device, "select": select}
-        explicit = {"backbone": backbone, "lambda_d": lambda_d, "lambda_pc": lambda_new, "epochs": epochs,
-                    "batch_size": batch_size, "lr": lr}
-        overrides.update({k: v for k, v in explicit.items() if v is not None})
-        switches = {"use_frg": frg, "use_fdc": fdc, "use_pc": pc, "loss_frg": loss_frg, "loss_dist": loss_dist,
-                    "loss_ce_fdc": loss_ce_fdc, "loss_ce_pc": loss_ce_pc, "loss_kl_pc": loss_kl_pc}
-        overrides.update({k: v for k, v in switches.items() if not v})
-        for item in settings:
-            if "=" not in item:
-                fail(f"--set {item!r}: write KEY=VALUE")
-            key, value = item.split("=", 1)
-            overrides[key.strip()] = parse_value(key.strip(), value)
-        cfg, preset = configure(open_cache(cache), overrides, preset_of)
-        if as_json:
-            record = run_training(cache, cfg, out, eval_cache, preset=preset)
-        else:
-            with Progress(TextColumn("train"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[loss]}"),
-                          TimeRemainingColumn(), console=err, transient=True) as bar:
-                task = bar.add_task("train", total=cfg.epochs, loss="")
-                record = run_training(cache, cfg, out, eval_cache, preset=preset, progress=lambda e, n, h: bar.update(
-                    task, completed=e, loss=f"loss {h.get('total', 0):.3f}"))
-    except (ValueError, FileNotFoundError, RuntimeError) as exc:
-        fail(str(exc))
+        check_available()
+    overrides = {"classes": classes, "seed": seed, "device": device, "select": select}
+    explicit = {"backbone": backbone, "lambda_d": lambda_d, "lambda_pc": lambda_new, "epochs": epochs,
+                "batch_size": batch_size, "lr": lr}
+    overrides.update({k: v for k, v in explicit.items() if v is not None})
+    switches = {"use_frg": frg, "use_fdc": fdc, "use_pc": pc, "loss_frg": loss_frg, "loss_dist": loss_dist,
+                "loss_ce_fdc": loss_ce_fdc, "loss_ce_pc": loss_ce_pc, "loss_kl_pc": loss_kl_pc}
+    overrides.update({k: v for k, v in switches.items() if not v})
+    for item in settings:
+        if "=" not in item:
+            fail(f"--set {item!r}: write KEY=VALUE")
+        key, value = item.split("=", 1)
+        overrides[key.strip()] = parse_value(key.strip(), value)
+    cfg, preset = configure(open_cache(cache), overrides, preset_of)
+    if as_json:
+        record = run_training(cache, cfg, out, eval_cache, preset=preset)
+    else:
+        with Progress(TextColumn("train"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[loss]}"),
+                      TimeRemainingColumn(), console=err, transient=True) as bar:
+            task = bar.add_task("train", total=cfg.epochs, loss="")
+            record = run_training(cache, cfg, out, eval_cache, preset=preset, progress=lambda e, n, h: bar.update(
+                task, completed=e, loss=f"loss {h.get('total', 0):.3f}"))
     if tensorboard:
         from fvgpt_cache.tensorboard import write_run
 

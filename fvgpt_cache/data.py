@@ -1,4 +1,4 @@
-"""Dataset lists, Dassl few-shot sampling and the base/new class split (SPEC §3, §4)."""
+"""Dataset lists, Dassl few-shot sampling and the base/new class split (docs/method.md#few-shot, docs/datasets.md)."""
 from __future__ import annotations
 
 import hashlib

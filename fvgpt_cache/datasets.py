@@ -1,4 +1,4 @@
-"""The eleven CoOp datasets by name: folder layout, split files and CLIP templates (SPEC §4).
+"""The eleven CoOp datasets by name: folder layout, split files and CLIP templates (docs/datasets.md#the-eleven-datasets).
 
 The readers mirror CoOp's ``datasets/*.py``: ten datasets read a ``split_zhou_*.json`` file,
 ``fgvc_aircraft`` reads the FGVC text files and ``imagenet`` lists its image folders. Every

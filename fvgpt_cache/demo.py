@@ -95,7 +95,7 @@ def _mean(values):
 
 
 def _bnh_mean(rows: list[dict]) -> dict:
-    """Mean Base and New over seeds and the HM of the means (SPEC §3)."""
+    """Mean Base and New over seeds and the HM of the means (docs/method.md#protocols)."""
     base, new = _mean([r["base"] for r in rows]), _mean([r["new"] for r in rows])
     return {"base": base, "new": new, "hm": harmonic_mean(base, new) if base is not None and new is not None else None}
 

@@ -1,5 +1,8 @@
-"""The torch device a command runs on."""
+"""The torch device a command runs on, and the thread count of work that must not depend on it."""
 from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
 
 import torch
 
@@ -15,3 +18,23 @@ def resolve_device(device: str) -> torch.device:
     if device not in DEVICES:
         raise ValueError(f"--device {device!r}: choose auto, cpu or cuda")
     return torch.device(device)
+
+
+@contextlib.contextmanager
+def one_cpu_thread(device: torch.device) -> Iterator[None]:
+    """Run the block on one intra-op thread when `device` is the CPU (elsewhere: unchanged).
+
+    A CPU matrix product may sum in another order with another thread count, so features computed
+    with 2 threads can differ in the last bit from those computed with 1. torchrun gives every rank
+    one thread while a single process uses all cores; the text features of a cache (encoded once, by
+    rank 0) are therefore encoded on one thread in every mode, so one process and N ranks write the
+    same bits. The thread count is restored afterwards."""
+    if device.type != "cpu":
+        yield
+        return
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)

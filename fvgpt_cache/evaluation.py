@@ -1,4 +1,4 @@
-"""Evaluation on the test split (SPEC §2 "Inference", §3 protocols).
+"""Evaluation on the test split (docs/method.md#inference, docs/method.md#protocols).
 
 Base accuracy: argmax over base classes of z_FDC from the full image. New accuracy: argmax over
 new classes of z_PC. The backbone alone and zero-shot CLIP are scored on the same images. The

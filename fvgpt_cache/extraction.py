@@ -30,11 +30,13 @@ from torch.utils.data import Dataset as TorchDataset
 
 from .data import SPLITS, Dataset, base_new_split, fewshot_splits, short_classes
 from .datasets import find_mask
+from .device import one_cpu_thread
 from .distributed import Job, current_job
 from .models import LoadedModel
 from .passes import DONE, PENDING, SKIPPED, BatchWrites, PassReport, run_pass
 from .feature_checks import cache_warnings, token_warnings
-from .store import FORMAT, FORMAT_VERSION, CacheError, check_partial, open_cache, partial_path, seal
+from .store import (BASE_CLASSES, CLASS_NAMES, FORMAT, FORMAT_VERSION, NEW_CLASSES, PROGRESS, CacheError, check_partial,
+                    image_key, open_cache, partial_path, progress_key, sample_key, seal, text_key)
 from .views import FG_MODES, NO_BOX, AugmentConfig, Box, ViewMaker, binarize_mask, draw_box, fit_mask, view_generator
 
 MISSING_MASK_POLICIES = ("error", "full", "skip")
@@ -119,10 +121,13 @@ def class_prompt(template: str, classname: str) -> str:
 
 @torch.no_grad()
 def encode_texts(loaded: LoadedModel, texts: list[str], device: torch.device, batch_size: int = 256) -> torch.Tensor:
+    """L2-normalised CLIP text features of `texts`, float32 on the CPU; on one CPU thread whatever the
+    process's setting (`device.one_cpu_thread`), so one process and N torchrun ranks get the same bits."""
     out = []
-    for i in range(0, len(texts), batch_size):
-        tokens = loaded.tokenizer(texts[i:i + batch_size]).to(device)
-        out.append(F.normalize(loaded.model.encode_text(tokens).float(), dim=-1).cpu())
+    with one_cpu_thread(device):
+        for i in range(0, len(texts), batch_size):
+            tokens = loaded.tokenizer(texts[i:i + batch_size]).to(device)
+            out.append(F.normalize(loaded.model.encode_text(tokens).float(), dim=-1).cpu())
     return torch.cat(out)
 
 
@@ -256,16 +261,16 @@ def _create_layout(f: h5py.File, rows: dict[str, list[dict]], views: dict[str, i
     for split in SPLITS:
         n, v = len(rows[split]), views[split]
         for kind in ("full", "fg"):
-            f.create_dataset(f"image/clip/{split}/{kind}", shape=(n, v, dim), dtype=dtype,
+            f.create_dataset(image_key("clip", split, kind), shape=(n, v, dim), dtype=dtype,
                              chunks=(min(max(n, 1), 256), v, dim) if n else None)
-        f.create_dataset(f"samples/{split}/label", data=np.array([r["label"] for r in rows[split]], dtype=np.int64))
-        f.create_dataset(f"samples/{split}/path", data=[r["relpath"] for r in rows[split]],
+        f.create_dataset(sample_key(split, "label"), data=np.array([r["label"] for r in rows[split]], dtype=np.int64))
+        f.create_dataset(sample_key(split, "path"), data=[r["relpath"] for r in rows[split]],
                          dtype=h5py.string_dtype("utf-8"))
-        f.create_dataset(f"samples/{split}/area", shape=(n, v), dtype=np.float32)
-        f.create_dataset(f"samples/{split}/box", shape=(n, v, 5), dtype=np.int32)
-        f.create_dataset(f"progress/{split}/status", data=np.zeros(n, dtype=np.uint8))
-        f.create_dataset(f"progress/{split}/mask_resized", data=np.zeros(n, dtype=np.uint8))
-        f.create_dataset(f"progress/{split}/error", data=[""] * n, dtype=h5py.string_dtype("utf-8"))
+        f.create_dataset(sample_key(split, "area"), shape=(n, v), dtype=np.float32)
+        f.create_dataset(sample_key(split, "box"), shape=(n, v, 5), dtype=np.int32)
+        f.create_dataset(progress_key(split, "status"), data=np.zeros(n, dtype=np.uint8))
+        f.create_dataset(progress_key(split, "mask_resized"), data=np.zeros(n, dtype=np.uint8))
+        f.create_dataset(progress_key(split, "error"), data=[""] * n, dtype=h5py.string_dtype("utf-8"))
 
 
 def _finalize(f: h5py.File, skipped_listed: dict[str, list[dict]]) -> tuple[dict[str, list[dict]], list[str]]:
@@ -273,23 +278,23 @@ def _finalize(f: h5py.File, skipped_listed: dict[str, list[dict]]) -> tuple[dict
     skipped = {s: list(v) for s, v in skipped_listed.items()}
     resized = []
     for split in SPLITS:
-        status = f[f"progress/{split}/status"][()]
+        status = f[progress_key(split, "status")][()]
         keep = status == DONE
         if (status == PENDING).any():
             raise ExtractionError(f"split {split} still has pending rows; rerun to resume")
-        paths = f[f"samples/{split}/path"][()]
-        resized += [f"{split}/{paths[i].decode()}" for i in np.flatnonzero(f[f"progress/{split}/mask_resized"][()] & keep)]
+        paths = f[sample_key(split, "path")][()]
+        resized += [f"{split}/{paths[i].decode()}" for i in np.flatnonzero(f[progress_key(split, "mask_resized")][()] & keep)]
         if not keep.all():
-            errors = f[f"progress/{split}/error"][()]
+            errors = f[progress_key(split, "error")][()]
             for i in np.flatnonzero(~keep):
                 skipped[split].append({"path": paths[i].decode(), "reason": errors[i].decode()})
-            for key in (f"image/clip/{split}/full", f"image/clip/{split}/fg", f"samples/{split}/label",
-                        f"samples/{split}/path", f"samples/{split}/area", f"samples/{split}/box"):
+            for key in (image_key("clip", split, "full"), image_key("clip", split, "fg"), sample_key(split, "label"),
+                        sample_key(split, "path"), sample_key(split, "area"), sample_key(split, "box")):
                 data = f[key][()][keep]
                 dtype = f[key].dtype
                 del f[key]
                 f.create_dataset(key, data=data, dtype=dtype)
-    del f["progress"]
+    del f[PROGRESS]
     return skipped, resized
 
 
@@ -371,11 +376,11 @@ def extract(
             with h5py.File(tmp, "w") as f:
                 f.attrs.update(format=FORMAT, format_version=FORMAT_VERSION, fingerprint=fingerprint,
                                logit_scale=loaded.logit_scale)
-                f.create_dataset("classes/names", data=dataset.classnames, dtype=h5py.string_dtype("utf-8"))
-                f.create_dataset("classes/base", data=np.array(base, dtype=np.int64))
-                f.create_dataset("classes/new", data=np.array(new, dtype=np.int64))
-                f.create_dataset("text/clip", data=text.numpy().astype(np.float32))
-                f["text/clip"].attrs["template"] = template
+                f.create_dataset(CLASS_NAMES, data=dataset.classnames, dtype=h5py.string_dtype("utf-8"))
+                f.create_dataset(BASE_CLASSES, data=np.array(base, dtype=np.int64))
+                f.create_dataset(NEW_CLASSES, data=np.array(new, dtype=np.int64))
+                f.create_dataset(text_key("clip"), data=text.numpy().astype(np.float32))
+                f[text_key("clip")].attrs["template"] = template
                 _create_layout(f, rows, views, text.shape[1], STORE_DTYPES[options.store_dtype])
             os.replace(tmp, part)
         with h5py.File(part, "r+") as f:
@@ -406,8 +411,8 @@ def extract(
                 if key in f.attrs:
                     del f.attrs[key]
             seal(f)
-            counts = {s: int(f[f"samples/{s}/label"].shape[0]) for s in SPLITS}
-            empty = {s: int((f[f"samples/{s}/area"][()] == 0).any(axis=1).sum()) if counts[s] else 0 for s in SPLITS}
+            counts = {s: int(f[sample_key(s, "label")].shape[0]) for s in SPLITS}
+            empty = {s: int((f[sample_key(s, "area")][()] == 0).any(axis=1).sum()) if counts[s] else 0 for s in SPLITS}
         os.replace(part, out)
         prompts = [class_prompt(template, c) for c in dataset.classnames]
         warnings = token_warnings(loaded.tokenizer(prompts).numpy(), dataset.classnames) + cache_warnings(open_cache(out))
@@ -467,18 +472,18 @@ def _encode_batch(split: str, items: list[dict], model, device, bad_image: str) 
             skipped.append(j)
             reasons.append(item["error"])
             status[j] = SKIPPED
-    writes = [(f"progress/{split}/status", rows, status)]
+    writes = [(progress_key(split, "status"), rows, status)]
     if skipped:
-        writes.append((f"progress/{split}/error", rows[skipped], np.array(reasons, dtype=object)))
+        writes.append((progress_key(split, "error"), rows[skipped], np.array(reasons, dtype=object)))
     if good:
         feats = encode_views(model.encode_image, [items[j] for j in good], device)[""]
         kept = [items[j] for j in good]
         idx = rows[good]
         writes += [
-            (f"image/clip/{split}/full", idx, feats[0].numpy()),
-            (f"image/clip/{split}/fg", idx, feats[1].numpy()),
-            (f"samples/{split}/area", idx, torch.stack([g["area"] for g in kept]).numpy()),
-            (f"samples/{split}/box", idx, torch.stack([g["box"] for g in kept]).numpy()),
-            (f"progress/{split}/mask_resized", idx, np.array([g["mask_resized"] for g in kept], dtype=np.uint8)),
+            (image_key("clip", split, "full"), idx, feats[0].numpy()),
+            (image_key("clip", split, "fg"), idx, feats[1].numpy()),
+            (sample_key(split, "area"), idx, torch.stack([g["area"] for g in kept]).numpy()),
+            (sample_key(split, "box"), idx, torch.stack([g["box"] for g in kept]).numpy()),
+            (progress_key(split, "mask_resized"), idx, np.array([g["mask_resized"] for g in kept], dtype=np.uint8)),
         ]
     return BatchWrites(split=split, rows=rows, writes=writes)

@@ -10,6 +10,8 @@ from typing import Sequence
 
 import numpy as np
 
+from .store import image_key, text_key
+
 # Two classes whose text features have a cosine above this are indistinguishable to a CLIP head
 # (at the logit scale 100 the difference is below 0.1 logit).
 NEAR_IDENTICAL_COSINE = 0.999
@@ -42,13 +44,13 @@ def text_warnings(text: np.ndarray, classnames: Sequence[str], group: str = "cli
     if i.size:
         pairs = ", ".join(f"{classnames[a]!r}/{classnames[b]!r} ({sim[a, b]:.4f})" for a, b in list(zip(i, j))[:SHOW])
         more = f" and {i.size - SHOW} more" if i.size > SHOW else ""
-        out.append(f"text/{group}: {i.size} pair(s) of classes have (nearly) identical text features (cosine > "
+        out.append(f"{text_key(group)}: {i.size} pair(s) of classes have (nearly) identical text features (cosine > "
                    f"{NEAR_IDENTICAL_COSINE}): {pairs}{more}; no head can tell them apart. {FIX_TEXT}")
     if c <= t.shape[1]:
         s = np.linalg.svd(t, compute_uv=False)
         rank = int((s > RANK_TOLERANCE * s[0]).sum())
         if rank < c:
-            out.append(f"text/{group}: the {c} class text features span only {rank} dimension(s) (rank-deficient): "
+            out.append(f"{text_key(group)}: the {c} class text features span only {rank} dimension(s) (rank-deficient): "
                        f"some classes are mixtures of others. {FIX_TEXT}")
     return out
 
@@ -88,5 +90,5 @@ def cache_warnings(cache, backbone: str | None = None) -> list[str]:
         out += text_warnings(cache.text(backbone).numpy(), cache.classnames, backbone)
     for split in cache.splits:
         if cache.has_image(split, "full"):
-            out += image_warnings(cache.image(split, "full").numpy(), f"image/clip/{split}/full")
+            out += image_warnings(cache.image(split, "full").numpy(), image_key("clip", split, "full"))
     return out

@@ -1,4 +1,4 @@
-"""FVG-PT heads on cached features (SPEC §2): the equations as pure functions, thin modules on top.
+"""FVG-PT heads on cached features (docs/method.md): the equations as pure functions, thin modules on top.
 
 Everything here reads features, never pixels. The functions take tensors and return tensors;
 the modules only hold the learnable parts (two gates, two adapters) and wire the functions
@@ -11,7 +11,7 @@ Conventions:
 * logs are taken with `torch.xlogy` (0·log 0 = 0) and a floor of `EPS` on the second
   argument, so every statistic is finite for one-hot, uniform and extreme-logit inputs.
 
-Decisions of SPEC §2 that show up as options: D1 `use_scale` (z_FDC carries the logit scale),
+Decisions (docs/decisions.md) that show up as options: D1 `use_scale` (z_FDC carries the logit scale),
 D2 `detach_r` (r is a constant inside L_dist), D3 KL(target ‖ student), D4 indicators are
 computed from the frozen backbone under `torch.no_grad()` and are not normalised.
 """
@@ -36,7 +36,7 @@ LAYER_CHOICES = (1, 2, 3)
 # ---------------------------------------------------------------------------------------------
 
 def clip_logits(img: Tensor, txt: Tensor, scale: float | Tensor) -> Tensor:
-    """CLIP logits (SPEC §2, eq. 11): `s · n(img) @ n(txt)ᵀ`, shape (B, C)."""
+    """CLIP logits (docs/method.md#notation, eq. 11): `s · n(img) @ n(txt)ᵀ`, shape (B, C)."""
     return scale * F.normalize(img, dim=-1) @ F.normalize(txt, dim=-1).T
 
 
@@ -186,7 +186,7 @@ def foreground_shift(z_full: Tensor, z_fg: Tensor, tau: float) -> Tensor:
 
 
 def harmonic_mean(b: float | Tensor, n: float | Tensor) -> float | Tensor:
-    """HM = 2bn / (b + n) (SPEC §3), 0 when both are 0. Floats in, float out."""
+    """HM = 2bn / (b + n) (docs/method.md#protocols), 0 when both are 0. Floats in, float out."""
     if not isinstance(b, Tensor) and not isinstance(n, Tensor):
         return 0.0 if b + n == 0 else 2 * b * n / (b + n)
     b, n = torch.as_tensor(b), torch.as_tensor(n)

@@ -8,7 +8,7 @@ import numpy as np
 
 from .data import format_short_classes
 from .feature_checks import cache_warnings
-from .store import open_cache
+from .store import IMAGE, TEXT, image_key, open_cache, sample_key, text_key
 
 
 def inspect_cache(path: str | Path, verify: bool = False) -> dict:
@@ -45,15 +45,15 @@ def inspect_cache(path: str | Path, verify: bool = False) -> dict:
     if prov.get("full_mask_images"):
         problems.append(f"{len(prov['full_mask_images'])} image(s) had no mask and use the whole image as foreground")
     with h5py.File(cache.path, "r") as f:
-        for name, ds in f["text"].items():
+        for name, ds in f[TEXT].items():
             arr = ds[()].astype(np.float32)
             report["text"][name] = {"shape": list(ds.shape), "dtype": str(ds.dtype), **dict(_json_attrs(ds.attrs))}
-            _check_features(arr, f"text/{name}", problems)
+            _check_features(arr, text_key(name), problems)
             if arr.shape[0] != len(cache.classnames):
-                problems.append(f"text/{name} has {arr.shape[0]} rows for {len(cache.classnames)} classes")
+                problems.append(f"{text_key(name)} has {arr.shape[0]} rows for {len(cache.classnames)} classes")
         for split in cache.splits:
-            labels = f[f"samples/{split}/label"][()]
-            area = f[f"samples/{split}/area"][()]
+            labels = f[sample_key(split, "label")][()]
+            area = f[sample_key(split, "area")][()]
             entry = {
                 "samples": int(labels.shape[0]),
                 "classes_present": int(np.unique(labels).size),
@@ -64,13 +64,13 @@ def inspect_cache(path: str | Path, verify: bool = False) -> dict:
                 "skipped": len(prov.get("skipped", {}).get(split, [])),
                 "features": {},
             }
-            for encoder in f["image"]:  # clip, and the groups of imported backbones (PromptSRC, MMRL)
-                if split not in f[f"image/{encoder}"]:
+            for encoder in f[IMAGE]:  # clip, and the groups of imported backbones (PromptSRC, MMRL)
+                if split not in f[image_key(encoder)]:
                     continue
-                for kind, ds in f[f"image/{encoder}/{split}"].items():
+                for kind, ds in f[image_key(encoder, split)].items():
                     entry["features"][kind if encoder == "clip" else f"{encoder}/{kind}"] = {
                         "shape": list(ds.shape), "dtype": str(ds.dtype)}
-                    _check_features(ds[()].astype(np.float32), f"image/{encoder}/{split}/{kind}", problems)
+                    _check_features(ds[()].astype(np.float32), image_key(encoder, split, kind), problems)
             if labels.size and labels.max() >= len(cache.classnames):
                 problems.append(f"{split} has label {labels.max()} but only {len(cache.classnames)} classes")
             report["splits"][split] = entry

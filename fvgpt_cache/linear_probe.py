@@ -12,7 +12,7 @@ A linear probe has one weight vector per training class, so it has no new-class 
 in the base-to-new protocol it is scored on base classes only (`test_acc_base`).
 
 Validation split: the cache's val images of the same classes. When there are none (ImageNet
-has no val split, SPEC §4 / README), up to min(4, n_c // 2) training images of each class are
+has no val split, docs/datasets.md#the-eleven-datasets), up to min(4, n_c // 2) training images of each class are
 held out with a generator seeded by `seed` to choose C, and the final classifier is then refit
 on all training images with the chosen C; `val_source` records which was used.
 """

@@ -32,7 +32,7 @@ from torch.utils.data import DataLoader
 from torch.utils.data import Dataset as TorchDataset
 
 from .distributed import Job
-from .store import CacheError, exclusive_lock
+from .store import CacheError, exclusive_lock, progress_key
 from .workers import worker_init
 
 PENDING, DONE, SKIPPED = 0, 1, 2
@@ -247,12 +247,12 @@ def _prepare(part: Path, splits: list[str], resume: bool, prepare: Callable[[], 
             absorb_shard(f, shard, fingerprint)
         sizes = json.loads(f.attrs.get("world_sizes", "[]")) + [world_size]
         f.attrs["world_sizes"] = json.dumps(sizes)
-        status = {s: f[f"progress/{s}/status"][()] for s in splits}
+        status = {s: f[progress_key(s)][()] for s in splits}
         return PassPlan(fingerprint=str(fingerprint), status=status, layout=_layout(f), world_sizes=sizes)
 
 
 def _check_done(f: h5py.File, part: Path, splits: list[str]) -> None:
-    left = {s: int((f[f"progress/{s}/status"][()] == PENDING).sum()) for s in splits}
+    left = {s: int((f[progress_key(s)][()] == PENDING).sum()) for s in splits}
     if any(left.values()):
         raise RuntimeError(f"{part} still has pending rows ({left}); rerun the same command to finish them")
 

@@ -1,4 +1,4 @@
-"""Training settings per backbone, from the FVG-PT release's configs (SPEC §3, §6).
+"""Training settings per backbone, from the FVG-PT release's configs (docs/method.md#hyper-parameters, docs/training.md#presets).
 
 A preset is a set of `TrainConfig` overrides chosen by the backbone's method (read from the
 cache's backbone group), the dataset and the protocol (`classes="all"` is the cross-dataset

@@ -1,6 +1,6 @@
 """Aggregating runs into the paper's tables: mean ± std over seeds, averages over datasets, exports.
 
-Conventions (SPEC §3): Base and New are averaged over seeds first, then HM is taken of the
+Conventions (docs/method.md#protocols): Base and New are averaged over seeds first, then HM is taken of the
 averages (the CoOp-family convention); the per-seed HM mean and its standard deviation are
 reported beside it. Standard deviations are sample standard deviations (ddof = 1; 0 for one seed).
 """

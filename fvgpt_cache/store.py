@@ -1,4 +1,4 @@
-"""The HDF5 feature store, format version 1 (SPEC §5): reading, validating, locking.
+"""The HDF5 feature store, format version 1 (docs/cache-format.md): reading, validating, locking.
 
 Writing happens in `extraction.py`; this module owns the layout and the checks every reader
 makes, so that a foreign, stale or half-written file is refused with a message that says why.
@@ -18,9 +18,36 @@ import h5py
 import numpy as np
 import torch
 
+from .data import SPLITS
+
 FORMAT = "fvgpt-cache"
 FORMAT_VERSION = 1
-SPLITS = ("train", "val", "test")
+
+# Key paths of the layout (docs/cache-format.md). Every module that reads or writes a cache or a
+# `.partial` file builds its keys with these, so the layout is written down once.
+CLASS_NAMES, BASE_CLASSES, NEW_CLASSES = "classes/names", "classes/base", "classes/new"
+TEXT, IMAGE, PROGRESS = "text", "image", "progress"
+
+
+def text_key(name: str = "clip") -> str:
+    """`text/<name>`: (C, D) text features of a group (`clip`: zero-shot CLIP)."""
+    return f"{TEXT}/{name}"
+
+
+def image_key(encoder: str, split: str | None = None, kind: str | None = None) -> str:
+    """`image/<encoder>[/<split>[/<kind>]]`: (N, V, D) image features; kind full, fg (MMRL: also full_rep, fg_rep)."""
+    return "/".join(part for part in (IMAGE, encoder, split, kind) if part is not None)
+
+
+def sample_key(split: str, field: str | None = None) -> str:
+    """`samples/<split>[/<field>]`: per-image label, path, area, box."""
+    return f"samples/{split}" + (f"/{field}" if field else "")
+
+
+def progress_key(split: str, field: str = "status") -> str:
+    """`progress/<split>/<field>` of a `.partial` file: status, mask_resized, error."""
+    return f"{PROGRESS}/{split}/{field}"
+
 # Provenance keys that must agree before two caches are used together.
 MODEL_KEYS = ("model", "pretrained", "pretrained_sha256", "model_config_sha256", "quick_gelu", "preprocess", "init_seed")
 
@@ -128,9 +155,9 @@ def input_keys(keys: list[str], backbone: str = "clip", encoder: str = "clip") -
     another backbone therefore leaves a run's inputs, and so its records, untouched."""
     def used(key: str) -> bool:
         parts = key.split("/")
-        if parts[0] == "text":
+        if parts[0] == TEXT:
             return parts[1] in ("clip", backbone)
-        if parts[0] == "image":
+        if parts[0] == IMAGE:
             return parts[1] in ("clip", encoder)
         return True
     return [k for k in keys if used(k)]
@@ -242,22 +269,22 @@ class Cache:
     @property
     def splits(self) -> list[str]:
         with self._h5() as f:
-            return [s for s in SPLITS if f"samples/{s}" in f]
+            return [s for s in SPLITS if sample_key(s) in f]
 
     @property
     def text_groups(self) -> list[str]:
         with self._h5() as f:
-            return sorted(f["text"].keys())
+            return sorted(f[TEXT].keys())
 
     def text(self, name: str = "clip") -> torch.Tensor:
         with self._h5() as f:
-            if f"text/{name}" not in f:
-                raise CacheError(f"{self.path} has no text features {name!r}; it has {sorted(f['text'].keys())}")
-            return torch.from_numpy(f[f"text/{name}"][()].astype(np.float32))
+            if text_key(name) not in f:
+                raise CacheError(f"{self.path} has no text features {name!r}; it has {sorted(f[TEXT].keys())}")
+            return torch.from_numpy(f[text_key(name)][()].astype(np.float32))
 
     def text_attrs(self, name: str = "clip") -> dict:
         with self._h5() as f:
-            return dict(f[f"text/{name}"].attrs)
+            return dict(f[text_key(name)].attrs)
 
     def text_provenance(self, name: str) -> dict:
         """The provenance a backbone's writer stored with `/text/<name>` ({} for CLIP's own group)."""
@@ -266,11 +293,11 @@ class Cache:
 
     def has_image(self, split: str, kind: str, encoder: str = "clip") -> bool:
         with self._h5() as f:
-            return f"image/{encoder}/{split}/{kind}" in f
+            return image_key(encoder, split, kind) in f
 
     def image(self, split: str, kind: str = "full", encoder: str = "clip") -> torch.Tensor:
         """(N, V, D) float32 features of one split and view kind."""
-        key = f"image/{encoder}/{split}/{kind}"
+        key = image_key(encoder, split, kind)
         with self._h5() as f:
             if key not in f:
                 raise CacheError(f"{self.path} has no {key}; it was extracted without that split or view")
@@ -278,16 +305,16 @@ class Cache:
 
     def labels(self, split: str) -> torch.Tensor:
         with self._h5() as f:
-            return torch.from_numpy(f[f"samples/{split}/label"][()].astype(np.int64))
+            return torch.from_numpy(f[sample_key(split, "label")][()].astype(np.int64))
 
     def areas(self, split: str) -> torch.Tensor:
         with self._h5() as f:
-            return torch.from_numpy(f[f"samples/{split}/area"][()].astype(np.float32))
+            return torch.from_numpy(f[sample_key(split, "area")][()].astype(np.float32))
 
     def boxes(self, split: str) -> torch.Tensor:
         """(N, V, 5) int32 crop boxes (top, left, height, width, flip) of augmented views; −1 rows for deterministic ones."""
         with self._h5() as f:
-            key = f"samples/{split}/box"
+            key = sample_key(split, "box")
             if key not in f:
                 raise CacheError(f"{self.path} stores no view boxes ({key}); it was written before boxes were stored, "
                                  "re-extract it")
@@ -295,7 +322,7 @@ class Cache:
 
     def paths(self, split: str) -> list[str]:
         with self._h5() as f:
-            return [p.decode() if isinstance(p, bytes) else str(p) for p in f[f"samples/{split}/path"][()]]
+            return [p.decode() if isinstance(p, bytes) else str(p) for p in f[sample_key(split, "path")][()]]
 
     def model_signature(self) -> dict:
         return model_identity(self.provenance)
@@ -363,19 +390,19 @@ def open_cache(path: str | Path) -> Cache:
                 f"{path} has cache format version {version}; this fvgpt-cache reads version {FORMAT_VERSION}. "
                 "Re-extract it with this version, or use the fvgpt-cache release that wrote it"
             )
-        if "progress" in f:
+        if PROGRESS in f:
             raise CacheError(f"{path} is an unfinished extraction; rerun the extract command to complete it")
-        for key in ("classes/names", "classes/base", "classes/new", "text/clip"):
+        for key in (CLASS_NAMES, BASE_CLASSES, NEW_CLASSES, text_key("clip")):
             if key not in f:
                 raise CacheError(f"{path} is missing {key}; the file is damaged, re-extract it")
-        names = [n.decode() if isinstance(n, bytes) else str(n) for n in f["classes/names"][()]]
+        names = [n.decode() if isinstance(n, bytes) else str(n) for n in f[CLASS_NAMES][()]]
         return Cache(
             path=path,
             provenance=json.loads(f.attrs["provenance"]),
             logit_scale=float(f.attrs["logit_scale"]),
             classnames=names,
-            base=f["classes/base"][()].astype(np.int64),
-            new=f["classes/new"][()].astype(np.int64),
+            base=f[BASE_CLASSES][()].astype(np.int64),
+            new=f[NEW_CLASSES][()].astype(np.int64),
         )
 
 
@@ -409,17 +436,17 @@ def write_cache(path: str | Path, *, classnames: list[str], base: list[int], new
     with h5py.File(tmp, "w") as f:
         f.attrs.update(format=FORMAT, format_version=FORMAT_VERSION, provenance=json.dumps(provenance),
                        logit_scale=float(logit_scale))
-        f.create_dataset("classes/names", data=classnames, dtype=utf8)
-        f.create_dataset("classes/base", data=np.asarray(base, dtype=np.int64))
-        f.create_dataset("classes/new", data=np.asarray(new, dtype=np.int64))
-        f.create_dataset("text/clip", data=np.asarray(text_clip, dtype=np.float32))
-        f["text/clip"].attrs["template"] = template
+        f.create_dataset(CLASS_NAMES, data=classnames, dtype=utf8)
+        f.create_dataset(BASE_CLASSES, data=np.asarray(base, dtype=np.int64))
+        f.create_dataset(NEW_CLASSES, data=np.asarray(new, dtype=np.int64))
+        f.create_dataset(text_key("clip"), data=np.asarray(text_clip, dtype=np.float32))
+        f[text_key("clip")].attrs["template"] = template
         for split, kinds in images.items():
             for kind, arr in kinds.items():
-                f.create_dataset(f"image/clip/{split}/{kind}", data=np.asarray(arr, dtype=store_dtype))
-            f.create_dataset(f"samples/{split}/label", data=np.asarray(labels[split], dtype=np.int64))
-            f.create_dataset(f"samples/{split}/area", data=np.asarray(areas[split], dtype=np.float32))
-            f.create_dataset(f"samples/{split}/path", data=paths[split], dtype=utf8)
+                f.create_dataset(image_key("clip", split, kind), data=np.asarray(arr, dtype=store_dtype))
+            f.create_dataset(sample_key(split, "label"), data=np.asarray(labels[split], dtype=np.int64))
+            f.create_dataset(sample_key(split, "area"), data=np.asarray(areas[split], dtype=np.float32))
+            f.create_dataset(sample_key(split, "path"), data=paths[split], dtype=utf8)
         seal(f)
     os.replace(tmp, path)
     return path
@@ -432,12 +459,12 @@ def write_text_group(path: str | Path, name: str, features: np.ndarray | torch.T
     feats = torch.as_tensor(features, dtype=torch.float32)
     feats = torch.nn.functional.normalize(feats, dim=-1).numpy()
     with exclusive_lock(Path(path)), h5py.File(path, "r+") as f:
-        expected = f["text/clip"].shape
+        expected = f[text_key("clip")].shape
         if feats.shape != expected:
             raise CacheError(f"text features for {name!r} have shape {feats.shape}; {path} needs {expected} "
                              "(one row per class, the model's embedding width)")
-        if f"text/{name}" in f:
-            del f[f"text/{name}"]
-        f.create_dataset(f"text/{name}", data=feats)
-        f[f"text/{name}"].attrs["provenance"] = json.dumps(provenance)
+        if text_key(name) in f:
+            del f[text_key(name)]
+        f.create_dataset(text_key(name), data=feats)
+        f[text_key(name)].attrs["provenance"] = json.dumps(provenance)
         seal(f)

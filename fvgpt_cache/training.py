@@ -1,4 +1,4 @@
-"""Training FVG-PT heads from a cache (SPEC §3): configuration, data preparation, schedule, the loop.
+"""Training FVG-PT heads from a cache (docs/training.md): configuration, data preparation, schedule, the loop.
 
 The defaults are the release's CoOp setting (`presets.py` has the other backbones'): 10 epochs,
 batch 4, SGD (momentum 0.9, weight decay 5e-4), lr 0.0035, cosine schedule after one constant
@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from .feature_checks import image_warnings, text_warnings
 from .heads import BRG_INDICATORS, FRG_INDICATORS, R_SOURCES, R_WITHOUT_FRG, FVGPTHead
 from .presets import choose_preset, method_of
-from .store import Cache, CacheError
+from .store import Cache, CacheError, image_key
 
 CLASS_SETS = ("base", "all")
 OPTIMIZERS = ("sgd", "adamw")
@@ -258,7 +258,7 @@ def prepare(cache: Cache, cfg: TrainConfig) -> TrainData:
     names = [cache.classnames[c] for c in class_ids]
     warnings = view_warnings(int(full.shape[1])) + text_warnings(txt_clip.numpy(), names, ZERO_SHOT) + \
         (text_warnings(txt_bb.numpy(), names, backbone) if backbone != ZERO_SHOT else []) + \
-        image_warnings(full.numpy(), f"image/{encoder}/train/full")
+        image_warnings(full.numpy(), image_key(encoder, "train", "full"))
     return TrainData(
         class_ids=class_ids,
         full=full,

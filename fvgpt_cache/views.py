@@ -1,4 +1,4 @@
-"""Full and foreground views of one image, with the mask following the image's geometry (SPEC §2, §3, §4).
+"""Full and foreground views of one image, with the mask following the image's geometry (docs/method.md#foreground-view, docs/datasets.md#views).
 
 Three geometries, each applied to image and mask alike (the mask always with nearest neighbour):
 
@@ -35,7 +35,7 @@ NO_BOX = (-1, -1, -1, -1, 0)  # the stored box of a deterministic view
 
 @dataclass(frozen=True)
 class AugmentConfig:
-    """Training augmentation: random resized crop (scale, ratio; bicubic) + horizontal flip (SPEC §3)."""
+    """Training augmentation: random resized crop (scale, ratio; bicubic) + horizontal flip (docs/method.md#hyper-parameters)."""
 
     scale: tuple[float, float] = (0.08, 1.0)
     ratio: tuple[float, float] = (3 / 4, 4 / 3)

@@ -1,5 +1,6 @@
 import contextlib
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -8,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from typer.testing import CliRunner
 
 # Every test uses tiny tensors: one intra-op thread is as fast, and it does not spin against other
 # processes on a shared machine (two threads on a busy 2-core machine made steps ~30× slower).
@@ -84,3 +86,35 @@ def lock_held_elsewhere(path: Path, owner: str = ""):
     finally:
         holder.kill()
         holder.wait()
+
+
+_runner = CliRunner()
+
+
+def run_cli(*args):
+    """`fvgpt-cache ARGS…` run in-process (every argument str()-ed); the CliRunner result."""
+    from fvgpt_cache.cli.main import app
+
+    return _runner.invoke(app, [str(a) for a in args])
+
+
+@pytest.fixture()
+def console80():
+    """The CLI's consoles at 80 columns, whatever terminal the tests run in."""
+    from fvgpt_cache.cli import common
+
+    saved = (common.console._width, common.err._width)
+    common.console._width = common.err._width = 80
+    yield
+    common.console._width, common.err._width = saved
+
+
+NUMBER = re.compile(r"-?\d+\.\d\d")  # a number printed with two decimals
+
+
+def check_80_columns(output: str) -> list[str]:
+    lines = output.splitlines()
+    too_long = [line for line in lines if len(line) > 80]
+    assert not too_long, too_long
+    assert "…" not in output, "nothing cut"
+    return lines

@@ -129,6 +129,10 @@ def test_model_for_cache_rebuilds_and_detects_other_weights(cache_copy, tmp_path
 
 
 def test_model_for_cache_weights_file_must_match_the_recorded_hash(cache_copy, tmp_path, tiny_model):
+    """A file of another hash is refused; a moved file is asked for by its hash; the file passed with
+    --pretrained is the one loaded (its hash in the provenance, no random init).
+    Break used: `_weights_argument` returning None for a given file (the model is then seeded random init,
+    which equals the cache's seed-0 weights and passes the text check: only the provenance tells)."""
     weights = tmp_path / "tiny.pt"
     torch.save(tiny_model.model.state_dict(), weights)
     other = tmp_path / "other.pt"
@@ -144,7 +148,9 @@ def test_model_for_cache_weights_file_must_match_the_recorded_hash(cache_copy, t
     weights.rename(tmp_path / "moved.pt")
     with pytest.raises(CacheError, match=f"{sha256_of(tmp_path / 'moved.pt')}.*not there any more.*--pretrained FILE"):
         model_for_cache(cache_copy)
-    assert model_for_cache(cache_copy, pretrained=str(tmp_path / "moved.pt")) is not None
+    moved = model_for_cache(cache_copy, pretrained=str(tmp_path / "moved.pt")).provenance
+    assert moved["random_init"] is False and moved["pretrained_sha256"] == sha256_of(tmp_path / "moved.pt")
+    assert moved["pretrained"] == str(tmp_path / "moved.pt")
 
 
 def _record_weights(cache_path, **prov_update):

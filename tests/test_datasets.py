@@ -24,7 +24,8 @@ class Layout:
     mask_suffix: str = ".png"
 
 
-# Templates copied from SPEC §4, so the test checks DATASETS against the spec, not itself.
+# Templates written out from CoOp's dataset configs (docs/datasets.md#the-eleven-datasets), so the test
+# checks DATASETS against them, not against itself.
 JSON_LAYOUTS = {
     "caltech101": Layout((("accordion", "accordion"), ("face", "Faces_easy"), ("water_lilly", "water_lilly")),
                          "{key}/image_{i:04d}.jpg", "a photo of a {}."),

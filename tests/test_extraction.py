@@ -1,4 +1,6 @@
+import json
 import random
+import re
 from collections import defaultdict
 
 import h5py
@@ -7,6 +9,7 @@ import open_clip
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import run_cli, write_generic_dataset
 from PIL import Image
 from torchvision import transforms as T
 from torchvision.transforms import functional as TF
@@ -217,12 +220,25 @@ def test_partial_with_other_settings_is_not_continued(tmp_path, generic_data, ti
 
 
 def test_existing_cache_needs_force_and_second_writer_is_refused(tmp_path, generic_data, tiny_model):
+    """Without --force an existing cache is refused and left as it was; with --force it is replaced by exactly
+    what a fresh extraction with the new settings writes.
+    Break used: `extract` keeping an existing output under --force (`os.replace(part, out)` skipped when `out`
+    exists): the old check only saw that --force did not raise."""
     ds = _dataset(generic_data)
     out = tmp_path / "c.h5"
     extract(ds, tiny_model, out, ExtractOptions(**OPTS))
+    first = _contents(out)
     with pytest.raises(CacheError, match="--force"):
         extract(ds, tiny_model, out, ExtractOptions(**OPTS))
-    extract(ds, tiny_model, out, ExtractOptions(**OPTS, force=True))
+    assert all(np.array_equal(v, first[k]) for k, v in _contents(out).items())
+    other = {**OPTS, "seed": 2}
+    extract(ds, tiny_model, out, ExtractOptions(**other, force=True))
+    extract(ds, tiny_model, tmp_path / "fresh.h5", ExtractOptions(**other))
+    forced, fresh = _contents(out), _contents(tmp_path / "fresh.h5")
+    assert open_cache(out).provenance["seed"] == 2 and forced.keys() == fresh.keys()
+    assert all(np.array_equal(forced[k], fresh[k]) for k in fresh)
+    assert not np.array_equal(forced["samples/train/path"], first["samples/train/path"]), "another few-shot draw"
+    assert not partial_path(out).exists()
     with exclusive_lock(out):
         with pytest.raises(CacheError, match="this process is already writing"):
             extract(ds, tiny_model, out, ExtractOptions(**OPTS, force=True))
@@ -335,3 +351,98 @@ def test_reader_refuses_foreign_and_future_files(tmp_path, generic_data, tiny_mo
     (tmp_path / "junk.h5").write_bytes(b"junk")
     with pytest.raises(CacheError, match="not a readable HDF5"):
         open_cache(tmp_path / "junk.h5")
+
+
+def test_short_classes_are_named_in_a_warning_provenance_and_inspect(tmp_path, tiny_config):
+    split, images, masks = write_generic_dataset(tmp_path / "data", per_class=(5, 2, 1))
+    raw = json.loads(split.read_text())
+    raw["train"] = [item for item in raw["train"] if not (item[1] == 2 and item[0].endswith(("_3.jpg", "_4.jpg")))]
+    split.write_text(json.dumps(raw))  # green triangle keeps 3 training images, the others 5
+    out = tmp_path / "c.h5"
+    res = run_cli("extract", "--split-file", split, "--image-root", images, "--mask-root", masks, "--model", tiny_config,
+               "--pretrained", "none", "--shots", "4", "--train-views", "1", "--workers", "0", "--out", out)
+    assert res.exit_code == 0, res.output
+    assert "green triangle: 3 < 4" in res.output and "val:" in res.output and "2 < 4" in res.output
+    assert "red_circle: 5" not in res.output
+    short = open_cache(out).provenance["short_classes"]
+    assert short["train"] == [{"label": 2, "class": "green triangle", "count": 3, "wanted": 4}]
+    assert len(short["val"]) == 4
+    res = run_cli("inspect", out)
+    assert "green triangle: 3 < 4" in res.output
+    report = json.loads(run_cli("inspect", out, "--json").stdout)
+    assert report["short_classes"] == short
+
+
+# ------------------------------------------------------------------ a crash leaves nothing in the way
+
+KILL_SCRIPT = """
+import sys, time
+from fvgpt_cache.data import generic_dataset
+from fvgpt_cache.extraction import ExtractOptions, extract
+from fvgpt_cache.models import load_clip
+
+split, images, masks, config, out = sys.argv[1:]
+
+def slow(split_name, done, total):  # a slow encoder: the workers keep decoding ahead meanwhile
+    print("progress", split_name, done, flush=True)
+    time.sleep(0.3)
+
+extract(generic_dataset(split, images, masks), load_clip(config, "none"), out,
+        ExtractOptions(shots=0, train_views=2, batch_size=2, workers=2), progress=slow)
+"""
+
+
+def _children(pid: int) -> list[int]:
+    from pathlib import Path
+
+    found = []
+    for task in Path(f"/proc/{pid}/task").glob("*/children"):
+        found += [int(x) for x in task.read_text().split()]
+    return found
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not __import__("sys").platform.startswith("linux"), reason="reads /proc")
+def test_extraction_killed_with_sigkill_is_resumed_by_an_immediate_rerun(tmp_path, tiny_config):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    split, images, masks = write_generic_dataset(tmp_path / "toys", per_class=(6, 2, 2))
+    out = tmp_path / "c.h5"
+    args = [str(split), str(images), str(masks), str(tiny_config), str(out)]
+    proc = subprocess.Popen([sys.executable, "-c", KILL_SCRIPT, *args], stdout=subprocess.PIPE, text=True,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    workers = []
+    try:
+        for line in proc.stdout:
+            workers = _children(proc.pid) or workers
+            if line.startswith("progress train") and int(line.split()[2]) >= 4 and workers:
+                break
+        assert workers, "the DataLoader workers were running"
+        os.kill(proc.pid, signal.SIGKILL)
+    finally:
+        proc.kill()
+        proc.wait()
+    assert (tmp_path / "c.h5.partial").exists() and not out.exists()
+    from fvgpt_cache.store import exclusive_lock
+
+    with exclusive_lock(out):  # at once: the lock died with the process that took it, whatever its workers do
+        pass
+    for _ in range(40):  # the workers die with their parent (PR_SET_PDEATHSIG) instead of lingering for seconds
+        alive = [pid for pid in workers if os.path.exists(f"/proc/{pid}")
+                 and "zombie" not in open(f"/proc/{pid}/status").read().lower()]
+        if not alive:
+            break
+        time.sleep(0.05)
+    assert not alive, "DataLoader workers outlived their killed parent"
+    res = subprocess.run([sys.executable, "-m", "fvgpt_cache.cli.main", "extract", "--split-file", split,
+                          "--image-root", images, "--mask-root", masks, "--model", tiny_config, "--pretrained", "none",
+                          "--shots", "all", "--train-views", "2", "--batch-size", "2", "--workers", "2", "--out", out],
+                         capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1", "COLUMNS": "200"})
+    assert res.returncode == 0, res.stderr + res.stdout
+    done = re.search(r"resumed: (\d+) rows were already done", res.stdout)
+    assert done and int(done.group(1)) >= 4, res.stdout
+    assert open_cache(out).image("train").shape[:2] == (24, 2)

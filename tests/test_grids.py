@@ -1,6 +1,7 @@
 import json
 
 import pytest
+from conftest import run_cli
 
 from fvgpt_cache.grids import PRESETS, expand, parse_params, read_grid_file, run_grid
 from fvgpt_cache.reports import aggregate, load_records, to_csv
@@ -73,10 +74,64 @@ def test_bad_parameters_fail_before_training(syn):
         expand([syn], [1], {}, FAST, preset="tables")
 
 
+# What each table of the paper varies, written out from the paper (Tables 3-6, 12, 13, 15, Figs. 4(b), 9)
+# rather than read from ablations.py: each row's settings that differ from the full model with the defaults.
+FRG_ALL, BRG_ALL = ("dH", "cos", "area"), ("H_bb", "H_clip", "cos")
+PAPER_ROWS = {
+    "components": {"(1) FDC": {"use_frg": False, "use_pc": False}, "(2) PC": {"use_fdc": False},
+                   "(3) FRG+FDC": {"use_pc": False}, "(4) FDC+PC": {"use_frg": False}, "(5) FRG+FDC+PC": {}},
+    "width": {"FDC 16": {"fdc_hidden": 16}, "FDC 32": {"fdc_hidden": 32}, "FDC 64": {}, "FDC 128": {"fdc_hidden": 128},
+              "gates 16": {"gate_hidden": 16}, "gates 64": {"gate_hidden": 64}, "gates 128": {"gate_hidden": 128}},
+    "depth": {"1 layer": {"frg_layers": 1, "brg_layers": 1}, "2 layers": {},
+              "3 layers": {"frg_layers": 3, "brg_layers": 3}},
+    "indicators": {"FRG w/o ΔH": {"frg_indicators": ["cos", "area"]}, "FRG w/o cos": {"frg_indicators": ["dH", "area"]},
+                   "FRG w/o A(m)": {"frg_indicators": ["dH", "cos"]}, "BRG w/o entropies": {"brg_indicators": ["cos"]},
+                   "BRG w/o cos": {"brg_indicators": ["H_bb", "H_clip"]}, "all indicators": {}},
+    "losses": {"w/o L_FRG": {"loss_frg": False}, "w/o CE_FDC": {"loss_ce_fdc": False},
+               "w/o L_dist": {"loss_dist": False}, "w/o CE_PC": {"loss_ce_pc": False},
+               "w/o KL_PC": {"loss_kl_pc": False}, "all losses": {}},
+    "fdc-branches": {"visual + textual": {}, "visual only": {"fdc_textual": False}},
+    "epochs": {"10 epochs": {}, "15 epochs": {"epochs": 15}, "20 epochs": {"epochs": 20}},
+    "lambda": {"λ_d = 0.1": {"lambda_d": 0.1}, "λ_d = 1": {"lambda_d": 1.0}, "λ_d = 5": {"lambda_d": 5.0},
+               "λ_d = 10": {}, "λ_d = 20": {"lambda_d": 20.0}},
+    "data-fraction": {"25% of the shots": {"data_fraction": 0.25}, "50% of the shots": {"data_fraction": 0.5},
+                      "75% of the shots": {"data_fraction": 0.75}, "100% of the shots": {}},
+    "foreground-control": {"r from FRG (FVG-PT)": {}, "r = 0: full view": {"r_source": "full"},
+                           "r = 1: foreground": {"r_source": "fg"}},
+}
+
+
+def _rows(runs, full: dict) -> dict:
+    """{table: {row label: the run's settings that differ from the full model}}."""
+    rows: dict = {}
+    for run in runs:
+        cfg = json.loads(json.dumps(run.config.to_dict()))
+        diff = {k: v for k, v in cfg.items() if v != full[k]}
+        for table, label in run.ablations:
+            assert label not in rows.setdefault(table, {}), (table, label)
+            rows[table][label] = diff
+    return rows
+
+
 def test_presets_are_valid_configurations(syn):
-    for name in PRESETS:
-        runs = expand([syn], [1], {}, FAST, preset=name)
-        assert len(runs) == len({r.run_id for r in runs}) >= 2
+    """Each preset trains exactly the paper's rows, each row differing from the full model in the paper's settings
+    only; `paper` is all nine tables with every distinct configuration once (the full model serves them all).
+    Break used: rows (3) and (4) of Table 3 swapped in ablations.py (both still valid, distinct configurations)."""
+    assert set(PRESETS) == {*PAPER_ROWS, "paper"}
+    (plain,) = expand([syn], [1], {}, TrainConfig())
+    full = json.loads(json.dumps(plain.config.to_dict()))
+    assert full["frg_indicators"] == list(FRG_ALL) and full["brg_indicators"] == list(BRG_ALL)
+    for name, want in PAPER_ROWS.items():
+        runs = expand([syn], [1], {}, TrainConfig(), preset=name)
+        assert _rows(runs, full) == {name: want}, name
+        assert len(runs) == len({r.run_id for r in runs}) == len(want)
+    paper = expand([syn], [1], {}, TrainConfig(), preset="paper")
+    tables = [t for t in PAPER_ROWS if t != "foreground-control"]
+    assert _rows(paper, full) == {t: PAPER_ROWS[t] for t in tables}
+    distinct = {json.dumps(rows, sort_keys=True) for t in tables for rows in PAPER_ROWS[t].values()}
+    assert len(paper) == len(distinct)
+    (whole,) = [r for r in paper if r.run_id == plain.run_id]
+    assert len(whole.ablations) == 9, "the full model is trained once and is a row of all nine tables"
 
 
 def test_grid_file_toml(tmp_path):
@@ -244,3 +299,46 @@ def test_training_modules_do_not_import_open_clip_or_torchvision():
             "if m in sys.modules]; print(bad); sys.exit(1 if bad else 0)")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert done.returncode == 0, done.stdout + done.stderr
+
+
+# ------------------------------------------------------------------ grids take the backbone like train
+
+
+def test_grid_backbone_option_equals_set_backbone(tmp_path):
+    cache = write_feature_cache(tmp_path / "syn.h5", num_classes=4, shots=4, views=2, dim=16, test_per_class=4)
+    from fvgpt_cache.store import write_text_group
+    import numpy as np
+
+    write_text_group(cache, "other_bb", np.random.default_rng(0).standard_normal((4, 16)), {"method": "synthetic"})
+    res = run_cli("grid", cache, "--set", "epochs=2", "--out", tmp_path / "none")
+    assert res.exit_code == 2 and "choose one with --backbone" in res.output
+    assert "--backbone" in run_cli("grid", "--help").output
+    outputs = []
+    for args in (["--backbone", "other_bb"], ["--set", "backbone=other_bb"]):
+        out = tmp_path / args[0].strip("-")
+        res = run_cli("grid", cache, *args, "--seeds", "1,2", "--set", "epochs=2", "--out", out)
+        assert res.exit_code == 0, res.output
+        outputs.append([json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()])
+    for a, b in zip(*outputs):
+        assert a["backbone"] == b["backbone"] == "other_bb" and a["metrics"] == b["metrics"]
+    res = run_cli("grid", cache, "--backbone", "other_bb", "--set", "backbone=synthetic_bb", "--out", tmp_path / "x")
+    assert res.exit_code == 2 and "disagree" in res.output
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--param", "lambda_d=1,,10"], "--param 'lambda_d=1,,10': empty value"),
+    (["--param", "lambda_d=1,1.0"], "--param lambda_d: the value 1.0 is given twice"),
+    (["--param", "lambda_d=1", "--param", "lambda_d=10"], "--param lambda_d is given twice"),
+    (["--param", "seed=1,2"], "use --seeds for seed"),
+    (["--seeds", "1,,2"], "--seeds '1,,2': empty entry"),
+    (["--seeds", "1,1"], "a seed is given twice"),
+    (["--param", "lambda_d=1,10", "--set", "lambda_d=5"], "lambda_d is both fixed"),
+    (["--preset", "lambda", "--param", "lambda_d=1,10"], "preset 'lambda' varies lambda_d in its rows"),
+    (["--preset", "lambda", "--set", "lambda_d=5"], "preset 'lambda' varies lambda_d; a --set of it would have no"),
+    (["--set", "epochs"], "--set 'epochs': write KEY=VALUE"),
+])
+def test_grid_refuses_ambiguous_parameters_by_name(tmp_path, args, message):
+    cache = write_feature_cache(tmp_path / "syn.h5", num_classes=4, shots=4, views=2, dim=16, test_per_class=4)
+    res = run_cli("grid", cache, *args, "--out", tmp_path / "g")
+    assert res.exit_code == 2 and message in res.output, res.output
+    assert "Traceback" not in res.output and not (tmp_path / "g").exists()

@@ -388,9 +388,24 @@ def test_predict_new_never_calls_fdc():
 
 
 def test_float16_features_are_accepted():
-    head = make_head()
-    out16 = head.losses(**batch(dtype=torch.float16))
-    assert out16["total"].dtype == torch.float32 and torch.isfinite(out16["total"])
+    """A float16 cache gives the numbers its values give in float32: every loss term, gradient and prediction
+    equals the float32 computation on the same (float16-rounded) features.
+    Break used: `FVGPTHead.frozen` computing the backbone logits from the float16 inputs before the cast
+    (logits at scale 100 rounded to float16); the old check saw only a finite float32 total."""
+    b16 = batch(dtype=torch.float16)
+    b32 = {k: v.float() if torch.is_tensor(v) and v.is_floating_point() else v for k, v in b16.items()}
+    heads = [make_head(), make_head()]
+    outs = [h.losses(**b) for h, b in zip(heads, (b16, b32))]
+    assert outs[0].keys() == outs[1].keys() and outs[0]["total"].dtype == torch.float32
+    for key in outs[1]:
+        close(outs[0][key], outs[1][key], tol=1e-6)
+    for out in outs:
+        out["total"].backward()
+    for (name, p16), (_, p32) in zip(heads[0].named_parameters(), heads[1].named_parameters()):
+        close(p16.grad, p32.grad, tol=1e-6)
+    for method, args in (("predict_base", ("img_bb", "txt_bb")), ("predict_new", ("img_bb", "img_clip", "txt_bb", "txt_clip"))):
+        got = [getattr(h, method)(*(b[a] for a in args), S) for h, b in zip(heads, (b16, b32))]
+        close(got[0], got[1], tol=1e-5)
 
 
 def test_determinism():

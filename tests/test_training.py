@@ -268,14 +268,43 @@ def test_gate_summary_on_a_hand_built_case():
     assert s["r_mean"] == pytest.approx(float(r.mean()))
 
 
-def test_run_reports_gate_diagnostics(syn):
-    rec = run_training(syn, TrainConfig(epochs=3), save=False)
+def test_run_reports_gate_diagnostics(syn, tmp_path):
+    """The training diagnostics are those of the trained head on the augmented training views, recomputed here by
+    hand from the cache: r* = 1[CE(z_fg) < CE(z_full)] inside the area gate, the mean r, the AUC of r against r*
+    counted over pairs, the share the area gate cuts.
+    Break used: `evaluation.gate_diagnostics` reading view 0 (the squash) instead of the augmented views; the old
+    range checks (and the view count, the same with 2 stored views) passed."""
+    from fvgpt_cache.runs import load_head
+    from fvgpt_cache.store import open_cache
+    from fvgpt_cache.training import build_head, prepare
+
+    rec = run_training(syn, TrainConfig(epochs=3), out_dir=tmp_path / "run")
     d = rec["diagnostics"]
     assert d["train"]["views"] == 3 * 8 * 1  # the augmented views (1 of 2 stored) of the 24 training images
     for part in ("train", "test_base"):
         assert 0 <= d[part]["r_star_share"] <= 1 and 0 < d[part]["r_mean"] < 1
     assert 0 <= d["b_mean_base"] <= 1 and 0 <= d["b_mean_new"] <= 1
-    assert isinstance(d["frg_learned"], bool)
+    head, cfg = load_head(tmp_path / "run" / "head.pt")
+    data = prepare(open_cache(syn), cfg)
+    full, fg, clip, area = (x[:, 1].double() for x in (data.full, data.fg, data.clip, data.area))
+    txt = torch.nn.functional.normalize(data.txt_bb.double(), dim=-1)
+    ce = lambda v: torch.nn.functional.cross_entropy(data.scale * v @ txt.T, data.y, reduction="none")  # noqa: E731
+    usable = (area >= 0.02) & (area <= 0.98)
+    r_star = (ce(fg) < ce(full)) & usable
+    assert 0 < r_star.sum() < usable.sum(), "both kinds of view occur, so the AUC means something"
+    assert d["train"]["r_star_share"] == pytest.approx(float(r_star.double().mean()), abs=1e-9)
+    assert d["train"]["area_cut_share"] == pytest.approx(float(1 - usable.double().mean()), abs=1e-9)
+    frozen = head.frozen(full.float(), fg.float(), clip.float(), area.float(), data.y, data.txt_bb, data.txt_clip,
+                         data.scale)
+    r = head.gates(frozen)["r"].double()
+    assert d["train"]["r_mean"] == pytest.approx(float(r.mean()), abs=1e-6)
+    pos, neg = r[r_star], r[usable & ~r_star]
+    wins = (pos[:, None] > neg[None, :]).double() + 0.5 * (pos[:, None] == neg[None, :]).double()
+    assert d["train"]["frg_auc"] == pytest.approx(float(wins.mean()), abs=1e-9)
+    assert d["frg_learned"] == (abs(float(wins.mean()) - 0.5) >= 0.05)
+    start = build_head(data.full.shape[-1], cfg).gates(head.frozen(full.float(), fg.float(), clip.float(), area.float(),
+                                                                   data.y, data.txt_bb, data.txt_clip, data.scale))["r"]
+    assert abs(float(start.mean()) - d["train"]["r_mean"]) > 1e-4, "the trained gate, not the initial one"
     no_frg = run_training(syn, TrainConfig(epochs=2, use_frg=False), save=False)["diagnostics"]
     assert no_frg["train"]["r_mean"] is None and no_frg["frg_learned"] is None
 

@@ -2,7 +2,7 @@
 
 CoOp and KgCoOp leave CLIP's image encoder untouched, so their image features are the cached
 CLIP features and only the text side has to be computed: the learned context vectors go
-through CLIP's text encoder for every class name (SPEC §1, §3 "Backbones"). Results are written
+through CLIP's text encoder for every class name (docs/method.md#backbone-training). Results are written
 as `/text/<name>` groups of the cache, which `fvgpt-cache train --backbone <name>` then uses.
 
 * `train_backbone` learns the context from the cached view-0 training features;
@@ -37,13 +37,13 @@ KGCOOP_CTX_INIT = "a photo of a"
 
 
 def default_epochs(dataset: str | None, method: str) -> int:
-    """The paper's epochs: 10, except CoOp on EuroSAT (20; SPEC §3, paper App. C.4)."""
+    """The paper's epochs: 10, except CoOp on EuroSAT (20; docs/method.md#backbone-training, paper App. C.4)."""
     return 20 if (dataset or "").lower() == "eurosat" and method == "coop" else 10
 
 
 @dataclass
 class BackboneConfig:
-    """Options of one prompt-learning run (SPEC §3 "Backbones"; CoOp/KgCoOp with Dassl's optimiser).
+    """Options of one prompt-learning run (docs/method.md#backbone-training; CoOp/KgCoOp with Dassl's optimiser).
 
     `ctx_init`: "auto" means CoOp's random N(0, 0.02²) context for coop and "a photo of a" for
     kgcoop; None (or "" / "none") forces random initialisation; any other text initialises the

@@ -37,11 +37,12 @@ import torch
 import torch.nn.functional as F
 
 from ..datasets import find_mask
+from ..device import one_cpu_thread
 from ..distributed import Job, current_job
 from ..extraction import STORE_DTYPES, ExtractionError, ViewDataset, encode_views
 from ..passes import DONE, BatchWrites, PassReport, run_pass
 from ..models import LoadedModel
-from ..store import Cache, CacheError, check_partial, open_cache, write_text_group
+from ..store import IMAGE, Cache, CacheError, check_partial, image_key, open_cache, progress_key, text_key, write_text_group
 from ..views import Box, ViewMaker
 from .cache_model import model_of, model_record
 from .checkpoints import load_state_dict
@@ -127,7 +128,7 @@ def stored_views(row: dict, img) -> list[tuple[str, Box | None]]:
 
 def _existing_groups(path: Path, name: str) -> list[str]:
     with h5py.File(path, "r") as f:
-        return [k for k in (f"text/{name}", f"image/{name}") if k in f]
+        return [k for k in (text_key(name), image_key(name)) if k in f]
 
 
 def _root(given: str | None, recorded: str | None, what: str, option: str, cache: Cache) -> Path | None:
@@ -250,7 +251,8 @@ def check_class_prompts(backbone, loaded: LoadedModel, tokens: torch.Tensor, tex
 
 @torch.no_grad()
 def _text_features(backbone, model, tokens: torch.Tensor, batch: int = 256) -> torch.Tensor:
-    parts = [backbone.text_features(model, tokens[i:i + batch]).float() for i in range(0, len(tokens), batch)]
+    with one_cpu_thread(next(model.parameters()).device):  # the same bits from one process and from N ranks (see there)
+        parts = [backbone.text_features(model, tokens[i:i + batch]).float() for i in range(0, len(tokens), batch)]
     return F.normalize(torch.cat(parts), dim=-1).cpu()
 
 
@@ -270,9 +272,9 @@ def _create_partial(part: Path, fingerprint: str, name: str, rows: dict, views: 
             n, v = len(split_rows), views[split]
             for kind in ("full", "fg"):
                 for suffix in outputs:
-                    f.create_dataset(f"image/{name}/{split}/{kind}{suffix}", shape=(n, v, dim), dtype=dtype,
+                    f.create_dataset(image_key(name, split, kind + suffix), shape=(n, v, dim), dtype=dtype,
                                      chunks=(min(max(n, 1), 256), v, dim) if n else None)
-            f.create_dataset(f"progress/{split}/status", data=np.zeros(n, dtype=np.uint8))
+            f.create_dataset(progress_key(split, "status"), data=np.zeros(n, dtype=np.uint8))
     os.replace(tmp, part)
 
 
@@ -282,10 +284,10 @@ def _merge(cache_path: Path, part: Path, name: str, text: torch.Tensor, provenan
     shutil.copyfile(cache_path, new)
     try:
         with h5py.File(new, "r+") as dst, h5py.File(part, "r") as src:
-            for key in (f"text/{name}", f"image/{name}"):
+            for key in (text_key(name), image_key(name)):
                 if key in dst:
                     del dst[key]
-            src.copy(src[f"image/{name}"], dst.require_group("image"), name=name)
+            src.copy(src[image_key(name)], dst.require_group(IMAGE), name=name)
         write_text_group(new, name, text, provenance)
         os.replace(new, cache_path)
     finally:
@@ -349,7 +351,7 @@ def import_backbone(cache_path: str | Path, method: str, checkpoint: str | Path,
     fingerprint = _fingerprint(method, name, cache, ckpt, settings, rows, store_dtype)
     views = {s: len(r[0]["views"]) if r else int(cache.boxes(s).shape[1]) for s, r in rows.items()}
     areas = {s: cache.areas(s).numpy() for s in rows}
-    groups = [f"image/{name}/{s}/{k}{x}" for s in rows for k in ("full", "fg") for x in backbone.outputs]
+    groups = [image_key(name, s, k + x) for s in rows for k in ("full", "fg") for x in backbone.outputs]
     forward = lambda pixels: backbone.image_features(model, pixels)  # noqa: E731
 
     part = import_partial(cache.path, name)
@@ -383,9 +385,9 @@ def import_backbone(cache_path: str | Path, method: str, checkpoint: str | Path,
                 "not the one the cache was extracted with. Pass --mask-root / --image-root with the original folders")
         writes = []
         for suffix, feats in encode_views(forward, items, device).items():
-            writes.append((f"image/{name}/{split}/full{suffix}", idx, feats[0].numpy()))
-            writes.append((f"image/{name}/{split}/fg{suffix}", idx, feats[1].numpy()))
-        writes.append((f"progress/{split}/status", idx, np.full(len(idx), DONE, dtype=np.uint8)))
+            writes.append((image_key(name, split, "full" + suffix), idx, feats[0].numpy()))
+            writes.append((image_key(name, split, "fg" + suffix), idx, feats[1].numpy()))
+        writes.append((progress_key(split, "status"), idx, np.full(len(idx), DONE, dtype=np.uint8)))
         return BatchWrites(split=split, rows=idx, writes=writes)
 
     def finish(report: PassReport) -> dict:  # rank 0, holding the lock, every row done
@@ -412,7 +414,7 @@ def import_backbone(cache_path: str | Path, method: str, checkpoint: str | Path,
     counts = {s: len(r) for s, r in rows.items()}
     encoded = sum(r["rows"] for r in result["ranks"])
     return ImportSummary(name=name, method=method, checkpoint=ckpt["file"], epoch=ckpt["epoch"], counts=counts,
-                         groups=[f"text/{name}", *groups], resumed_rows=resumed, seconds=seconds,
+                         groups=[text_key(name), *groups], resumed_rows=resumed, seconds=seconds,
                          images_per_second=encoded / seconds if seconds > 0 else 0.0,
                          prompt_check=prompt_check, provenance=provenance, world_size=job.world_size,
                          ranks=result["ranks"])
