@@ -1,0 +1,107 @@
+"""`masks`: foreground masks from the CLIP image encoder (or CLIPSeg) into a mask folder `extract` reads."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.markup import escape
+
+from .common import app, console, err, fail, resumable, split_progress
+
+
+@app.command()
+def masks(
+    data: Optional[Path] = typer.Option(None, "--data", help="Data root holding the named dataset folder."),
+    dataset: Optional[str] = typer.Option(None, "--dataset", help="One of the eleven CoOp datasets, e.g. oxford_pets."),
+    split_file: Optional[Path] = typer.Option(None, "--split-file", help="Generic dataset: CoOp-style split JSON."),
+    image_root: Optional[Path] = typer.Option(None, "--image-root", help="Generic dataset: folder the split paths are relative to."),
+    name: Optional[str] = typer.Option(None, "--name", help="Generic dataset: its name (default: the image root's folder name)."),
+    out: Path = typer.Option(..., "--out", help="Mask folder to write (it mirrors the image folder; pass it to extract --mask-root)."),
+    method: str = typer.Option("gradcam", help="gradcam: gradient maps of the CLIP image encoder; clipseg: CLIPSeg "
+                                               "(pip install 'fvgpt-cache[masks]')."),
+    model: str = typer.Option("ViT-B-16", help="gradcam: open_clip model name or config JSON (the cache's model)."),
+    pretrained: Optional[str] = typer.Option(None, help="gradcam: open_clip tag or local checkpoint (default openai); "
+                                                        "clipseg: a local folder with CLIPSeg weights (default "
+                                                        "CIDAS/clipseg-rd64-refined from the Hugging Face cache)."),
+    quick_gelu: str = typer.Option("auto", help="auto|on|off. auto: on for OpenAI weights."),
+    prompt: Optional[str] = typer.Option(None, help="Prompt with {} for the class name (default: the paper's Table 9 "
+                                                    "prompt of the dataset, 'The {} in the middle.' for others)."),
+    splits: str = typer.Option("train,val,test", help="Splits to mask; val/test masks serve diagnostics only "
+                                                      "(FVG-PT's inference reads full views alone)."),
+    shots: str = typer.Option("all", help="Mask every image ('all') or only the few-shot draw of --shots K --seed S "
+                                          "that extract takes."),
+    seed: int = typer.Option(1, help="Few-shot seed (with --shots K)."),
+    map_kind: str = typer.Option("gradcam++", "--map", help="gradcam: gradcam|gradcam++|saliency."),
+    layer: Optional[str] = typer.Option(None, help="gradcam/gradcam++: module of the image tower (default: layer2 of a "
+                                                   "ResNet, the second-to-last block of a ViT)."),
+    smooth: float = typer.Option(0.16, help="saliency: box-filter side as a fraction of the model's input side."),
+    threshold: Optional[float] = typer.Option(None, help="Foreground where the normalised map is >= T (default: the "
+                                                         "map's best on the synthetic world; clipseg 0.5)."),
+    batch_size: int = typer.Option(32, help="Images per batch."),
+    workers: int = typer.Option(2, help="DataLoader worker processes for decoding."),
+    device: str = typer.Option("auto", help="auto|cpu|cuda."),
+    bad_image: str = typer.Option("error", help="error|skip for an unreadable image (skipped ones get no mask and "
+                                                "are listed in masks.json)."),
+    force: bool = typer.Option(False, help="Rewrite every mask, also in a folder written with other settings."),
+    preview: Optional[Path] = typer.Option(None, help="Also write a contact sheet PNG of images with their masks."),
+    preview_count: int = typer.Option(32, help="Images on the contact sheet."),
+):
+    """Write foreground masks (white on black PNGs, the image's relative path and size) for extract --mask-root."""
+    from fvgpt_cache.data import generic_dataset, parse_shots
+    from fvgpt_cache.datasets import load_dataset
+    from fvgpt_cache.masks import MapSettings, MaskOptions, contact_sheet, mask_rows, preview_relpaths, write_masks
+
+    resumable()
+    try:
+        if dataset and split_file:
+            fail("give either --dataset (with --data) or --split-file (with --image-root), not both")
+        if dataset:
+            if data is None:
+                fail("--dataset needs --data ROOT, the folder that contains the dataset's folder")
+            ds = load_dataset(dataset, data)
+        elif split_file:
+            if image_root is None:
+                fail("--split-file needs --image-root DIR, the folder the split's paths are relative to")
+            ds = generic_dataset(split_file, image_root, name=name)
+        else:
+            fail("say which data to read: --data ROOT --dataset NAME, or --split-file FILE --image-root DIR")
+        wanted = tuple(s.strip() for s in splits.split(",") if s.strip())
+        options = MaskOptions(method=method, settings=MapSettings(map=map_kind, layer=layer, smooth=smooth,
+                                                                  threshold=threshold),
+                              prompt=prompt, splits=wanted, shots=parse_shots(shots), seed=seed, batch_size=batch_size,
+                              workers=workers, device=device, bad_image=bad_image, force=force).validate()
+        loaded = segmenter = None
+        if method == "gradcam":
+            from fvgpt_cache.models import load_clip
+
+            loaded = load_clip(model, pretrained or "openai", quick_gelu=quick_gelu)
+            if loaded.provenance["random_init"]:
+                err.print("[bold yellow]warning:[/] --pretrained none: random weights; the masks are noise")
+        else:
+            from fvgpt_cache.clipseg import load_clipseg
+
+            segmenter = load_clipseg(pretrained)
+        with split_progress() as update:
+            summary = write_masks(ds, loaded, out, options, progress=update, segmenter=segmenter)
+        sheet = None
+        if preview is not None:
+            rows = mask_rows(ds, options)
+            left_out = {s["path"] for s in summary.skipped}
+            for split in rows:
+                rows[split] = [r for r in rows[split] if r["relpath"] not in left_out]
+            sheet = contact_sheet(ds.image_root, out, preview_relpaths(rows, preview_count), preview)
+    except (ValueError, FileNotFoundError, RuntimeError) as exc:
+        fail(str(exc))
+    counts = ", ".join(f"{s} {n}" for s, n in summary.counts.items())
+    rate = f" ({summary.seconds_per_image * 1000:.1f} ms/image)" if summary.seconds_per_image else ""
+    console.print(f"wrote [bold]{escape(str(summary.out))}[/]: {counts}; {summary.written} new, {summary.resumed} kept "
+                  f"from an earlier run{rate}")
+    if summary.mean_area is not None:
+        console.print(f"mean foreground area {summary.mean_area:.3f}; {len(summary.empty)} empty and "
+                      f"{len(summary.full)} full mask(s) (listed in masks.json)")
+    for item in summary.skipped:
+        console.print(f"[yellow]skipped[/] {item['split']}: {escape(item['path'])} ({escape(item['reason'])})")
+    if sheet is not None:
+        console.print(f"preview: {escape(str(sheet))}")
+    console.print(f"use it with: fvgpt-cache extract … --mask-root {escape(str(summary.out))}")
