@@ -574,6 +574,7 @@ def contact_sheet(image_root: Path, mask_root: Path, relpaths: list[str], path: 
     person can judge the masks at a glance. `relpaths` are image paths; masks are read from `mask_root`."""
     if not relpaths:
         raise ValueError("no masks to show in the preview")
+    columns = min(columns, len(relpaths))
     rows = -(-len(relpaths) // columns)
     sheet = Image.new("RGB", (columns * cell, rows * cell), (255, 255, 255))
     for i, rel in enumerate(relpaths):
