@@ -100,7 +100,7 @@ def report(
         fail(f"--compare {compare!r}: only 'paper' is known")
     records = reports.load_records(results)
     summary = reports.aggregate(records)
-    ablations = reports.ablation_tables(records)
+    ablations = reports.ablation_tables(records) + reports.mask_source_tables(records)
     if plot:
         averaged = reports.averaged_over(records, plot)
         path = reports.plot_sweep(reports.sweep(records, plot), plot, plot_out, averaged)

@@ -1,6 +1,7 @@
 """`masks`: foreground masks from the CLIP image encoder (or CLIPSeg) into a mask folder `extract` reads."""
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 from typing import Optional
 
@@ -105,3 +106,49 @@ def masks(
     if sheet is not None:
         console.print(f"preview: {escape(str(sheet))}")
     console.print(f"use it with: fvgpt-cache extract … --mask-root {escape(str(summary.out))}")
+
+
+@app.command("add-masks")
+def add_masks(
+    cache: Path = typer.Argument(..., help="A cache written by `fvgpt-cache extract`."),
+    name: str = typer.Option(..., "--name", help="Name of the mask source (e.g. gradcam, clipseg, release; 'none' = "
+                                                 "all-ones masks, no --mask-root). Train on it with --set fg_source=NAME."),
+    mask_root: Optional[Path] = typer.Option(None, "--mask-root", help="Mask folder mirroring the image folder (e.g. "
+                                                                       "written by `fvgpt-cache masks`)."),
+    image_root: Optional[Path] = typer.Option(None, "--image-root", help="The cache's image folder, if it moved."),
+    pretrained: Optional[str] = typer.Option(None, help="The cache's CLIP weights, if the recorded file moved."),
+    missing_mask: str = typer.Option("error", help="error|full for a cached image without a mask in --mask-root."),
+    batch_size: int = typer.Option(64, help="Images per encoder batch."),
+    workers: int = typer.Option(2, help="DataLoader worker processes for decoding."),
+    device: str = typer.Option("auto", help="auto|cpu|cuda."),
+    resume: bool = typer.Option(True, help="Continue an interrupted run of the same command."),
+    force: bool = typer.Option(False, help="Replace a mask source of that name."),
+):
+    """Add the foreground views of another mask source to a cache (full views are not re-encoded)."""
+    from fvgpt_cache.distributed import current_job
+    from fvgpt_cache.fg_sources import SourceOptions, add_foreground_source
+
+    resumable()
+    try:
+        job = current_job()
+        options = SourceOptions(image_root=str(image_root) if image_root else None, pretrained=pretrained,
+                                missing_mask=missing_mask, batch_size=batch_size, workers=workers, device=device,
+                                resume=resume, force=force)
+        lead = job.rank == 0
+        with split_progress() if lead and mask_root is not None else contextlib.nullcontext() as update:
+            summary = add_foreground_source(cache, name, mask_root, options, progress=update, job=job)
+    except (ValueError, FileNotFoundError, RuntimeError) as exc:
+        fail(str(exc))
+    if job.rank != 0:
+        return
+    train = summary.stats.get("train") or {}
+    area = "-" if train.get("mean_area") is None else f"{train['mean_area']:.3f}"
+    empty = "-" if train.get("empty_share") is None else f"{100 * train['empty_share']:.1f} %"
+    console.print(f"added mask source [bold]{escape(summary.name)}[/] to {escape(str(cache))}: "
+                  + ", ".join(f"{s} {n}" for s, n in summary.counts.items())
+                  + f"; train mean area {area}, empty masks {empty} ({summary.seconds:.1f}s)")
+    if summary.provenance.get("missing_masks_full"):
+        console.print(f"[yellow]{len(summary.provenance['missing_masks_full'])} image(s) had no mask and use the "
+                      "whole image[/]")
+    console.print(f"train on it: fvgpt-cache train {escape(str(cache))} --set fg_source={escape(summary.name)}; "
+                  f"compare sources: fvgpt-cache grid {escape(str(cache))} --preset masks")

@@ -15,7 +15,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .ablations import ABLATIONS, PAPER
+from .ablations import ABLATIONS, CACHE_ROWS, PAPER, mask_source_rows
 from .device import resolve_device
 from .engine import available_memory, memory_estimate, shape_parts, split_for_memory, train_group
 from .engine import group_key as engine_group_key
@@ -111,7 +111,9 @@ def check_grid(params: dict[str, list], fixed: dict, preset: str | None) -> list
     if preset not in PRESETS:
         raise ValueError(f"unknown preset {preset!r}; presets: {', '.join(PRESETS)}")
     tables = PAPER if preset == "paper" else (preset,)
-    varies = {name: {k for _, overrides in ABLATIONS[name][1] for k in overrides} for name in tables}
+    varies = {name: {k for _, overrides in ABLATIONS[name][1] for k in overrides} | ({CACHE_ROWS[name]} if name in
+                                                                                       CACHE_ROWS else set())
+              for name in tables}
     everywhere = set.intersection(*varies.values())
     anywhere = set.union(*varies.values())
     clash = sorted(set(params) & anywhere)
@@ -186,6 +188,8 @@ def expand(caches: list[Path], seeds: list[int], params: dict[str, list], base: 
     runs: dict[str, GridRun] = {}
     for cache_path in caches:
         cache = open_cache(cache_path)
+        if preset == "masks":  # one row per mask source of this cache
+            variants = [("masks", label, overrides) for label, overrides in mask_source_rows(cache.fg_sources)]
         for seed in seeds:
             for ablation, label, variant in variants:
                 for combo in itertools.product(*(params[n] for n in names)):
@@ -254,7 +258,7 @@ def run_grid(runs: list[GridRun], out_dir: Path, *, resume: bool = True, batched
             check_same_model([caches[cache_path], *targets])
         cache = caches[cache_path]
         t0 = time.perf_counter()
-        data = prepare(cache, members[0].config)
+        data = prepare(cache, members[0].config, fg_sources=[m.config.fg_source for m in members])
         cfgs = [config_with(m.config, backbone=data.meta["backbone"]) for m in members]
         device = resolve_device(cfgs[0].device)
         budget = memory_budget or int(0.8 * available_memory(device))
@@ -272,7 +276,7 @@ def run_grid(runs: list[GridRun], out_dir: Path, *, resume: bool = True, batched
         sets = eval_sets(cache, targets, cfgs[0].backbone)
         with results_path.open("a") as fh:
             for m, cfg, (head, history, images) in zip(members, cfgs, trained):
-                record = finish_run(cache, cfg, data.subset(images), head, history, seconds, targets,
+                record = finish_run(cache, cfg, data.source(cfg.fg_source).subset(images), head, history, seconds, targets,
                                     out_dir / "runs" / m.run_id, save=save_heads, preset=m.preset, evalsets=sets)
                 record["run_id"] = m.run_id
                 record["params"] = m.params

@@ -11,7 +11,7 @@ import torch
 from .engine import train_head
 from .evaluation import EvalSet, evaluate, evaluate_transfer, gate_diagnostics
 from .heads import FVGPTHead
-from .store import check_same_model, open_cache
+from .store import check_same_model, mask_statistics, open_cache
 from .training import TrainConfig, build_head, prepare, stability
 
 RESULTS_FORMAT = "fvgpt-cache-results"
@@ -103,6 +103,8 @@ def finish_run(cache, cfg: TrainConfig, data, head: FVGPTHead, history: list[dic
         "head_parameters": head.num_parameters(),
         "feature_dim": int(data.full.shape[-1]),
         "train_images": data.meta["train_images"],
+        "mask_source": {"name": cfg.fg_source, **mask_statistics(data.area.numpy()),
+                        "made_by": cache.fg_source_provenance(cfg.fg_source).get("masks_json")},
         "views": data.meta["views"],
         "seconds": {**seconds, "evaluate": time.perf_counter() - t2},
         "history": history,

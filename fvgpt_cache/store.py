@@ -20,6 +20,9 @@ import torch
 FORMAT = "fvgpt-cache"
 FORMAT_VERSION = 1
 SPLITS = ("train", "val", "test")
+# The foreground views extract wrote (from --mask-root) are the source "extracted"; other mask sources
+# added later (`fg_sources.add_foreground_source`) live under /fg_sources/<name>/.
+EXTRACTED_FG = "extracted"
 # Provenance keys that must agree before two caches are used together.
 MODEL_KEYS = ("model", "pretrained", "pretrained_sha256", "model_config_sha256", "quick_gelu", "preprocess", "init_seed")
 
@@ -40,6 +43,21 @@ def model_identity(provenance: dict) -> dict:
 
 class CacheError(ValueError):
     """A cache file that cannot be used as asked; the message says which file and what to do."""
+
+
+def fg_source_key(source: str, split: str, what: str = "clip") -> str:
+    """HDF5 path of an added mask source's foreground features (`what` = the image encoder) or areas (`area`)."""
+    return f"fg_sources/{source}/{what}/{split}"
+
+
+def mask_statistics(area: np.ndarray) -> dict:
+    """Statistics of the (N, V) foreground areas A(m) of a mask source, on view 0 of each image (train: the
+    whole image squashed; val/test: the centre crop): mean area, shares of empty and of full masks."""
+    a = np.asarray(area)[:, 0] if np.ndim(area) == 2 else np.asarray(area)
+    if a.size == 0:
+        return {"images": 0, "mean_area": None, "empty_share": None, "full_share": None}
+    return {"images": int(a.size), "mean_area": float(a.mean()), "empty_share": float((a == 0).mean()),
+            "full_share": float((a == 1).mean())}
 
 
 def partial_path(out: Path) -> Path:
@@ -200,6 +218,34 @@ class Cache:
 
     def model_signature(self) -> dict:
         return model_identity(self.provenance)
+
+    @property
+    def fg_sources(self) -> list[str]:
+        """Mask sources whose foreground views the cache holds: "extracted" first, then the added ones."""
+        with self._h5() as f:
+            return [EXTRACTED_FG, *sorted(f["fg_sources"].keys() if "fg_sources" in f else [])]
+
+    def fg_source_provenance(self, source: str) -> dict:
+        """How an added mask source was made ({} for "extracted": the cache's own provenance says)."""
+        if source == EXTRACTED_FG:
+            return {}
+        with self._h5() as f:
+            return json.loads(f[f"fg_sources/{source}"].attrs.get("provenance", "{}"))
+
+    def foreground(self, split: str, source: str = EXTRACTED_FG, encoder: str = "clip") -> tuple[torch.Tensor, torch.Tensor]:
+        """(N, V, D) float32 foreground features of one mask source and their (N, V) areas A(m)."""
+        if source == EXTRACTED_FG:
+            return self.image(split, "fg", encoder), self.areas(split)
+        key = fg_source_key(source, split, encoder)
+        with self._h5() as f:
+            if f"fg_sources/{source}" not in f:
+                raise CacheError(f"{self.path} has no mask source {source!r}; it has {self.fg_sources}. Add it with "
+                                 f"`fvgpt-cache add-masks {self.path} --name {source} --mask-root DIR`")
+            if key not in f:
+                raise CacheError(f"{self.path}: mask source {source!r} has no {encoder!r} foreground features of "
+                                 f"{split} ({key}); sources hold CLIP's features, so use a CLIP-family backbone")
+            return (torch.from_numpy(f[key][()].astype(np.float32)),
+                    torch.from_numpy(f[fg_source_key(source, split, "area")][()].astype(np.float32)))
 
 
 def open_cache(path: str | Path) -> Cache:
