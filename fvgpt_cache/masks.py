@@ -481,8 +481,10 @@ def write_masks(dataset: Dataset, loaded, out: Path, options: MaskOptions = Mask
         done = {s: int((st == DONE).sum()) for s, st in status.items()}
         skipped: list[dict] = []
         text_cache: dict[int, torch.Tensor] = {}
+        if options.method == "clipseg":
+            segmenter.model.to(device)
         if options.method == "gradcam":
-            model = loaded.model.to(device)
+            loaded.model.to(device)
             from .extraction import encode_texts
             text_all = encode_texts(loaded, texts, device)
             text_cache = {i: text_all[i] for i in range(len(texts))}
