@@ -111,10 +111,10 @@ def masks(
 @app.command("add-masks")
 def add_masks(
     cache: Path = typer.Argument(..., help="A cache written by `fvgpt-cache extract`."),
-    name: str = typer.Option(..., "--name", help="Name of the mask source (e.g. gradcam, clipseg, release; 'none' = "
-                                                 "all-ones masks, no --mask-root). Train on it with --set fg_source=NAME."),
-    mask_root: Optional[Path] = typer.Option(None, "--mask-root", help="Mask folder mirroring the image folder (e.g. "
-                                                                       "written by `fvgpt-cache masks`)."),
+    name: str = typer.Option(..., "--name", help="Name of the mask source (e.g. gradcam, clipseg, release); train on "
+                                                 "it with --set fg_source=NAME ('none', all-ones masks, is built in)."),
+    mask_root: Path = typer.Option(..., "--mask-root", help="Mask folder mirroring the image folder (e.g. written by "
+                                                            "`fvgpt-cache masks`)."),
     image_root: Optional[Path] = typer.Option(None, "--image-root", help="The cache's image folder, if it moved."),
     pretrained: Optional[str] = typer.Option(None, help="The cache's CLIP weights, if the recorded file moved."),
     missing_mask: str = typer.Option("error", help="error|full for a cached image without a mask in --mask-root."),
@@ -135,7 +135,7 @@ def add_masks(
                                 missing_mask=missing_mask, batch_size=batch_size, workers=workers, device=device,
                                 resume=resume, force=force)
         lead = job.rank == 0
-        with split_progress() if lead and mask_root is not None else contextlib.nullcontext() as update:
+        with split_progress() if lead else contextlib.nullcontext() as update:
             summary = add_foreground_source(cache, name, mask_root, options, progress=update, job=job)
     except (ValueError, FileNotFoundError, RuntimeError) as exc:
         fail(str(exc))

@@ -9,8 +9,8 @@ sources go under
 
 built from the very views the cache stores (the geometry and crop boxes it records; nothing is
 redrawn) and the cache's own CLIP, which is first checked to reproduce the cached full views of
-the first image of every split. Only foreground views are encoded. The source `none` (an all-ones
-mask) needs no pass: its foreground view is the full view, so its features are copied and A = 1.
+the first image of every split. Only foreground views are encoded. Every cache also has the source
+`none` built in (`store.NO_MASK`): an all-ones mask, whose foreground view is the full view, A = 1.
 
 The pass is extraction's (`passes.run_pass`): crash-safe and resumable in `<cache>.fg-<name>.partial`,
 under torchrun like extract, one writer per cache. The cache file itself changes only in
@@ -39,10 +39,9 @@ from .distributed import Job, current_job
 from .extraction import STORE_DTYPES, ExtractionError, ViewDataset, run_encoder
 from .models import LoadedModel
 from .passes import DONE, BatchWrites, PassReport, run_pass
-from .store import EXTRACTED_FG, CacheError, check_partial, exclusive_lock, fg_source_key, mask_statistics, open_cache
+from .store import EXTRACTED_FG, NO_MASK, CacheError, check_partial, fg_source_key, mask_statistics, open_cache
 from .views import Box, ViewMaker
 
-NONE_SOURCE = "none"
 SOURCE_FORMAT = "fvgpt-cache-fg-source"
 NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+-]*")
 CLIP_CHECK_THRESHOLD = 0.99
@@ -81,6 +80,9 @@ class SourceSummary:
 def check_source_name(name: str) -> str:
     if name == EXTRACTED_FG:
         raise ValueError(f"--name {name!r} is the cache's own foreground views (from extract); choose another name")
+    if name == NO_MASK:
+        raise ValueError(f"--name {name!r} is built into every cache (all-ones masks: the full views); choose another "
+                         "name")
     if not NAME_PATTERN.fullmatch(name or ""):
         raise ValueError(f"--name {name!r}: use letters, digits and . _ + - (e.g. gradcam, clipseg, release, none)")
     return name
@@ -165,12 +167,12 @@ def _check_full_views(cache, loaded: LoadedModel, rows, image_root: Path, maker:
     return worst
 
 
-def add_foreground_source(cache_path: str | Path, name: str, mask_root: str | Path | None,
+def add_foreground_source(cache_path: str | Path, name: str, mask_root: str | Path,
                           options: SourceOptions | None = None, loaded: LoadedModel | None = None,
                           progress: Callable[[str, int, int], None] | None = None,
                           stop_after_batches: int | None = None, job: Job | None = None) -> SourceSummary:
     """Add the mask source `name` to a cache: the foreground views of the masks under `mask_root`
-    (`None` with name "none": all-ones masks). See the module docstring."""
+    See the module docstring."""
     options = (options or SourceOptions()).validate()
     started = time.perf_counter()
     name = check_source_name(name)
@@ -178,11 +180,7 @@ def add_foreground_source(cache_path: str | Path, name: str, mask_root: str | Pa
     if name in cache.fg_sources and not options.force:
         raise CacheError(f"{cache.path} already has the mask source {name!r}; pass --force to replace it")
     if mask_root is None:
-        if name != NONE_SOURCE:
-            raise ValueError(f"mask source {name!r} needs --mask-root DIR (only the source 'none' has no masks)")
-        return _add_none(cache, options, started)
-    if name == NONE_SOURCE:
-        raise ValueError("the source 'none' is the all-ones mask and takes no --mask-root; name this source otherwise")
+        raise ValueError(f"mask source {name!r} needs --mask-root DIR, the mask folder")
     mask_root = Path(mask_root)
     if not mask_root.is_dir():
         raise FileNotFoundError(f"mask folder not found: {mask_root}")
@@ -269,17 +267,3 @@ def add_foreground_source(cache_path: str | Path, name: str, mask_root: str | Pa
     provenance = result["provenance"]
     return SourceSummary(name=name, counts={s: len(r) for s, r in rows.items()}, stats=provenance["stats"],
                          resumed_rows=result["resumed"], seconds=time.perf_counter() - started, provenance=provenance)
-
-
-def _add_none(cache, options: SourceOptions, started: float) -> SourceSummary:
-    """The all-ones mask: its foreground view is the full view (the same pixels in every fg mode), A = 1."""
-    with exclusive_lock(cache.path):
-        features = {s: cache.image(s, "full", "clip").numpy() for s in cache.splits}
-        areas = {s: np.ones(f.shape[:2], dtype=np.float32) for s, f in features.items()}
-        provenance = {"name": NONE_SOURCE, "mask_root": None,
-                      "how": "all-ones masks: the foreground views are the full views (copied), A(m) = 1",
-                      "stats": {s: mask_statistics(a) for s, a in areas.items()},
-                      "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
-        write_source_into_cache(cache.path, NONE_SOURCE, features, areas, provenance)
-    return SourceSummary(name=NONE_SOURCE, counts={s: len(a) for s, a in areas.items()}, stats=provenance["stats"],
-                         resumed_rows=0, seconds=time.perf_counter() - started, provenance=provenance)

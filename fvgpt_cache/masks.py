@@ -402,7 +402,9 @@ def _settings_record(options: MaskOptions, dataset: Dataset, provenance: dict, p
 
 
 def _fingerprint(record: dict) -> str:
-    return hashlib.sha256(json.dumps(record, sort_keys=True).encode()).hexdigest()
+    """What decides the pixels of a mask; which images are masked (--shots, --seed, --splits) does not."""
+    stable = {k: v for k, v in record.items() if k not in ("shots", "seed")}
+    return hashlib.sha256(json.dumps(stable, sort_keys=True).encode()).hexdigest()
 
 
 def mask_rows(dataset: Dataset, options: MaskOptions) -> dict[str, list[dict]]:
@@ -461,12 +463,12 @@ def write_masks(dataset: Dataset, loaded, out: Path, options: MaskOptions = Mask
             except (OSError, json.JSONDecodeError) as exc:
                 raise MaskError(f"{meta_path} is unreadable ({exc}); move it away or pass --force to rewrite the folder")
             if old.get("fingerprint") != fingerprint:
-                changed = sorted(k for k in record if old.get("settings", {}).get(k) != record[k])
+                changed = sorted(k for k in record if k not in ("shots", "seed")
+                                 and old.get("settings", {}).get(k) != record[k])
                 raise MaskError(f"{out} holds masks made with other settings ({', '.join(changed)} differ); "
                                 "choose another --out, or pass --force to rewrite every mask")
-        elif any(out.iterdir()) and not meta_path.exists() and not options.force:
-            listed = [p for p in out.iterdir() if p.name != ".masks.lock"]
-            if listed:
+        elif not meta_path.exists() and not options.force:
+            if any(p.name != ".masks.lock" for p in out.iterdir()):
                 raise MaskError(f"{out} is not empty and has no {PROVENANCE_FILE}: it is not a mask folder written by "
                                 "fvgpt-cache; choose another --out (or pass --force to write into it)")
         _remove_leftovers(out)

@@ -11,7 +11,7 @@ import torch
 from .engine import train_head
 from .evaluation import EvalSet, evaluate, evaluate_transfer, gate_diagnostics
 from .heads import FVGPTHead
-from .store import check_same_model, mask_statistics, open_cache
+from .store import EXTRACTED_FG, check_same_model, mask_statistics, open_cache
 from .training import TrainConfig, build_head, prepare, stability
 
 RESULTS_FORMAT = "fvgpt-cache-results"
@@ -19,7 +19,10 @@ HEAD_FORMAT = "fvgpt-cache-head"
 
 
 def run_id(cache_path: Path, cfg: TrainConfig) -> str:
-    digest = hashlib.sha256(json.dumps([str(Path(cache_path).resolve()), cfg.to_dict()], sort_keys=True).encode()).hexdigest()
+    config = cfg.to_dict()
+    if config["fg_source"] == EXTRACTED_FG:  # runs from before mask sources existed keep their ids
+        del config["fg_source"]
+    digest = hashlib.sha256(json.dumps([str(Path(cache_path).resolve()), config], sort_keys=True).encode()).hexdigest()
     return digest[:10]
 
 

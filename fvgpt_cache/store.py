@@ -23,6 +23,8 @@ SPLITS = ("train", "val", "test")
 # The foreground views extract wrote (from --mask-root) are the source "extracted"; other mask sources
 # added later (`fg_sources.add_foreground_source`) live under /fg_sources/<name>/.
 EXTRACTED_FG = "extracted"
+# Every cache also has the source "none": all-ones masks, whose foreground view is the full view (A = 1).
+NO_MASK = "none"
 # Provenance keys that must agree before two caches are used together.
 MODEL_KEYS = ("model", "pretrained", "pretrained_sha256", "model_config_sha256", "quick_gelu", "preprocess", "init_seed")
 
@@ -221,14 +223,16 @@ class Cache:
 
     @property
     def fg_sources(self) -> list[str]:
-        """Mask sources whose foreground views the cache holds: "extracted" first, then the added ones."""
+        """Mask sources whose foreground views the cache holds: "extracted", "none" (built in), then the added ones."""
         with self._h5() as f:
-            return [EXTRACTED_FG, *sorted(f["fg_sources"].keys() if "fg_sources" in f else [])]
+            return [EXTRACTED_FG, NO_MASK, *sorted(f["fg_sources"].keys() if "fg_sources" in f else [])]
 
     def fg_source_provenance(self, source: str) -> dict:
         """How an added mask source was made ({} for "extracted": the cache's own provenance says)."""
         if source == EXTRACTED_FG:
             return {}
+        if source == NO_MASK:
+            return {"name": NO_MASK, "how": "all-ones masks: the foreground view is the full view, A(m) = 1"}
         with self._h5() as f:
             return json.loads(f[f"fg_sources/{source}"].attrs.get("provenance", "{}"))
 
@@ -236,6 +240,9 @@ class Cache:
         """(N, V, D) float32 foreground features of one mask source and their (N, V) areas A(m)."""
         if source == EXTRACTED_FG:
             return self.image(split, "fg", encoder), self.areas(split)
+        if source == NO_MASK:  # an all-ones mask gives exactly the full view's pixels (in both fg modes)
+            full = self.image(split, "full", encoder)
+            return full, torch.ones(full.shape[:2])
         key = fg_source_key(source, split, encoder)
         with self._h5() as f:
             if f"fg_sources/{source}" not in f:

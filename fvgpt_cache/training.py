@@ -17,7 +17,7 @@ import torch.nn.functional as F
 
 from .heads import BRG_INDICATORS, FRG_INDICATORS, R_SOURCES, R_WITHOUT_FRG, FVGPTHead
 from .presets import choose_preset, method_of
-from .store import EXTRACTED_FG, Cache, CacheError
+from .store import EXTRACTED_FG, NO_MASK, Cache, CacheError
 
 CLASS_SETS = ("base", "all")
 OPTIMIZERS = ("sgd", "adamw")
@@ -258,6 +258,9 @@ def foreground_views(cache: Cache, backbone: str, source: str) -> tuple[torch.Te
     """(fg (N, V, D), area (N, V)) of the training split from one mask source, as the backbone reads them."""
     if source == EXTRACTED_FG:
         return backbone_images(cache, backbone, "train", "fg"), cache.areas("train")
+    if source == NO_MASK:  # all-ones masks: the foreground view is the full view
+        full = backbone_images(cache, backbone, "train", "full")
+        return full, torch.ones(full.shape[:2])
     encoder = backbone_image_encoder(cache, backbone)
     if encoder != "clip":
         raise CacheError(f"fg_source={source!r}: added mask sources hold CLIP's foreground features, but backbone "

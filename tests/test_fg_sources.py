@@ -42,7 +42,6 @@ def test_added_sources_match_extraction_with_those_masks_and_leave_the_rest(tmp_
                                    ExtractOptions(**OPTS)).out)
     summary = add_foreground_source(cache_path, "shifted", other, SourceOptions(workers=0, batch_size=5, device="cpu"),
                                     loaded=tiny_model)
-    add_foreground_source(cache_path, "none", None)
     cache = open_cache(cache_path)
     assert cache.fg_sources == ["extracted", "none", "shifted"]
     for s in cache.splits:
@@ -62,9 +61,12 @@ def test_added_sources_match_extraction_with_those_masks_and_leave_the_rest(tmp_
         add_foreground_source(cache_path, "extracted", other, loaded=tiny_model)
     with pytest.raises(CacheError, match="no mask source 'gradcam'"):
         cache.foreground("train", "gradcam")
+    with pytest.raises(ValueError, match="built into every cache"):
+        add_foreground_source(cache_path, "none", other, loaded=tiny_model)
     with lock_held_elsewhere(cache_path):
         with pytest.raises(CacheError, match="another process is already writing"):
-            add_foreground_source(cache_path, "none", None, SourceOptions(force=True))
+            add_foreground_source(cache_path, "shifted", other, SourceOptions(force=True, workers=0, device="cpu"),
+                                  loaded=tiny_model)
 
 
 def test_missing_masks_are_named_or_use_the_whole_image(tmp_path, generic_data, tiny_model):
@@ -83,8 +85,8 @@ def test_missing_masks_are_named_or_use_the_whole_image(tmp_path, generic_data, 
 
 
 def _with_sources(path):
-    """A synthetic cache with two more mask sources: 'none' and 'noisy' (foreground views pulled towards the full
-    view, areas halved)."""
+    """A synthetic cache with one more mask source, 'noisy' (foreground views pulled towards the full view, areas
+    halved), next to 'extracted' and the built-in 'none'."""
     cache = open_cache(path)
     rng = np.random.default_rng(0)
     noisy = {s: (0.5 * cache.image(s, "fg") + 0.5 * cache.image(s, "full")
@@ -92,7 +94,6 @@ def _with_sources(path):
              for s in cache.splits}
     write_source_into_cache(path, "noisy", noisy, {s: cache.areas(s).numpy() / 2 for s in cache.splits},
                             {"name": "noisy"})
-    add_foreground_source(path, "none", None)
     return path
 
 
@@ -140,11 +141,10 @@ def test_cli_add_masks_and_report_the_masks_preset(tmp_path):
 
     syn = write_feature_cache(tmp_path / "syn.h5", num_classes=4, shots=4, views=2, dim=16, test_per_class=4)
     run = lambda *a: CliRunner().invoke(app, [str(x) for x in a])  # noqa: E731
-    res = run("add-masks", syn, "--name", "none")
-    assert res.exit_code == 0, res.output
-    assert "added mask source none" in res.output and "train mean area 1.000" in res.output
-    res = run("add-masks", syn, "--name", "gradcam")
-    assert res.exit_code == 2 and "needs --mask-root" in res.output
+    res = run("add-masks", syn, "--name", "none", "--mask-root", tmp_path)
+    assert res.exit_code == 2 and "built into every cache" in res.output and "Traceback" not in res.output
+    res = run("add-masks", syn, "--name", "gradcam", "--mask-root", tmp_path / "nowhere")
+    assert res.exit_code == 2 and "mask folder not found" in res.output
     res = run("grid", syn, "--preset", "masks", "--seeds", "1", "--set", "epochs=2", "--out", tmp_path / "g")
     assert res.exit_code == 0, res.output
     res = run("report", tmp_path / "g")
