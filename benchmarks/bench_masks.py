@@ -160,18 +160,24 @@ def run_noisy(args) -> str:
                       {"backbone": "synthetic_bb", "device": "cpu"})
         records = run_grid(runs, Path(tmp) / "grid")
     cells: dict[tuple, list] = {}
+    collapsed: dict[tuple, list] = {}
     backbone = []
-    for r in records:
-        cells.setdefault((r["config"]["fg_source"], r["config"]["r_source"]), []).append(r["metrics"]["fvgpt"]["base"])
+    for r in sorted(records, key=lambda r: r["seed"]):
+        key = (r["config"]["fg_source"], r["config"]["r_source"])
+        cells.setdefault(key, []).append(r["metrics"]["fvgpt"]["base"])
+        if (r.get("stability") or {}).get("collapsed"):
+            collapsed.setdefault(key, []).append(r["seed"])
         backbone.append(r["metrics"]["backbone"]["base"])
     lines = [f"Feature-level confound world (20 classes, 16 shots, 11 views, seed {args.seed}); Base accuracy of "
-             f"FVG-PT, median over seeds {args.seeds} (min–max). Backbone alone: median {statistics.median(backbone):.1f}.",
+             f"FVG-PT, median over seeds {args.seeds} [per seed; runs the stability check flags as collapsed]. Backbone alone: median {statistics.median(backbone):.1f}.",
              "", "| mask source | r from FRG | r = 1 (foreground) | r = 0 (full view) |", "|---|---|---|---|"]
     for source in ("extracted", "wrong40"):
         row = []
         for r_source in ("frg", "fg", "full"):
             xs = cells[(source, r_source)]
-            row.append(f"{statistics.median(xs):.1f} ({min(xs):.1f}–{max(xs):.1f})")
+            flag = f"; collapsed: seeds {', '.join(map(str, collapsed[(source, r_source)]))}" \
+                if collapsed.get((source, r_source)) else ""
+            row.append(f"{statistics.median(xs):.1f} [{', '.join(f'{x:.1f}' for x in xs)}{flag}]")
         lines.append(f"| {source} | " + " | ".join(row) + " |")
     return "\n".join(lines)
 
