@@ -8,7 +8,7 @@ from typing import Optional
 import typer
 from rich.markup import escape
 
-from .common import app, console, err, fail, resumable, split_progress
+from .common import DIST_TIMEOUT_HELP, app, console, err, fail, resumable, split_progress
 
 
 @app.command()
@@ -47,14 +47,20 @@ def masks(
     force: bool = typer.Option(False, help="Rewrite every mask, also in a folder written with other settings."),
     preview: Optional[Path] = typer.Option(None, help="Also write a contact sheet PNG of images with their masks."),
     preview_count: int = typer.Option(32, help="Images on the contact sheet."),
+    dist_timeout: float = typer.Option(300.0, help=DIST_TIMEOUT_HELP),
 ):
-    """Write foreground masks (white on black PNGs, the image's relative path and size) for extract --mask-root."""
+    """Write foreground masks (white on black PNGs, the image's relative path and size) for extract --mask-root.
+
+    Under torchrun every process takes its share of the batches (one process per GPU)."""
     from fvgpt_cache.data import generic_dataset, parse_shots
     from fvgpt_cache.datasets import load_dataset
+    from fvgpt_cache.distributed import current_job
     from fvgpt_cache.masks import MapSettings, MaskOptions, contact_sheet, mask_rows, preview_relpaths, write_masks
 
     resumable()
     try:
+        job = current_job(dist_timeout)
+        lead = job.rank == 0
         if dataset and split_file:
             fail("give either --dataset (with --data) or --split-file (with --image-root), not both")
         if dataset:
@@ -77,16 +83,16 @@ def masks(
             from fvgpt_cache.models import load_clip
 
             loaded = load_clip(model, pretrained or "openai", quick_gelu=quick_gelu)
-            if loaded.provenance["random_init"]:
+            if loaded.provenance["random_init"] and lead:
                 err.print("[bold yellow]warning:[/] --pretrained none: random weights; the masks are noise")
         else:
             from fvgpt_cache.clipseg import load_clipseg
 
             segmenter = load_clipseg(pretrained)
-        with split_progress() as update:
-            summary = write_masks(ds, loaded, out, options, progress=update, segmenter=segmenter)
+        with split_progress() if lead else contextlib.nullcontext() as update:
+            summary = write_masks(ds, loaded, out, options, progress=update, segmenter=segmenter, job=job)
         sheet = None
-        if preview is not None:
+        if preview is not None and lead:
             rows = mask_rows(ds, options)
             left_out = {s["path"] for s in summary.skipped}
             for split in rows:
@@ -94,6 +100,8 @@ def masks(
             sheet = contact_sheet(ds.image_root, out, preview_relpaths(rows, preview_count), preview)
     except (ValueError, FileNotFoundError, RuntimeError) as exc:
         fail(str(exc))
+    if not lead:
+        return
     counts = ", ".join(f"{s} {n}" for s, n in summary.counts.items())
     rate = f" ({summary.seconds_per_image * 1000:.1f} ms/image)" if summary.seconds_per_image else ""
     console.print(f"wrote [bold]{escape(str(summary.out))}[/]: {counts}; {summary.written} new, {summary.resumed} kept "

@@ -23,6 +23,7 @@ complete), resumable (a rerun skips finished masks), one writer per folder (a lo
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -40,7 +41,7 @@ from torchvision.transforms import InterpolationMode
 from torchvision.transforms import functional as TF
 
 from .data import SPLITS, Dataset, fewshot_splits
-from .device import resolve_device
+from .distributed import Job, current_job
 from .passes import DONE, PENDING, grid_batches, run_view_pass
 from .store import CacheError, lock_file
 
@@ -427,14 +428,16 @@ def mask_rows(dataset: Dataset, options: MaskOptions) -> dict[str, list[dict]]:
 
 def write_masks(dataset: Dataset, loaded, out: Path, options: MaskOptions = MaskOptions(),
                 progress: Callable[[str, int, int], None] | None = None,
-                stop_after_batches: int | None = None, segmenter=None) -> MaskSummary:
+                stop_after_batches: int | None = None, segmenter=None, job: Job | None = None) -> MaskSummary:
     """Write a mask PNG per image of `options.splits` under `out` (the image's relative path, suffix .png,
     the image's size) and `out/masks.json`.
 
     `loaded` is the open_clip model (`models.LoadedModel`) for `--method gradcam`; `segmenter` a
     ready `clipseg.ClipSeg` for `--method clipseg`. A rerun resumes (finished PNGs are kept) when
     its settings equal the folder's; other settings are refused unless `force`, which rewrites every
-    mask. `stop_after_batches` simulates an interruption (tests)."""
+    mask. `stop_after_batches` simulates an interruption (tests). Under torchrun (`job`, default from the
+    environment) every rank calls this with the same arguments: the ranks share the batches on the same fixed
+    grid as one process, rank 0 holds the lock and writes masks.json; every rank returns the same summary."""
     options.validate()
     out = Path(out)
     prompt = options.prompt or default_prompt(dataset.name)
@@ -452,92 +455,163 @@ def write_masks(dataset: Dataset, loaded, out: Path, options: MaskOptions = Mask
     rows = mask_rows(dataset, options)
     record = _settings_record(options, dataset, provenance, prompt, layer)
     fingerprint = _fingerprint(record)
-    device = resolve_device(options.device)
+    job = job or current_job()
+    device = job.device(options.device)
+    job.start(device)
     started = time.perf_counter()
-    out.mkdir(parents=True, exist_ok=True)
-    with lock_file(out / ".masks.lock", f"the mask folder {out}"):
-        meta_path = out / PROVENANCE_FILE
-        if meta_path.exists() and not options.force:
-            try:
-                old = json.loads(meta_path.read_text())
-            except (OSError, json.JSONDecodeError) as exc:
-                raise MaskError(f"{meta_path} is unreadable ({exc}); move it away or pass --force to rewrite the folder")
-            if old.get("fingerprint") != fingerprint:
-                changed = sorted(k for k in record if k not in ("shots", "seed")
-                                 and old.get("settings", {}).get(k) != record[k])
-                raise MaskError(f"{out} holds masks made with other settings ({', '.join(changed)} differ); "
-                                "choose another --out, or pass --force to rewrite every mask")
-        elif not meta_path.exists() and not options.force:
-            if any(p.name != ".masks.lock" for p in out.iterdir()):
-                raise MaskError(f"{out} is not empty and has no {PROVENANCE_FILE}: it is not a mask folder written by "
-                                "fvgpt-cache; choose another --out (or pass --force to write into it)")
-        _remove_leftovers(out)
-        meta = {"fingerprint": fingerprint, "settings": record, "complete": False}
-        meta_path.write_text(json.dumps(meta, indent=1))
-        if options.force:
-            status = {s: np.full(len(r), PENDING, dtype=np.uint8) for s, r in rows.items()}
-        else:
-            status = {s: np.array([DONE if (out / r["mask"]).is_file() else PENDING for r in rs], dtype=np.uint8)
-                      for s, rs in rows.items()}
-        resumed = int(sum((st == DONE).sum() for st in status.values()))
-        done = {s: int((st == DONE).sum()) for s, st in status.items()}
-        skipped: list[dict] = []
-        text_cache: dict[int, torch.Tensor] = {}
-        if options.method == "clipseg":
-            segmenter.model.to(device)
-        if options.method == "gradcam":
-            loaded.model.to(device)
-            from .extraction import encode_texts
-            text_all = encode_texts(loaded, texts, device)
-            text_cache = {i: text_all[i] for i in range(len(texts))}
+    skipped: list[dict] = []
+    text_cache: dict[int, torch.Tensor] = {}
+    if options.method == "clipseg":
+        segmenter.model.to(device)
+    if options.method == "gradcam":
+        loaded.model.to(device)
+        from .extraction import encode_texts
+        text_all = encode_texts(loaded, texts, device)
+        text_cache = {i: text_all[i] for i in range(len(texts))}
 
-        def dataset_for(split: str, pending: np.ndarray) -> _ImageRows:
-            return _ImageRows([dict(rows[split][i], index=int(i)) for i in pending], dataset.image_root, preprocess)
+    def dataset_for(split: str, pending: np.ndarray) -> _ImageRows:
+        return _ImageRows([dict(rows[split][i], index=int(i)) for i in pending], dataset.image_root, preprocess)
 
-        def handle(split: str, items: list[dict]) -> None:
-            good = []
-            for item in items:
-                if item["ok"]:
-                    good.append(item)
-                elif options.bad_image == "skip":
-                    skipped.append({"split": split, "path": rows[split][item["index"]]["relpath"], "reason": item["error"]})
-                else:
-                    raise MaskError(item["error"] + ". Fix or remove the file, or pass --bad-image skip to leave it "
-                                    "out. Rerun the same command afterwards: finished masks are kept.")
-            if not good:
-                return
-            pixels = torch.stack([g["pixels"] for g in good]).to(device)
-            labels = [rows[split][g["index"]]["label"] for g in good]
-            if options.method == "gradcam":
-                text = torch.stack([text_cache[y] for y in labels]).to(device)
-                maps = mapper.maps(pixels, text).cpu()
+    def handle(split: str, items: list[dict]) -> None:
+        good = []
+        for item in items:
+            if item["ok"]:
+                good.append(item)
+            elif options.bad_image == "skip":
+                skipped.append({"split": split, "path": rows[split][item["index"]]["relpath"], "reason": item["error"]})
             else:
-                maps = segmenter.maps(pixels, [texts[y] for y in labels]).cpu()
-            for g, m in zip(good, maps):
-                mask = binarize(to_image_size(m, g["size"]), options.settings.threshold)
-                _atomic_png(mask.numpy().astype(np.uint8) * 255, out / rows[split][g["index"]]["mask"])
+                raise MaskError(item["error"] + ". Fix or remove the file, or pass --bad-image skip to leave it "
+                                "out. Rerun the same command afterwards: finished masks are kept.")
+        if not good:
+            return
+        pixels = torch.stack([g["pixels"] for g in good]).to(device)
+        labels = [rows[split][g["index"]]["label"] for g in good]
+        if options.method == "gradcam":
+            text = torch.stack([text_cache[y] for y in labels]).to(device)
+            maps = mapper.maps(pixels, text).cpu()
+        else:
+            maps = segmenter.maps(pixels, [texts[y] for y in labels]).cpu()
+        for g, m in zip(good, maps):
+            mask = binarize(to_image_size(m, g["size"]), options.settings.threshold)
+            _atomic_png(mask.numpy().astype(np.uint8) * 255, out / rows[split][g["index"]]["mask"])
+
+    def run(batches, status, show) -> int:
+        """This process's batches; returns the rows it handled."""
+        handled = 0
 
         def after(split: str, n: int) -> None:
-            done[split] += n
-            if progress:
-                progress(split, done[split], len(status[split]))
+            nonlocal handled
+            handled += n
+            show(split, n)
 
-        if progress:
-            for s in status:
-                progress(s, done[s], len(status[s]))
-        run_view_pass(grid_batches(status, options.batch_size), dataset_for, handle, workers=options.workers,
-                      after_batch=after, stop_after_batches=stop_after_batches)
-        seconds = time.perf_counter() - started
-        written = int(sum(len(st) for st in status.values())) - resumed - len(skipped)
-        summary = _summarize(out, rows, skipped, written, resumed, seconds)
-        meta.update(complete=True, counts=summary.counts, written_this_run=written, resumed=resumed,
-                    skipped=skipped, empty_masks=summary.empty, full_masks=summary.full, mean_area=summary.mean_area,
-                    seconds_per_image=summary.seconds_per_image, device=str(device),
-                    created=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
-        tmp = meta_path.with_name(meta_path.name + ".tmp")
+        run_view_pass(batches, dataset_for, handle, workers=options.workers, after_batch=after,
+                      stop_after_batches=stop_after_batches)
+        return handled
+
+    def finish(status, all_skipped: list[dict], world: int) -> MaskSummary:  # the lock holder, every mask written
+        resumed = int(sum((st == DONE).sum() for st in status.values()))
+        written = int(sum(len(st) for st in status.values())) - resumed - len(all_skipped)
+        summary = _summarize(out, rows, all_skipped, written, resumed, time.perf_counter() - started)
+        meta = {"fingerprint": fingerprint, "settings": record, "complete": True, "counts": summary.counts,
+                "written_this_run": written, "resumed": resumed, "skipped": all_skipped, "empty_masks": summary.empty,
+                "full_masks": summary.full, "mean_area": summary.mean_area,
+                "seconds_per_image": summary.seconds_per_image, "device": str(device),
+                **({"processes": world} if world > 1 else {}), "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+        tmp = out / (PROVENANCE_FILE + ".tmp")
         tmp.write_text(json.dumps(meta, indent=1))
-        os.replace(tmp, meta_path)
-    return summary
+        os.replace(tmp, out / PROVENANCE_FILE)
+        return summary
+
+    lock = lambda: lock_file(out / ".masks.lock", f"the mask folder {out}")  # noqa: E731
+    prepare = lambda: _prepare_folder(out, options, record, fingerprint, rows)  # noqa: E731
+    if not job.distributed:
+        with lock():
+            status = prepare()
+            done = {s: int((st == DONE).sum()) for s, st in status.items()}
+
+            def show(split: str, n: int) -> None:
+                done[split] += n
+                if progress:
+                    progress(split, done[split], len(status[split]))
+
+            for split in status:
+                show(split, 0)
+            run(grid_batches(status, options.batch_size), status, show)
+            return finish(status, skipped, 1)
+    return _run_ranks(job, lock, prepare, run, finish, skipped, options.batch_size, progress)
+
+
+def _prepare_folder(out: Path, options: MaskOptions, record: dict, fingerprint: str,
+                    rows: dict[str, list[dict]]) -> dict[str, np.ndarray]:
+    """Under the folder's lock: refuse a folder of other settings, clean up a killed run, mark the folder
+    as being written; returns which masks are still to do (PENDING) per split."""
+    out.mkdir(parents=True, exist_ok=True)
+    meta_path = out / PROVENANCE_FILE
+    if meta_path.exists() and not options.force:
+        try:
+            old = json.loads(meta_path.read_text())
+        except (OSError, json.JSONDecodeError) as exc:
+            raise MaskError(f"{meta_path} is unreadable ({exc}); move it away or pass --force to rewrite the folder")
+        if old.get("fingerprint") != fingerprint:
+            changed = sorted(k for k in record if k not in ("shots", "seed")
+                             and old.get("settings", {}).get(k) != record[k])
+            raise MaskError(f"{out} holds masks made with other settings ({', '.join(changed)} differ); "
+                            "choose another --out, or pass --force to rewrite every mask")
+    elif not meta_path.exists() and not options.force:
+        if any(p.name != ".masks.lock" for p in out.iterdir()):
+            raise MaskError(f"{out} is not empty and has no {PROVENANCE_FILE}: it is not a mask folder written by "
+                            "fvgpt-cache; choose another --out (or pass --force to write into it)")
+    _remove_leftovers(out)
+    meta_path.write_text(json.dumps({"fingerprint": fingerprint, "settings": record, "complete": False}, indent=1))
+    if options.force:
+        return {s: np.full(len(r), PENDING, dtype=np.uint8) for s, r in rows.items()}
+    return {s: np.array([DONE if (out / r["mask"]).is_file() else PENDING for r in rs], dtype=np.uint8)
+            for s, rs in rows.items()}
+
+
+def _run_ranks(job, lock, prepare, run, finish, skipped: list[dict], batch_size: int, progress) -> MaskSummary:
+    """One rank of a torchrun job: rank 0 holds the folder's lock and plans; every rank writes the masks of its
+    share of the batches (each PNG is its own file, so no shards are needed); rank 0 writes masks.json."""
+    from .passes import _portable
+
+    coord = job.coordinator("masks")
+    rank, world = job.rank, job.world_size
+    with coord.guard(), contextlib.ExitStack() as held:
+        if rank == 0:
+            try:
+                held.enter_context(lock())
+                status = prepare()
+            except Exception as exc:
+                coord.put("plan", ("error", *_portable(exc)))
+                raise
+            coord.put("plan", ("ok", status))
+        else:
+            coord.wait(["plan"], [0], "rank 0 prepared the mask folder")
+            state, *value = coord.take("plan")
+            if state == "error":
+                cls, message = value
+                raise cls(message)
+            (status,) = value
+        done = {s: int((st == DONE).sum()) for s, st in status.items()}
+
+        def show(split: str, n: int) -> None:
+            total = coord.add(f"rows/{split}", n)
+            if progress and rank == 0:
+                progress(split, done[split] + total, len(status[split]))
+            coord.check()
+
+        for split in status:
+            show(split, 0)
+        run(grid_batches(status, batch_size)[rank::world], status, show)
+        coord.put(f"finished/{rank}", skipped)
+        if rank != 0:
+            coord.wait(["result"], [0], "rank 0 wrote masks.json")
+            return coord.take("result")
+        everyone = list(range(world))
+        coord.wait([f"finished/{r}" for r in everyone], everyone, "the ranks finished their masks")
+        summary = finish(status, [item for r in everyone for item in coord.take(f"finished/{r}")], world)
+        coord.put("result", summary)
+        return summary
 
 
 def _summarize(out: Path, rows: dict[str, list[dict]], skipped: list[dict], written: int, resumed: int,

@@ -53,6 +53,11 @@ def test_added_sources_match_extraction_with_those_masks_and_leave_the_rest(tmp_
         none_fg, none_area = cache.foreground(s, "none")
         assert torch.equal(none_fg, full_before[s]) and bool((none_area == 1).all())
     assert summary.stats["train"]["mean_area"] == pytest.approx(float(reference.areas("train")[:, 0].mean()))
+    from fvgpt_cache.inspection import inspect_cache
+
+    report = inspect_cache(cache_path)
+    assert report["fg_sources"]["shifted"]["stats"] == summary.stats
+    assert not [p for p in report["problems"] if "fg_sources" in p]
     prov = cache.fg_source_provenance("shifted")
     assert prov["mask_root"] == str(other.resolve()) and prov["clip_check_min_cosine"] > 0.99
     with pytest.raises(CacheError, match="already has the mask source 'shifted'"):
