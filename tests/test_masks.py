@@ -300,3 +300,20 @@ def test_two_ranks_write_the_masks_of_one_process(tmp_path, generic_data, tiny_c
     a, b = _pngs(tmp_path / "one"), _pngs(tmp_path / "two")
     assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
     assert json.loads((tmp_path / "two" / "masks.json").read_text())["processes"] == 2
+
+
+@pytest.mark.slow
+def test_torchrun_two_processes_write_the_masks_of_one_process(tmp_path, generic_data, tiny_config):
+    from test_distributed import _torchrun
+
+    split, images, _ = generic_data
+    args = ["masks", "--split-file", split, "--image-root", images, "--model", tiny_config, "--pretrained", "none",
+            "--workers", "0", "--device", "cpu", "--batch-size", "4", "--splits", "train", "--dist-timeout", "60"]
+    res = _torchrun(1, "-m", "fvgpt_cache.cli.main", *args, "--out", tmp_path / "one")
+    assert res.returncode == 0, res.stderr + res.stdout
+    res = _torchrun(2, "-m", "fvgpt_cache.cli.main", *args, "--out", tmp_path / "two")
+    assert res.returncode == 0, res.stderr + res.stdout
+    assert res.stdout.count("wrote ") == 1, "only rank 0 reports"
+    a, b = _pngs(tmp_path / "one"), _pngs(tmp_path / "two")
+    assert len(a) == 24 and a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
+    assert json.loads((tmp_path / "two" / "masks.json").read_text())["processes"] == 2
