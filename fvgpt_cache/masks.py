@@ -28,7 +28,7 @@ import hashlib
 import json
 import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable
 
@@ -206,9 +206,7 @@ class MapSettings:
             raise ValueError(f"--map {self.map!r}: choose one of {', '.join(MAP_KINDS)}")
         if not 0 <= self.smooth < 1:
             raise ValueError(f"--smooth {self.smooth}: a fraction of the input side in [0, 1)")
-        if self.threshold is None:
-            self.threshold = DEFAULT_THRESHOLDS[self.map]
-        if not 0 < self.threshold < 1:
+        if self.threshold is not None and not 0 < self.threshold < 1:
             raise ValueError(f"--threshold {self.threshold}: a value in (0, 1) of the normalised map")
         return self
 
@@ -307,8 +305,9 @@ class MaskOptions:
             raise ValueError(f"--bad-image {self.bad_image!r}: choose one of {', '.join(BAD_IMAGE_POLICIES)}")
         if self.batch_size < 1:
             raise ValueError(f"--batch-size {self.batch_size}: use a positive integer")
-        if self.method == "clipseg" and self.settings.threshold is None:
-            self.settings.threshold = DEFAULT_THRESHOLDS["clipseg"]
+        if self.settings.threshold is None:  # the method's (and map's) default, on a copy of the settings
+            default = DEFAULT_THRESHOLDS["clipseg" if self.method == "clipseg" else self.settings.map]
+            self.settings = replace(self.settings, threshold=default)
         self.settings.validate()
         return self
 
@@ -426,7 +425,7 @@ def mask_rows(dataset: Dataset, options: MaskOptions) -> dict[str, list[dict]]:
     return rows
 
 
-def write_masks(dataset: Dataset, loaded, out: Path, options: MaskOptions = MaskOptions(),
+def write_masks(dataset: Dataset, loaded, out: Path, options: MaskOptions | None = None,
                 progress: Callable[[str, int, int], None] | None = None,
                 stop_after_batches: int | None = None, segmenter=None, job: Job | None = None) -> MaskSummary:
     """Write a mask PNG per image of `options.splits` under `out` (the image's relative path, suffix .png,
@@ -438,7 +437,7 @@ def write_masks(dataset: Dataset, loaded, out: Path, options: MaskOptions = Mask
     mask. `stop_after_batches` simulates an interruption (tests). Under torchrun (`job`, default from the
     environment) every rank calls this with the same arguments: the ranks share the batches on the same fixed
     grid as one process, rank 0 holds the lock and writes masks.json; every rank returns the same summary."""
-    options.validate()
+    options = (options or MaskOptions()).validate()
     out = Path(out)
     prompt = options.prompt or default_prompt(dataset.name)
     if options.method == "gradcam":
@@ -495,18 +494,10 @@ def write_masks(dataset: Dataset, loaded, out: Path, options: MaskOptions = Mask
             mask = binarize(to_image_size(m, g["size"]), options.settings.threshold)
             _atomic_png(mask.numpy().astype(np.uint8) * 255, out / rows[split][g["index"]]["mask"])
 
-    def run(batches, status, show) -> int:
-        """This process's batches; returns the rows it handled."""
-        handled = 0
-
-        def after(split: str, n: int) -> None:
-            nonlocal handled
-            handled += n
-            show(split, n)
-
-        run_view_pass(batches, dataset_for, handle, workers=options.workers, after_batch=after,
+    def run(batches, show) -> None:
+        """This process's batches; `show(split, n)` after each."""
+        run_view_pass(batches, dataset_for, handle, workers=options.workers, after_batch=show,
                       stop_after_batches=stop_after_batches)
-        return handled
 
     def finish(status, all_skipped: list[dict], world: int) -> MaskSummary:  # the lock holder, every mask written
         resumed = int(sum((st == DONE).sum() for st in status.values()))
@@ -536,7 +527,7 @@ def write_masks(dataset: Dataset, loaded, out: Path, options: MaskOptions = Mask
 
             for split in status:
                 show(split, 0)
-            run(grid_batches(status, options.batch_size), status, show)
+            run(grid_batches(status, options.batch_size), show)
             return finish(status, skipped, 1)
     return _run_ranks(job, lock, prepare, run, finish, skipped, options.batch_size, progress)
 
@@ -602,7 +593,7 @@ def _run_ranks(job, lock, prepare, run, finish, skipped: list[dict], batch_size:
 
         for split in status:
             show(split, 0)
-        run(grid_batches(status, batch_size)[rank::world], status, show)
+        run(grid_batches(status, batch_size)[rank::world], show)
         coord.put(f"finished/{rank}", skipped)
         if rank != 0:
             coord.wait(["result"], [0], "rank 0 wrote masks.json")
