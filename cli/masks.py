@@ -63,6 +63,9 @@ def masks(
         lead = job.rank == 0
         if dataset and split_file:
             fail("give either --dataset (with --data) or --split-file (with --image-root), not both")
+        if dataset and name:
+            fail(f"--name is for generic datasets (--split-file); --dataset {dataset} keeps its name (and its Table 9 "
+                 "prompt)")
         if dataset:
             if data is None:
                 fail("--dataset needs --data ROOT, the folder that contains the dataset's folder")
