@@ -165,6 +165,11 @@ def print_inspection(report: dict) -> None:
                       shape, "-" if e["mask_area_mean"] is None else f"{e['mask_area_mean']:.3f}",
                       str(e["empty_mask_views"]), str(e["skipped"]))
     console.print(table)
+    for name, src in report.get("fg_sources", {}).items():
+        train = (src.get("stats") or {}).get("train") or {}
+        area = "-" if train.get("mean_area") is None else f"{train['mean_area']:.3f}"
+        console.print(f"mask source {escape(name)}: train mean area {area}, {escape(str(src.get('method') or 'masks'))} "
+                      f"from {escape(str(src.get('mask_root')))}")
     for name, t in report["text"].items():
         console.print(f"{text_key(name)}: {t['shape']} {t['dtype']}" + (f"  template {t['template']!r}" if "template" in t else ""))
     if report["problems"]:

@@ -149,7 +149,7 @@ def report(
         fail(f"--ci {ci!r}: choose t or bootstrap")
     records = reports.load_records(results)
     summary = reports.aggregate(records, ci)
-    ablations = reports.ablation_tables(records)
+    ablations = reports.ablation_tables(records) + reports.mask_source_tables(records)
     if vs:
         ablations = [*reports.paired_tables(summary, vs), *ablations]
     if curves:

@@ -25,5 +25,15 @@ ABLATIONS: dict[str, tuple[str, list[tuple[str, dict]]]] = {
                                                 for f in (0.25, 0.5, 0.75, 1.0)]),
     "foreground-control": ("Foreground control: where L_dist's r comes from", [
         ("r from FRG (FVG-PT)", {}), ("r = 0: full view", {"r_source": "full"}), ("r = 1: foreground", {"r_source": "fg"})]),
+    # the paper's C.3 (the segmentation module): one row per mask source the cache holds, filled in per cache
+    # by `grids.expand` (`mask_source_rows`); `reports.mask_source_tables` prints it with each source's mask statistics
+    "masks": ("Mask sources: where the foreground views come from", []),
 }
+# presets whose rows depend on the cache, with the parameter their rows vary
+CACHE_ROWS = {"masks": "fg_source"}
+
+
+def mask_source_rows(sources: list[str]) -> list[tuple[str, dict]]:
+    """The rows of `--preset masks` for a cache holding these mask sources."""
+    return [(source, {"fg_source": source}) for source in sources]
 PAPER = ("components", "width", "depth", "indicators", "losses", "fdc-branches", "epochs", "lambda", "data-fraction")

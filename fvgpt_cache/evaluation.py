@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from .heads import FVGPTHead, backbone_logits, clip_logits, foreground_shift, harmonic_mean, roc_auc
-from .store import Cache, CacheError
+from .store import EXTRACTED_FG, NO_MASK, Cache, CacheError
 from .training import ZERO_SHOT, backbone_image_encoder, backbone_images
 
 
@@ -159,7 +159,14 @@ def gate_diagnostics(head: FVGPTHead, data, cache: Cache, backbone: str, classes
     ts = ts or EvalSet(cache, backbone)
     base_ids = cache.base if classes == "base" else np.arange(len(cache.classnames))
     rows, y, txt_bb, txt_clip = ts.subset(base_ids)
-    test = head.frozen(ts.full[rows], ts.fg[rows], ts.clip[rows], ts.area[rows], y, txt_bb, txt_clip, ts.scale)
+    fg, area = ts.fg, ts.area
+    source = data.meta.get("fg_source", EXTRACTED_FG)
+    if source == NO_MASK:
+        fg, area = ts.full, torch.ones_like(ts.area)
+    elif source != EXTRACTED_FG:  # the run's mask source on the test images too
+        fg, area = cache.foreground("test", source)
+        fg, area = F.normalize(fg[:, 0], dim=-1), area[:, 0]
+    test = head.frozen(ts.full[rows], fg[rows], ts.clip[rows], area[rows], y, txt_bb, txt_clip, ts.scale)
     gates = head.gates(test)
     out["test_base"] = gate_summary(gates.get("r"), test["r_star"], test["usable"])
     for name, ids in (("base", base_ids), ("new", cache.new if classes == "base" else np.zeros(0, dtype=np.int64))):

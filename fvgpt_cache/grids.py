@@ -16,7 +16,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .ablations import ABLATIONS, PAPER
+from .ablations import ABLATIONS, CACHE_ROWS, PAPER, mask_source_rows
 from .device import resolve_device
 from .evaluation import curve_data
 from .engine import available_memory, memory_estimate, shape_parts, split_for_memory, train_group
@@ -118,7 +118,9 @@ def check_grid(params: dict[str, list], fixed: dict, preset: str | None) -> list
     if preset not in PRESETS:
         raise ValueError(f"unknown preset {preset!r}; presets: {', '.join(PRESETS)}")
     tables = PAPER if preset == "paper" else (preset,)
-    varies = {name: {k for _, overrides in ABLATIONS[name][1] for k in overrides} for name in tables}
+    varies = {name: {k for _, overrides in ABLATIONS[name][1] for k in overrides} | ({CACHE_ROWS[name]} if name in
+                                                                                       CACHE_ROWS else set())
+              for name in tables}
     everywhere = set.intersection(*varies.values())
     anywhere = set.union(*varies.values())
     clash = sorted(set(params) & anywhere)
@@ -201,17 +203,20 @@ def expand(caches: list[Path], seeds: list[int], params: dict[str, list], base: 
     targets = [open_cache(p) for p in eval_caches]
     for cache_path in caches:
         cache = open_cache(cache_path)
-        inputs: dict[str, list] = {}  # per backbone
+        inputs: dict[tuple, list] = {}  # per (backbone, mask source)
+        if preset == "masks":  # one row per mask source of this cache
+            variants = [("masks", label, overrides) for label, overrides in mask_source_rows(cache.fg_sources)]
         for seed in seeds:
             for ablation, label, variant in variants:
                 for combo in itertools.product(*(params[n] for n in names)):
                     chosen = {**variant, **dict(zip(names, combo))}
                     cfg, info = configure(cache, {**base, **chosen, "seed": seed}, preset_of)
-                    if cfg.backbone not in inputs:
-                        inputs[cfg.backbone] = run_inputs(cache, cfg.backbone, targets)
-                    rid = run_id(inputs[cfg.backbone], cfg)
+                    read = (cfg.backbone, cfg.fg_source)
+                    if read not in inputs:
+                        inputs[read] = run_inputs(cache, cfg.backbone, targets, cfg.fg_source)
+                    rid = run_id(inputs[read], cfg)
                     run = runs.setdefault(rid, GridRun(Path(cache_path), cfg, _jsonable(chosen), rid, info,
-                                                       inputs=inputs[cfg.backbone]))
+                                                       inputs=inputs[read]))
                     if ablation is not None:  # the full model serves every table once per seed
                         run.ablations.append([ablation, label])
     return list(runs.values())
@@ -349,7 +354,7 @@ def _run_grid(runs: list[GridRun], out_dir: Path, *, resume: bool, batched: bool
             check_same_model([caches[cache_path], *targets])
         cache = caches[cache_path]
         t0 = time.perf_counter()
-        data = prepare(cache, members[0].config)
+        data = prepare(cache, members[0].config, fg_sources=[m.config.fg_source for m in members])
         cfgs = [config_with(m.config, backbone=data.meta["backbone"]) for m in members]
         device = resolve_device(cfgs[0].device)
         budget = memory_budget or int(0.8 * available_memory(device))
@@ -372,7 +377,7 @@ def _run_grid(runs: list[GridRun], out_dir: Path, *, resume: bool, batched: bool
             if not sets:
                 sets.update(eval_sets(cache, targets, cfg.backbone))
             seconds = {"load": t1 - t0, "train": (time.perf_counter() - t1) / len(cfgs), "group_size": len(cfgs)}
-            record = finish_run(cache, cfg, data.subset(images), head, history, seconds, targets,
+            record = finish_run(cache, cfg, data.source(cfg.fg_source).subset(images), head, history, seconds, targets,
                                 out_dir / "runs" / m.run_id, save=save_heads, preset=m.preset, evalsets=sets)
             if record["run_id"] != m.run_id:  # the cache changed between expand and training
                 raise RuntimeError(f"{cache.path} changed while the grid ran (run {m.run_id} read content "

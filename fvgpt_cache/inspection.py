@@ -74,6 +74,15 @@ def inspect_cache(path: str | Path, verify: bool = False) -> dict:
             if labels.size and labels.max() >= len(cache.classnames):
                 problems.append(f"{split} has label {labels.max()} but only {len(cache.classnames)} classes")
             report["splits"][split] = entry
+        for name in f["fg_sources"] if "fg_sources" in f else []:  # mask sources added with add-masks
+            for split in f[f"fg_sources/{name}/clip"]:
+                _check_features(f[f"fg_sources/{name}/clip/{split}"][()].astype(np.float32),
+                                f"fg_sources/{name}/clip/{split}", problems)
+    report["fg_sources"] = {}
+    for name in cache.fg_sources[2:]:  # after the built-in "extracted" and "none"
+        src = cache.fg_source_provenance(name)
+        report["fg_sources"][name] = {"mask_root": src.get("mask_root"), "stats": src.get("stats"),
+                                      "method": (src.get("masks_json") or {}).get("method")}
     return report
 
 

@@ -729,6 +729,62 @@ def paired_tables(summary: dict, reference: str) -> list[tuple[str, list[str], l
     return out
 
 
+def mask_source_tables(records: list[dict]) -> list[tuple[str, list[str], list[list[str]]]]:
+    """The mask-source ablation (grid --preset masks): per setting, a row per mask source with Base, New,
+    HM (seed means, averaged over datasets as in `ablation_tables`), ΔHM against the cache's own
+    foreground views ("extracted"), and the source's mask statistics on the training images: mean
+    foreground area, the share of empty masks, and FRG's mean r on the training views."""
+    cells: dict[tuple, dict] = {}
+    settings: dict[tuple, dict] = {}
+    for rec, f in zip(records, run_fields(records)):
+        if not any(a == "masks" for a, _ in rec.get("ablations") or []):
+            continue
+        source = rec["config"].get("fg_source", "extracted")
+        setting = {**{k: f[k] for k in SETTING_FIELDS},
+                   "config": config_label({k: v for k, v in rec["config"].items() if k != "fg_source"})}
+        key = tuple(setting.values())
+        settings[key] = setting
+        m = rec["metrics"]["fvgpt"]
+        if m.get("base") is None:
+            continue
+        row = cells.setdefault(key, {}).setdefault(source, {})
+        ds = row.setdefault(rec.get("dataset"), {"base": [], "new": [], "area": [], "empty": [], "r": []})
+        ds["base"].append(m["base"])
+        ds["new"].append(m["new"])
+        stats = rec.get("mask_source") or {}
+        ds["area"].append(stats.get("mean_area"))
+        ds["empty"].append(stats.get("empty_share"))
+        ds["r"].append(((rec.get("diagnostics") or {}).get("train") or {}).get("r_mean"))
+    varying = varying_fields(list(settings.values()))
+    out = []
+    fmt = lambda xs, scale=1.0: "-" if any(x is None for x in xs) else f"{scale * _mean(xs):.2f}"  # noqa: E731
+    for key, rows in cells.items():
+        setting = settings[key]
+        datasets = sorted(set.union(*(set(r) for r in rows.values())))
+        summaries = {}
+        for source in sorted(rows, key=lambda s: (s != "extracted", s)):
+            per_ds = rows[source]
+            if set(per_ds) != set(datasets):
+                continue
+            b = _mean([_mean(per_ds[d]["base"]) for d in datasets])
+            n = _mean([_mean(per_ds[d]["new"]) for d in datasets])
+            pooled = lambda k: [x for d in datasets for x in per_ds[d][k]]  # noqa: E731
+            summaries[source] = (b, n, harmonic_mean(b, n), min(len(per_ds[d]["base"]) for d in datasets),
+                                 fmt(pooled("area")), fmt(pooled("empty"), 100), fmt(pooled("r")))
+        ref = summaries.get("extracted")
+        body = [[source, f"{b:.2f}", f"{n:.2f}", f"{hm:.2f}", "" if ref is None or source == "extracted" else
+                 f"{hm - ref[2]:+.2f}", area, empty, r, str(seeds)]
+                for source, (b, n, hm, seeds, area, empty, r) in summaries.items()]
+        if body:
+            where = datasets[0] if len(datasets) == 1 else f"average over {len(datasets)} datasets"
+            parts = [f"{SHORT_NAMES.get(k, k)} {setting[k]}" for k in varying if k not in ("backbone", "config")]
+            if setting["config"] != "default":
+                parts.insert(0, setting["config"])
+            out.append((" · ".join([ABLATIONS["masks"][0], f"backbone {setting['backbone']}", *parts, where]),
+                        ["Mask source", "Base", "New", "HM", "ΔHM", "mean area", "empty %", "FRG mean r", "seeds"], body))
+    return out
+
+
 def to_markdown(summary: dict, compare_paper: bool = False, extra=()) -> str:
     parts = []
     for title, header, body in tables(summary, compare_paper, extra):

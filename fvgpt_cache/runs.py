@@ -11,17 +11,18 @@ import torch
 from .engine import train_head
 from .evaluation import EvalSet, curve_data, evaluate, evaluate_transfer, gate_diagnostics
 from .heads import FVGPTHead
-from .store import Cache, check_same_model, open_cache
+from .store import EXTRACTED_FG, Cache, check_same_model, mask_statistics, open_cache
 from .training import TrainConfig, build_head, prepare, stability
 
 RESULTS_FORMAT = "fvgpt-cache-results"
 HEAD_FORMAT = "fvgpt-cache-head"
 
 
-def run_inputs(cache: Cache, backbone: str, targets=()) -> list[dict]:
-    """What a run reads, by content: the training cache and every evaluation cache, each with the
-    fingerprint of the datasets the run uses (`Cache.input_fingerprint`) and its path."""
-    return [{"role": role, "path": str(Path(c.path).resolve()), "fingerprint": c.input_fingerprint(backbone)}
+def run_inputs(cache: Cache, backbone: str, targets=(), fg_source: str = EXTRACTED_FG) -> list[dict]:
+    """What a run reads, by content: the training cache (with its mask source) and every evaluation cache,
+    each with the fingerprint of the datasets the run uses (`Cache.input_fingerprint`) and its path."""
+    return [{"role": role, "path": str(Path(c.path).resolve()),
+             "fingerprint": c.input_fingerprint(backbone, fg_source if role == "train" else EXTRACTED_FG)}
             for role, c in [("train", cache), *(("eval", t) for t in targets)]]
 
 
@@ -84,7 +85,7 @@ def run_training(cache_path: str | Path, cfg: TrainConfig, out_dir: Path | None 
     data = prepare(cache, cfg)
     cfg_used = TrainConfig(**{**cfg.to_dict(), "backbone": data.meta["backbone"]}).validate()
     if save and out_dir is not None:
-        check_run_dir(Path(out_dir), run_id(run_inputs(cache, cfg_used.backbone, targets), cfg_used))
+        check_run_dir(Path(out_dir), run_id(run_inputs(cache, cfg_used.backbone, targets, cfg_used.fg_source), cfg_used))
     t1 = time.perf_counter()
     head, history, images = train_head(data, cfg_used, progress, curve=curve_data(cache, cfg_used.backbone, cfg_used.classes))
     return finish_run(cache, cfg_used, data.subset(images), head, history, {"load": t1 - t0, "train": time.perf_counter() - t1},
@@ -136,7 +137,7 @@ def finish_run(cache, cfg: TrainConfig, data, head: FVGPTHead, history: list[dic
     results["diagnostics"] = gate_diagnostics(head, data, cache, cfg.backbone, cfg.classes, sets["own"], initial)
     results["stability"] = stability(results["diagnostics"]["fdc_fit"], results["diagnostics"]["train"]["backbone_acc"])
     warnings = list(data.meta.get("warnings", [])) + list((preset or {}).get("warnings", []))
-    inputs = run_inputs(cache, cfg.backbone, targets)
+    inputs = run_inputs(cache, cfg.backbone, targets, cfg.fg_source)
     rid = run_id(inputs, cfg)
     out_dir = Path(out_dir) if out_dir else default_run_dir(cache.path, cfg, cfg.backbone, rid)
     record = {
@@ -157,6 +158,8 @@ def finish_run(cache, cfg: TrainConfig, data, head: FVGPTHead, history: list[dic
         "head_parameters": head.num_parameters(),
         "feature_dim": int(data.full.shape[-1]),
         "train_images": data.meta["train_images"],
+        "mask_source": {"name": cfg.fg_source, **mask_statistics(data.area.numpy()),
+                        "made_by": cache.fg_source_provenance(cfg.fg_source).get("masks_json")},
         "views": data.meta["views"],
         "seconds": {**seconds, "evaluate": time.perf_counter() - t2},
         "selection": selection(cfg, history),

@@ -48,6 +48,12 @@ def progress_key(split: str, field: str = "status") -> str:
     """`progress/<split>/<field>` of a `.partial` file: status, mask_resized, error."""
     return f"{PROGRESS}/{split}/{field}"
 
+# The foreground views extract wrote (from --mask-root) are the source "extracted"; other mask sources
+# added later (`fg_sources.add_foreground_source`) live under /fg_sources/<name>/.
+EXTRACTED_FG = "extracted"
+# Every cache also has the source "none": all-ones masks, whose foreground view is the full view (A = 1).
+NO_MASK = "none"
+FG_SOURCES = "fg_sources"  # the group of added mask sources: fg_sources/<name>/<encoder|area>/<split>
 # Provenance keys that must agree before two caches are used together.
 MODEL_KEYS = ("model", "pretrained", "pretrained_sha256", "model_config_sha256", "quick_gelu", "preprocess", "init_seed")
 
@@ -149,16 +155,19 @@ def seal(f: h5py.File) -> str:
     return fingerprint
 
 
-def input_keys(keys: list[str], backbone: str = "clip", encoder: str = "clip") -> list[str]:
-    """The datasets a run on `backbone` (image features from `encoder`) reads: everything but the
-    text groups of other backbones and the image groups of other encoders. Adding or replacing
-    another backbone therefore leaves a run's inputs, and so its records, untouched."""
+def input_keys(keys: list[str], backbone: str = "clip", encoder: str = "clip", fg_source: str = EXTRACTED_FG) -> list[str]:
+    """The datasets a run on `backbone` (image features from `encoder`, foreground views of `fg_source`)
+    reads: everything but the text groups of other backbones, the image groups of other encoders and
+    the other added mask sources. Adding or replacing another backbone or mask source therefore leaves a
+    run's inputs, and so its records, untouched."""
     def used(key: str) -> bool:
         parts = key.split("/")
         if parts[0] == TEXT:
             return parts[1] in ("clip", backbone)
         if parts[0] == IMAGE:
             return parts[1] in ("clip", encoder)
+        if parts[0] == FG_SOURCES:
+            return parts[1] == fg_source
         return True
     return [k for k in keys if used(k)]
 
@@ -166,6 +175,19 @@ def input_keys(keys: list[str], backbone: str = "clip", encoder: str = "clip") -
 # Fingerprints computed for files that were written before datasets carried digests, by
 # (path, inode, size, mtime): such a file is hashed once per process, not once per read.
 _COMPUTED: dict[tuple, dict[str, str]] = {}
+def fg_source_key(source: str, split: str, what: str = "clip") -> str:
+    """HDF5 path of an added mask source's foreground features (`what` = the image encoder) or areas (`area`)."""
+    return f"{FG_SOURCES}/{source}/{what}/{split}"
+
+
+def mask_statistics(area: np.ndarray) -> dict:
+    """Statistics of the (N, V) foreground areas A(m) of a mask source, on view 0 of each image (train: the
+    whole image squashed; val/test: the centre crop): mean area, shares of empty and of full masks."""
+    a = np.asarray(area)[:, 0] if np.ndim(area) == 2 else np.asarray(area)
+    if a.size == 0:
+        return {"images": 0, "mean_area": None, "empty_share": None, "full_share": None}
+    return {"images": int(a.size), "mean_area": float(a.mean()), "empty_share": float((a == 0).mean()),
+            "full_share": float((a == 1).mean())}
 
 
 def partial_path(out: Path) -> Path:
@@ -358,14 +380,46 @@ class Cache:
             return "clip"
         return str(self.text_provenance(backbone).get("image_encoder", "clip"))
 
-    def input_fingerprint(self, backbone: str = "clip") -> str:
-        """SHA-256 of what a run on `backbone` reads (`input_keys`) and the provenance; the key a
-        result is filed under. Equal content at another path gives the same value."""
+    def input_fingerprint(self, backbone: str = "clip", fg_source: str = EXTRACTED_FG) -> str:
+        """SHA-256 of what a run on `backbone` with the mask source `fg_source` reads (`input_keys`) and
+        the provenance; the key a result is filed under. Equal content at another path gives the same value."""
         digests = self.digests()
-        used = input_keys(list(digests), backbone, self.image_encoder_of(backbone))
+        used = input_keys(list(digests), backbone, self.image_encoder_of(backbone), fg_source)
         with self._h5() as f:
             root = _root_identity(f)
         return combine_digests({k: digests[k] for k in used}, *root)
+    @property
+    def fg_sources(self) -> list[str]:
+        """Mask sources whose foreground views the cache holds: "extracted", "none" (built in), then the added ones."""
+        with self._h5() as f:
+            return [EXTRACTED_FG, NO_MASK, *sorted(f[FG_SOURCES].keys() if FG_SOURCES in f else [])]
+
+    def fg_source_provenance(self, source: str) -> dict:
+        """How an added mask source was made ({} for "extracted": the cache's own provenance says)."""
+        if source == EXTRACTED_FG:
+            return {}
+        if source == NO_MASK:
+            return {"name": NO_MASK, "how": "all-ones masks: the foreground view is the full view, A(m) = 1"}
+        with self._h5() as f:
+            return json.loads(f[f"{FG_SOURCES}/{source}"].attrs.get("provenance", "{}"))
+
+    def foreground(self, split: str, source: str = EXTRACTED_FG, encoder: str = "clip") -> tuple[torch.Tensor, torch.Tensor]:
+        """(N, V, D) float32 foreground features of one mask source and their (N, V) areas A(m)."""
+        if source == EXTRACTED_FG:
+            return self.image(split, "fg", encoder), self.areas(split)
+        if source == NO_MASK:  # an all-ones mask gives exactly the full view's pixels (in both fg modes)
+            full = self.image(split, "full", encoder)
+            return full, torch.ones(full.shape[:2])
+        key = fg_source_key(source, split, encoder)
+        with self._h5() as f:
+            if f"{FG_SOURCES}/{source}" not in f:
+                raise CacheError(f"{self.path} has no mask source {source!r}; it has {self.fg_sources}. Add it with "
+                                 f"`fvgpt-cache add-masks {self.path} --name {source} --mask-root DIR`")
+            if key not in f:
+                raise CacheError(f"{self.path}: mask source {source!r} has no {encoder!r} foreground features of "
+                                 f"{split} ({key}); sources hold CLIP's features, so use a CLIP-family backbone")
+            return (torch.from_numpy(f[key][()].astype(np.float32)),
+                    torch.from_numpy(f[fg_source_key(source, split, "area")][()].astype(np.float32)))
 
 
 def open_cache(path: str | Path) -> Cache:

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from .feature_checks import image_warnings, text_warnings
 from .heads import BRG_INDICATORS, FRG_INDICATORS, R_SOURCES, R_WITHOUT_FRG, FVGPTHead
 from .presets import choose_preset, method_of
-from .store import Cache, CacheError, image_key
+from .store import EXTRACTED_FG, NO_MASK, Cache, CacheError, image_key
 
 CLASS_SETS = ("base", "all")
 OPTIMIZERS = ("sgd", "adamw")
@@ -78,6 +78,8 @@ class TrainConfig:
     r_without_frg: str = "one"
     # which epoch's head a run reports: the last (the protocol) or the best on the validation split
     select: str = "last"
+    # the mask source of the foreground views: the cache's own ("extracted") or one added with add-masks
+    fg_source: str = EXTRACTED_FG
     device: str = "auto"
 
     def validate(self) -> "TrainConfig":
@@ -105,6 +107,8 @@ class TrainConfig:
             need(isinstance(getattr(self, name), int) and getattr(self, name) >= 1, name, "use a positive width")
         need(self.r_without_frg in R_WITHOUT_FRG, "r_without_frg", f"choose one of {R_WITHOUT_FRG}")
         need(self.select in SELECTIONS, "select", f"choose one of {SELECTIONS} (no option selects on the test split)")
+        need(isinstance(self.fg_source, str) and bool(self.fg_source), "fg_source",
+             f"name a mask source of the cache ({EXTRACTED_FG!r}: the foreground views extract wrote)")
         self.frg_indicators = tuple(self.frg_indicators)
         self.brg_indicators = tuple(self.brg_indicators)
         for name, known in (("frg_indicators", FRG_INDICATORS), ("brg_indicators", BRG_INDICATORS)):
@@ -217,6 +221,9 @@ class TrainData:
     txt_clip: torch.Tensor  # (C, D)
     scale: float
     meta: dict = field(default_factory=dict)
+    # every mask source a group of configurations reads: name → (fg (N, V, D), area (N, V)); fg/area above
+    # are the first configuration's source
+    sources: dict = field(default_factory=dict)
 
     def subset(self, images: np.ndarray) -> "TrainData":
         """The same data restricted to some training images (a run's `data_fraction` subset)."""
@@ -224,7 +231,16 @@ class TrainData:
             return self
         idx = torch.as_tensor(images, dtype=torch.long)
         return TrainData(self.class_ids, self.full[idx], self.fg[idx], self.clip[idx], self.area[idx], self.y[idx],
-                         self.txt_bb, self.txt_clip, self.scale, {**self.meta, "train_images": int(len(idx))})
+                         self.txt_bb, self.txt_clip, self.scale, {**self.meta, "train_images": int(len(idx))},
+                         {k: (fg[idx], a[idx]) for k, (fg, a) in self.sources.items()})
+
+    def source(self, name: str) -> "TrainData":
+        """The same data with the foreground views of mask source `name` (one this data was prepared with)."""
+        if name == self.meta.get("fg_source", EXTRACTED_FG):
+            return self
+        fg, area = self.sources[name]
+        return TrainData(self.class_ids, self.full, fg, self.clip, area, self.y, self.txt_bb, self.txt_clip,
+                         self.scale, {**self.meta, "fg_source": name}, self.sources)
 
 
 def class_set(cache: Cache, classes: str) -> np.ndarray:
@@ -243,7 +259,24 @@ def subsample_per_class(labels: np.ndarray, fraction: float, seed: int) -> np.nd
     return np.sort(np.array(keep, dtype=np.int64))
 
 
-def prepare(cache: Cache, cfg: TrainConfig) -> TrainData:
+def foreground_views(cache: Cache, backbone: str, source: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """(fg (N, V, D), area (N, V)) of the training split from one mask source, as the backbone reads them."""
+    if source == EXTRACTED_FG:
+        return backbone_images(cache, backbone, "train", "fg"), cache.areas("train")
+    if source == NO_MASK:  # all-ones masks: the foreground view is the full view
+        full = backbone_images(cache, backbone, "train", "full")
+        return full, torch.ones(full.shape[:2])
+    encoder = backbone_image_encoder(cache, backbone)
+    if encoder != "clip":
+        raise CacheError(f"fg_source={source!r}: added mask sources hold CLIP's foreground features, but backbone "
+                         f"{backbone!r} reads its own image encoder {encoder!r}; use fg_source={EXTRACTED_FG!r} or a "
+                         "CLIP-family backbone (coop, kgcoop, clip)")
+    fg, area = cache.foreground("train", source)
+    return F.normalize(fg, dim=-1), area
+
+
+def prepare(cache: Cache, cfg: TrainConfig, fg_sources=()) -> TrainData:
+    """The training tensors of `cfg`; `fg_sources` names further mask sources to load (a group's)."""
     backbone = pick_backbone(cache, cfg.backbone)
     encoder = backbone_image_encoder(cache, backbone)
     class_ids = class_set(cache, cfg.classes)
@@ -254,6 +287,10 @@ def prepare(cache: Cache, cfg: TrainConfig) -> TrainData:
     if rows.size == 0:
         raise CacheError(f"{cache.path} has no training images of the {cfg.classes} classes")
     full = backbone_images(cache, backbone, "train", "full")[rows]
+    sources = {}
+    for name in dict.fromkeys([cfg.fg_source, *fg_sources]):
+        fg, area = foreground_views(cache, backbone, name)
+        sources[name] = (fg[rows], area[rows])
     txt_bb, txt_clip = cache.text(backbone)[class_ids], cache.text(ZERO_SHOT)[class_ids]
     names = [cache.classnames[c] for c in class_ids]
     warnings = view_warnings(int(full.shape[1])) + text_warnings(txt_clip.numpy(), names, ZERO_SHOT) + \
@@ -262,15 +299,16 @@ def prepare(cache: Cache, cfg: TrainConfig) -> TrainData:
     return TrainData(
         class_ids=class_ids,
         full=full,
-        fg=backbone_images(cache, backbone, "train", "fg")[rows],
+        fg=sources[cfg.fg_source][0],
         clip=full if encoder == "clip" else cache.image("train", "full", "clip")[rows],
-        area=cache.areas("train")[rows],
+        area=sources[cfg.fg_source][1],
         y=torch.from_numpy(position[labels[rows]]),
         txt_bb=txt_bb,
         txt_clip=txt_clip,
         scale=cache.logit_scale,
         meta={"backbone": backbone, "image_encoder": encoder, "train_images": int(rows.size),
-              "views": int(full.shape[1]), "warnings": warnings},
+              "views": int(full.shape[1]), "warnings": warnings, "fg_source": cfg.fg_source},
+        sources=sources,
     )
 
 

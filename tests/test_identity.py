@@ -342,3 +342,18 @@ def test_the_smoke_demo_never_replaces_the_world_demo(tmp_path, tiny_model, gene
     with pytest.raises(ValueError, match="holds the world demo's caches"):
         run_smoke_demo(tmp_path / "demo")
     assert real.read_bytes() == before
+
+
+def test_an_added_mask_source_is_an_input_only_of_the_runs_that_use_it(tmp_path):
+    from fvgpt_cache.store import fg_source_key, seal
+
+    path = write_feature_cache(tmp_path / "a.h5", **SMALL)
+    before = open_cache(path).input_fingerprint("synthetic_bb")
+    with h5py.File(path, "r+") as f:
+        for split in ("train", "test"):
+            n, v = f[f"samples/{split}/area"].shape
+            f.create_dataset(fg_source_key("gradcam", split, "area"), data=np.full((n, v), 0.5, dtype=np.float32))
+        seal(f)
+    cache = open_cache(path)
+    assert cache.input_fingerprint("synthetic_bb") == before, "runs on the extracted masks did not read the new source"
+    assert cache.input_fingerprint("synthetic_bb", "gradcam") != before

@@ -31,6 +31,12 @@ def group_key(cfg: TrainConfig) -> tuple:
     return tuple(getattr(cfg, k) for k in GROUP_FIELDS)
 
 
+def _variant(cfg: TrainConfig) -> tuple:
+    """What a configuration's rows of frozen statistics depend on besides the data: τ, the FRG margin, the area gate
+    and the mask source of its foreground views."""
+    return (cfg.tau, cfg.frg_margin, cfg.area_min, cfg.area_max, cfg.fg_source)
+
+
 class Group:
     """K configurations trained together on one TrainData; see the `fvgpt_cache.engine` docstring."""
 
@@ -114,29 +120,29 @@ class Group:
     def prepare(self) -> None:
         """Frozen per-row statistics of the group's training rows (flattened image × view), once.
 
-        One table row per training row and *variant* (a distinct τ, FRG margin and area gate), so that a
+        One table row per training row and *variant* (a distinct τ, FRG margin, area gate and mask source), so that a
         step reads all it needs with one index: the backbone image vector x, z_full, z_clip − z_full, the
         one-hot label, the teacher distributions p_full, p_fg, p_clip at τ and their negative entropies,
         the FRG and BRG indicators (the gate MLP's input), r* and the area gate's verdict."""
         d, dev = self.data, self.device
         views = d.full.shape[1]
         flat = lambda t: t.flatten(0, 1).to(dev, torch.float32)  # noqa: E731
-        x, x_fg, x_clip = flat(d.full), flat(d.fg), flat(d.clip)
-        area = flat(d.area)
+        x, x_clip = flat(d.full), flat(d.clip)
         y = d.y.repeat_interleave(views).to(dev)
         txt_bb, txt_clip = d.txt_bb.to(dev), d.txt_clip.to(dev)
         s = d.scale
         with torch.no_grad():
             z_full = s * x @ F.normalize(txt_bb, dim=-1).T
-            z_fg = s * x_fg @ F.normalize(txt_bb, dim=-1).T
             z_clip = s * F.normalize(x_clip, dim=-1) @ F.normalize(txt_clip, dim=-1).T
             ce_full = F.cross_entropy(z_full, y, reduction="none")
-            ce_fg = F.cross_entropy(z_fg, y, reduction="none")
             onehot = F.one_hot(y, z_full.shape[1]).to(z_full.dtype)
-            keys = [(c.tau, c.frg_margin, c.area_min, c.area_max) for c in self.cfgs]
-            self.variants = sorted(set(keys))
+            self.variants = sorted(set(_variant(c) for c in self.cfgs))
             tables = []
-            for tau, margin, lo, hi in self.variants:
+            for tau, margin, lo, hi, source in self.variants:  # the mask source decides the foreground views
+                src = d.source(source)
+                area = flat(src.area)
+                z_fg = s * flat(src.fg) @ F.normalize(txt_bb, dim=-1).T
+                ce_fg = F.cross_entropy(z_fg, y, reduction="none")
                 p = [(z / tau).softmax(-1) for z in (z_full, z_fg, z_clip)]
                 neg_h = [torch.xlogy(q, q).sum(-1, keepdim=True) for q in p]
                 u = frg_indicators(z_full, z_fg, area, tau, FRG_INDICATORS)
@@ -156,8 +162,8 @@ class Group:
     def _row_offsets(self) -> None:
         """Where each configuration's variant starts in the table."""
         rows = len(self.table) // len(self.variants)
-        keys = [(c.tau, c.frg_margin, c.area_min, c.area_max) for c in self.cfgs]
-        self.row_offset = torch.tensor([self.variants.index(k) * rows for k in keys], device=self.device).view(-1, 1)
+        self.row_offset = torch.tensor([self.variants.index(_variant(c)) * rows for c in self.cfgs],
+                                       device=self.device).view(-1, 1)
 
     def narrowed(self, keep: list[int]) -> Group:
         """The configurations at positions `keep` as a group of their own, padded only to their own widths and
