@@ -58,51 +58,48 @@ def masks(
     from fvgpt_cache.masks import MapSettings, MaskOptions, contact_sheet, mask_rows, preview_relpaths, write_masks
 
     resumable()
-    try:
-        job = current_job(dist_timeout)
-        lead = job.rank == 0
-        if dataset and split_file:
-            fail("give either --dataset (with --data) or --split-file (with --image-root), not both")
-        if dataset and name:
-            fail(f"--name is for generic datasets (--split-file); --dataset {dataset} keeps its name (and its Table 9 "
-                 "prompt)")
-        if dataset:
-            if data is None:
-                fail("--dataset needs --data ROOT, the folder that contains the dataset's folder")
-            ds = load_dataset(dataset, data)
-        elif split_file:
-            if image_root is None:
-                fail("--split-file needs --image-root DIR, the folder the split's paths are relative to")
-            ds = generic_dataset(split_file, image_root, name=name)
-        else:
-            fail("say which data to read: --data ROOT --dataset NAME, or --split-file FILE --image-root DIR")
-        wanted = tuple(s.strip() for s in splits.split(",") if s.strip())
-        options = MaskOptions(method=method, settings=MapSettings(map=map_kind, layer=layer, smooth=smooth,
-                                                                  threshold=threshold),
-                              prompt=prompt, splits=wanted, shots=parse_shots(shots), seed=seed, batch_size=batch_size,
-                              workers=workers, device=device, bad_image=bad_image, force=force).validate()
-        loaded = segmenter = None
-        if method == "gradcam":
-            from fvgpt_cache.models import load_clip
+    job = current_job(dist_timeout)
+    lead = job.rank == 0
+    if dataset and split_file:
+        fail("give either --dataset (with --data) or --split-file (with --image-root), not both")
+    if dataset and name:
+        fail(f"--name is for generic datasets (--split-file); --dataset {dataset} keeps its name (and its Table 9 "
+             "prompt)")
+    if dataset:
+        if data is None:
+            fail("--dataset needs --data ROOT, the folder that contains the dataset's folder")
+        ds = load_dataset(dataset, data)
+    elif split_file:
+        if image_root is None:
+            fail("--split-file needs --image-root DIR, the folder the split's paths are relative to")
+        ds = generic_dataset(split_file, image_root, name=name)
+    else:
+        fail("say which data to read: --data ROOT --dataset NAME, or --split-file FILE --image-root DIR")
+    wanted = tuple(s.strip() for s in splits.split(",") if s.strip())
+    options = MaskOptions(method=method, settings=MapSettings(map=map_kind, layer=layer, smooth=smooth,
+                                                              threshold=threshold),
+                          prompt=prompt, splits=wanted, shots=parse_shots(shots), seed=seed, batch_size=batch_size,
+                          workers=workers, device=device, bad_image=bad_image, force=force).validate()
+    loaded = segmenter = None
+    if method == "gradcam":
+        from fvgpt_cache.models import load_clip
 
-            loaded = load_clip(model, pretrained or "openai", quick_gelu=quick_gelu)
-            if loaded.provenance["random_init"] and lead:
-                err.print("[bold yellow]warning:[/] --pretrained none: random weights; the masks are noise")
-        else:
-            from fvgpt_cache.clipseg import load_clipseg
+        loaded = load_clip(model, pretrained or "openai", quick_gelu=quick_gelu)
+        if loaded.provenance["random_init"] and lead:
+            err.print("[bold yellow]warning:[/] --pretrained none: random weights; the masks are noise")
+    else:
+        from fvgpt_cache.clipseg import load_clipseg
 
-            segmenter = load_clipseg(pretrained)
-        with split_progress() if lead else contextlib.nullcontext() as update:
-            summary = write_masks(ds, loaded, out, options, progress=update, segmenter=segmenter, job=job)
-        sheet = None
-        if preview is not None and lead:
-            rows = mask_rows(ds, options)
-            left_out = {s["path"] for s in summary.skipped}
-            for split in rows:
-                rows[split] = [r for r in rows[split] if r["relpath"] not in left_out]
-            sheet = contact_sheet(ds.image_root, out, preview_relpaths(rows, preview_count), preview)
-    except (ValueError, FileNotFoundError, RuntimeError) as exc:
-        fail(str(exc))
+        segmenter = load_clipseg(pretrained)
+    with split_progress() if lead else contextlib.nullcontext() as update:
+        summary = write_masks(ds, loaded, out, options, progress=update, segmenter=segmenter, job=job)
+    sheet = None
+    if preview is not None and lead:
+        rows = mask_rows(ds, options)
+        left_out = {s["path"] for s in summary.skipped}
+        for split in rows:
+            rows[split] = [r for r in rows[split] if r["relpath"] not in left_out]
+        sheet = contact_sheet(ds.image_root, out, preview_relpaths(rows, preview_count), preview)
     if not lead:
         return
     counts = ", ".join(f"{s} {n}" for s, n in summary.counts.items())
@@ -140,16 +137,13 @@ def add_masks(
     from fvgpt_cache.fg_sources import SourceOptions, add_foreground_source
 
     resumable()
-    try:
-        job = current_job()
-        options = SourceOptions(image_root=str(image_root) if image_root else None, pretrained=pretrained,
-                                missing_mask=missing_mask, batch_size=batch_size, workers=workers, device=device,
-                                resume=resume, force=force)
-        lead = job.rank == 0
-        with split_progress() if lead else contextlib.nullcontext() as update:
-            summary = add_foreground_source(cache, name, mask_root, options, progress=update, job=job)
-    except (ValueError, FileNotFoundError, RuntimeError) as exc:
-        fail(str(exc))
+    job = current_job()
+    options = SourceOptions(image_root=str(image_root) if image_root else None, pretrained=pretrained,
+                            missing_mask=missing_mask, batch_size=batch_size, workers=workers, device=device,
+                            resume=resume, force=force)
+    lead = job.rank == 0
+    with split_progress() if lead else contextlib.nullcontext() as update:
+        summary = add_foreground_source(cache, name, mask_root, options, progress=update, job=job)
     if job.rank != 0:
         return
     train = summary.stats.get("train") or {}

@@ -40,7 +40,7 @@ from .extraction import STORE_DTYPES, ExtractionError, ViewDataset, run_encoder
 from .models import LoadedModel
 from .passes import DONE, BatchWrites, PassReport, run_pass
 from .store import (EXTRACTED_FG, FG_SOURCES, NO_MASK, CacheError, check_partial, fg_source_key, mask_statistics,
-                    open_cache, seal)
+                    open_cache, progress_key, seal)
 from .views import Box, ViewMaker
 
 SOURCE_FORMAT = "fvgpt-cache-fg-source"
@@ -226,7 +226,7 @@ def add_foreground_source(cache_path: str | Path, name: str, mask_root: str | Pa
                 f.create_dataset(f"fg/{split}", shape=(n, v, dim), dtype=STORE_DTYPES[store_dtype],
                                  chunks=(min(max(n, 1), 256), v, dim) if n else None)
                 f.create_dataset(f"area/{split}", shape=(n, v), dtype=np.float32)
-                f.create_dataset(f"progress/{split}/status", data=np.zeros(n, dtype=np.uint8))
+                f.create_dataset(progress_key(split), data=np.zeros(n, dtype=np.uint8))
         os.replace(tmp, part)
 
     def dataset_for(split: str, pending: np.ndarray) -> ViewDataset:
@@ -244,7 +244,7 @@ def add_foreground_source(cache_path: str | Path, name: str, mask_root: str | Pa
         return BatchWrites(split=split, rows=idx, writes=[
             (f"fg/{split}", idx, feats.numpy()),
             (f"area/{split}", idx, torch.stack([item["area"] for item in items]).numpy()),
-            (f"progress/{split}/status", idx, np.full(len(idx), DONE, dtype=np.uint8)),
+            (progress_key(split), idx, np.full(len(idx), DONE, dtype=np.uint8)),
         ])
 
     def finish(report: PassReport) -> dict:  # rank 0, holding the lock, every row done

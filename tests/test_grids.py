@@ -117,7 +117,9 @@ def test_presets_are_valid_configurations(syn):
     """Each preset trains exactly the paper's rows, each row differing from the full model in the paper's settings
     only; `paper` is all nine tables with every distinct configuration once (the full model serves them all).
     Break used: rows (3) and (4) of Table 3 swapped in ablations.py (both still valid, distinct configurations)."""
-    assert set(PRESETS) == {*PAPER_ROWS, "paper"}
+    assert set(PRESETS) == {*PAPER_ROWS, "paper", "masks"}
+    masks = expand([syn], [1], {}, TrainConfig(), preset="masks")  # one row per mask source of the cache
+    assert sorted(r.config.fg_source for r in masks) == ["extracted", "none"]
     (plain,) = expand([syn], [1], {}, TrainConfig())
     full = json.loads(json.dumps(plain.config.to_dict()))
     assert full["frg_indicators"] == list(FRG_ALL) and full["brg_indicators"] == list(BRG_ALL)
