@@ -30,6 +30,7 @@ from torch.utils.data import Dataset as TorchDataset
 
 from .data import SPLITS, Dataset, base_new_split, fewshot_splits, short_classes
 from .datasets import find_mask
+from .device import module_device, moved_to
 from .distributed import Job, current_job
 from .models import LoadedModel
 from .passes import DONE, PENDING, SKIPPED, BatchWrites, PassReport, run_pass
@@ -116,7 +117,11 @@ def class_prompt(template: str, classname: str) -> str:
 
 
 @torch.no_grad()
-def encode_texts(loaded: LoadedModel, texts: list[str], device: torch.device, batch_size: int = 256) -> torch.Tensor:
+def encode_texts(loaded: LoadedModel, texts: list[str], device: torch.device | None = None,
+                 batch_size: int = 256) -> torch.Tensor:
+    """L2-normalised float32 CPU text features; computed where the model is unless `device` says otherwise
+    (the model must then already be there)."""
+    device = module_device(loaded.model) if device is None else torch.device(device)
     out = []
     for i in range(0, len(texts), batch_size):
         tokens = loaded.tokenizer(texts[i:i + batch_size]).to(device)
@@ -337,7 +342,7 @@ def extract(
     job = job or current_job()
     device = job.device(options.device)
     job.start(device)
-    model = loaded.model.to(device)
+    model = loaded.model  # moved to `device` for the pass only (`moved_to`): the caller's model stays where it is
     started = time.perf_counter()
     part = partial_path(out)
 
@@ -397,11 +402,12 @@ def extract(
                               images_per_second=encoded / seconds if seconds > 0 else 0.0, short_classes=short,
                               world_size=job.world_size, ranks=report.ranks)
 
-    return run_pass(job, what="extract", lock=out, part=part, splits=list(SPLITS), fingerprint=fingerprint,
-                    resume=options.resume, prepare=prepare, dataset_for=dataset_for,
-                    encode=lambda split, items: _encode_batch(split, items, model, device, options.bad_image),
-                    finish=finish, batch_size=options.batch_size, workers=options.workers, progress=progress,
-                    stop_after_batches=stop_after_batches)
+    with moved_to(model, device):
+        return run_pass(job, what="extract", lock=out, part=part, splits=list(SPLITS), fingerprint=fingerprint,
+                        resume=options.resume, prepare=prepare, dataset_for=dataset_for,
+                        encode=lambda split, items: _encode_batch(split, items, model, device, options.bad_image),
+                        finish=finish, batch_size=options.batch_size, workers=options.workers, progress=progress,
+                        stop_after_batches=stop_after_batches)
 
 
 @torch.no_grad()

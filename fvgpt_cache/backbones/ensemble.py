@@ -25,15 +25,14 @@ def _fill(template, classname: str) -> str:
 
 @torch.no_grad()
 def ensemble_text_features(loaded: LoadedModel, classnames: Sequence[str], templates: Sequence,
-                           device: str | torch.device = "cpu") -> torch.Tensor:
+                           device: str | torch.device | None = None) -> torch.Tensor:
     """CLIP's prompt ensembling: mean of the normalised features over templates, re-normalised (C, D).
 
     A template is a string with `{}` or a callable of the class name (open_clip's lists).
     """
     if not templates:
         raise ValueError("give at least one template")
-    device = torch.device(device) if isinstance(device, str) else device
-    total = None
+    total = None  # computed where the model is (`device`, when given, must be the model's device)
     for t in templates:
         feats = encode_texts(loaded, [_fill(t, c) for c in classnames], device)
         total = feats if total is None else total + feats

@@ -37,6 +37,7 @@ import torch
 import torch.nn.functional as F
 
 from ..datasets import find_mask
+from ..device import module_device
 from ..distributed import Job, current_job
 from ..extraction import STORE_DTYPES, ExtractionError, ViewDataset, encode_views
 from ..passes import DONE, BatchWrites, PassReport, run_pass
@@ -299,6 +300,21 @@ def import_backbone(cache_path: str | Path, method: str, checkpoint: str | Path,
                     progress: Callable[[str, int, int], None] | None = None,
                     stop_after_batches: int | None = None, loaded: LoadedModel | None = None,
                     job: Job | None = None) -> ImportSummary:
+    """Write `/text/<name>` and `/image/<name>/…` from a PromptSRC or MMRL checkpoint (module docstring);
+    a `loaded` model given by the caller runs on the options' device and is moved back afterwards."""
+    home = None if loaded is None else module_device(loaded.model)
+    try:
+        return _import_backbone(cache_path, method, checkpoint, options, progress, stop_after_batches, loaded, job)
+    finally:
+        if home is not None:
+            loaded.model.to(home)
+
+
+def _import_backbone(cache_path: str | Path, method: str, checkpoint: str | Path,
+                     options: ImportOptions | None = None,
+                     progress: Callable[[str, int, int], None] | None = None,
+                     stop_after_batches: int | None = None, loaded: LoadedModel | None = None,
+                     job: Job | None = None) -> ImportSummary:
     """Write `/text/<name>` and `/image/<name>/…` from a PromptSRC or MMRL checkpoint (module docstring).
 
     Everything that can be refused (checkpoint of another method, width or depth; class prompts

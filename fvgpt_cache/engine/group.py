@@ -51,8 +51,9 @@ class Group:
         # last bias do receive gradients or decay: in the gate blocks and the adapters' last biases,
         # entries whose mask is 0 are put back after each step.
         last = {f"fdc_img.{lay.fdc_depth - 1}.b", f"fdc_txt.{lay.fdc_depth - 1}.b"}
-        masks = lay.views(mask.to(device))
-        self.masks = {n: m for n, m in masks.items() if (n.startswith("gate.") or n in last) and not bool((m == 1).all())}
+        masks = lay.views(mask.to(device))  # which blocks need it is decided on the CPU copy: no device sync
+        self.masks = {n: masks[n] for n, m in lay.views(mask).items()
+                      if (n.startswith("gate.") or n in last) and not bool((m == 1).all())}
         # per hidden layer of the gate: which units pass through a ReLU (None: all; a 1-layer gate has none)
         self.acts = None if bool((acts > 0).all()) else (acts > 0).to(device).unsqueeze(2)  # (K, depth−1, 1, 2H)
         self.params, self.grads = lay.views(self.flat), lay.views(self.grad)
@@ -64,8 +65,8 @@ class Group:
         """Per-configuration scalars of the loss. Each is computed as a float32 (K, 1) tensor and kept as a
         Python number when every configuration has the same value (then ×1 and +0·x are skipped): the
         same float32 numbers either way, so a configuration computes the same bits alone or in a group."""
-        def col(values) -> Tensor:
-            return torch.tensor([float(v) for v in values], device=self.device).view(-1, 1)
+        def col(values) -> Tensor:  # on the CPU: whether a factor is uniform is decided without a device sync
+            return torch.tensor([float(v) for v in values]).view(-1, 1)
 
         c = self.cfgs
         has_fdc = [x.use_fdc for x in c]
@@ -101,7 +102,7 @@ class Group:
             "dist_tau": w["dist"] / tau, "ce_pc": w["lambda_pc"] * w["ce_pc"],
             "kl_pc_tau": w["lambda_pc"] * w["kl_pc"] / tau,
         }
-        uniform = lambda t: float(t[0]) if bool((t == t[0]).all()) else t  # noqa: E731
+        uniform = lambda t: float(t[0]) if bool((t == t[0]).all()) else t.to(self.device)  # noqa: E731
         self.f2 = {k: uniform(v) for k, v in factors.items()}  # factors of (K, B) tensors
         self.f3 = {k: v if isinstance(v, float) else v.unsqueeze(-1) for k, v in self.f2.items()}  # of (K, B, C)
 
@@ -275,10 +276,10 @@ class Group:
         # adapters' biases (values as scattered; 0 where padding) are put back after every step
         self.frozen = {name: (mask, self.params[name] * (1 - mask)) for name, mask in self.masks.items()}
 
-    def set_lr(self, lr: Tensor) -> None:
+    def set_lr(self, lr: list[float]) -> None:
         """The learning rate of each configuration for the coming epoch; configurations with equal
         optimiser settings step together in one fused call (their tensor lists are built here, once)."""
-        self.lr = lr.tolist()
+        self.lr = list(lr)
         members: dict[tuple, list[int]] = {}
         for k, c in enumerate(self.cfgs):
             members.setdefault((c.optimizer, self.lr[k], c.weight_decay, c.momentum), []).append(k)
@@ -301,12 +302,12 @@ class Group:
         out["step_per_tensor"] = [e["step"] for e in entries for _ in e["params"]]
         return out
 
-    def optimizer_step(self, active: Tensor | None) -> None:
+    def optimizer_step(self, on: list[float] | None) -> None:
         """One step of every active configuration with torch.optim's own fused SGD (momentum, coupled
         weight decay) or AdamW kernel, called once per set of configurations with equal settings;
-        an inactive configuration (its smaller data fraction has no batch left in this epoch) takes no
-        step at all and keeps its states."""
-        on = None if active is None else active.tolist()
+        an inactive configuration (its smaller data fraction has no batch left in this epoch; `on[k]` is 0)
+        takes no step at all and keeps its states. `on` is a host list (the batch plan is made on the
+        host), so choosing the members costs no device sync."""
         for (kind, lr, wd, mom), (members, lists) in self.groups.items():
             if on is not None and not all(on[k] > 0 for k in members):
                 members = [k for k in members if on[k] > 0]
@@ -393,19 +394,20 @@ class Group:
                     weight[j, pos, :len(idx)] = 1.0 / len(idx)
             active = (weight.sum(-1) > 0).to(torch.float32)
             all_active = bool(active.all())
+            on = active.tolist()  # host copies of the plan: the steps below never wait for the device
             rows, weight, active = rows.to(self.device), weight.to(self.device), active.to(self.device)
-            lr = torch.tensor([lr_at_epoch(epoch, cfgs[k]) for k in live], device=self.device)
+            lr = [lr_at_epoch(epoch, cfgs[k]) for k in live]
             group.set_lr(lr)
             sums = torch.zeros(len(TERMS), K, device=self.device)
             for j in range(steps):
                 out = group.step_losses(rows[j], weight[j])
-                group.optimizer_step(None if all_active else active[j])
+                group.optimizer_step(None if all_active else on[j])
                 sums += out if all_active else out * active[j]
             terms = dict(zip(TERMS, sums / active.sum(0).clamp_min(1)))
             terms["acc_fdc"] = terms["acc_fdc"] * 100
             means = {key: v.tolist() for key, v in {**terms, **group.weighted_terms(terms)}.items()}
             for pos, k in enumerate(live):
-                record = {"epoch": epoch, "lr": float(lr[pos])}
+                record = {"epoch": epoch, "lr": lr[pos]}
                 record.update({key: means[key][pos] for key in HISTORY_KEYS if _logged(key, cfgs[k])})
                 histories[k].append(record)
             if progress:
