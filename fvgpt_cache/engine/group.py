@@ -12,6 +12,7 @@ from ..heads import BRG_INDICATORS, FRG_INDICATORS, FVGPTHead, brg_indicators, f
 from ..training import (
     TrainConfig, TrainData, build_head, epoch_batches, lr_at_epoch, subsample_per_class, view_schedule,
 )
+from .kernels import NUMERICS, adamw_step, float32_numerics, fused_available, sgd_step
 from .layout import GATE_INPUTS, Layout, gather, put, scatter
 from .mlp import _sum_terms, _times, mlp_backward, mlp_forward
 
@@ -261,6 +262,7 @@ class Group:
         """Per-configuration views of the optimiser's tensors, for torch's fused SGD / AdamW kernels."""
         views = [None if t is None else self.layout.rows(t) for t in (self.flat, self.grad)]
         self.kind = [c.optimizer for c in self.cfgs]
+        self.fused = {kind: fused_available(kind, self.device) for kind in set(self.kind)}  # probed here, not per step
         self.state_flat = {key: torch.zeros_like(self.flat) if needed in self.kind else None
                            for key, needed in (("buf", "sgd"), ("m", "adamw"), ("v", "adamw"))}
         self.state = {key: None if t is None else self.layout.rows(t) for key, t in self.state_flat.items()}
@@ -315,14 +317,12 @@ class Group:
             if not members or lr == 0.0:
                 continue
             if kind == "sgd":
-                torch._fused_sgd_(lists["params"], lists["grads"], [] if mom == 0 else lists["buf"],
-                                  weight_decay=wd, momentum=mom, lr=lr, dampening=0.0, nesterov=False,
-                                  maximize=False, is_first_step=False)
+                sgd_step(lists["params"], lists["grads"], lists["buf"], lr=lr, weight_decay=wd, momentum=mom,
+                         fused=self.fused["sgd"])
             else:
-                torch._foreach_add_(lists["steps"], 1)
-                torch._fused_adamw_(lists["params"], lists["grads"], lists["m"], lists["v"], [],
-                                    lists["step_per_tensor"], amsgrad=False, lr=lr, beta1=BETAS[0], beta2=BETAS[1],
-                                    weight_decay=wd, eps=ADAM_EPS, maximize=False)
+                adamw_step(lists["params"], lists["grads"], lists["m"], lists["v"], lists["steps"],
+                           lists["step_per_tensor"], lr=lr, betas=BETAS, eps=ADAM_EPS, weight_decay=wd,
+                           fused=self.fused["adamw"])
         for name, (mask, value) in self.frozen.items():
             self.params[name].mul_(mask).add_(value)
 
@@ -341,7 +341,8 @@ class Group:
         epochs does not carry the finished ones along."""
         threads = torch.get_num_threads()
         try:
-            return self._train(progress, threads)
+            with float32_numerics():  # TF32 off, float32 products at full precision: recorded in the history
+                return self._train(progress, threads)
         finally:
             torch.set_num_threads(threads)
 
@@ -407,7 +408,7 @@ class Group:
             terms["acc_fdc"] = terms["acc_fdc"] * 100
             means = {key: v.tolist() for key, v in {**terms, **group.weighted_terms(terms)}.items()}
             for pos, k in enumerate(live):
-                record = {"epoch": epoch, "lr": lr[pos]}
+                record = {"epoch": epoch, "lr": lr[pos], **({"numerics": dict(NUMERICS)} if epoch == 0 else {})}
                 record.update({key: means[key][pos] for key in HISTORY_KEYS if _logged(key, cfgs[k])})
                 histories[k].append(record)
             if progress:

@@ -32,8 +32,8 @@ def memory_estimate(data: TrainData, cfgs: list[TrainConfig]) -> tuple[int, int]
 
 def available_memory(device: torch.device) -> int:
     """Free memory of the device in bytes (CUDA: free device memory; CPU: the kernel's MemAvailable)."""
-    if device.type == "cuda":
-        return int(torch.cuda.mem_get_info(device)[0])
+    if device.type == "cuda":  # an explicit index: older torch refuses a CUDA device without one
+        return int(torch.cuda.mem_get_info(device.index if device.index is not None else torch.cuda.current_device())[0])
     try:
         with open("/proc/meminfo") as fh:
             for line in fh:

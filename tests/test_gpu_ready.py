@@ -1,0 +1,168 @@
+"""What a CUDA machine would break, checked on the CPU: models left where the caller had them, no host
+syncs in the engine's step, the fused optimiser kernels' fallbacks, the engine's float32 numerics."""
+import copy
+
+import pytest
+import torch
+
+from fvgpt_cache.device import module_device, moved_to
+from fvgpt_cache.engine import Group, TERMS, kernels
+from fvgpt_cache.store import open_cache
+from fvgpt_cache.synthetic import write_feature_cache
+from fvgpt_cache.training import TrainConfig, prepare
+
+SYNC_METHODS = ("item", "tolist", "__float__", "__int__", "__bool__", "__index__", "numpy", "cpu")
+
+
+@pytest.fixture(scope="module")
+def small_data(tmp_path_factory):
+    path = write_feature_cache(tmp_path_factory.mktemp("g") / "g.h5", num_classes=5, shots=6, views=3, dim=24,
+                               test_per_class=3)
+    return prepare(open_cache(path), TrainConfig())
+
+
+class SyncCounter:
+    """Counts the Tensor methods that copy a value to the host (on CUDA: wait for the device)."""
+
+    def __init__(self, monkeypatch):
+        self.calls: list[str] = []
+        for name in SYNC_METHODS:
+            original = getattr(torch.Tensor, name)
+
+            def counted(t, *args, _name=name, _original=original, **kwargs):
+                self.calls.append(_name)
+                return _original(t, *args, **kwargs)
+            monkeypatch.setattr(torch.Tensor, name, counted)
+
+
+def test_moved_to_puts_the_module_back_even_after_an_error():
+    lin = torch.nn.Linear(2, 2)
+    seen = []
+    original = lin.to
+
+    def spy(*args, **kwargs):
+        seen.append(torch.device(args[0]))
+        return original(*args, **kwargs)
+    lin.to = spy
+    with pytest.raises(KeyError):
+        with moved_to(lin, torch.device("cpu")):
+            raise KeyError("boom")
+    assert seen == [torch.device("cpu"), torch.device("cpu")] and module_device(lin) == torch.device("cpu")
+
+
+def test_extraction_moves_the_callers_model_to_its_device_and_back(tmp_path, generic_data, tiny_model, monkeypatch):
+    """`extract` runs the model on the options' device and leaves it where it was: the spy sees the move
+    there and the move back, in that order (on a GPU machine the first is CUDA, see the cuda test below)."""
+    from fvgpt_cache.data import generic_dataset
+    from fvgpt_cache.extraction import ExtractOptions, extract
+
+    ds = generic_dataset(*generic_data)
+    model = tiny_model.model
+    moves = []
+    original = type(model).to
+
+    def spy(self, *args, **kwargs):
+        if self is model:
+            moves.append(str(args[0]))
+        return original(self, *args, **kwargs)
+    monkeypatch.setattr(type(model), "to", spy)
+    extract(ds, tiny_model, tmp_path / "c.h5", ExtractOptions(shots=2, train_views=2, workers=0, batch_size=8))
+    assert moves == ["cpu", "cpu"]
+
+
+@pytest.mark.cuda
+def test_cuda_extraction_leaves_a_cpu_model_on_the_cpu(tmp_path, generic_data, tiny_model):
+    from fvgpt_cache.data import generic_dataset
+    from fvgpt_cache.extraction import ExtractOptions, extract
+
+    ds = generic_dataset(*generic_data)
+    extract(ds, tiny_model, tmp_path / "c.h5", ExtractOptions(shots=2, train_views=2, workers=0, device="cuda"))
+    assert module_device(tiny_model.model).type == "cpu"
+
+
+def test_the_engine_step_never_copies_to_the_host(small_data, monkeypatch):
+    """step_losses and optimizer_step, with some configurations inactive, call no .item()/.tolist()/float()…"""
+    cfgs = [TrainConfig(seed=1), TrainConfig(seed=2, optimizer="adamw", lr=0.001, tau=1.5),
+            TrainConfig(seed=3, lr=0.01, gate_hidden=8)]
+    g = Group(small_data, cfgs, torch.device("cpu"))
+    g.prepare()
+    g._optimizer_setup()
+    g.set_lr([c.lr for c in cfgs])
+    rows = torch.randint(0, len(g.table) // len(g.variants), (len(cfgs), 4), generator=torch.Generator().manual_seed(0))
+    weight = torch.full((len(cfgs), 4), 0.25)
+    counter = SyncCounter(monkeypatch)
+    out = g.step_losses(rows, weight)
+    g.optimizer_step([1.0, 0.0, 1.0])
+    g.optimizer_step(None)
+    monkeypatch.undo()
+    assert counter.calls == [] and out.shape == (len(TERMS), len(cfgs))
+
+
+def test_host_copies_per_epoch_do_not_grow_with_the_steps(small_data, monkeypatch):
+    """The training loop copies to the host once per epoch (history), never per step: the same count for
+    a batch size that makes 1 step per epoch and one that makes many."""
+    counts = []
+    for batch in (32, 2):
+        cfgs = [TrainConfig(seed=1, epochs=2, batch_size=batch), TrainConfig(seed=2, epochs=2, batch_size=batch,
+                                                                             data_fraction=0.5)]
+        g = Group(small_data, cfgs, torch.device("cpu"))
+        g.prepare()  # the statistics' one-off table is not part of the loop
+        monkeypatch.setattr(Group, "prepare", lambda self: None)
+        counter = SyncCounter(monkeypatch)
+        g.train()
+        monkeypatch.undo()
+        counts.append(len([c for c in counter.calls if c != "cpu"]))
+    assert counts[0] == counts[1], counts
+
+
+@pytest.mark.parametrize("optimizer", ["sgd", "adamw"])
+def test_public_fallback_steps_equal_the_fused_kernels(small_data, monkeypatch, optimizer):
+    """The engine trained with the fallbacks (as on a torch without the fused kernels) ends where the fused
+    kernels end, within float32 rounding."""
+    if not kernels.fused_available(optimizer, torch.device("cpu")):
+        pytest.skip(f"this torch has no fused {optimizer} on the CPU to compare with")
+    cfgs = [TrainConfig(seed=1, epochs=3, optimizer=optimizer, lr=0.002 if optimizer == "adamw" else 0.02,
+                        weight_decay=0.01),
+            TrainConfig(seed=2, epochs=3, optimizer=optimizer, lr=0.001 if optimizer == "adamw" else 0.01,
+                        data_fraction=0.5)]
+    fused = Group(small_data, copy.deepcopy(cfgs), torch.device("cpu")).train()
+    monkeypatch.setattr(kernels, "_PROBED", {(optimizer, "cpu"): False})
+    plain = Group(small_data, copy.deepcopy(cfgs), torch.device("cpu")).train()
+    assert kernels.fused_available(optimizer, torch.device("cpu")) is False
+    for (a, ha, _), (b, hb, _) in zip(fused, plain):
+        for pa, pb in zip(a.parameters(), b.parameters()):
+            assert torch.allclose(pa, pb, rtol=1e-4, atol=1e-6), (pa - pb).abs().max()
+        assert ha[-1]["total"] == pytest.approx(hb[-1]["total"], rel=1e-4)
+    start = Group(small_data, [cfgs[0]], torch.device("cpu")).heads[0]
+    assert any((pa - p0).abs().max() > 1e-3 for pa, p0 in zip(fused[0][0].parameters(), start.parameters())), "no step"
+
+
+def _tf32_state() -> tuple:
+    return tuple(getattr(owner, name) for owner, name, _ in kernels._precision_settings())
+
+
+def test_engine_trains_in_full_float32_and_records_it(small_data):
+    """TF32 turned on by the environment is off while the engine trains, restored after, and recorded."""
+    settings = kernels._precision_settings()
+    before = _tf32_state()
+    low = "tf32" if settings[0][1] == "fp32_precision" else True
+    for owner, name, _ in settings[:2]:
+        setattr(owner, name, low)
+    environment = _tf32_state()
+    seen = []
+    try:
+        g = Group(small_data, [TrainConfig(seed=1, epochs=2)], torch.device("cpu"))
+        original = g.step_losses
+
+        def spy(*args):
+            seen.append(_tf32_state())
+            return original(*args)
+        g.step_losses = spy
+        (_, history, _), = g.train()
+        after = _tf32_state()
+    finally:
+        for (owner, name, _), value in zip(settings, before):
+            setattr(owner, name, value)
+    assert after == environment and environment[:2] == (low, low)
+    assert seen and set(seen) == {tuple(value for _, _, value in settings)}
+    assert history[0]["numerics"] == {"float32_matmul": "ieee", "tf32": False} and "numerics" not in history[-1]
