@@ -44,6 +44,9 @@ DEFAULT_TRAIN_VIEWS = 11  # view 0 (deterministic) + one augmented view per epoc
 # Policies that only decide what happens to one bad row: a rerun may change them and still resume.
 ROW_POLICIES = ("bad_image_policy", "mask_size_policy")
 STORE_DTYPES = {"float16": np.float16, "float32": np.float32}
+PRECISIONS = ("auto", "fp32", "fp16", "bf16")
+AUTOCAST = {"fp16": torch.float16, "bf16": torch.bfloat16}
+DEFAULT_ENCODE_BATCH = 256  # images per encoder forward (a batch of 64 images × 11 views × 2 is 1,408)
 
 
 class ExtractionError(RuntimeError):
@@ -64,6 +67,8 @@ class ExtractOptions:
     fg_mode: str = "normalized"
     template: str | None = None
     store_dtype: str = "float16"
+    precision: str = "auto"  # the encoder's autocast: auto (fp16 on CUDA, fp32 on the CPU), fp32, fp16, bf16
+    encode_batch: int = DEFAULT_ENCODE_BATCH  # images (views) per encoder forward
     resume: bool = True
     force: bool = False
     augment: AugmentConfig = field(default_factory=AugmentConfig)
@@ -76,6 +81,7 @@ class ExtractOptions:
             ("fg_mode", self.fg_mode, FG_MODES),
             ("store_dtype", self.store_dtype, tuple(STORE_DTYPES)),
             ("device", self.device, ("auto", "cpu", "cuda")),
+            ("precision", self.precision, PRECISIONS),
         ]
         for name, value, allowed in checks:
             if value not in allowed:
@@ -84,6 +90,8 @@ class ExtractOptions:
             raise ValueError(f"train_views must be >= 1, got {self.train_views}")
         if self.batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
+        if self.encode_batch < 1:
+            raise ValueError(f"encode_batch must be >= 1, got {self.encode_batch}")
 
 
 @dataclass
@@ -134,8 +142,9 @@ class ViewDataset(TorchDataset):
 
     `plan(row, img)` gives each view's geometry and box (see `views.ViewMaker`): extraction draws
     them (`DrawnViews`), later passes over a cache read the stored ones. A row's `mask` is a mask
-    file, or None for an all-ones mask. Items report unusable input instead of raising, so the
-    pass decides (skip, or stop with the file named).
+    file, or None for an all-ones mask. An item holds uint8 `pixels` (V, 3, S, S) and a bool `mask`
+    (V, 1, S, S) (`encode_views` normalises them where the encoder runs). Items report unusable
+    input instead of raising, so the pass decides (skip, or stop with the file named).
     """
 
     def __init__(self, rows: list[dict], image_root: Path, maker: ViewMaker, plan: Callable, mask_size_policy: str = "resize"):
@@ -173,14 +182,15 @@ class ViewDataset(TorchDataset):
                 if self.mask_size_policy == "skip":
                     return {**fail, "skip": True, "error": message + " (--mask-size-mismatch skip)"}
                 mask, resized = fit_mask(mask, img.size), True
-        fulls, fgs, areas, boxes = [], [], [], []
+        pixels, masks, areas, boxes = [], [], [], []
         for kind, box in self.plan(row, img):
-            full, fg, area = self.maker(img, mask, kind, box)
-            fulls.append(full)
-            fgs.append(fg)
+            p, m, area = self.maker.pixels(img, mask, kind, box)
+            pixels.append(p)
+            masks.append(m)
             areas.append(area)
             boxes.append(NO_BOX if box is None else box.as_row())
-        return {"index": row["index"], "ok": True, "full": torch.stack(fulls), "fg": torch.stack(fgs),
+        # uint8 pixels and a bool mask per view: the encoding process normalises them on its device
+        return {"index": row["index"], "ok": True, "pixels": torch.stack(pixels), "mask": torch.stack(masks),
                 "area": torch.tensor(areas, dtype=torch.float32), "box": torch.tensor(boxes, dtype=torch.int32),
                 "mask_resized": resized}
 
@@ -238,6 +248,18 @@ def _fingerprint(provenance: dict) -> str:
     volatile = ("created", "skipped", "full_mask_images", "resized_masks", "policy_runs", "short_classes", *ROW_POLICIES)
     stable = {k: v for k, v in provenance.items() if k not in volatile}
     return hashlib.sha256(json.dumps(stable, sort_keys=True).encode()).hexdigest()
+
+
+def check_compute(part: Path, compute: dict) -> None:
+    """Refuse to continue a partial file whose rows were computed on another device type or precision."""
+    with h5py.File(part, "r") as f:
+        before = json.loads(f.attrs.get("compute", "null") or "null")
+    if before is not None and before != compute:
+        raise CacheError(
+            f"{part} was started on {before['device_type']} with --precision {before['precision']}, but this run "
+            f"computes on {compute['device_type']} with --precision {compute['precision']}: its rows would mix "
+            f"features of two numerics. Rerun with --device {before['device_type']} --precision {before['precision']} "
+            "to finish it, or with --no-resume to start over")
 
 
 def _create_layout(f: h5py.File, rows: dict[str, list[dict]], views: dict[str, int], dim: int, dtype) -> None:
@@ -308,6 +330,10 @@ def extract(
     rows, full_masks, skipped_missing = _resolve_masks(dataset, samples, options.missing_mask)
     base, new = base_new_split(dataset.num_classes)
     views = {"train": options.train_views, "val": 1, "test": 1}
+    job = job or current_job()
+    device = job.device(options.device)
+    precision = resolve_precision(options.precision, device, options.store_dtype)
+    compute = {"device_type": device.type, "precision": precision}
     provenance = {
         **loaded.provenance,
         "dataset": dataset.name,
@@ -333,14 +359,13 @@ def extract(
         "fg_mode": options.fg_mode,
         "template": template,
         "store_dtype": options.store_dtype,
+        "compute": compute,  # part of the fingerprint: a partial file is never continued on another device or precision
         "short_classes": short,
         **({"dataset_notes": dataset.extra} if dataset.extra else {}),
     }
     fingerprint = _fingerprint(provenance)
     maker = ViewMaker(loaded.preprocess, options.fg_mode)
     policies = {k: provenance[k] for k in ROW_POLICIES}
-    job = job or current_job()
-    device = job.device(options.device)
     job.start(device)
     model = loaded.model  # moved to `device` for the pass only (`moved_to`): the caller's model stays where it is
     started = time.perf_counter()
@@ -350,6 +375,7 @@ def extract(
         if out.exists() and not options.force:
             raise CacheError(f"{out} already exists; pass --force to overwrite it or choose another --out")
         if part.exists():
+            check_compute(part, compute)
             check_partial(part, fingerprint, "different settings (model, data, shots, seed, views, masks or the "
                                              "missing-mask policy)")
         else:
@@ -357,7 +383,7 @@ def extract(
             tmp = part.with_name(part.name + ".new")
             with h5py.File(tmp, "w") as f:
                 f.attrs.update(format=FORMAT, format_version=FORMAT_VERSION, fingerprint=fingerprint,
-                               logit_scale=loaded.logit_scale)
+                               logit_scale=loaded.logit_scale, compute=json.dumps(compute))
                 f.create_dataset("classes/names", data=dataset.classnames, dtype=h5py.string_dtype("utf-8"))
                 f.create_dataset("classes/base", data=np.array(base, dtype=np.int64))
                 f.create_dataset("classes/new", data=np.array(new, dtype=np.int64))
@@ -389,7 +415,7 @@ def extract(
                 provenance["world_sizes"] = report.world_sizes
             provenance["created"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
             f.attrs["provenance"] = json.dumps(provenance)
-            for key in ("fingerprint", "policy_runs", "world_sizes"):
+            for key in ("fingerprint", "policy_runs", "world_sizes", "compute"):
                 if key in f.attrs:
                     del f.attrs[key]
             counts = {s: int(f[f"samples/{s}/label"].shape[0]) for s in SPLITS}
@@ -405,23 +431,39 @@ def extract(
     with moved_to(model, device):
         return run_pass(job, what="extract", lock=out, part=part, splits=list(SPLITS), fingerprint=fingerprint,
                         resume=options.resume, prepare=prepare, dataset_for=dataset_for,
-                        encode=lambda split, items: _encode_batch(split, items, model, device, options.bad_image),
+                        encode=lambda split, items: _encode_batch(split, items, model, device, options.bad_image, maker,
+                                                                  precision, options.encode_batch,
+                                                                  lambda i: rows[split][i]["relpath"]),
                         finish=finish, batch_size=options.batch_size, workers=options.workers, progress=progress,
-                        stop_after_batches=stop_after_batches)
+                        stop_after_batches=stop_after_batches, pin_memory=device.type == "cuda")
+
+
+def resolve_precision(precision: str, device: torch.device, store_dtype: str = "float16") -> str:
+    """The encoder's compute precision: `auto` is fp16 autocast on CUDA (fp32 when float32 features are
+    stored, so they are float32 values) and fp32 on the CPU."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"--precision {precision!r}: choose one of {PRECISIONS}")
+    if precision != "auto":
+        return precision
+    return "fp16" if device.type == "cuda" and store_dtype != "float32" else "fp32"
+
+
+@torch.no_grad()
+def _forward(forward: Callable, pixels: torch.Tensor, device: torch.device, precision: str) -> dict[str, torch.Tensor]:
+    with torch.autocast(device.type, dtype=AUTOCAST.get(precision, torch.float32), enabled=precision != "fp32"):
+        out = forward(pixels.to(device, non_blocking=True))
+    out = out if isinstance(out, dict) else {"": out}
+    return {k: F.normalize(v.float(), dim=-1) for k, v in out.items()}
 
 
 @torch.no_grad()
 def run_encoder(forward: Callable[[torch.Tensor], torch.Tensor | dict], pixels: torch.Tensor,
-                device: torch.device) -> dict[str, torch.Tensor]:
-    """L2-normalised float32 CPU outputs of `forward(pixels)`, with fp16 autocast on CUDA.
-
-    `forward` returns one feature tensor (named "") or a dict of them (MMRL: "" and "_rep").
-    """
-    pixels = pixels.to(device, non_blocking=True)
-    with torch.autocast("cuda", dtype=torch.float16, enabled=device.type == "cuda"):
-        out = forward(pixels)
-    out = out if isinstance(out, dict) else {"": out}
-    return {k: F.normalize(v.float(), dim=-1).cpu() for k, v in out.items()}
+                device: torch.device, precision: str = "auto") -> dict[str, torch.Tensor]:
+    """L2-normalised float32 CPU outputs of `forward(pixels)` under the `precision` autocast
+    (`resolve_precision`; auto: fp16 on CUDA). `forward` returns one feature tensor (named "") or a dict
+    of them (MMRL: "" and "_rep")."""
+    precision = resolve_precision(precision, device)
+    return {k: v.cpu() for k, v in _forward(forward, pixels, device, precision).items()}
 
 
 def encode_images(model: torch.nn.Module, pixels: torch.Tensor, device: torch.device) -> torch.Tensor:
@@ -429,16 +471,42 @@ def encode_images(model: torch.nn.Module, pixels: torch.Tensor, device: torch.de
     return run_encoder(model.encode_image, pixels, device)[""]
 
 
-def encode_views(forward, items: list[dict], device: torch.device) -> dict[str, torch.Tensor]:
-    """Features of the full and foreground views of decoded items: {name: (2, B, V, D)}, [0] full, [1] fg."""
-    full = torch.stack([g["full"] for g in items])  # (B, V, 3, S, S)
-    fg = torch.stack([g["fg"] for g in items])
-    b, v = full.shape[:2]
-    feats = run_encoder(forward, torch.cat([full, fg]).flatten(0, 1), device)
-    return {k: x.view(2, b, v, -1) for k, x in feats.items()}
+@torch.no_grad()
+def encode_views(forward, items: list[dict], device: torch.device, maker: ViewMaker, precision: str = "auto",
+                 encode_batch: int = DEFAULT_ENCODE_BATCH) -> dict[str, torch.Tensor]:
+    """Features of the full and foreground views of decoded items: {name: (2, B, V, D)}, [0] full, [1] fg.
+
+    The items' uint8 pixels go to `device` as they are (from pinned memory when the loader pinned
+    them) and are normalised there; the encoder sees at most `encode_batch` images per forward."""
+    precision = resolve_precision(precision, device)
+    pixels = torch.stack([g["pixels"].to(device, non_blocking=True) for g in items]).flatten(0, 1)  # (B·V, 3, S, S)
+    masks = torch.stack([g["mask"].to(device, non_blocking=True) for g in items]).flatten(0, 1)
+    b, v = len(items), pixels.shape[0] // max(len(items), 1)
+    outs = [_forward(forward, maker.normalize(pixels[i:i + encode_batch], masks[i:i + encode_batch], kind), device,
+                     precision)
+            for kind in ("full", "fg") for i in range(0, len(pixels), encode_batch)]
+    return {k: torch.cat([o[k] for o in outs]).cpu().view(2, b, v, -1) for k in outs[0]}
 
 
-def _encode_batch(split: str, items: list[dict], model, device, bad_image: str) -> BatchWrites:
+def check_finite(feats: torch.Tensor, split: str, items: list[dict], path_of: Callable[[int], str],
+                 precision: str) -> None:
+    """Stop with the batch and the first image named when a feature (2, B, V, D) holds NaN or inf."""
+    finite = torch.isfinite(feats).all(-1)  # (2, B, V)
+    if bool(finite.all()):
+        return
+    kind, j, view = (int(i) for i in (~finite).nonzero()[0])
+    rows = [item["index"] for item in items]
+    hint = {"fp16": "large open_clip models overflow in fp16: rerun with --precision bf16 (or fp32)",
+            "bf16": "rerun with --precision fp32"}.get(precision, "check the model's weights")
+    raise ExtractionError(
+        f"non-finite (NaN or inf) features in the {split} batch of rows {min(rows)}–{max(rows)}: "
+        f"{int((~finite).sum())} of {finite.numel()} views, the first {('full', 'fg')[kind]} view {view} of "
+        f"{path_of(rows[j])}, computed with --precision {precision}; {hint}. Nothing of this batch was written; "
+        "finished batches are kept (a rerun with another precision needs --no-resume)")
+
+
+def _encode_batch(split: str, items: list[dict], model, device, bad_image: str, maker: ViewMaker, precision: str,
+                  encode_batch: int, path_of: Callable[[int], str]) -> BatchWrites:
     rows = np.array([item["index"] for item in items])
     status = np.full(len(items), DONE, dtype=np.uint8)
     good, skipped, reasons = [], [], []
@@ -456,8 +524,9 @@ def _encode_batch(split: str, items: list[dict], model, device, bad_image: str) 
     if skipped:
         writes.append((f"progress/{split}/error", rows[skipped], np.array(reasons, dtype=object)))
     if good:
-        feats = encode_views(model.encode_image, [items[j] for j in good], device)[""]
         kept = [items[j] for j in good]
+        feats = encode_views(model.encode_image, kept, device, maker, precision, encode_batch)[""]
+        check_finite(feats, split, kept, path_of, precision)
         idx = rows[good]
         writes += [
             (f"image/clip/{split}/full", idx, feats[0].numpy()),

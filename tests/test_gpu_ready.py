@@ -1,6 +1,7 @@
 """What a CUDA machine would break, checked on the CPU: models left where the caller had them, no host
 syncs in the engine's step, the fused optimiser kernels' fallbacks, the engine's float32 numerics."""
 import copy
+import json
 
 import pytest
 import torch
@@ -166,3 +167,67 @@ def test_engine_trains_in_full_float32_and_records_it(small_data):
     assert after == environment and environment[:2] == (low, low)
     assert seen and set(seen) == {tuple(value for _, _, value in settings)}
     assert history[0]["numerics"] == {"float32_matmul": "ieee", "tf32": False} and "numerics" not in history[-1]
+
+
+# ---------------------------------------------------------------- extraction: device, precision, finiteness
+
+def _stop_after_one_batch(ds, tiny_model, out, options):
+    from fvgpt_cache.extraction import extract
+
+    with pytest.raises(KeyboardInterrupt):
+        extract(ds, tiny_model, out, options, stop_after_batches=1)
+
+
+def test_a_partial_file_is_resumed_only_with_its_device_and_precision(tmp_path, generic_data, tiny_model):
+    import h5py
+
+    from fvgpt_cache.data import generic_dataset
+    from fvgpt_cache.extraction import ExtractOptions, extract
+    from fvgpt_cache.store import CacheError, partial_path
+
+    ds = generic_dataset(*generic_data)
+    out = tmp_path / "c.h5"
+    opts = dict(shots=2, train_views=2, workers=0, batch_size=4)
+    _stop_after_one_batch(ds, tiny_model, out, ExtractOptions(**opts))
+    with pytest.raises(CacheError, match=r"started on cpu with --precision fp32, but this run computes on cpu with "
+                                         r"--precision bf16.*--device cpu --precision fp32.*--no-resume"):
+        extract(ds, tiny_model, out, ExtractOptions(**opts, precision="bf16"))
+    with h5py.File(partial_path(out), "r+") as f:  # as if a GPU had started it
+        f.attrs["compute"] = json.dumps({"device_type": "cuda", "precision": "fp16"})
+    with pytest.raises(CacheError, match="started on cuda with --precision fp16, but this run computes on cpu"):
+        extract(ds, tiny_model, out, ExtractOptions(**opts))
+    summary = extract(ds, tiny_model, out, ExtractOptions(**opts, resume=False))
+    prov = open_cache(summary.out).provenance
+    assert prov["compute"] == {"device_type": "cpu", "precision": "fp32"}
+    with h5py.File(out, "r") as f:
+        assert "compute" not in f.attrs  # a finished cache keeps it in provenance only
+
+
+def test_non_finite_features_stop_extraction_with_the_batch_named(tmp_path, generic_data, tiny_model, monkeypatch):
+    from fvgpt_cache.data import generic_dataset
+    from fvgpt_cache.extraction import ExtractionError, ExtractOptions, extract
+    from fvgpt_cache.store import partial_path
+
+    ds = generic_dataset(*generic_data)
+    model = tiny_model.model
+    original = model.encode_image
+    calls = []
+
+    def overflowing(pixels):  # the second forward (the second batch) overflows in one image
+        calls.append(len(pixels))
+        out = original(pixels)
+        if len(calls) == 3:
+            out = out.clone()
+            out[1, 0] = float("inf")
+        return out
+    monkeypatch.setattr(model, "encode_image", overflowing)
+    out = tmp_path / "c.h5"
+    with pytest.raises(ExtractionError, match=r"non-finite \(NaN or inf\) features in the train batch of rows 4–7: "
+                                              r"1 of \d+ views, the first full view 1 of \S+\.jpg, computed with "
+                                              r"--precision fp32"):
+        extract(ds, tiny_model, out, ExtractOptions(shots=2, train_views=2, workers=0, batch_size=4, encode_batch=8))
+    assert partial_path(out).exists() and not out.exists()
+    import h5py
+    with h5py.File(partial_path(out), "r") as f:
+        status = f["progress/train/status"][()]
+    assert status[:4].all() and not status[4:].any()  # the first batch kept, nothing of the failing one

@@ -191,7 +191,7 @@ def check_clip_reproduced(cache: Cache, loaded: LoadedModel, rows: dict[str, lis
         if not item["ok"]:
             raise ExtractionError(item["error"] + "; the cache holds this image, pass --image-root/--mask-root with the "
                                                   "folders it was extracted from")
-        feats = encode_views(loaded.model.encode_image, [item], device)[""]
+        feats = encode_views(loaded.model.encode_image, [item], device, maker)[""]
         for k, kind in enumerate(("full", "fg")):
             cached = F.normalize(cache.image(split, kind, "clip")[0], dim=-1)
             cos = F.cosine_similarity(feats[k, 0], cached, dim=-1)
@@ -398,7 +398,7 @@ def _import_backbone(cache_path: str | Path, method: str, checkpoint: str | Path
                 f"stores {areas[split][idx[j], v]:.4f}; the mask {row['mask'] or '(all ones)'} (or the image) is "
                 "not the one the cache was extracted with. Pass --mask-root / --image-root with the original folders")
         writes = []
-        for suffix, feats in encode_views(forward, items, device).items():
+        for suffix, feats in encode_views(forward, items, device, maker).items():
             writes.append((f"image/{name}/{split}/full{suffix}", idx, feats[0].numpy()))
             writes.append((f"image/{name}/{split}/fg{suffix}", idx, feats[1].numpy()))
         writes.append((f"progress/{split}/status", idx, np.full(len(idx), DONE, dtype=np.uint8)))
@@ -422,7 +422,7 @@ def _import_backbone(cache_path: str | Path, method: str, checkpoint: str | Path
     result = run_pass(job, what=f"import {name}", lock=cache.path, part=part, splits=list(rows), fingerprint=fingerprint,
                       resume=options.resume, prepare=prepare, dataset_for=dataset_for, encode=encode, finish=finish,
                       batch_size=options.batch_size, workers=options.workers, progress=progress,
-                      stop_after_batches=stop_after_batches)
+                      stop_after_batches=stop_after_batches, pin_memory=device.type == "cuda")
     provenance, resumed = result["provenance"], result["resumed"]
     seconds = time.perf_counter() - started
     counts = {s: len(r) for s, r in rows.items()}
