@@ -119,34 +119,42 @@ class Group:
         d, dev = self.data, self.device
         views = d.full.shape[1]
         flat = lambda t: t.flatten(0, 1).to(dev, torch.float32)  # noqa: E731
-        x, x_fg, x_clip = flat(d.full), flat(d.fg), flat(d.clip)
+        x, x_fg = flat(d.full), flat(d.fg)
+        x_clip = x if d.clip is d.full else flat(d.clip)  # the CLIP view is the backbone's own when it is CLIP
         area = flat(d.area)
         y = d.y.repeat_interleave(views).to(dev)
         txt_bb, txt_clip = d.txt_bb.to(dev), d.txt_clip.to(dev)
         s = d.scale
+        n, C, D = x.shape[0], txt_bb.shape[0], x.shape[1]
+        self.cols = {"x": D, "z_full": C, "z_diff": C, "onehot": C, "p_full": C, "p_fg": C, "p_clip": C,
+                     "nh_full": 1, "nh_fg": 1, "nh_clip": 1, "gate_in": 2 * GATE_INPUTS, "r_star": 1, "usable": 1}
+        keys = [(c.tau, c.frg_margin, c.area_min, c.area_max) for c in self.cfgs]
+        self.variants = sorted(set(keys))
         with torch.no_grad():
             z_full = s * x @ F.normalize(txt_bb, dim=-1).T
             z_fg = s * x_fg @ F.normalize(txt_bb, dim=-1).T
             z_clip = s * F.normalize(x_clip, dim=-1) @ F.normalize(txt_clip, dim=-1).T
+            del x_fg, x_clip  # only their logits are needed from here on
             ce_full = F.cross_entropy(z_full, y, reduction="none")
             ce_fg = F.cross_entropy(z_fg, y, reduction="none")
-            onehot = F.one_hot(y, z_full.shape[1]).to(z_full.dtype)
-            keys = [(c.tau, c.frg_margin, c.area_min, c.area_max) for c in self.cfgs]
-            self.variants = sorted(set(keys))
-            tables = []
-            for tau, margin, lo, hi in self.variants:
-                p = [(z / tau).softmax(-1) for z in (z_full, z_fg, z_clip)]
-                neg_h = [torch.xlogy(q, q).sum(-1, keepdim=True) for q in p]
-                u = frg_indicators(z_full, z_fg, area, tau, FRG_INDICATORS)
-                v = brg_indicators(z_full, z_clip, tau, BRG_INDICATORS)
+            # the table is allocated once and filled in place (no per-variant pieces and no concatenation)
+            self.table = torch.empty(len(self.variants) * n, sum(self.cols.values()), device=dev)
+            for i, (tau, margin, lo, hi) in enumerate(self.variants):
+                col = dict(zip(self.cols, self.table[i * n:(i + 1) * n].split(list(self.cols.values()), dim=1)))
+                col["x"].copy_(x)
+                col["z_full"].copy_(z_full)
+                col["z_diff"].copy_(z_clip - z_full)
+                col["onehot"].zero_().scatter_(1, y[:, None], 1.0)
+                for name, z in (("full", z_full), ("fg", z_fg), ("clip", z_clip)):
+                    p = (z / tau).softmax(-1)
+                    col[f"p_{name}"].copy_(p)
+                    col[f"nh_{name}"].copy_(torch.xlogy(p, p).sum(-1, keepdim=True))
+                    del p
+                col["gate_in"][:, :GATE_INPUTS].copy_(frg_indicators(z_full, z_fg, area, tau, FRG_INDICATORS))
+                col["gate_in"][:, GATE_INPUTS:].copy_(brg_indicators(z_full, z_clip, tau, BRG_INDICATORS))
                 usable = ((area >= lo) & (area <= hi)).to(x.dtype)
-                r_star = (ce_fg + margin < ce_full).to(x.dtype) * usable
-                tables.append(torch.cat([x, z_full, z_clip - z_full, onehot, *p, *neg_h, u, v, r_star[:, None],
-                                         usable[:, None]], dim=1))
-            self.table = torch.cat(tables)  # (variants · rows, width)
-        C, D = z_full.shape[1], x.shape[1]
-        self.cols = {"x": D, "z_full": C, "z_diff": C, "onehot": C, "p_full": C, "p_fg": C, "p_clip": C,
-                     "nh_full": 1, "nh_fg": 1, "nh_clip": 1, "gate_in": 2 * GATE_INPUTS, "r_star": 1, "usable": 1}
+                col["r_star"].copy_(((ce_fg + margin < ce_full).to(x.dtype) * usable)[:, None])
+                col["usable"].copy_(usable[:, None])
         self.txt = txt_bb
         self.n_classes = C
         self._row_offsets()
