@@ -32,6 +32,7 @@ from .data import SPLITS, Dataset, base_new_split, fewshot_splits, short_classes
 from .datasets import find_mask
 from .device import module_device, moved_to
 from .distributed import Job, current_job
+from .extraction_plan import ExtractionPlan, plan_extraction
 from .models import LoadedModel
 from .passes import DONE, PENDING, SKIPPED, BatchWrites, PassReport, run_pass
 from .store import FORMAT, FORMAT_VERSION, CacheError, check_partial, partial_path
@@ -58,7 +59,7 @@ class ExtractOptions:
     shots: int = 16
     seed: int = 1
     train_views: int = DEFAULT_TRAIN_VIEWS
-    batch_size: int = 64
+    batch_size: int | str = 64  # images per batch, or "auto" (`extraction_plan`)
     workers: int = 2
     device: str = "auto"
     missing_mask: str = "error"
@@ -88,8 +89,8 @@ class ExtractOptions:
                 raise ValueError(f"{name} must be one of {allowed}, got {value!r}")
         if self.train_views < 1:
             raise ValueError(f"train_views must be >= 1, got {self.train_views}")
-        if self.batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
+        if self.batch_size != "auto" and (isinstance(self.batch_size, str) or self.batch_size < 1):
+            raise ValueError(f"batch_size must be >= 1 or 'auto', got {self.batch_size!r}")
         if self.encode_batch < 1:
             raise ValueError(f"encode_batch must be >= 1, got {self.encode_batch}")
 
@@ -108,6 +109,7 @@ class ExtractSummary:
     short_classes: dict[str, list[dict]] = field(default_factory=dict)
     world_size: int = 1
     ranks: list[dict] = field(default_factory=list)  # per rank: rows it encoded and the seconds of its pass
+    plan: dict = field(default_factory=dict)  # `extraction_plan.ExtractionPlan`: batch size, memory per batch
 
 
 def default_output(dataset: str, model: str, pretrained: str | None, shots: int, seed: int, views: int,
@@ -311,6 +313,7 @@ def extract(
     progress: Callable[[str, int, int], None] | None = None,
     stop_after_batches: int | None = None,
     job: Job | None = None,
+    on_plan: Callable[[ExtractionPlan], None] | None = None,
 ) -> ExtractSummary:
     """Write the cache for `dataset` to `out`.
 
@@ -318,7 +321,9 @@ def extract(
     with the rows of every rank). `stop_after_batches` simulates an interruption after that many
     batches (tests and benchmarks use it). `job` is the torchrun job this process belongs to
     (default: from the environment, `distributed.current_job`); every rank calls `extract` with the
-    same arguments and gets the same summary.
+    same arguments and gets the same summary. `on_plan(plan)` hears the memory plan (batch size,
+    memory per batch) before the pass starts; a plan whose queued batches cannot fit in /dev/shm is
+    refused then.
     """
     options.validate()
     out = Path(out)
@@ -334,6 +339,13 @@ def extract(
     device = job.device(options.device)
     precision = resolve_precision(options.precision, device, options.store_dtype)
     compute = {"device_type": device.type, "precision": precision}
+    plan = plan_extraction(batch_size=options.batch_size, views=max(views.values()),
+                           image_size=int(loaded.preprocess["size"]), workers=options.workers,
+                           encode_batch=options.encode_batch, device=device, precision=precision, model=loaded.model)
+    if on_plan:
+        on_plan(plan)
+    if plan.workers and plan.shared_available is not None and plan.shared_bytes > plan.shared_available:
+        raise ExtractionError(plan.problems()[0])
     provenance = {
         **loaded.provenance,
         "dataset": dataset.name,
@@ -426,7 +438,7 @@ def extract(
         return ExtractSummary(out=out, counts=counts, skipped=skipped, full_masks=full_masks, resized_masks=resized,
                               empty_masks=empty, resumed_rows=report.resumed, seconds=seconds,
                               images_per_second=encoded / seconds if seconds > 0 else 0.0, short_classes=short,
-                              world_size=job.world_size, ranks=report.ranks)
+                              world_size=job.world_size, ranks=report.ranks, plan=plan.as_dict())
 
     with moved_to(model, device):
         return run_pass(job, what="extract", lock=out, part=part, splits=list(SPLITS), fingerprint=fingerprint,
@@ -434,7 +446,7 @@ def extract(
                         encode=lambda split, items: _encode_batch(split, items, model, device, options.bad_image, maker,
                                                                   precision, options.encode_batch,
                                                                   lambda i: rows[split][i]["relpath"]),
-                        finish=finish, batch_size=options.batch_size, workers=options.workers, progress=progress,
+                        finish=finish, batch_size=plan.batch_size, workers=options.workers, progress=progress,
                         stop_after_batches=stop_after_batches, pin_memory=device.type == "cuda")
 
 

@@ -287,3 +287,55 @@ def test_memory_estimate_covers_the_measured_peak_of_prepare(clip_is_backbone, c
     assert peak > table  # the measurement sees the table being built
     assert shared >= peak, (shared, peak)
     assert shared < 3 * peak, (shared, peak)  # and is not a blanket overestimate
+
+
+# ---------------------------------------------------------------- extraction memory plan
+
+def _plan(tiny_model, **kw):
+    from fvgpt_cache.extraction_plan import plan_extraction
+
+    args = dict(batch_size=64, views=11, image_size=224, workers=2, encode_batch=256, device=torch.device("cpu"),
+                precision="fp32", model=tiny_model.model)
+    return plan_extraction(**{**args, **kw})
+
+
+def test_extraction_memory_grows_with_batch_size_and_workers(tiny_model):
+    p = _plan(tiny_model)
+    assert p.batch_bytes == 64 * 11 * 4 * 224 * 224  # uint8 pixels + bool mask per view: ~141 MB (float32 was 4×3/4 more)
+    assert p.shared_bytes == 2 * 2 * p.batch_bytes  # two workers × two queued batches
+    assert _plan(tiny_model, batch_size=128).shared_bytes == 2 * p.shared_bytes
+    assert _plan(tiny_model, workers=8).shared_bytes == 4 * p.shared_bytes
+    assert _plan(tiny_model, workers=8).host_bytes > p.host_bytes
+    cuda = _plan(tiny_model, device=torch.device("cuda"), precision="fp16")  # planning only: nothing runs on CUDA
+    assert cuda.host_bytes < p.host_bytes + p.batch_bytes and cuda.encoder_bytes < p.encoder_bytes  # activations on the GPU, half size
+    assert "batch 64 images × 11 views" in p.describe() and "/dev/shm" in p.describe()
+
+
+def test_auto_batch_size_takes_the_largest_power_of_two_that_fits(tiny_model, monkeypatch):
+    from fvgpt_cache import extraction_plan as ep
+
+    per_image = _plan(tiny_model, batch_size=1, workers=0).batch_bytes
+    monkeypatch.setattr(ep, "host_memory_available", lambda: 64 << 30)
+    monkeypatch.setattr(ep, "shared_memory_available", lambda path="/dev/shm": 2 * (2 * 2 * 40 * per_image))
+    p = _plan(tiny_model, batch_size="auto")
+    assert p.batch_size == 32 and p.batch_rule.startswith("auto")  # 64 would need more than half of /dev/shm
+    assert p.shared_bytes <= 0.5 * p.shared_available < _plan(tiny_model, batch_size=64).shared_bytes
+    monkeypatch.setattr(ep, "shared_memory_available", lambda path="/dev/shm": None)
+    monkeypatch.setattr(ep, "host_memory_available", lambda: 1 << 20)
+    with pytest.raises(ValueError, match="not even one image per batch fits"):
+        _plan(tiny_model, batch_size="auto")
+
+
+def test_extraction_says_its_plan_and_refuses_a_full_dev_shm(tmp_path, generic_data, tiny_model, monkeypatch):
+    from fvgpt_cache import extraction_plan as ep
+    from fvgpt_cache.data import generic_dataset
+    from fvgpt_cache.extraction import ExtractionError, ExtractOptions, extract
+
+    ds = generic_dataset(*generic_data)
+    seen = []
+    summary = extract(ds, tiny_model, tmp_path / "a.h5", ExtractOptions(shots=2, train_views=2, workers=0,
+                                                                        batch_size="auto"), on_plan=seen.append)
+    assert seen and summary.plan["batch_size"] == seen[0].batch_size == 256 and summary.plan["views"] == 2
+    monkeypatch.setattr(ep, "shared_memory_available", lambda path="/dev/shm": 1000)
+    with pytest.raises(ExtractionError, match=r"need .* GiB of /dev/shm but 0.00 GiB are free.*--shm-size"):
+        extract(ds, tiny_model, tmp_path / "b.h5", ExtractOptions(shots=2, train_views=2, workers=1))
