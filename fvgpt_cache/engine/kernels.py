@@ -128,3 +128,12 @@ def float32_numerics():
             setattr(owner, name, value)
         if legacy:
             torch.set_float32_matmul_precision(precision)
+
+
+def float32_settings() -> dict[str, str]:
+    """The environment's float32 product settings, by name (what `float32_numerics` overrides while training)."""
+    names = {id(torch.backends.cuda.matmul): "cuda.matmul", id(torch.backends.cudnn): "cudnn",
+             id(getattr(torch.backends.cudnn, "conv", None)): "cudnn.conv",
+             id(getattr(torch.backends.mkldnn, "matmul", None)): "mkldnn.matmul"}
+    return {f"{names.get(id(owner), type(owner).__name__)}.{name}": str(getattr(owner, name))
+            for owner, name, _ in _precision_settings()}
