@@ -39,7 +39,9 @@ import torch.nn.functional as F
 from ..datasets import find_mask
 from ..device import module_device
 from ..distributed import Job, current_job
-from ..extraction import STORE_DTYPES, ExtractionError, ViewDataset, encode_views
+from ..extraction import (
+    STORE_DTYPES, ExtractionError, ViewDataset, check_compute, check_finite, encode_views, resolve_precision,
+)
 from ..passes import DONE, BatchWrites, PassReport, run_pass
 from ..models import LoadedModel
 from ..store import Cache, CacheError, check_partial, open_cache, write_text_group
@@ -362,6 +364,8 @@ def _import_backbone(cache_path: str | Path, method: str, checkpoint: str | Path
     settings = backbone.settings()
     if method == "mmrl":
         settings["template"] = template
+    precision = resolve_precision("auto", device, store_dtype)
+    settings["compute"] = {"device_type": device.type, "precision": precision}  # in the fingerprint and provenance
     fingerprint = _fingerprint(method, name, cache, ckpt, settings, rows, store_dtype)
     views = {s: len(r[0]["views"]) if r else int(cache.boxes(s).shape[1]) for s, r in rows.items()}
     areas = {s: cache.areas(s).numpy() for s in rows}
@@ -374,9 +378,12 @@ def _import_backbone(cache_path: str | Path, method: str, checkpoint: str | Path
         if _existing_groups(cache.path, name) and not options.force:
             raise CacheError(f"{cache.path} got {name!r} groups meanwhile; pass --force to replace them")
         if part.exists():
+            check_compute(part, settings["compute"])
             check_partial(part, fingerprint, "another checkpoint, other settings or another cache")
         else:
             _create_partial(part, fingerprint, name, rows, views, backbone.outputs, text.shape[1], STORE_DTYPES[store_dtype])
+            with h5py.File(part, "r+") as f:
+                f.attrs["compute"] = json.dumps(settings["compute"])
 
     def dataset_for(split: str, pending: np.ndarray) -> ViewDataset:
         return ViewDataset([rows[split][i] for i in pending], image_root, maker, stored_views)
@@ -398,7 +405,8 @@ def _import_backbone(cache_path: str | Path, method: str, checkpoint: str | Path
                 f"stores {areas[split][idx[j], v]:.4f}; the mask {row['mask'] or '(all ones)'} (or the image) is "
                 "not the one the cache was extracted with. Pass --mask-root / --image-root with the original folders")
         writes = []
-        for suffix, feats in encode_views(forward, items, device, maker).items():
+        for suffix, feats in encode_views(forward, items, device, maker, precision).items():
+            check_finite(feats, split, items, lambda i: rows[split][i]["relpath"], precision)
             writes.append((f"image/{name}/{split}/full{suffix}", idx, feats[0].numpy()))
             writes.append((f"image/{name}/{split}/fg{suffix}", idx, feats[1].numpy()))
         writes.append((f"progress/{split}/status", idx, np.full(len(idx), DONE, dtype=np.uint8)))
