@@ -344,7 +344,7 @@ def extract(
                            encode_batch=options.encode_batch, device=device, precision=precision, model=loaded.model)
     if on_plan:
         on_plan(plan)
-    if plan.workers and plan.shared_available is not None and plan.shared_bytes > plan.shared_available:
+    if any("/dev/shm" in problem for problem in plan.problems()):
         raise ExtractionError(plan.problems()[0])
     provenance = {
         **loaded.provenance,

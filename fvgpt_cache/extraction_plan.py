@@ -42,14 +42,16 @@ class ExtractionPlan:
     host_available: int
     shared_available: int | None  # free /dev/shm; None when it cannot be read
     batch_rule: str = "given"
+    processes_per_node: int = 1  # torchrun's LOCAL_WORLD_SIZE: processes that share this node's memory and /dev/shm
 
     def as_dict(self) -> dict:
         return asdict(self)
 
     def describe(self) -> str:
         gb = lambda b: f"{b / 2**30:.2f} GiB" if b >= 2**30 else f"{b / 2**20:.0f} MiB"  # noqa: E731
+        node = f" per process, × {self.processes_per_node} processes on this node" if self.processes_per_node > 1 else ""
         shm = "" if self.workers == 0 else (
-            f"; /dev/shm {gb(self.shared_bytes)} for {self.workers} worker(s) × {PREFETCH} queued batches"
+            f"; /dev/shm {gb(self.shared_bytes)} for {self.workers} worker(s) × {PREFETCH} queued batches{node}"
             + ("" if self.shared_available is None else f" (free {gb(self.shared_available)})"))
         where = "device memory" if self.device == "cuda" else "host memory"
         return (f"plan: {self.device}, precision {self.precision}, batch {self.batch_size} images × {self.views} views "
@@ -60,12 +62,13 @@ class ExtractionPlan:
     def problems(self) -> list[str]:
         """What will not fit, said before the pass starts."""
         out = []
-        if self.shared_available is not None and self.workers and self.shared_bytes > self.shared_available:
-            out.append(f"the workers' queued batches need {self.shared_bytes / 2**30:.2f} GiB of /dev/shm but "
+        shared, host = self.shared_bytes * self.processes_per_node, self.host_bytes * self.processes_per_node
+        if self.shared_available is not None and self.workers and shared > self.shared_available:
+            out.append(f"the workers' queued batches need {shared / 2**30:.2f} GiB of /dev/shm but "
                        f"{self.shared_available / 2**30:.2f} GiB are free: lower --batch-size or --workers, or give "
                        "the container more shared memory (docker --shm-size, a larger /dev/shm on SLURM)")
-        if self.host_bytes > self.host_available:
-            out.append(f"a batch needs about {self.host_bytes / 2**30:.2f} GiB of host memory but "
+        if host > self.host_available:
+            out.append(f"a batch needs about {host / 2**30:.2f} GiB of host memory but "
                        f"{self.host_available / 2**30:.2f} GiB are available: lower --batch-size, --workers or "
                        "--encode-batch (or pass --batch-size auto)")
         return out
@@ -119,8 +122,16 @@ def encoder_activation_bytes(model: torch.nn.Module, images: int, size: int, pre
 
 def plan_extraction(*, batch_size: int | str, views: int, image_size: int, workers: int, encode_batch: int,
                     device: torch.device, precision: str, model: torch.nn.Module) -> ExtractionPlan:
-    """The memory plan of an extraction; `batch_size="auto"` picks one (module docstring)."""
+    """The memory plan of an extraction; `batch_size="auto"` picks one (module docstring).
+
+    Under torchrun every process of a node plans for its share (LOCAL_WORLD_SIZE), and `auto` is
+    refused: the ranks must cut the same batches, and free memory differs between nodes."""
     host_available, shared_available = host_memory_available(), shared_memory_available()
+    per_node = int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1)
+    if batch_size == "auto" and int(os.environ.get("WORLD_SIZE", "1") or 1) > 1:
+        raise ValueError("--batch-size auto is for one process: under torchrun every rank must cut the same batches. "
+                         "Run the command once without torchrun and with --batch-size auto to see the size it picks "
+                         "(the plan line), then give that number divided by the processes per node")
 
     def plan(b: int, rule: str) -> ExtractionPlan:
         batch = b * views * 4 * image_size * image_size
@@ -134,7 +145,8 @@ def plan_extraction(*, batch_size: int | str, views: int, image_size: int, worke
         return ExtractionPlan(device=device.type, precision=precision, batch_size=b, views=views, image_size=image_size,
                               encode_batch=encode_batch, workers=workers, batch_bytes=batch,
                               shared_bytes=workers * PREFETCH * batch, host_bytes=host, encoder_bytes=encoder,
-                              host_available=host_available, shared_available=shared_available, batch_rule=rule)
+                              host_available=host_available, shared_available=shared_available, batch_rule=rule,
+                              processes_per_node=per_node)
 
     if batch_size != "auto":
         return plan(int(batch_size), "given")

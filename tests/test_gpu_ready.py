@@ -339,3 +339,18 @@ def test_extraction_says_its_plan_and_refuses_a_full_dev_shm(tmp_path, generic_d
     monkeypatch.setattr(ep, "shared_memory_available", lambda path="/dev/shm": 1000)
     with pytest.raises(ExtractionError, match=r"need .* GiB of /dev/shm but 0.00 GiB are free.*--shm-size"):
         extract(ds, tiny_model, tmp_path / "b.h5", ExtractOptions(shots=2, train_views=2, workers=1))
+
+
+def test_a_node_plans_for_all_its_processes_and_torchrun_refuses_auto(tiny_model, monkeypatch):
+    from fvgpt_cache import extraction_plan as ep
+
+    one = _plan(tiny_model)
+    monkeypatch.setattr(ep, "shared_memory_available", lambda path="/dev/shm": 3 * one.shared_bytes)
+    assert not _plan(tiny_model).problems()
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "8")
+    eight = _plan(tiny_model)
+    assert eight.processes_per_node == 8 and "× 8 processes on this node" in eight.describe()
+    assert any("/dev/shm" in p for p in eight.problems())  # 8 processes' queued batches do not fit
+    monkeypatch.setenv("WORLD_SIZE", "16")
+    with pytest.raises(ValueError, match="--batch-size auto is for one process"):
+        _plan(tiny_model, batch_size="auto")
