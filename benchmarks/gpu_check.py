@@ -53,13 +53,13 @@ def reset_peak(device: torch.device) -> None:
 
 
 def versions(device: torch.device) -> dict:
-    import open_clip
     import torchvision
 
     from fvgpt_cache.engine import kernels
+    from fvgpt_cache.models import open_clip_version
 
     out = {"python": sys.version.split()[0], "torch": torch.__version__, "torchvision": torchvision.__version__,
-           "open_clip": open_clip.__version__, "cuda": torch.version.cuda, "device": str(device),
+           "open_clip": open_clip_version(), "cuda": torch.version.cuda, "device": str(device),
            "cudnn": torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None,
            "float32_settings": kernels.float32_settings(),
            "engine_numerics": kernels.NUMERICS,

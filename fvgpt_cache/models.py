@@ -405,6 +405,13 @@ def _download_error(model_name: str, tag: str, exc: Exception) -> RuntimeError:
     )
 
 
+def open_clip_version() -> str:
+    """The installed open_clip_torch release (open_clip itself has `__version__` only since its 2.2x releases)."""
+    from importlib.metadata import version
+
+    return getattr(open_clip, "__version__", None) or version("open_clip_torch")
+
+
 def load_clip(
     model: str = DEFAULT_MODEL,
     pretrained: str | None = DEFAULT_PRETRAINED,
@@ -500,7 +507,7 @@ def load_clip(
     preprocess = _preprocess_of(net)
     prov.update(
         preprocess=preprocess,
-        open_clip_version=open_clip.__version__,
+        open_clip_version=open_clip_version(),
         torch_version=torch.__version__,
         init_seed=seed if pretrained is None else None,
     )

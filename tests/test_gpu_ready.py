@@ -130,6 +130,8 @@ def test_public_fallback_steps_equal_the_fused_kernels(small_data, monkeypatch, 
     monkeypatch.setattr(kernels, "_PROBED", {(optimizer, "cpu"): False})
     plain = Group(small_data, copy.deepcopy(cfgs), torch.device("cpu")).train()
     assert kernels.fused_available(optimizer, torch.device("cpu")) is False
+    assert fused[0][1][0]["numerics"]["optimizer_kernel"] == "fused"
+    assert plain[0][1][0]["numerics"]["optimizer_kernel"] == "public fallback"  # recorded, not silent
     for (a, ha, _), (b, hb, _) in zip(fused, plain):
         for pa, pb in zip(a.parameters(), b.parameters()):
             assert torch.allclose(pa, pb, rtol=1e-4, atol=1e-6), (pa - pb).abs().max()
@@ -166,7 +168,9 @@ def test_engine_trains_in_full_float32_and_records_it(small_data):
             setattr(owner, name, value)
     assert after == environment and environment[:2] == (low, low)
     assert seen and set(seen) == {tuple(value for _, _, value in settings)}
-    assert history[0]["numerics"] == {"float32_matmul": "ieee", "tf32": False} and "numerics" not in history[-1]
+    kernel = "fused" if kernels.fused_available("sgd", torch.device("cpu")) else "public fallback"
+    assert history[0]["numerics"] == {"float32_matmul": "ieee", "tf32": False, "optimizer_kernel": kernel}
+    assert "numerics" not in history[-1]
 
 
 # ---------------------------------------------------------------- extraction: device, precision, finiteness

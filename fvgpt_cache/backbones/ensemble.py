@@ -5,13 +5,12 @@ import time
 from pathlib import Path
 from typing import Sequence
 
-import open_clip
 import torch
 import torch.nn.functional as F
 from open_clip.zero_shot_metadata import OPENAI_IMAGENET_TEMPLATES, SIMPLE_IMAGENET_TEMPLATES
 
 from ..extraction import encode_texts
-from ..models import LoadedModel
+from ..models import LoadedModel, open_clip_version
 from ..store import open_cache, write_text_group
 from .cache_model import model_of, model_record
 
@@ -52,6 +51,6 @@ def write_ensemble(cache_path: str | Path, template_set: str = "imagenet80", pre
     name = name or f"clip_{template_set}"
     prov = {"method": "clip_ensemble", "template_set": template_set, "templates": len(templates),
             "example": _fill(templates[0], "{}"), "image_encoder": "clip", "clip_model": model_record(loaded),
-            "open_clip_version": open_clip.__version__, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+            "open_clip_version": open_clip_version(), "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
     write_text_group(cache.path, name, feats, prov)
     return {"name": name, "template_set": template_set, "templates": len(templates), "shape": list(feats.shape)}

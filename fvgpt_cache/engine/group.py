@@ -416,7 +416,10 @@ class Group:
             terms["acc_fdc"] = terms["acc_fdc"] * 100
             means = {key: v.tolist() for key, v in {**terms, **group.weighted_terms(terms)}.items()}
             for pos, k in enumerate(live):
-                record = {"epoch": epoch, "lr": lr[pos], **({"numerics": dict(NUMERICS)} if epoch == 0 else {})}
+                record = {"epoch": epoch, "lr": lr[pos]}
+                if epoch == 0:  # how this run's numbers were computed: products, and the optimiser's kernel
+                    kernel = "fused" if group.fused[cfgs[k].optimizer] else "public fallback"
+                    record["numerics"] = {**NUMERICS, "optimizer_kernel": kernel}
                 record.update({key: means[key][pos] for key in HISTORY_KEYS if _logged(key, cfgs[k])})
                 histories[k].append(record)
             if progress:
