@@ -15,10 +15,6 @@ from PIL import Image
 torch.set_num_threads(1)
 
 
-def pytest_configure(config):
-    config.addinivalue_line("markers", "cuda: needs a CUDA device; run with FVGPT_TEST_DEVICE=cuda on a GPU machine")
-
-
 def pytest_collection_modifyitems(config, items):
     if os.environ.get("FVGPT_TEST_DEVICE") == "cuda" and torch.cuda.is_available():
         return
