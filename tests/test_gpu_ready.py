@@ -363,3 +363,22 @@ def test_a_node_plans_for_all_its_processes_and_torchrun_refuses_auto(tiny_model
     monkeypatch.setenv("WORLD_SIZE", "16")
     with pytest.raises(ValueError, match="--batch-size auto is for one process"):
         _plan(tiny_model, batch_size="auto")
+
+
+def test_extract_command_prints_the_plan_and_takes_precision_and_encode_batch(tmp_path, generic_data, tiny_config):
+    from typer.testing import CliRunner
+
+    from fvgpt_cache.cli.main import app
+
+    split, images, masks = generic_data
+    out = tmp_path / "c.h5"
+    args = ["extract", "--split-file", split, "--image-root", images, "--mask-root", masks, "--model", tiny_config,
+            "--pretrained", "none", "--shots", "2", "--train-views", "2", "--workers", "0", "--out", out,
+            "--batch-size", "auto", "--encode-batch", "64", "--precision", "bf16"]
+    res = CliRunner().invoke(app, [str(a) for a in args])
+    assert res.exit_code == 0, res.output
+    assert "plan: cpu, precision bf16, batch 256 images × 2 views (auto: the largest power of two" in res.output
+    assert "encoder 64 images per forward" in res.output
+    assert open_cache(out).provenance["compute"] == {"device_type": "cpu", "precision": "bf16"}
+    res = CliRunner().invoke(app, [str(a) for a in args[:-6] + ["--batch-size", "many", "--force"]])
+    assert res.exit_code != 0 and "--batch-size 'many': give a number of images or 'auto'" in res.output
