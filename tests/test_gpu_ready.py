@@ -12,6 +12,7 @@ from fvgpt_cache.engine import Group, TERMS, kernels
 from fvgpt_cache.store import open_cache
 from fvgpt_cache.synthetic import write_feature_cache
 from fvgpt_cache.training import TrainConfig, prepare
+from test_backbones import toy_cache  # noqa: F401  (its toy cache with a CLIP model behind it, as a fixture here)
 
 SYNC_METHODS = ("item", "tolist", "__float__", "__int__", "__bool__", "__index__", "numpy", "cpu")
 
@@ -382,3 +383,20 @@ def test_extract_command_prints_the_plan_and_takes_precision_and_encode_batch(tm
     assert open_cache(out).provenance["compute"] == {"device_type": "cpu", "precision": "bf16"}
     res = CliRunner().invoke(app, [str(a) for a in args[:-6] + ["--batch-size", "many", "--force"]])
     assert res.exit_code != 0 and "--batch-size 'many': give a number of images or 'auto'" in res.output
+
+
+def test_backbone_training_moves_the_callers_model_back(toy_cache, tiny_model, monkeypatch):
+    """`train_backbone(…, loaded=…)` trains where cfg.device says and leaves the caller's model where it was."""
+    from fvgpt_cache.backbones import BackboneConfig, train_backbone
+
+    model = tiny_model.model
+    moves = []
+    original = type(model).to
+
+    def spy(self, *args, **kwargs):
+        if self is model:
+            moves.append(str(args[0]))
+        return original(self, *args, **kwargs)
+    monkeypatch.setattr(type(model), "to", spy)
+    train_backbone(toy_cache, BackboneConfig(method="coop", device="cpu", epochs=2), loaded=tiny_model)
+    assert moves == ["cpu", "cpu"]  # to the training device, then back where it was
