@@ -32,9 +32,16 @@ def extract(
                                              "views 1..V-1 random resized crop + flip (one per FVG-PT epoch)."),
     rrc_scale: str = typer.Option("0.08,1", help="Scale range of the random resized crop, MIN,MAX (MMRL's configs: 0.5,1)."),
     template: Optional[str] = typer.Option(None, help="Text template with {} for the class name (default: the dataset's)."),
-    batch_size: int = typer.Option(64, help="Images per encoder batch."),
+    batch_size: str = typer.Option("64", help="Images per batch (each with all its views), or 'auto': the largest "
+                                               "power of two ≤ 256 whose memory fits in half of the free host memory "
+                                               "and /dev/shm (see docs/gpu.md)."),
+    encode_batch: int = typer.Option(256, help="Images (views) per encoder forward: a batch of 64 images × 11 views "
+                                               "× full and foreground is 1,408; lower it if the GPU runs out of memory."),
     workers: int = typer.Option(2, help="DataLoader worker processes for decoding."),
     device: str = typer.Option("auto", help="auto|cpu|cuda."),
+    precision: str = typer.Option("auto", help="auto|fp32|fp16|bf16: the encoder's autocast. auto: fp16 on CUDA "
+                                               "(fp32 with --dtype float32), fp32 on the CPU. Recorded in provenance; "
+                                               "large open_clip models want bf16."),
     missing_mask: str = typer.Option("error", help="error|full|skip for an image without a mask."),
     bad_image: str = typer.Option("error", help="error|skip for an unreadable image."),
     mask_size_mismatch: str = typer.Option("resize", help="resize (nearest, as the release's loader)|error|skip for a "
@@ -78,8 +85,9 @@ def extract(
         ds = generic_dataset(split_file, image_root, mask_root, template=template or "a photo of a {}.", name=name)
     else:
         fail("say which data to read: --data ROOT --dataset NAME, or --split-file FILE --image-root DIR")
-    options = ExtractOptions(shots=k, seed=seed, train_views=train_views, batch_size=batch_size, workers=workers,
-                             device=device, missing_mask=missing_mask, bad_image=bad_image,
+    options = ExtractOptions(shots=k, seed=seed, train_views=train_views, batch_size=parse_batch_size(batch_size),
+                             workers=workers, device=device, precision=precision, encode_batch=encode_batch,
+                             missing_mask=missing_mask, bad_image=bad_image,
                              mask_size_mismatch=mask_size_mismatch, fg_mode=fg_mode, template=template,
                              store_dtype=dtype, resume=resume, force=force,
                              augment=AugmentConfig(scale=parse_scale(rrc_scale)))
@@ -94,7 +102,8 @@ def extract(
         err.print("[bold yellow]warning:[/] --pretrained none: the model has random weights (seeded); "
                   "its features are only a smoke test")
     with split_progress() if lead else contextlib.nullcontext() as update:
-        summary = run_extract(ds, loaded, out, options, progress=update, job=job)
+        summary = run_extract(ds, loaded, out, options, progress=update, job=job,
+                              on_plan=show_plan if lead else None)
     if not lead:
         return
     console.print(f"wrote [bold]{escape(str(summary.out))}[/]: " + ", ".join(f"{s} {n}" for s, n in summary.counts.items())
@@ -118,6 +127,22 @@ def extract(
         err.print(f"[bold yellow]warning:[/] {escape(w)}", highlight=False)
 
 
+def parse_batch_size(text: str) -> int | str:
+    if text == "auto":
+        return text
+    try:
+        return int(text)
+    except ValueError:
+        raise ValueError(f"--batch-size {text!r}: give a number of images or 'auto'") from None
+
+
+def show_plan(plan) -> None:
+    """The memory plan, said before the pass (on stderr: stdout keeps the results)."""
+    err.print(escape(plan.describe()), highlight=False, soft_wrap=True)
+    for problem in plan.problems():
+        err.print(f"[bold yellow]warning:[/] {escape(problem)}", highlight=False, soft_wrap=True)
+
+
 def parse_scale(text: str) -> tuple[float, float]:
     """`--rrc-scale 0.5,1` → (0.5, 1.0)."""
     try:
@@ -136,7 +161,8 @@ def print_inspection(report: dict) -> None:
     console.print(f"content {report['fingerprint']}", highlight=False, soft_wrap=True)  # SHA-256: what results key on
     info = Table(show_header=False, box=None)
     for key in ("dataset", "model", "pretrained", "pretrained_sha256", "quick_gelu", "shots", "seed", "views",
-                "template", "fg_mode", "mask_root", "store_dtype", "open_clip_version", "torch_version", "created"):
+                "template", "fg_mode", "mask_root", "store_dtype", "compute", "open_clip_version", "torch_version",
+                "created"):
         if key != "pretrained_sha256" or prov.get(key):
             info.add_row("weights sha256" if key == "pretrained_sha256" else key, escape(str(prov.get(key))))
     for line in format_short_classes(report.get("short_classes") or {}):

@@ -1,4 +1,5 @@
-"""The torch device a command runs on, and the thread count of work that must not depend on it."""
+"""The torch device a command runs on, moving a caller's model there and back, and the thread count of
+work that must not depend on it."""
 from __future__ import annotations
 
 import contextlib
@@ -38,3 +39,24 @@ def one_cpu_thread(device: torch.device) -> Iterator[None]:
         yield
     finally:
         torch.set_num_threads(threads)
+def module_device(module: torch.nn.Module) -> torch.device:
+    """The device of a module's first parameter (or buffer); the CPU for a module without tensors."""
+    for t in module.parameters():
+        return t.device
+    for t in module.buffers():
+        return t.device
+    return torch.device("cpu")
+
+
+@contextlib.contextmanager
+def moved_to(module: torch.nn.Module, device: torch.device):
+    """`module` on `device` for the duration of the block, then back on the device it came from.
+
+    A pass that is given a caller's model (extraction, backbone training and imports) runs it where
+    the options say and leaves it where it was, so the caller's later CPU tensors still meet a CPU model."""
+    before = module_device(module)
+    module.to(device)
+    try:
+        yield module
+    finally:
+        module.to(before)

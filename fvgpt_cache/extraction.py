@@ -30,8 +30,9 @@ from torch.utils.data import Dataset as TorchDataset
 
 from .data import SPLITS, Dataset, base_new_split, fewshot_splits, short_classes
 from .datasets import find_mask
-from .device import one_cpu_thread
+from .device import module_device, moved_to, one_cpu_thread
 from .distributed import Job, current_job
+from .extraction_plan import ExtractionPlan, plan_extraction
 from .models import LoadedModel
 from .passes import DONE, PENDING, SKIPPED, BatchWrites, PassReport, run_pass
 from .feature_checks import cache_warnings, token_warnings
@@ -46,6 +47,9 @@ DEFAULT_TRAIN_VIEWS = 11  # view 0 (deterministic) + one augmented view per epoc
 # Policies that only decide what happens to one bad row: a rerun may change them and still resume.
 ROW_POLICIES = ("bad_image_policy", "mask_size_policy")
 STORE_DTYPES = {"float16": np.float16, "float32": np.float32}
+PRECISIONS = ("auto", "fp32", "fp16", "bf16")
+AUTOCAST = {"fp16": torch.float16, "bf16": torch.bfloat16}
+DEFAULT_ENCODE_BATCH = 256  # images per encoder forward (a batch of 64 images × 11 views × 2 is 1,408)
 
 
 class ExtractionError(RuntimeError):
@@ -57,7 +61,7 @@ class ExtractOptions:
     shots: int = 16
     seed: int = 1
     train_views: int = DEFAULT_TRAIN_VIEWS
-    batch_size: int = 64
+    batch_size: int | str = 64  # images per batch, or "auto" (`extraction_plan`)
     workers: int = 2
     device: str = "auto"
     missing_mask: str = "error"
@@ -66,6 +70,8 @@ class ExtractOptions:
     fg_mode: str = "normalized"
     template: str | None = None
     store_dtype: str = "float16"
+    precision: str = "auto"  # the encoder's autocast: auto (fp16 on CUDA, fp32 on the CPU), fp32, fp16, bf16
+    encode_batch: int = DEFAULT_ENCODE_BATCH  # images (views) per encoder forward
     resume: bool = True
     force: bool = False
     augment: AugmentConfig = field(default_factory=AugmentConfig)
@@ -78,14 +84,17 @@ class ExtractOptions:
             ("fg_mode", self.fg_mode, FG_MODES),
             ("store_dtype", self.store_dtype, tuple(STORE_DTYPES)),
             ("device", self.device, ("auto", "cpu", "cuda")),
+            ("precision", self.precision, PRECISIONS),
         ]
         for name, value, allowed in checks:
             if value not in allowed:
                 raise ValueError(f"{name} must be one of {allowed}, got {value!r}")
         if self.train_views < 1:
             raise ValueError(f"train_views must be >= 1, got {self.train_views}")
-        if self.batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
+        if self.batch_size != "auto" and (isinstance(self.batch_size, str) or self.batch_size < 1):
+            raise ValueError(f"batch_size must be >= 1 or 'auto', got {self.batch_size!r}")
+        if self.encode_batch < 1:
+            raise ValueError(f"encode_batch must be >= 1, got {self.encode_batch}")
 
 
 @dataclass
@@ -103,6 +112,7 @@ class ExtractSummary:
     world_size: int = 1
     ranks: list[dict] = field(default_factory=list)  # per rank: rows it encoded and the seconds of its pass
     warnings: list[str] = field(default_factory=list)  # features that cannot tell classes apart (feature_checks)
+    plan: dict = field(default_factory=dict)  # `extraction_plan.ExtractionPlan`: batch size, memory per batch
 
 
 def default_output(dataset: str, model: str, pretrained: str | None, shots: int, seed: int, views: int,
@@ -120,9 +130,12 @@ def class_prompt(template: str, classname: str) -> str:
 
 
 @torch.no_grad()
-def encode_texts(loaded: LoadedModel, texts: list[str], device: torch.device, batch_size: int = 256) -> torch.Tensor:
-    """L2-normalised CLIP text features of `texts`, float32 on the CPU; on one CPU thread whatever the
-    process's setting (`device.one_cpu_thread`), so one process and N torchrun ranks get the same bits."""
+def encode_texts(loaded: LoadedModel, texts: list[str], device: torch.device | None = None,
+                 batch_size: int = 256) -> torch.Tensor:
+    """L2-normalised CLIP text features of `texts`, float32 on the CPU; computed where the model is unless
+    `device` says otherwise (the model must then already be there); on one CPU thread whatever the process's
+    setting (`device.one_cpu_thread`), so one process and N torchrun ranks get the same bits."""
+    device = module_device(loaded.model) if device is None else torch.device(device)
     out = []
     with one_cpu_thread(device):
         for i in range(0, len(texts), batch_size):
@@ -136,8 +149,9 @@ class ViewDataset(TorchDataset):
 
     `plan(row, img)` gives each view's geometry and box (see `views.ViewMaker`): extraction draws
     them (`DrawnViews`), later passes over a cache read the stored ones. A row's `mask` is a mask
-    file, or None for an all-ones mask. Items report unusable input instead of raising, so the
-    pass decides (skip, or stop with the file named).
+    file, or None for an all-ones mask. An item holds uint8 `pixels` (V, 3, S, S) and a bool `mask`
+    (V, 1, S, S) (`encode_views` normalises them where the encoder runs). Items report unusable
+    input instead of raising, so the pass decides (skip, or stop with the file named).
     """
 
     def __init__(self, rows: list[dict], image_root: Path, maker: ViewMaker, plan: Callable, mask_size_policy: str = "resize"):
@@ -175,14 +189,15 @@ class ViewDataset(TorchDataset):
                 if self.mask_size_policy == "skip":
                     return {**fail, "skip": True, "error": message + " (--mask-size-mismatch skip)"}
                 mask, resized = fit_mask(mask, img.size), True
-        fulls, fgs, areas, boxes = [], [], [], []
+        pixels, masks, areas, boxes = [], [], [], []
         for kind, box in self.plan(row, img):
-            full, fg, area = self.maker(img, mask, kind, box)
-            fulls.append(full)
-            fgs.append(fg)
+            p, m, area = self.maker.pixels(img, mask, kind, box)
+            pixels.append(p)
+            masks.append(m)
             areas.append(area)
             boxes.append(NO_BOX if box is None else box.as_row())
-        return {"index": row["index"], "ok": True, "full": torch.stack(fulls), "fg": torch.stack(fgs),
+        # uint8 pixels and a bool mask per view: the encoding process normalises them on its device
+        return {"index": row["index"], "ok": True, "pixels": torch.stack(pixels), "mask": torch.stack(masks),
                 "area": torch.tensor(areas, dtype=torch.float32), "box": torch.tensor(boxes, dtype=torch.int32),
                 "mask_resized": resized}
 
@@ -257,6 +272,18 @@ def _fingerprint(provenance: dict) -> str:
     return hashlib.sha256(json.dumps(stable, sort_keys=True).encode()).hexdigest()
 
 
+def check_compute(part: Path, compute: dict) -> None:
+    """Refuse to continue a partial file whose rows were computed on another device type or precision."""
+    with h5py.File(part, "r") as f:
+        before = json.loads(f.attrs.get("compute", "null") or "null")
+    if before is not None and before != compute:
+        raise CacheError(
+            f"{part} was started on {before['device_type']} with --precision {before['precision']}, but this run "
+            f"computes on {compute['device_type']} with --precision {compute['precision']}: its rows would mix "
+            f"features of two numerics. Rerun with --device {before['device_type']} --precision {before['precision']} "
+            "to finish it, or with --no-resume to start over")
+
+
 def _create_layout(f: h5py.File, rows: dict[str, list[dict]], views: dict[str, int], dim: int, dtype) -> None:
     for split in SPLITS:
         n, v = len(rows[split]), views[split]
@@ -306,6 +333,7 @@ def extract(
     progress: Callable[[str, int, int], None] | None = None,
     stop_after_batches: int | None = None,
     job: Job | None = None,
+    on_plan: Callable[[ExtractionPlan], None] | None = None,
 ) -> ExtractSummary:
     """Write the cache for `dataset` to `out`.
 
@@ -313,7 +341,9 @@ def extract(
     with the rows of every rank). `stop_after_batches` simulates an interruption after that many
     batches (tests and benchmarks use it). `job` is the torchrun job this process belongs to
     (default: from the environment, `distributed.current_job`); every rank calls `extract` with the
-    same arguments and gets the same summary.
+    same arguments and gets the same summary. `on_plan(plan)` hears the memory plan (batch size,
+    memory per batch) before the pass starts; a plan whose queued batches cannot fit in /dev/shm is
+    refused then.
     """
     options.validate()
     out = Path(out)
@@ -326,6 +356,17 @@ def extract(
     rows, full_masks, skipped_missing = _resolve_masks(dataset, samples, options.missing_mask)
     base, new = base_new_split(dataset.num_classes)
     views = {"train": options.train_views, "val": 1, "test": 1}
+    job = job or current_job()
+    device = job.device(options.device)
+    precision = resolve_precision(options.precision, device, options.store_dtype)
+    compute = {"device_type": device.type, "precision": precision}
+    plan = plan_extraction(batch_size=options.batch_size, views=max(views.values()),
+                           image_size=int(loaded.preprocess["size"]), workers=options.workers,
+                           encode_batch=options.encode_batch, device=device, precision=precision, model=loaded.model)
+    if on_plan:
+        on_plan(plan)
+    if any("/dev/shm" in problem for problem in plan.problems()):
+        raise ExtractionError(plan.problems()[0])
     provenance = {
         **loaded.provenance,
         "dataset": dataset.name,
@@ -351,16 +392,15 @@ def extract(
         "fg_mode": options.fg_mode,
         "template": template,
         "store_dtype": options.store_dtype,
+        "compute": compute,  # part of the fingerprint: a partial file is never continued on another device or precision
         "short_classes": short,
         **({"dataset_notes": dataset.extra} if dataset.extra else {}),
     }
     fingerprint = _fingerprint(provenance)
     maker = ViewMaker(loaded.preprocess, options.fg_mode)
     policies = {k: provenance[k] for k in ROW_POLICIES}
-    job = job or current_job()
-    device = job.device(options.device)
     job.start(device)
-    model = loaded.model.to(device)
+    model = loaded.model  # moved to `device` for the pass only (`moved_to`): the caller's model stays where it is
     started = time.perf_counter()
     part = partial_path(out)
 
@@ -368,6 +408,7 @@ def extract(
         if out.exists() and not options.force:
             raise CacheError(f"{out} already exists; pass --force to overwrite it or choose another --out")
         if part.exists():
+            check_compute(part, compute)
             check_partial(part, fingerprint, "different settings (model, data, shots, seed, views, masks or the "
                                              "missing-mask policy)")
         else:
@@ -375,7 +416,7 @@ def extract(
             tmp = part.with_name(part.name + ".new")
             with h5py.File(tmp, "w") as f:
                 f.attrs.update(format=FORMAT, format_version=FORMAT_VERSION, fingerprint=fingerprint,
-                               logit_scale=loaded.logit_scale)
+                               logit_scale=loaded.logit_scale, compute=json.dumps(compute))
                 f.create_dataset(CLASS_NAMES, data=dataset.classnames, dtype=h5py.string_dtype("utf-8"))
                 f.create_dataset(BASE_CLASSES, data=np.array(base, dtype=np.int64))
                 f.create_dataset(NEW_CLASSES, data=np.array(new, dtype=np.int64))
@@ -407,7 +448,7 @@ def extract(
                 provenance["world_sizes"] = report.world_sizes
             provenance["created"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
             f.attrs["provenance"] = json.dumps(provenance)
-            for key in ("fingerprint", "policy_runs", "world_sizes"):
+            for key in ("fingerprint", "policy_runs", "world_sizes", "compute"):
                 if key in f.attrs:
                     del f.attrs[key]
             seal(f)
@@ -421,27 +462,44 @@ def extract(
         return ExtractSummary(out=out, counts=counts, skipped=skipped, full_masks=full_masks, resized_masks=resized,
                               empty_masks=empty, resumed_rows=report.resumed, seconds=seconds,
                               images_per_second=encoded / seconds if seconds > 0 else 0.0, short_classes=short,
-                              world_size=job.world_size, ranks=report.ranks, warnings=warnings)
+                              world_size=job.world_size, ranks=report.ranks, warnings=warnings, plan=plan.as_dict())
 
-    return run_pass(job, what="extract", lock=out, part=part, splits=list(SPLITS), fingerprint=fingerprint,
-                    resume=options.resume, prepare=prepare, dataset_for=dataset_for,
-                    encode=lambda split, items: _encode_batch(split, items, model, device, options.bad_image),
-                    finish=finish, batch_size=options.batch_size, workers=options.workers, progress=progress,
-                    stop_after_batches=stop_after_batches)
+    with moved_to(model, device):
+        return run_pass(job, what="extract", lock=out, part=part, splits=list(SPLITS), fingerprint=fingerprint,
+                        resume=options.resume, prepare=prepare, dataset_for=dataset_for,
+                        encode=lambda split, items: _encode_batch(split, items, model, device, options.bad_image, maker,
+                                                                  precision, options.encode_batch,
+                                                                  lambda i: rows[split][i]["relpath"]),
+                        finish=finish, batch_size=plan.batch_size, workers=options.workers, progress=progress,
+                        stop_after_batches=stop_after_batches, pin_memory=device.type == "cuda")
+
+
+def resolve_precision(precision: str, device: torch.device, store_dtype: str = "float16") -> str:
+    """The encoder's compute precision: `auto` is fp16 autocast on CUDA (fp32 when float32 features are
+    stored, so they are float32 values) and fp32 on the CPU."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"--precision {precision!r}: choose one of {PRECISIONS}")
+    if precision != "auto":
+        return precision
+    return "fp16" if device.type == "cuda" and store_dtype != "float32" else "fp32"
+
+
+@torch.no_grad()
+def _forward(forward: Callable, pixels: torch.Tensor, device: torch.device, precision: str) -> dict[str, torch.Tensor]:
+    with torch.autocast(device.type, dtype=AUTOCAST.get(precision, torch.float32), enabled=precision != "fp32"):
+        out = forward(pixels.to(device, non_blocking=True))
+    out = out if isinstance(out, dict) else {"": out}
+    return {k: F.normalize(v.float(), dim=-1) for k, v in out.items()}
 
 
 @torch.no_grad()
 def run_encoder(forward: Callable[[torch.Tensor], torch.Tensor | dict], pixels: torch.Tensor,
-                device: torch.device) -> dict[str, torch.Tensor]:
-    """L2-normalised float32 CPU outputs of `forward(pixels)`, with fp16 autocast on CUDA.
-
-    `forward` returns one feature tensor (named "") or a dict of them (MMRL: "" and "_rep").
-    """
-    pixels = pixels.to(device, non_blocking=True)
-    with torch.autocast("cuda", dtype=torch.float16, enabled=device.type == "cuda"):
-        out = forward(pixels)
-    out = out if isinstance(out, dict) else {"": out}
-    return {k: F.normalize(v.float(), dim=-1).cpu() for k, v in out.items()}
+                device: torch.device, precision: str = "auto") -> dict[str, torch.Tensor]:
+    """L2-normalised float32 CPU outputs of `forward(pixels)` under the `precision` autocast
+    (`resolve_precision`; auto: fp16 on CUDA). `forward` returns one feature tensor (named "") or a dict
+    of them (MMRL: "" and "_rep")."""
+    precision = resolve_precision(precision, device)
+    return {k: v.cpu() for k, v in _forward(forward, pixels, device, precision).items()}
 
 
 def encode_images(model: torch.nn.Module, pixels: torch.Tensor, device: torch.device) -> torch.Tensor:
@@ -449,16 +507,42 @@ def encode_images(model: torch.nn.Module, pixels: torch.Tensor, device: torch.de
     return run_encoder(model.encode_image, pixels, device)[""]
 
 
-def encode_views(forward, items: list[dict], device: torch.device) -> dict[str, torch.Tensor]:
-    """Features of the full and foreground views of decoded items: {name: (2, B, V, D)}, [0] full, [1] fg."""
-    full = torch.stack([g["full"] for g in items])  # (B, V, 3, S, S)
-    fg = torch.stack([g["fg"] for g in items])
-    b, v = full.shape[:2]
-    feats = run_encoder(forward, torch.cat([full, fg]).flatten(0, 1), device)
-    return {k: x.view(2, b, v, -1) for k, x in feats.items()}
+@torch.no_grad()
+def encode_views(forward, items: list[dict], device: torch.device, maker: ViewMaker, precision: str = "auto",
+                 encode_batch: int = DEFAULT_ENCODE_BATCH) -> dict[str, torch.Tensor]:
+    """Features of the full and foreground views of decoded items: {name: (2, B, V, D)}, [0] full, [1] fg.
+
+    The items' uint8 pixels go to `device` as they are (from pinned memory when the loader pinned
+    them) and are normalised there; the encoder sees at most `encode_batch` images per forward."""
+    precision = resolve_precision(precision, device)
+    pixels = torch.stack([g["pixels"].to(device, non_blocking=True) for g in items]).flatten(0, 1)  # (B·V, 3, S, S)
+    masks = torch.stack([g["mask"].to(device, non_blocking=True) for g in items]).flatten(0, 1)
+    b, v = len(items), pixels.shape[0] // max(len(items), 1)
+    outs = [_forward(forward, maker.normalize(pixels[i:i + encode_batch], masks[i:i + encode_batch], kind), device,
+                     precision)
+            for kind in ("full", "fg") for i in range(0, len(pixels), encode_batch)]
+    return {k: torch.cat([o[k] for o in outs]).cpu().view(2, b, v, -1) for k in outs[0]}
 
 
-def _encode_batch(split: str, items: list[dict], model, device, bad_image: str) -> BatchWrites:
+def check_finite(feats: torch.Tensor, split: str, items: list[dict], path_of: Callable[[int], str],
+                 precision: str) -> None:
+    """Stop with the batch and the first image named when a feature (2, B, V, D) holds NaN or inf."""
+    finite = torch.isfinite(feats).all(-1)  # (2, B, V)
+    if bool(finite.all()):
+        return
+    kind, j, view = (int(i) for i in (~finite).nonzero()[0])
+    rows = [item["index"] for item in items]
+    hint = {"fp16": "large open_clip models overflow in fp16: rerun with --precision bf16 (or fp32)",
+            "bf16": "rerun with --precision fp32"}.get(precision, "check the model's weights")
+    raise ExtractionError(
+        f"non-finite (NaN or inf) features in the {split} batch of rows {min(rows)}–{max(rows)}: "
+        f"{int((~finite).sum())} of {finite.numel()} views, the first {('full', 'fg')[kind]} view {view} of "
+        f"{path_of(rows[j])}, computed with --precision {precision}; {hint}. Nothing of this batch was written; "
+        "finished batches are kept (a rerun with another precision needs --no-resume)")
+
+
+def _encode_batch(split: str, items: list[dict], model, device, bad_image: str, maker: ViewMaker, precision: str,
+                  encode_batch: int, path_of: Callable[[int], str]) -> BatchWrites:
     rows = np.array([item["index"] for item in items])
     status = np.full(len(items), DONE, dtype=np.uint8)
     good, skipped, reasons = [], [], []
@@ -476,8 +560,9 @@ def _encode_batch(split: str, items: list[dict], model, device, bad_image: str) 
     if skipped:
         writes.append((progress_key(split, "error"), rows[skipped], np.array(reasons, dtype=object)))
     if good:
-        feats = encode_views(model.encode_image, [items[j] for j in good], device)[""]
         kept = [items[j] for j in good]
+        feats = encode_views(model.encode_image, kept, device, maker, precision, encode_batch)[""]
+        check_finite(feats, split, kept, path_of, precision)
         idx = rows[good]
         writes += [
             (image_key("clip", split, "full"), idx, feats[0].numpy()),

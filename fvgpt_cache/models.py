@@ -413,6 +413,11 @@ def looks_like_a_file(name: str) -> bool:
     if name.startswith("hf-hub:"):
         return False
     return "/" in name or os.sep in name or name.startswith("~") or name.lower().endswith(WEIGHT_SUFFIXES)
+def open_clip_version() -> str:
+    """The installed open_clip_torch release (open_clip itself has `__version__` only since its 2.2x releases)."""
+    from importlib.metadata import version
+
+    return getattr(open_clip, "__version__", None) or version("open_clip_torch")
 
 
 def load_clip(
@@ -513,7 +518,7 @@ def load_clip(
     preprocess = _preprocess_of(net)
     prov.update(
         preprocess=preprocess,
-        open_clip_version=open_clip.__version__,
+        open_clip_version=open_clip_version(),
         torch_version=torch.__version__,
         init_seed=seed if pretrained is None else None,
     )

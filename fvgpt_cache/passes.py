@@ -90,12 +90,14 @@ def _collate(items: list[dict]) -> list[dict]:
 
 def run_view_pass(batches: list[tuple[str, np.ndarray]], dataset_for: Callable[[str, np.ndarray], TorchDataset],
                   handle_batch: Callable[[str, list[dict]], None], *, workers: int,
-                  after_batch: Callable[[str, int], None] | None = None, stop_after_batches: int | None = None) -> int:
+                  after_batch: Callable[[str, int], None] | None = None, stop_after_batches: int | None = None,
+                  pin_memory: bool = False) -> int:
     """Load each batch's rows with `dataset_for(split, rows)` and hand them to `handle_batch(split, items)`.
 
     One DataLoader per split (its workers decode ahead of the encoder); `after_batch(split, n)` runs
     after each batch; `stop_after_batches` simulates an interruption (KeyboardInterrupt) after that
-    many batches. Returns the number of batches handled.
+    many batches; `pin_memory` (for a CUDA encoder) has the loader copy each batch to page-locked memory
+    so its transfer to the GPU is asynchronous. Returns the number of batches handled.
     """
     handled = 0
     for split, group in itertools.groupby(batches, key=lambda b: b[0]):
@@ -103,7 +105,7 @@ def run_view_pass(batches: list[tuple[str, np.ndarray]], dataset_for: Callable[[
         edges = np.cumsum([0] + [len(p) for p in parts])
         sampler = [list(range(a, b)) for a, b in zip(edges[:-1], edges[1:])]
         loader = DataLoader(dataset_for(split, np.concatenate(parts)), batch_sampler=sampler, num_workers=workers,
-                            collate_fn=_collate, persistent_workers=False,
+                            collate_fn=_collate, persistent_workers=False, pin_memory=pin_memory,
                             worker_init_fn=worker_init() if workers > 0 else None)
         for items in loader:
             if stop_after_batches is not None and handled >= stop_after_batches:
@@ -273,7 +275,7 @@ def run_pass(job: Job, *, what: str, lock: Path, part: Path, splits: list[str], 
              prepare: Callable[[], None], dataset_for: Callable[[str, np.ndarray], TorchDataset],
              encode: Callable[[str, list[dict]], BatchWrites], finish: Callable[[PassReport], object], batch_size: int,
              workers: int, progress: Callable[[str, int, int], None] | None = None,
-             stop_after_batches: int | None = None):
+             stop_after_batches: int | None = None, pin_memory: bool = False):
     """Run a pass over the pending rows of `part` (see the module docstring) and return `finish(report)`.
 
     `prepare()` runs on rank 0 under the lock of `lock` and leaves a partial file whose settings
@@ -284,12 +286,12 @@ def run_pass(job: Job, *, what: str, lock: Path, part: Path, splits: list[str], 
     """
     args = dict(what=what, lock=lock, part=part, splits=splits, fingerprint=fingerprint, resume=resume,
                 prepare=prepare, dataset_for=dataset_for, encode=encode, finish=finish, batch_size=batch_size,
-                workers=workers, progress=progress, stop_after_batches=stop_after_batches)
+                workers=workers, progress=progress, stop_after_batches=stop_after_batches, pin_memory=pin_memory)
     return _run_ranks(job, **args) if job.distributed else _run_alone(**args)
 
 
 def _run_alone(*, what, lock, part, splits, fingerprint, resume, prepare, dataset_for, encode, finish, batch_size,
-               workers, progress, stop_after_batches):
+               workers, progress, stop_after_batches, pin_memory):
     """One process: the batches go straight into the partial file (old shards are folded in first)."""
     with exclusive_lock(lock):
         plan = _prepare(part, splits, resume, prepare, 1)
@@ -309,7 +311,7 @@ def _run_alone(*, what, lock, part, splits, fingerprint, resume, prepare, datase
                 for s in splits:
                     progress(s, done[s], len(plan.status[s]))
             run_view_pass(grid_batches(plan.status, batch_size), dataset_for, handle, workers=workers,
-                          after_batch=after, stop_after_batches=stop_after_batches)
+                          after_batch=after, stop_after_batches=stop_after_batches, pin_memory=pin_memory)
             _check_done(f, part, splits)
         seconds = time.perf_counter() - started
         encoded = int(sum(done.values())) - plan.resumed
@@ -318,7 +320,7 @@ def _run_alone(*, what, lock, part, splits, fingerprint, resume, prepare, datase
 
 
 def _run_ranks(job: Job, *, what, lock, part, splits, fingerprint, resume, prepare, dataset_for, encode, finish,
-               batch_size, workers, progress, stop_after_batches):
+               batch_size, workers, progress, stop_after_batches, pin_memory):
     """One rank of a torchrun job: its share of the batches into its shard; rank 0 locks, plans and assembles."""
     coord = job.coordinator(what)
     rank, world = job.rank, job.world_size
@@ -371,7 +373,7 @@ def _run_ranks(job: Job, *, what, lock, part, splits, fingerprint, resume, prepa
             coord.check()
             mine = grid_batches(plan.status, batch_size)[rank::world]
             run_view_pass(mine, dataset_for, handle, workers=workers, after_batch=after,
-                          stop_after_batches=stop_after_batches)
+                          stop_after_batches=stop_after_batches, pin_memory=pin_memory)
         finally:
             shard.close()
         coord.put(f"finished/{rank}", {"rank": rank, "rows": encoded, "seconds": time.perf_counter() - started})

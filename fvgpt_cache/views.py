@@ -139,17 +139,31 @@ class ViewMaker:
             img, mask = TF.hflip(img), TF.hflip(mask)
         return img, mask
 
+    def pixels(self, img: Image.Image, mask: Image.Image, kind: str, box: Box | None = None):
+        """(image, mask, area) of one view as a decoding worker sends them: uint8 (3, S, S) pixels, a bool
+        (1, S, S) foreground mask and the foreground fraction A(m). Four times smaller than float32 views;
+        `normalize` turns them into the encoder's input on the encoding device."""
+        img_v, mask_v = self.geometry(img, mask, kind, box)
+        pixels = TF.pil_to_tensor(img_v).contiguous()
+        m = TF.pil_to_tensor(mask_v) > 127  # to_tensor(mask) > 0.5 on 0…255 values
+        return pixels, m, float(m.float().mean().item())
+
+    def normalize(self, pixels: torch.Tensor, mask: torch.Tensor, kind: str) -> torch.Tensor:
+        """The encoder's float32 input of uint8 `pixels` (…, 3, S, S) and bool `mask` (…, 1, S, S), on their
+        device: the full view, or (kind "fg") the foreground view of `fg_mode`."""
+        mean, std = self.mean.to(pixels.device), self.std.to(pixels.device)
+        x = pixels.float().div_(255)
+        if kind == "full":
+            return (x - mean) / std
+        m = mask.to(x.dtype)
+        if self.fg_mode == "normalized":  # DAPT / the release: mask the normalised tensor (mean-colour background)
+            return (x - mean) / std * m
+        return (x * m - mean) / std  # pixel space before normalisation: black background
+
     def __call__(self, img: Image.Image, mask: Image.Image, kind: str, box: Box | None = None):
         """(full, fg, area): normalised tensors of one view and the foreground fraction A(m)."""
-        img_v, mask_v = self.geometry(img, mask, kind, box)
-        x = TF.to_tensor(img_v)
-        m = (TF.to_tensor(mask_v) > 0.5).to(x.dtype)
-        full = (x - self.mean) / self.std
-        if self.fg_mode == "normalized":  # DAPT / the release: mask the normalised tensor (mean-colour background)
-            fg = full * m
-        else:  # pixel space before normalisation: black background
-            fg = (x * m - self.mean) / self.std
-        return full, fg, float(m.mean().item())
+        pixels, m, area = self.pixels(img, mask, kind, box)
+        return self.normalize(pixels, m, "full"), self.normalize(pixels, m, "fg"), area
 
 
 def view_generator(seed: int, split_index: int, sample_index: int, view: int) -> torch.Generator:

@@ -1,6 +1,7 @@
 import contextlib
 import json
 import re
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -14,6 +15,29 @@ from typer.testing import CliRunner
 # Every test uses tiny tensors: one intra-op thread is as fast, and it does not spin against other
 # processes on a shared machine (two threads on a busy 2-core machine made steps ~30× slower).
 torch.set_num_threads(1)
+
+
+def pytest_collection_modifyitems(config, items):
+    if os.environ.get("FVGPT_TEST_DEVICE") == "cuda" and torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs CUDA: FVGPT_TEST_DEVICE=cuda on a machine with a GPU")
+    for item in items:
+        if "cuda" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture(autouse=True)
+def test_device(monkeypatch):
+    """The suite runs on the CPU (`auto` resolves to it, subprocesses see no GPU) unless
+    FVGPT_TEST_DEVICE=cuda, when `auto` is the GPU as for a user. Returns the device tests run on."""
+    if os.environ.get("FVGPT_TEST_DEVICE") == "cuda":
+        if not torch.cuda.is_available():
+            pytest.fail("FVGPT_TEST_DEVICE=cuda but torch sees no CUDA device")
+        return torch.device("cuda")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
+    return torch.device("cpu")
+
 
 TINY_CONFIG = {
     "embed_dim": 32,

@@ -271,7 +271,7 @@ def job_args(tmp_path, tiny_config):
     split, images, masks = write_generic_dataset(tmp_path / "data")
     return ["--split-file", split, "--image-root", images, "--mask-root", masks, "--model", tiny_config,
             "--pretrained", "none", "--shots", "4", "--train-views", "3", "--batch-size", "4", "--workers", "0",
-            "--dist-timeout", "60"]
+            "--dist-timeout", "60", "--device", "cpu"]
 
 
 def _cli(*args):
@@ -422,7 +422,7 @@ def test_torchrun_backbone_import_writes_the_groups_of_one_process(tmp_path, tmp
     two = shutil.copy(one, tmp_path / "two.h5")
     deep = load_clip(str(config), "none")
     ckpt = _save(promptsrc_checkpoint(deep.model, deep.tokenizer, _base_names(open_cache(one))), tmp_path / "ck")
-    args = ["--method", "promptsrc", "--checkpoint", ckpt, "--workers", "0", "--batch-size", "3"]
+    args = ["--method", "promptsrc", "--checkpoint", ckpt, "--workers", "0", "--batch-size", "3", "--device", "cpu"]
     res = _cli_with_threads(max(2, os.cpu_count() or 1), "backbone", "import", one, *args)
     assert res.exit_code == 0, res.output
     res = _torchrun(2, "-m", "fvgpt_cache.cli.main", "backbone", "import", two, *args)

@@ -69,7 +69,7 @@ def test_flat_optimizer_equals_torch_optim(group, optimizer):
     cfg = TrainConfig(optimizer=optimizer, lr=0.01, weight_decay=0.05)
     engine = Group(g.data, [cfg], torch.device("cpu"))
     engine._optimizer_setup()
-    engine.set_lr(torch.tensor([0.01]))
+    engine.set_lr([0.01])
     params = [torch.nn.Parameter(p.detach().clone()) for p in engine.heads[0].parameters()]
     kind = torch.optim.SGD if optimizer == "sgd" else torch.optim.AdamW
     kwargs = {"momentum": 0.9} if optimizer == "sgd" else {}

@@ -18,6 +18,18 @@ def syn(tmp_path):
     return write_feature_cache(tmp_path / "syn.h5", **SMALL)
 
 
+def _same_metrics(a, b, device, images=30):
+    """Equal on the CPU (a configuration computes the same bits in any group); on a GPU, where cuBLAS may
+    choose other kernels for another number of configurations, within one test image."""
+    if device.type == "cpu":
+        assert a == b
+        return
+    for method in a:
+        for part in a[method]:
+            if a[method][part] is not None:
+                assert abs(a[method][part] - b[method][part]) <= 100 / images + 1e-9, (method, part)
+
+
 def _close_histories(a, b, tol=1e-4):
     assert len(a) == len(b)
     for ea, eb in zip(a, b):
@@ -31,7 +43,7 @@ def _close_histories(a, b, tol=1e-4):
     ["loss_frg=true,false", "use_pc=true,false", "detach_r=false"],
     ["use_frg=false", "r_without_frg=one,target", "frg_indicators=dH,cos+area"],
 ])
-def test_grid_equals_single_runs(syn, tmp_path, params):
+def test_grid_equals_single_runs(syn, tmp_path, params, test_device):
     runs = expand([syn], [1, 2], parse_params(params), FAST)
     records = {r["run_id"]: r for r in run_grid(runs, tmp_path / "grid")}
     assert len(records) == len(runs)
@@ -39,7 +51,7 @@ def test_grid_equals_single_runs(syn, tmp_path, params):
         single = run_training(syn, run.config, save=False)
         grid = records[run.run_id]
         assert grid["params"] == run.params
-        assert grid["metrics"] == single["metrics"], run.params
+        _same_metrics(grid["metrics"], single["metrics"], test_device)
         _close_histories(grid["history"], single["history"], tol=1e-5)
 
 
@@ -275,7 +287,7 @@ def test_paper_preset_end_to_end_prints_each_table_in_the_paper_layout(tmp_path)
     assert "### Table 5: gate depth" in text and "| 3 layers |" in text
 
 
-def test_a_group_too_big_for_the_budget_trains_in_parts_with_the_same_results(syn, tmp_path):
+def test_a_group_too_big_for_the_budget_trains_in_parts_with_the_same_results(syn, tmp_path, test_device):
     from fvgpt_cache.engine import memory_estimate
     from fvgpt_cache.store import open_cache
     from fvgpt_cache.training import prepare
@@ -288,7 +300,7 @@ def test_a_group_too_big_for_the_budget_trains_in_parts_with_the_same_results(sy
     assert "trained in 3 parts" in messages[0] and "MB shared" in messages[0]
     whole = {r["run_id"]: r for r in run_grid(runs, tmp_path / "whole")}
     for rec in small:
-        assert rec["metrics"] == whole[rec["run_id"]]["metrics"]
+        _same_metrics(rec["metrics"], whole[rec["run_id"]]["metrics"], test_device)
         _close_histories(rec["history"], whole[rec["run_id"]]["history"], tol=1e-5)
 
 

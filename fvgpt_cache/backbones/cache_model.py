@@ -111,18 +111,19 @@ def _weights_argument(cache: Cache, pretrained: str | None) -> str | None:
     )
 
 
-def verify_model(cache: Cache, loaded: LoadedModel, n_classes: int = 8, device: str | torch.device = "cpu") -> float:
+def verify_model(cache: Cache, loaded: LoadedModel, n_classes: int = 8, device: str | torch.device | None = None) -> float:
     """Check that `loaded` reproduces the cache's zero-shot text features; returns the lowest cosine.
 
     The cache's `/text/clip` rows were computed at extraction from the class names and the
-    template; a few of them are recomputed and compared (cosine > 0.999).
+    template; a few of them are recomputed and compared (cosine > 0.999), where the model is
+    (`device`, when given, must be the model's device).
     """
     template = cache.text_attrs("clip").get("template") or cache.provenance.get("template")
     if not template:
         raise CacheError(f"{cache.path} records no template for its CLIP text features; cannot verify the model")
     names = cache.classnames
     idx = np.unique(np.linspace(0, len(names) - 1, min(n_classes, len(names))).round().astype(int))
-    got = encode_texts(loaded, [class_prompt(str(template), names[i]) for i in idx], torch.device(device))
+    got = encode_texts(loaded, [class_prompt(str(template), names[i]) for i in idx], device)
     ref = F.normalize(cache.text("clip")[idx], dim=-1)
     cos = F.cosine_similarity(got, ref, dim=-1)
     worst = float(cos.min())

@@ -12,7 +12,6 @@ as `/text/<name>` groups of the cache, which `fvgpt-cache train --backbone <name
 """
 from __future__ import annotations
 
-import collections
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -23,7 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from ..data import sha256_of
-from ..device import resolve_device
+from ..device import module_device, resolve_device
 from ..evaluation import accuracy
 from ..models import LoadedModel
 from ..prompts import CLASS_TOKEN_POSITIONS, PromptLearner, prompt_features, text_width
@@ -162,6 +161,17 @@ def _acc(img: torch.Tensor, txt: torch.Tensor, y: torch.Tensor) -> float | None:
 
 def train_backbone(cache: Cache | str | Path, cfg: BackboneConfig, progress: Callable[[int, int, dict], None] | None = None,
                    loaded: LoadedModel | None = None, pretrained: str | None = None) -> BackboneResult:
+    """`_fit_backbone` (below); a `loaded` model given by the caller trains on `cfg.device` and is moved back after."""
+    home = None if loaded is None else module_device(loaded.model)
+    try:
+        return _fit_backbone(cache, cfg, progress, loaded, pretrained)
+    finally:
+        if home is not None:
+            loaded.model.to(home)
+
+
+def _fit_backbone(cache: Cache | str | Path, cfg: BackboneConfig, progress: Callable[[int, int, dict], None] | None = None,
+                  loaded: LoadedModel | None = None, pretrained: str | None = None) -> BackboneResult:
     """Learn CoOp / KgCoOp context vectors from the cached view-0 full-image training features.
 
     logits = s · n(f(x)) n(g_ctx(t_c))ᵀ with s the cache's logit scale; loss CE (+ W · the KgCoOp
@@ -207,7 +217,7 @@ def train_backbone(cache: Cache | str | Path, cfg: BackboneConfig, progress: Cal
         for group in optimizer.param_groups:
             group["lr"] = lr
         order = torch.randperm(n, generator=gen)
-        sums = collections.defaultdict(float)
+        sums: dict[str, torch.Tensor] = {}  # summed on the device: no host sync inside the epoch
         batches = 0
         for i in range(0, stop, cfg.batch_size):
             idx = order[i:i + cfg.batch_size].to(device)
@@ -218,15 +228,16 @@ def train_backbone(cache: Cache | str | Path, cfg: BackboneConfig, progress: Cal
             if cfg.method == "kgcoop":
                 kg = kgcoop_loss_term(feats, clip_txt)
                 loss = ce + cfg.kg_weight * kg
-                sums["kg"] += float(kg.detach())
+                sums["kg"] = sums.get("kg", 0) + kg.detach()
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
-            sums["loss"] += float(loss.detach())
-            sums["ce"] += float(ce.detach())
-            sums["acc"] += float((logits.argmax(-1) == y[idx]).float().mean() * 100)
+            sums["loss"] = sums.get("loss", 0) + loss.detach()
+            sums["ce"] = sums.get("ce", 0) + ce.detach()
+            sums["acc"] = sums.get("acc", 0) + (logits.argmax(-1) == y[idx]).float().mean() * 100
             batches += 1
-        history.append({"epoch": epoch, "lr": lr, **{k: v / max(batches, 1) for k, v in sums.items()}})
+        means = torch.stack(list(sums.values())).div(max(batches, 1)).tolist() if sums else []  # one sync per epoch
+        history.append({"epoch": epoch, "lr": lr, **dict(zip(sums, means))})
         if progress:
             progress(epoch + 1, cfg.epochs, history[-1])
 

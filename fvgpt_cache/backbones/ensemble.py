@@ -5,13 +5,12 @@ import time
 from pathlib import Path
 from typing import Sequence
 
-import open_clip
 import torch
 import torch.nn.functional as F
 from open_clip.zero_shot_metadata import OPENAI_IMAGENET_TEMPLATES, SIMPLE_IMAGENET_TEMPLATES
 
 from ..extraction import encode_texts
-from ..models import LoadedModel
+from ..models import LoadedModel, open_clip_version
 from ..store import open_cache, write_text_group
 from .cache_model import model_of, model_record
 
@@ -25,15 +24,14 @@ def _fill(template, classname: str) -> str:
 
 @torch.no_grad()
 def ensemble_text_features(loaded: LoadedModel, classnames: Sequence[str], templates: Sequence,
-                           device: str | torch.device = "cpu") -> torch.Tensor:
+                           device: str | torch.device | None = None) -> torch.Tensor:
     """CLIP's prompt ensembling: mean of the normalised features over templates, re-normalised (C, D).
 
     A template is a string with `{}` or a callable of the class name (open_clip's lists).
     """
     if not templates:
         raise ValueError("give at least one template")
-    device = torch.device(device) if isinstance(device, str) else device
-    total = None
+    total = None  # computed where the model is (`device`, when given, must be the model's device)
     for t in templates:
         feats = encode_texts(loaded, [_fill(t, c) for c in classnames], device)
         total = feats if total is None else total + feats
@@ -53,6 +51,6 @@ def write_ensemble(cache_path: str | Path, template_set: str = "imagenet80", pre
     name = name or f"clip_{template_set}"
     prov = {"method": "clip_ensemble", "template_set": template_set, "templates": len(templates),
             "example": _fill(templates[0], "{}"), "image_encoder": "clip", "clip_model": model_record(loaded),
-            "open_clip_version": open_clip.__version__, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+            "open_clip_version": open_clip_version(), "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
     write_text_group(cache.path, name, feats, prov)
     return {"name": name, "template_set": template_set, "templates": len(templates), "shape": list(feats.shape)}

@@ -37,9 +37,11 @@ import torch
 import torch.nn.functional as F
 
 from ..datasets import find_mask
-from ..device import one_cpu_thread
+from ..device import module_device, one_cpu_thread
 from ..distributed import Job, current_job
-from ..extraction import STORE_DTYPES, ExtractionError, ViewDataset, encode_views
+from ..extraction import (
+    STORE_DTYPES, ExtractionError, ViewDataset, check_compute, check_finite, encode_views, resolve_precision,
+)
 from ..passes import DONE, BatchWrites, PassReport, run_pass
 from ..models import LoadedModel
 from ..store import IMAGE, Cache, CacheError, check_partial, image_key, open_cache, progress_key, text_key, write_text_group
@@ -191,7 +193,7 @@ def check_clip_reproduced(cache: Cache, loaded: LoadedModel, rows: dict[str, lis
         if not item["ok"]:
             raise ExtractionError(item["error"] + "; the cache holds this image, pass --image-root/--mask-root with the "
                                                   "folders it was extracted from")
-        feats = encode_views(loaded.model.encode_image, [item], device)[""]
+        feats = encode_views(loaded.model.encode_image, [item], device, maker)[""]
         for k, kind in enumerate(("full", "fg")):
             cached = F.normalize(cache.image(split, kind, "clip")[0], dim=-1)
             cos = F.cosine_similarity(feats[k, 0], cached, dim=-1)
@@ -301,6 +303,21 @@ def import_backbone(cache_path: str | Path, method: str, checkpoint: str | Path,
                     progress: Callable[[str, int, int], None] | None = None,
                     stop_after_batches: int | None = None, loaded: LoadedModel | None = None,
                     job: Job | None = None) -> ImportSummary:
+    """Write `/text/<name>` and `/image/<name>/…` from a PromptSRC or MMRL checkpoint (module docstring);
+    a `loaded` model given by the caller runs on the options' device and is moved back afterwards."""
+    home = None if loaded is None else module_device(loaded.model)
+    try:
+        return _import_backbone(cache_path, method, checkpoint, options, progress, stop_after_batches, loaded, job)
+    finally:
+        if home is not None:
+            loaded.model.to(home)
+
+
+def _import_backbone(cache_path: str | Path, method: str, checkpoint: str | Path,
+                     options: ImportOptions | None = None,
+                     progress: Callable[[str, int, int], None] | None = None,
+                     stop_after_batches: int | None = None, loaded: LoadedModel | None = None,
+                     job: Job | None = None) -> ImportSummary:
     """Write `/text/<name>` and `/image/<name>/…` from a PromptSRC or MMRL checkpoint (module docstring).
 
     Everything that can be refused (checkpoint of another method, width or depth; class prompts
@@ -348,6 +365,8 @@ def import_backbone(cache_path: str | Path, method: str, checkpoint: str | Path,
     settings = backbone.settings()
     if method == "mmrl":
         settings["template"] = template
+    precision = resolve_precision("auto", device, store_dtype)
+    settings["compute"] = {"device_type": device.type, "precision": precision}  # in the fingerprint and provenance
     fingerprint = _fingerprint(method, name, cache, ckpt, settings, rows, store_dtype)
     views = {s: len(r[0]["views"]) if r else int(cache.boxes(s).shape[1]) for s, r in rows.items()}
     areas = {s: cache.areas(s).numpy() for s in rows}
@@ -360,9 +379,12 @@ def import_backbone(cache_path: str | Path, method: str, checkpoint: str | Path,
         if _existing_groups(cache.path, name) and not options.force:
             raise CacheError(f"{cache.path} got {name!r} groups meanwhile; pass --force to replace them")
         if part.exists():
+            check_compute(part, settings["compute"])
             check_partial(part, fingerprint, "another checkpoint, other settings or another cache")
         else:
             _create_partial(part, fingerprint, name, rows, views, backbone.outputs, text.shape[1], STORE_DTYPES[store_dtype])
+            with h5py.File(part, "r+") as f:
+                f.attrs["compute"] = json.dumps(settings["compute"])
 
     def dataset_for(split: str, pending: np.ndarray) -> ViewDataset:
         return ViewDataset([rows[split][i] for i in pending], image_root, maker, stored_views)
@@ -384,7 +406,8 @@ def import_backbone(cache_path: str | Path, method: str, checkpoint: str | Path,
                 f"stores {areas[split][idx[j], v]:.4f}; the mask {row['mask'] or '(all ones)'} (or the image) is "
                 "not the one the cache was extracted with. Pass --mask-root / --image-root with the original folders")
         writes = []
-        for suffix, feats in encode_views(forward, items, device).items():
+        for suffix, feats in encode_views(forward, items, device, maker, precision).items():
+            check_finite(feats, split, items, lambda i: rows[split][i]["relpath"], precision)
             writes.append((image_key(name, split, "full" + suffix), idx, feats[0].numpy()))
             writes.append((image_key(name, split, "fg" + suffix), idx, feats[1].numpy()))
         writes.append((progress_key(split, "status"), idx, np.full(len(idx), DONE, dtype=np.uint8)))
@@ -408,7 +431,7 @@ def import_backbone(cache_path: str | Path, method: str, checkpoint: str | Path,
     result = run_pass(job, what=f"import {name}", lock=cache.path, part=part, splits=list(rows), fingerprint=fingerprint,
                       resume=options.resume, prepare=prepare, dataset_for=dataset_for, encode=encode, finish=finish,
                       batch_size=options.batch_size, workers=options.workers, progress=progress,
-                      stop_after_batches=stop_after_batches)
+                      stop_after_batches=stop_after_batches, pin_memory=device.type == "cuda")
     provenance, resumed = result["provenance"], result["resumed"]
     seconds = time.perf_counter() - started
     counts = {s: len(r) for s, r in rows.items()}

@@ -12,6 +12,7 @@ from ..heads import BRG_INDICATORS, FRG_INDICATORS, FVGPTHead, brg_indicators, f
 from ..training import (
     TrainConfig, TrainData, build_head, epoch_batches, lr_at_epoch, subsample_per_class, view_schedule,
 )
+from .kernels import NUMERICS, adamw_step, float32_numerics, fused_available, sgd_step
 from .layout import GATE_INPUTS, Layout, gather, put, scatter
 from .mlp import _sum_terms, _times, mlp_backward, mlp_forward
 
@@ -61,8 +62,9 @@ class Group:
         # last bias do receive gradients or decay: in the gate blocks and the adapters' last biases,
         # entries whose mask is 0 are put back after each step.
         last = {f"fdc_img.{lay.fdc_depth - 1}.b", f"fdc_txt.{lay.fdc_depth - 1}.b"}
-        masks = lay.views(mask.to(device))
-        self.masks = {n: m for n, m in masks.items() if (n.startswith("gate.") or n in last) and not bool((m == 1).all())}
+        masks = lay.views(mask.to(device))  # which blocks need it is decided on the CPU copy: no device sync
+        self.masks = {n: masks[n] for n, m in lay.views(mask).items()
+                      if (n.startswith("gate.") or n in last) and not bool((m == 1).all())}
         # per hidden layer of the gate: which units pass through a ReLU (None: all; a 1-layer gate has none)
         self.acts = None if bool((acts > 0).all()) else (acts > 0).to(device).unsqueeze(2)  # (K, depth−1, 1, 2H)
         self.params, self.grads = lay.views(self.flat), lay.views(self.grad)
@@ -74,8 +76,8 @@ class Group:
         """Per-configuration scalars of the loss. Each is computed as a float32 (K, 1) tensor and kept as a
         Python number when every configuration has the same value (then ×1 and +0·x are skipped): the
         same float32 numbers either way, so a configuration computes the same bits alone or in a group."""
-        def col(values) -> Tensor:
-            return torch.tensor([float(v) for v in values], device=self.device).view(-1, 1)
+        def col(values) -> Tensor:  # on the CPU: whether a factor is uniform is decided without a device sync
+            return torch.tensor([float(v) for v in values]).view(-1, 1)
 
         c = self.cfgs
         has_fdc = [x.use_fdc for x in c]
@@ -111,7 +113,7 @@ class Group:
             "dist_tau": w["dist"] / tau, "ce_pc": w["lambda_pc"] * w["ce_pc"],
             "kl_pc_tau": w["lambda_pc"] * w["kl_pc"] / tau,
         }
-        uniform = lambda t: float(t[0]) if bool((t == t[0]).all()) else t  # noqa: E731
+        uniform = lambda t: float(t[0]) if bool((t == t[0]).all()) else t.to(self.device)  # noqa: E731
         self.f2 = {k: uniform(v) for k, v in factors.items()}  # factors of (K, B) tensors
         self.f3 = {k: v if isinstance(v, float) else v.unsqueeze(-1) for k, v in self.f2.items()}  # of (K, B, C)
 
@@ -120,41 +122,51 @@ class Group:
     def prepare(self) -> None:
         """Frozen per-row statistics of the group's training rows (flattened image × view), once.
 
-        One table row per training row and *variant* (a distinct τ, FRG margin, area gate and mask source), so that a
-        step reads all it needs with one index: the backbone image vector x, z_full, z_clip − z_full, the
+        One table row per training row and *variant* (a distinct τ, FRG margin, area gate and mask source), so
+        that a step reads all it needs with one index: the backbone image vector x, z_full, z_clip − z_full, the
         one-hot label, the teacher distributions p_full, p_fg, p_clip at τ and their negative entropies,
-        the FRG and BRG indicators (the gate MLP's input), r* and the area gate's verdict."""
+        the FRG and BRG indicators (the gate MLP's input), r* and the area gate's verdict. The table is
+        allocated once and filled in place (no per-variant pieces, no concatenation)."""
         d, dev = self.data, self.device
         views = d.full.shape[1]
         flat = lambda t: t.flatten(0, 1).to(dev, torch.float32)  # noqa: E731
-        x, x_clip = flat(d.full), flat(d.clip)
+        x = flat(d.full)
+        x_clip = x if d.clip is d.full else flat(d.clip)  # the CLIP view is the backbone's own when it is CLIP
         y = d.y.repeat_interleave(views).to(dev)
         txt_bb, txt_clip = d.txt_bb.to(dev), d.txt_clip.to(dev)
         s = d.scale
+        n, C, D = x.shape[0], txt_bb.shape[0], x.shape[1]
+        self.cols = {"x": D, "z_full": C, "z_diff": C, "onehot": C, "p_full": C, "p_fg": C, "p_clip": C,
+                     "nh_full": 1, "nh_fg": 1, "nh_clip": 1, "gate_in": 2 * GATE_INPUTS, "r_star": 1, "usable": 1}
+        self.variants = sorted(set(_variant(c) for c in self.cfgs))
         with torch.no_grad():
             z_full = s * x @ F.normalize(txt_bb, dim=-1).T
             z_clip = s * F.normalize(x_clip, dim=-1) @ F.normalize(txt_clip, dim=-1).T
+            del x_clip  # only its logits are needed from here on
             ce_full = F.cross_entropy(z_full, y, reduction="none")
-            onehot = F.one_hot(y, z_full.shape[1]).to(z_full.dtype)
-            self.variants = sorted(set(_variant(c) for c in self.cfgs))
-            tables = []
-            for tau, margin, lo, hi, source in self.variants:  # the mask source decides the foreground views
-                src = d.source(source)
-                area = flat(src.area)
-                z_fg = s * flat(src.fg) @ F.normalize(txt_bb, dim=-1).T
-                ce_fg = F.cross_entropy(z_fg, y, reduction="none")
-                p = [(z / tau).softmax(-1) for z in (z_full, z_fg, z_clip)]
-                neg_h = [torch.xlogy(q, q).sum(-1, keepdim=True) for q in p]
-                u = frg_indicators(z_full, z_fg, area, tau, FRG_INDICATORS)
-                v = brg_indicators(z_full, z_clip, tau, BRG_INDICATORS)
+            self.table = torch.empty(len(self.variants) * n, sum(self.cols.values()), device=dev)
+            fg_logits: dict[str, tuple] = {}  # per mask source: z_fg, its CE and the areas (shared by its variants)
+            for i, (tau, margin, lo, hi, source) in enumerate(self.variants):
+                if source not in fg_logits:
+                    src = d.source(source)
+                    z_fg = s * flat(src.fg) @ F.normalize(txt_bb, dim=-1).T
+                    fg_logits[source] = (z_fg, F.cross_entropy(z_fg, y, reduction="none"), flat(src.area))
+                z_fg, ce_fg, area = fg_logits[source]
+                col = dict(zip(self.cols, self.table[i * n:(i + 1) * n].split(list(self.cols.values()), dim=1)))
+                col["x"].copy_(x)
+                col["z_full"].copy_(z_full)
+                col["z_diff"].copy_(z_clip - z_full)
+                col["onehot"].zero_().scatter_(1, y[:, None], 1.0)
+                for name, z in (("full", z_full), ("fg", z_fg), ("clip", z_clip)):
+                    p = (z / tau).softmax(-1)
+                    col[f"p_{name}"].copy_(p)
+                    col[f"nh_{name}"].copy_(torch.xlogy(p, p).sum(-1, keepdim=True))
+                    del p
+                col["gate_in"][:, :GATE_INPUTS].copy_(frg_indicators(z_full, z_fg, area, tau, FRG_INDICATORS))
+                col["gate_in"][:, GATE_INPUTS:].copy_(brg_indicators(z_full, z_clip, tau, BRG_INDICATORS))
                 usable = ((area >= lo) & (area <= hi)).to(x.dtype)
-                r_star = (ce_fg + margin < ce_full).to(x.dtype) * usable
-                tables.append(torch.cat([x, z_full, z_clip - z_full, onehot, *p, *neg_h, u, v, r_star[:, None],
-                                         usable[:, None]], dim=1))
-            self.table = torch.cat(tables)  # (variants · rows, width)
-        C, D = z_full.shape[1], x.shape[1]
-        self.cols = {"x": D, "z_full": C, "z_diff": C, "onehot": C, "p_full": C, "p_fg": C, "p_clip": C,
-                     "nh_full": 1, "nh_fg": 1, "nh_clip": 1, "gate_in": 2 * GATE_INPUTS, "r_star": 1, "usable": 1}
+                col["r_star"].copy_(((ce_fg + margin < ce_full).to(x.dtype) * usable)[:, None])
+                col["usable"].copy_(usable[:, None])
         self.txt = txt_bb
         self.n_classes = C
         self._row_offsets()
@@ -270,6 +282,7 @@ class Group:
         """Per-configuration views of the optimiser's tensors, for torch's fused SGD / AdamW kernels."""
         views = [None if t is None else self.layout.rows(t) for t in (self.flat, self.grad)]
         self.kind = [c.optimizer for c in self.cfgs]
+        self.fused = {kind: fused_available(kind, self.device) for kind in set(self.kind)}  # probed here, not per step
         self.state_flat = {key: torch.zeros_like(self.flat) if needed in self.kind else None
                            for key, needed in (("buf", "sgd"), ("m", "adamw"), ("v", "adamw"))}
         self.state = {key: None if t is None else self.layout.rows(t) for key, t in self.state_flat.items()}
@@ -285,10 +298,10 @@ class Group:
         # adapters' biases (values as scattered; 0 where padding) are put back after every step
         self.frozen = {name: (mask, self.params[name] * (1 - mask)) for name, mask in self.masks.items()}
 
-    def set_lr(self, lr: Tensor) -> None:
+    def set_lr(self, lr: list[float]) -> None:
         """The learning rate of each configuration for the coming epoch; configurations with equal
         optimiser settings step together in one fused call (their tensor lists are built here, once)."""
-        self.lr = lr.tolist()
+        self.lr = list(lr)
         members: dict[tuple, list[int]] = {}
         for k, c in enumerate(self.cfgs):
             members.setdefault((c.optimizer, self.lr[k], c.weight_decay, c.momentum), []).append(k)
@@ -311,12 +324,12 @@ class Group:
         out["step_per_tensor"] = [e["step"] for e in entries for _ in e["params"]]
         return out
 
-    def optimizer_step(self, active: Tensor | None) -> None:
+    def optimizer_step(self, on: list[float] | None) -> None:
         """One step of every active configuration with torch.optim's own fused SGD (momentum, coupled
         weight decay) or AdamW kernel, called once per set of configurations with equal settings;
-        an inactive configuration (its smaller data fraction has no batch left in this epoch) takes no
-        step at all and keeps its states."""
-        on = None if active is None else active.tolist()
+        an inactive configuration (its smaller data fraction has no batch left in this epoch; `on[k]` is 0)
+        takes no step at all and keeps its states. `on` is a host list (the batch plan is made on the
+        host), so choosing the members costs no device sync."""
         for (kind, lr, wd, mom), (members, lists) in self.groups.items():
             if on is not None and not all(on[k] > 0 for k in members):
                 members = [k for k in members if on[k] > 0]
@@ -324,14 +337,12 @@ class Group:
             if not members or lr == 0.0:
                 continue
             if kind == "sgd":
-                torch._fused_sgd_(lists["params"], lists["grads"], [] if mom == 0 else lists["buf"],
-                                  weight_decay=wd, momentum=mom, lr=lr, dampening=0.0, nesterov=False,
-                                  maximize=False, is_first_step=False)
+                sgd_step(lists["params"], lists["grads"], lists["buf"], lr=lr, weight_decay=wd, momentum=mom,
+                         fused=self.fused["sgd"])
             else:
-                torch._foreach_add_(lists["steps"], 1)
-                torch._fused_adamw_(lists["params"], lists["grads"], lists["m"], lists["v"], [],
-                                    lists["step_per_tensor"], amsgrad=False, lr=lr, beta1=BETAS[0], beta2=BETAS[1],
-                                    weight_decay=wd, eps=ADAM_EPS, maximize=False)
+                adamw_step(lists["params"], lists["grads"], lists["m"], lists["v"], lists["steps"],
+                           lists["step_per_tensor"], lr=lr, betas=BETAS, eps=ADAM_EPS, weight_decay=wd,
+                           fused=self.fused["adamw"])
         for name, (mask, value) in self.frozen.items():
             self.params[name].mul_(mask).add_(value)
 
@@ -353,7 +364,8 @@ class Group:
         `should_stop()`, asked after every epoch, ends training with `TrainingStopped` when it is true."""
         threads = torch.get_num_threads()
         try:
-            return self._train(progress, threads, monitor, on_finished, should_stop)
+            with float32_numerics():  # TF32 off, float32 products at full precision: recorded in the history
+                return self._train(progress, threads, monitor, on_finished, should_stop)
         finally:
             torch.set_num_threads(threads)
 
@@ -412,19 +424,23 @@ class Group:
                     weight[j, pos, :len(idx)] = 1.0 / len(idx)
             active = (weight.sum(-1) > 0).to(torch.float32)
             all_active = bool(active.all())
+            on = active.tolist()  # host copies of the plan: the steps below never wait for the device
             rows, weight, active = rows.to(self.device), weight.to(self.device), active.to(self.device)
-            lr = torch.tensor([lr_at_epoch(epoch, cfgs[k]) for k in live], device=self.device)
+            lr = [lr_at_epoch(epoch, cfgs[k]) for k in live]
             group.set_lr(lr)
             sums = torch.zeros(len(TERMS), K, device=self.device)
             for j in range(steps):
                 out = group.step_losses(rows[j], weight[j])
-                group.optimizer_step(None if all_active else active[j])
+                group.optimizer_step(None if all_active else on[j])
                 sums += out if all_active else out * active[j]
             terms = dict(zip(TERMS, sums / active.sum(0).clamp_min(1)))
             terms["acc_fdc"] = terms["acc_fdc"] * 100
             means = {key: v.tolist() for key, v in {**terms, **group.weighted_terms(terms)}.items()}
             for pos, k in enumerate(live):
-                record = {"epoch": epoch, "lr": float(lr[pos])}
+                record = {"epoch": epoch, "lr": lr[pos]}
+                if epoch == 0:  # how this run's numbers were computed: products, and the optimiser's kernel
+                    kernel = "fused" if group.fused[cfgs[k].optimizer] else "public fallback"
+                    record["numerics"] = {**NUMERICS, "optimizer_kernel": kernel}
                 record.update({key: means[key][pos] for key in HISTORY_KEYS if _logged(key, cfgs[k])})
                 histories[k].append(record)
             if monitor is not None:

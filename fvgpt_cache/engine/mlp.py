@@ -4,6 +4,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from .kernels import relu_backward
+
 
 def mlp_forward(x: Tensor, layers: list[tuple[Tensor, Tensor]], act: Tensor | None) -> tuple[Tensor, list[Tensor]]:
     """x (K, N, in) or (N, in) shared; returns the output (K, N, out) and the inputs of each layer.
@@ -40,7 +42,7 @@ def mlp_backward(d_out: Tensor, layers: list[tuple[Tensor, Tensor]], inputs: lis
         if i == 0:
             break
         dh = torch.bmm(d, w)
-        through = torch.ops.aten.threshold_backward(dh, h, 0)  # h = relu(pre): the ReLU's gradient gate
+        through = relu_backward(dh, h)  # h = relu(pre): the ReLU's gradient gate
         d = through if act is None else torch.where(act[:, i - 1], through, dh)
 
 

@@ -14,16 +14,23 @@ from .monitor import Monitor
 
 
 def memory_estimate(data: TrainData, cfgs: list[TrainConfig]) -> tuple[int, int]:
-    """Bytes a group needs: (shared by all its configurations, added by each configuration).
+    """Bytes a group needs at its peak: (shared by all its configurations, added by each configuration).
 
-    Shared: the table of frozen statistics of every training row, once per distinct (τ, FRG margin,
-    area gate): features, logits, one-hot labels, teacher distributions and indicators. Per
-    configuration: its padded parameters with gradient, mask and optimiser states, and the
-    activations of one step."""
+    Shared: the larger of the two phases of `Group.prepare`: first the image features on the device
+    (full, foreground and, unless the backbone is CLIP itself, the CLIP view) with a product's
+    temporary and the three logit tables; then the table of frozen statistics of every training row,
+    once per distinct (τ, FRG margin, area gate), while it is filled (the full-view features and a
+    product's workspace, the logits and one variant's softmax and indicator temporaries, counted as
+    nine (rows, C) tables: measured on the CPU, `tests/test_gpu_ready.py`). Per configuration: its padded
+    parameters with gradient, mask and optimiser states, and the activations of one step."""
     n, views, dim = data.full.shape
     rows, c, b = n * views, len(data.txt_bb), cfgs[0].batch_size
     variants = len({(x.tau, x.frg_margin, x.area_min, x.area_max) for x in cfgs})
-    shared = 4 * rows * variants * (dim + 6 * c + 5 + 2 * GATE_INPUTS) + 8 * rows
+    copies = 2 if data.clip is data.full else 3
+    table = rows * variants * (dim + 6 * c + 5 + 2 * GATE_INPUTS)
+    features = rows * dim * (copies + 1) + 3 * rows * c
+    filling = table + 2 * rows * dim + 3 * rows * c + 9 * rows * c
+    shared = 4 * max(features, filling) + 16 * rows
     h, g = max(x.fdc_hidden for x in cfgs), 2 * max(x.gate_hidden for x in cfgs)
     layers = cfgs[0].fdc_layers
     fdc = 2 * (dim * dim + dim) if layers == 1 else 2 * (2 * dim * h + h + dim + (layers - 2) * (h * h + h))
@@ -33,9 +40,14 @@ def memory_estimate(data: TrainData, cfgs: list[TrainConfig]) -> tuple[int, int]
 
 
 def available_memory(device: torch.device) -> int:
-    """Free memory of the device in bytes (CUDA: free device memory; CPU: the kernel's MemAvailable)."""
-    if device.type == "cuda":
-        return int(torch.cuda.mem_get_info(device)[0])
+    """Free memory of the device in bytes (CUDA: free device memory plus what PyTorch has reserved but not
+    allocated; CPU: the kernel's MemAvailable)."""
+    if device.type == "cuda":  # an explicit index: older torch refuses a CUDA device without one
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        # memory PyTorch's caching allocator holds but no tensor uses is free for this process, though the
+        # driver counts it as used
+        cached = torch.cuda.memory_reserved(index) - torch.cuda.memory_allocated(index)
+        return int(torch.cuda.mem_get_info(index)[0]) + int(cached)
     try:
         with open("/proc/meminfo") as fh:
             for line in fh:
