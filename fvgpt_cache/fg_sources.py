@@ -36,7 +36,8 @@ import torch.nn.functional as F
 
 from .datasets import find_mask
 from .distributed import Job, current_job
-from .extraction import STORE_DTYPES, ExtractionError, ViewDataset, run_encoder
+from .device import module_device
+from .extraction import STORE_DTYPES, ExtractionError, ViewDataset, check_finite, resolve_precision, run_encoder
 from .models import LoadedModel
 from .passes import DONE, BatchWrites, PassReport, run_pass
 from .store import (EXTRACTED_FG, FG_SOURCES, NO_MASK, CacheError, check_partial, fg_source_key, mask_statistics,
@@ -149,7 +150,8 @@ def _plan(cache, image_root: Path, mask_root: Path, policy: str) -> tuple[dict[s
     return rows, missing
 
 
-def _check_full_views(cache, loaded: LoadedModel, rows, image_root: Path, maker: ViewMaker, device) -> float:
+def _check_full_views(cache, loaded: LoadedModel, rows, image_root: Path, maker: ViewMaker, device,
+                      precision: str) -> float:
     """The cache's CLIP on the first image of every split reproduces its cached full views (the same
     images, preprocessing and model), so the new foreground views sit next to the right full views."""
     worst = 1.0
@@ -159,7 +161,8 @@ def _check_full_views(cache, loaded: LoadedModel, rows, image_root: Path, maker:
         item = ViewDataset(split_rows[:1], image_root, maker, lambda row, img: row["views"])[0]
         if not item["ok"]:
             raise ExtractionError(item["error"] + "; pass --image-root with the folder the cache was extracted from")
-        feats = run_encoder(loaded.model.encode_image, item["full"], device)[""]
+        feats = run_encoder(loaded.model.encode_image, maker.normalize(item["pixels"], item["mask"], "full"), device,
+                            precision)[""]
         cos = F.cosine_similarity(feats, F.normalize(cache.image(split, "full", "clip")[0], dim=-1), dim=-1)
         worst = min(worst, float(cos.min()))
         if float(cos.min()) < CLIP_CHECK_THRESHOLD:
@@ -174,7 +177,16 @@ def add_foreground_source(cache_path: str | Path, name: str, mask_root: str | Pa
                           progress: Callable[[str, int, int], None] | None = None,
                           stop_after_batches: int | None = None, job: Job | None = None) -> SourceSummary:
     """Add the mask source `name` to a cache: the foreground views of the masks under `mask_root`
-    See the module docstring."""
+    See the module docstring. A caller's model (`loaded`) is left on the device it came on."""
+    before = None if loaded is None else module_device(loaded.model)
+    try:
+        return _add_foreground_source(cache_path, name, mask_root, options, loaded, progress, stop_after_batches, job)
+    finally:
+        if before is not None:
+            loaded.model.to(before)
+
+
+def _add_foreground_source(cache_path, name, mask_root, options, loaded, progress, stop_after_batches, job):
     options = (options or SourceOptions()).validate()
     started = time.perf_counter()
     name = check_source_name(name)
@@ -200,7 +212,9 @@ def add_foreground_source(cache_path: str | Path, name: str, mask_root: str | Pa
     model = loaded.model.to(device).eval()
     rows, missing = _plan(cache, image_root, mask_root, options.missing_mask)
     maker = ViewMaker(loaded.preprocess, prov.get("fg_mode", "normalized"))
-    clip_cosine = _check_full_views(cache, loaded, rows, image_root, maker, device)
+    # the cache's own numerics (extraction records them), so the new foreground views match its full views
+    precision = resolve_precision((prov.get("compute") or {}).get("precision", "auto"), device, prov.get("store_dtype", "float16"))
+    clip_cosine = _check_full_views(cache, loaded, rows, image_root, maker, device, precision)
     masks_json = mask_root / "masks.json"
     made_by = json.loads(masks_json.read_text()).get("settings") if masks_json.is_file() else None
     store_dtype = prov.get("store_dtype", "float16")
@@ -238,9 +252,12 @@ def add_foreground_source(cache_path: str | Path, name: str, mask_root: str | Pa
                 raise ExtractionError(f"{item['error']}. The cache holds this image, so the source needs it: restore "
                                       "the file or the mask and rerun the same command; finished batches are kept")
         idx = np.array([item["index"] for item in items])
-        fg = torch.stack([item["fg"] for item in items])  # (B, V, 3, S, S): foreground views only
-        b, v = fg.shape[:2]
-        feats = run_encoder(model.encode_image, fg.flatten(0, 1), device)[""].view(b, v, -1)
+        pixels = torch.stack([item["pixels"] for item in items])  # (B, V, 3, S, S) uint8
+        b, v = pixels.shape[:2]
+        fg = maker.normalize(pixels.flatten(0, 1).to(device), torch.stack([item["mask"] for item in items]).flatten(0, 1)
+                             .to(device), "fg")  # the foreground views only
+        feats = run_encoder(model.encode_image, fg, device, precision)[""].view(b, v, -1)
+        check_finite(torch.stack([feats, feats]), split, items, lambda i: rows[split][i]["relpath"], precision)
         return BatchWrites(split=split, rows=idx, writes=[
             (f"fg/{split}", idx, feats.numpy()),
             (f"area/{split}", idx, torch.stack([item["area"] for item in items]).numpy()),
