@@ -1,0 +1,213 @@
+"""`fvgpt-cache run PLAN.toml`: the whole study from one plan (issue 24).
+
+Datasets are miniature copies of CoOp's real folder layouts (the loaders' own fixtures,
+tests/test_datasets.py), the model a tiny open_clip ViT deep enough for PromptSRC's prompt depth,
+and the PromptSRC/MMRL checkpoints are written in the official layout ROOT/<dataset>/seed<S>/…
+(tests/test_import.py), from the same random weights the plan's model has.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from fvgpt_cache.cli.main import app
+from fvgpt_cache.data import base_new_split
+from fvgpt_cache.datasets import load_dataset
+from fvgpt_cache.study import PlanError, build_jobs, load_plan, paper_plan, parse_shard, shard_units
+
+from test_datasets import build
+from test_import import CTX_INIT, DEEP_CONFIG, _save, mmrl_checkpoint, promptsrc_checkpoint  # noqa: F401
+
+TINY = {"embed_dim": 32, "vision_cfg": {"image_size": 32, "layers": 2, "width": 64, "patch_size": 8},
+        "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 64, "heads": 2, "layers": 2}}
+
+
+def cli(*args):
+    return CliRunner().invoke(app, [str(a) for a in args])
+
+
+def write_plan(folder: Path, *, datasets=("oxford_pets",), seeds=(1,), backbones=("coop",), model="tiny.json",
+               checkpoints: dict | None = None, extra: str = "", out: str = "study", train='["table1"]') -> Path:
+    ds = "".join(f'[[dataset]]\nname = "{d}"\n' for d in datasets)
+    ck = "".join(f'{m} = "{p}"\n' for m, p in (checkpoints or {}).items())
+    text = f"""out = "{out}"
+[model]
+name = "{model}"
+pretrained = "none"
+[data]
+root = "data"
+{ds}
+[study]
+seeds = [{", ".join(map(str, seeds))}]
+shots = 4
+backbones = [{", ".join(f'"{b}"' for b in backbones)}]
+train = {train}
+device = "cpu"
+[extract]
+train_views = 2
+batch_size = 8
+workers = 0
+[backbone]
+epochs = 2
+[train]
+epochs = 2
+""" + (f"[checkpoints]\n{ck}" if ck else "") + extra
+    path = folder / "plan.toml"
+    path.write_text(text)
+    return path
+
+
+@pytest.fixture()
+def tiny_study(tmp_path):
+    (tmp_path / "tiny.json").write_text(json.dumps(TINY))
+    build(tmp_path / "data", "oxford_pets")
+    return tmp_path
+
+
+# ------------------------------------------------------------------------------------ plan files
+
+ISSUE_PLAN = """
+out = "studies/paper"
+[model]
+name = "ViT-B-16"            # or a config JSON
+pretrained = "openai"        # or a local checkpoint
+[data]
+root = "/data"               # CoOp layouts for the eleven
+masks = "/data/masks"
+[[dataset]]                  # the eleven by name ...
+name = "oxford_pets"
+[[dataset]]                  # ... or any split-file dataset
+name = "shapes"
+split_file = "shapes/split.json"
+image_root = "shapes/images"
+mask_root = "shapes/masks"
+[study]
+seeds = [1, 2, 3]
+shots = 16
+backbones = ["coop", "kgcoop"]   # promptsrc/mmrl need [checkpoints]
+train = ["table1"]               # table2, presets by name
+[checkpoints]
+promptsrc = "/ckpt/promptsrc"
+"""
+
+
+def test_the_issues_example_plan_loads_as_written(tmp_path):
+    path = tmp_path / "plan.toml"
+    path.write_text(ISSUE_PLAN)
+    plan = load_plan(path)
+    assert plan.out == tmp_path / "studies/paper" and plan.masks == Path("/data/masks")
+    assert [d.name for d in plan.datasets] == ["oxford_pets", "shapes"]
+    assert plan.datasets[1].split_file == Path("/data/shapes/split.json")
+    jobs = build_jobs(plan)
+    kinds = [j.kind for j in jobs]
+    # 2 datasets × 3 seeds: one cache each (CoOp and KgCoOp share the crop scale), two backbones, two grids
+    assert (kinds.count("extract"), kinds.count("backbone"), kinds.count("grid"), kinds.count("report")) == (6, 12, 12, 1)
+    outs = [j.spec.get("out") for j in jobs]
+    assert all(str(o).startswith(str(plan.out)) for o in outs) and len(set(outs)) == len(outs)
+    grid = next(j for j in jobs if j.kind == "grid")
+    assert grid.deps == [f"backbone/coop/{grid.unit}"]
+    assert next(j for j in jobs if j.id == grid.deps[0]).deps == [f"extract/{grid.unit}"]
+
+
+def test_the_paper_plan_loads_and_covers_table1(tmp_path):
+    path = tmp_path / "paper.toml"
+    path.write_text(paper_plan())
+    plan = load_plan(path)
+    jobs = build_jobs(plan)
+    kinds = [j.kind for j in jobs]
+    # 11 datasets × 3 seeds; MMRL's caches are cropped 0.5–1 (its release config), the others 0.08–1
+    assert kinds.count("extract") == 11 * 3 * 2 and kinds.count("grid") == 11 * 3 * 4
+    assert kinds.count("import") == 11 * 3 * 2 and kinds.count("backbone") == 11 * 3 * 2
+    mmrl = next(j for j in jobs if j.id.startswith("import/mmrl/"))
+    assert mmrl.unit.endswith("_rrc0.5-1") and mmrl.spec["checkpoint"].endswith("seed1")
+
+
+@pytest.mark.parametrize("edit, needle", [
+    ("[study]\nsead = [1]\n", "unknown key 'sead' (did you mean 'seeds'?)"),
+    ("[study]\nseeds = [1, 1]\n", "seeds = [1, 1]"),
+    ("[study]\nshots = \"16\"\n", "shots = '16' should be a int"),
+    ("[study]\nbackbones = [\"maple\"]\n", "choose distinct names from coop, kgcoop, promptsrc, mmrl"),
+    ("[study]\nbackbones = [\"promptsrc\"]\n", "[checkpoints] promptsrc"),
+    ("[study]\ntrain = [\"table2\"]\n", "cross-dataset runs (Table 2) are not part of `run` yet"),
+    ("[study]\ntrain = [\"component\"]\n", "did you mean 'components'?"),
+    ("[[dataset]]\nname = \"oxford_pet\"\n", "unknown dataset 'oxford_pet'"),
+    ("[[dataset]]\nname = \"all\"\n[[dataset]]\nname = \"dtd\"\n", "'dtd' is listed twice"),
+    ("[data]\nroot = \"d\"\nmasks = \"gradcam\"\n", "generating masks from a method is not available"),
+    ("[train]\nlambda_d = \"x\"\n", "[train]"),
+    ("[train]\nseed = 3\n", "seed is set by the plan"),
+    ("[extract]\nbad_image = \"ignore\"\n", "bad_image must be one of"),
+    ("[study]\nrrc_scale = [0.5]\n", "rrc_scale"),
+])
+def test_bad_keys_and_values_are_refused_by_name(tmp_path, edit, needle):
+    base = {"out": 'out = "o"\n', "[data]": '[data]\nroot = "d"\n', "[[dataset]]": '[[dataset]]\nname = "dtd"\n'}
+    head = edit.split("\n")[0]
+    text = "".join(v for k, v in base.items() if k != head) + edit
+    (tmp_path / "p.toml").write_text(text)
+    with pytest.raises(PlanError) as info:
+        load_plan(tmp_path / "p.toml")
+    assert needle in str(info.value) and "p.toml" in str(info.value)
+
+
+def test_cli_refuses_a_bad_plan_without_a_traceback(tmp_path):
+    (tmp_path / "p.toml").write_text('out = "o"\n[study]\nseeds = "1"\n')
+    res = cli("run", tmp_path / "p.toml")
+    assert res.exit_code == 2 and "error:" in res.output and "Traceback" not in res.output
+    assert "seeds = '1' should be a list" in res.output
+
+
+def test_shards_are_deterministic_disjoint_and_complete(tmp_path):
+    path = tmp_path / "plan.toml"
+    path.write_text(paper_plan())
+    jobs = build_jobs(load_plan(path))
+    parts = [shard_units(jobs, (i, 3)) for i in range(3)]
+    assert set().union(*parts) == shard_units(jobs, None) and sum(map(len, parts)) == len(shard_units(jobs, None))
+    assert parts == [shard_units(build_jobs(load_plan(path)), (i, 3)) for i in range(3)]
+    for bad in ("2/2", "1", "a/b", "0/0"):
+        with pytest.raises(ValueError, match="--shard"):
+            parse_shard(bad)
+
+
+def test_plan_paper_prints_the_plan(tmp_path):
+    res = cli("plan", "--paper", "-o", tmp_path / "paper.toml")
+    assert res.exit_code == 0 and load_plan(tmp_path / "paper.toml").backbones == ["coop", "kgcoop", "promptsrc", "mmrl"]
+
+
+# ------------------------------------------------------------------------------ running a study
+
+def _results(out: Path) -> dict:
+    """Every run's numbers (not its timings or absolute paths), by grid and run id."""
+    rows = {}
+    for f in sorted((out / "runs").rglob("results.jsonl")):
+        for line in f.read_text().splitlines():
+            r = json.loads(line)
+            rows[(str(f.relative_to(out)), r["dataset"], r["backbone"], r["seed"], json.dumps(r["params"]))] = \
+                (r["metrics"], r["cross_dataset"], r["head_parameters"])
+    return rows
+
+
+def test_one_small_study_end_to_end_and_a_rerun_has_nothing_to_do(tiny_study):
+    """Fast: one dataset, one seed, CoOp; `run` writes the report, the second `run` says nothing to do."""
+    plan = write_plan(tiny_study)
+    res = cli("run", plan)
+    assert res.exit_code == 0, res.output
+    out = tiny_study / "study"
+    assert (out / "report" / "report.md").exists() and "oxford_pets" in (out / "report" / "report.md").read_text()
+    assert (out / "logs" / "extract" / "oxford_pets" / "shots4_seed1.log").exists()
+    states = {p.relative_to(out / "jobs").with_suffix("").as_posix(): json.loads(p.read_text())["state"]
+              for p in (out / "jobs").rglob("*.json")}
+    assert states == {"extract/oxford_pets/shots4_seed1": "done", "backbone/coop/oxford_pets/shots4_seed1": "done",
+                      "grid/table1/coop/oxford_pets/shots4_seed1": "done", "report": "done"}
+    assert "Base" in res.output and "report:" in res.output
+    again = cli("run", plan)
+    assert again.exit_code == 0 and "nothing to do: all 4 jobs" in again.output, again.output
