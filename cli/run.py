@@ -103,16 +103,14 @@ def run(
 
             def ended(o):
                 bar.advance(task)
-                if o.state == "failed":
+                if o.state == "failed" and lead:
                     bar.console.print(f"[bold red]failed[/] {escape(o.job)}: {escape(o.message)}", highlight=False)
 
             result = study.run_study(plan, shard=part, djob=djob, on_start=started, on_outcome=ended)
     except (ValueError, FileNotFoundError, RuntimeError) as exc:
         fail(str(exc))
-    if not lead:
-        if result.failed:
-            raise typer.Exit(code=SOME_FAILED)
-        return
+    if not lead:  # rank 0 says how it went, and its exit status is the job's (an early non-zero exit here
+        return    # would make torchrun stop rank 0 before it printed the summary)
     print_summary(plan, result)
     if result.failed:
         raise typer.Exit(code=SOME_FAILED)

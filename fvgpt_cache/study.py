@@ -24,6 +24,7 @@ import difflib
 import hashlib
 import json
 import os
+import socket
 import sys
 import time
 import traceback
@@ -397,7 +398,7 @@ def build_jobs(plan: Plan) -> list[StudyJob]:
                     spec = {"cache": str(cache), "method": b, "seed": seed, "device": plan.device}
                     if b in IMPORTED:
                         spec["checkpoint"] = str(checkpoint_for(plan, b, d.name, seed))
-                        spec["options"] = {k: plan.extract[k] for k in ("batch_size", "workers")}
+                        spec["options"] = {k: plan.extract[k] for k in ("batch_size", "workers", "train_views")}
                     else:
                         spec["options"] = plan.backbone
                         spec["out"] = str(plan.out / "backbones" / f"{unit}-{b}")
@@ -462,7 +463,8 @@ def read_status(plan: Plan, job: StudyJob) -> dict | None:
 
 def write_status(plan: Plan, job: StudyJob, state: str, **extra) -> dict:
     record = {"job": job.id, "state": state, "fingerprint": job.fingerprint, "spec": job.spec,
-              "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"), **extra}
+              "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "host": socket.gethostname(), "pid": os.getpid(),
+              "rank": int(os.environ.get("RANK", "0")), **extra}
     p = status_path(plan, job)
     p.parent.mkdir(parents=True, exist_ok=True)
     tmp = p.with_name(f"{p.name}.{os.getpid()}.tmp")
@@ -583,10 +585,9 @@ def run_import(spec: dict, log, job=None) -> dict:
                               job=job)
     log(f"{method}: {summary.checkpoint} (epoch {summary.epoch}); class prompts: {summary.prompt_check}; "
         f"{sum(summary.counts.values())} images in {summary.seconds:.1f}s")
-    views = open_cache(cache).provenance.get("views", 1)
     return {"images": sum(summary.counts.values()), "seconds": summary.seconds,
             "images_per_second": summary.images_per_second,
-            "views_encoded": encoded_views(summary.counts, views) if not summary.resumed_rows else None}
+            "views_encoded": encoded_views(summary.counts, o["train_views"]) if not summary.resumed_rows else None}
 
 
 def run_backbone(spec: dict, log, job=None) -> dict:

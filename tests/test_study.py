@@ -211,3 +211,150 @@ def test_one_small_study_end_to_end_and_a_rerun_has_nothing_to_do(tiny_study):
     assert "Base" in res.output and "report:" in res.output
     again = cli("run", plan)
     assert again.exit_code == 0 and "nothing to do: all 4 jobs" in again.output, again.output
+
+
+# ------------------------------------------- the issue's checks: 2 datasets × 2 seeds × 4 backbones (slow)
+
+FULL = dict(datasets=("oxford_pets", "dtd"), seeds=(1, 2), backbones=("coop", "kgcoop", "promptsrc", "mmrl"),
+            model="deep.json", checkpoints={"promptsrc": "ckpt/promptsrc", "mmrl": "ckpt/mmrl/{dataset}/seed{seed}"})
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    """CoOp-layout datasets, a tiny model config, and official-layout PromptSRC/MMRL checkpoints per dataset and seed."""
+    from fvgpt_cache.datasets import template_for
+    from fvgpt_cache.models import load_clip
+
+    root = tmp_path_factory.mktemp("study")
+    (root / "deep.json").write_text(json.dumps(DEEP_CONFIG))
+    for name in FULL["datasets"]:
+        build(root / "data", name)
+    deep = load_clip(str(root / "deep.json"), "none", seed=0)
+    for name in FULL["datasets"]:
+        classes = load_dataset(name, root / "data").classnames
+        base = [classes[i] for i in base_new_split(len(classes))[0]]
+        for seed in FULL["seeds"]:
+            _save(promptsrc_checkpoint(deep.model, deep.tokenizer, base, seed=seed),
+                  root / "ckpt" / "promptsrc" / name / f"seed{seed}" / "VLPromptLearner", 5)
+            _save(mmrl_checkpoint(deep.model, deep.tokenizer, base, template_for(name), seed=seed),
+                  root / "ckpt" / "mmrl" / name / f"seed{seed}" / "MultiModalRepresentationLearner", 5,
+                  optimizer=torch.optim.AdamW)
+    return root
+
+
+@pytest.fixture(scope="module")
+def reference(world):
+    """The uninterrupted single-process run of the full plan."""
+    plan = write_plan(world, out="ref", **FULL)
+    res = cli("run", plan)
+    assert res.exit_code == 0, res.output
+    return _results(world / "ref"), res.output
+
+
+def _env():
+    return {**os.environ, "OMP_NUM_THREADS": "1", "COLUMNS": "200", "PYTHONPATH": ""}
+
+
+@pytest.mark.slow
+def test_full_plan_produces_the_report_and_a_rerun_does_nothing(world, reference):
+    results, output = reference
+    # 2 datasets × 2 seeds × 4 backbones, one table1 run each
+    assert len(results) == 16 and {k[2] for k in results} == {"coop", "kgcoop", "promptsrc", "mmrl"}
+    md = (world / "ref" / "report" / "report.md").read_text()
+    for backbone in ("coop", "kgcoop", "promptsrc", "mmrl"):
+        assert f"backbone {backbone}" in md
+    assert "(paper)" in md and "job(s) failed" not in output
+    again = cli("run", write_plan(world, out="ref", **FULL))
+    assert again.exit_code == 0 and "nothing to do: all 41 jobs" in again.output, again.output
+    dry = cli("run", write_plan(world, out="ref", **FULL), "--dry-run", "--no-estimate")
+    assert dry.exit_code == 0 and re.search(r"grid\s+16\s+16\s+0\s+0\s+0", dry.output), dry.output
+
+
+@pytest.mark.slow
+def test_sigkill_in_the_middle_and_a_rerun_give_the_same_results(world, reference):
+    plan = write_plan(world, out="killed", **FULL)
+    proc = subprocess.Popen([sys.executable, "-m", "fvgpt_cache.cli.main", "run", str(plan)], env=_env(),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    marker = world / "killed" / "jobs" / "import" / "promptsrc"
+    deadline = time.monotonic() + 240
+    while not marker.exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert proc.poll() is None, "the run ended before it could be killed"
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not (world / "killed" / "report").exists()
+    res = cli("run", plan)
+    assert res.exit_code == 0, res.output
+    assert _results(world / "killed") == reference[0]
+
+
+@pytest.mark.slow
+def test_two_shards_and_the_report_equal_one_process(world, reference):
+    plan = write_plan(world, out="shards", **FULL)
+    first = cli("run", plan, "--shard", "0/2")
+    assert first.exit_code == 0, first.output
+    assert "wait for other shards" in first.output and not (world / "shards" / "report" / "report.md").exists()
+    second = cli("run", plan, "--shard", "1/2")
+    assert second.exit_code == 0, second.output
+    assert (world / "shards" / "report" / "report.md").exists(), "the last shard to finish writes the report"
+    assert _results(world / "shards") == reference[0]
+    assert cli("run", plan).output.startswith("nothing to do")
+
+
+@pytest.mark.slow
+def test_torchrun_two_processes_give_the_results_of_one(world, reference):
+    plan = write_plan(world, out="torchrun", **FULL)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", "-m",
+           "fvgpt_cache.cli.main", "run", str(plan), "--dist-timeout", "60"]
+    res = subprocess.run(cmd, capture_output=True, text=True, env=_env(), timeout=900)
+    assert res.returncode == 0, res.stderr[-3000:] + res.stdout[-3000:]
+    assert _results(world / "torchrun") == reference[0]
+    grids = [json.loads(p.read_text()) for p in (world / "torchrun" / "jobs" / "grid").rglob("*.json")]
+    assert len(grids) == 16 and {g["rank"] for g in grids} == {0, 1}, "head jobs are spread over the ranks"
+    logs = list((world / "torchrun" / "logs").rglob("*.log"))
+    assert len(logs) == 41
+
+
+@pytest.mark.slow
+def test_a_corrupt_image_fails_its_dataset_and_the_others_complete(world):
+    data = world / "bad-data"
+    shutil.copytree(world / "data", data)
+    victim = next((data / "dtd" / "images").rglob("*.jpg"))
+    victim.write_bytes(b"not a jpeg")
+    plan = write_plan(world, datasets=("oxford_pets", "dtd"), seeds=(1, 2), backbones=("coop",), out="bad",
+                      model="deep.json")
+    plan.write_text(plan.read_text().replace('root = "data"', 'root = "bad-data"').replace("[extract]\n",
+                                                                                             '[extract]\nbad_image = "error"\n'))
+    res = cli("run", plan)
+    assert res.exit_code == 1, res.output
+    assert "failed extract/dtd/shots4_seed1" in res.output.replace("\n", "") or "failed extract/dtd" in res.output
+    states = {p.relative_to(world / "bad" / "jobs").with_suffix("").as_posix(): json.loads(p.read_text())
+              for p in (world / "bad" / "jobs").rglob("*.json")}
+    for seed in (1, 2):
+        assert states[f"extract/dtd/shots4_seed{seed}"]["state"] == "failed"
+        assert victim.name in states[f"extract/dtd/shots4_seed{seed}"]["error"] or \
+            victim.name in (world / "bad" / "logs" / "extract" / "dtd" / f"shots4_seed{seed}.log").read_text()
+        assert states[f"grid/table1/coop/dtd/shots4_seed{seed}"]["state"] == "skipped"
+        assert states[f"grid/table1/coop/oxford_pets/shots4_seed{seed}"]["state"] == "done"
+    results = _results(world / "bad")
+    assert {k[1] for k in results} == {"oxford_pets"} and len(results) == 2
+    assert "oxford_pets" in (world / "bad" / "report" / "report.md").read_text()
+
+
+@pytest.mark.slow
+def test_under_torchrun_a_failed_image_pass_does_not_stop_the_others(tmp_path):
+    """The ranks record the failed extraction, forget the failure together and go on with the next pass."""
+    (tmp_path / "tiny.json").write_text(json.dumps(TINY))
+    for name in ("oxford_pets", "dtd"):
+        build(tmp_path / "data", name)
+    next((tmp_path / "data" / "dtd" / "images").rglob("*.jpg")).write_bytes(b"not a jpeg")
+    plan = write_plan(tmp_path, datasets=("dtd", "oxford_pets"), seeds=(1,), backbones=("coop",))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", "-m",
+           "fvgpt_cache.cli.main", "run", str(plan), "--dist-timeout", "60"]
+    res = subprocess.run(cmd, capture_output=True, text=True, env=_env(), timeout=600)
+    assert res.returncode != 0 and "Root Cause" in res.stderr and "rank      : 0" in res.stderr.split("Root Cause")[1]
+    out = tmp_path / "study"
+    state = lambda job: json.loads((out / "jobs" / f"{job}.json").read_text())["state"]  # noqa: E731
+    assert state("extract/dtd/shots4_seed1") == "failed" and state("grid/table1/coop/dtd/shots4_seed1") == "skipped"
+    assert state("extract/oxford_pets/shots4_seed1") == "done" and state("grid/table1/coop/oxford_pets/shots4_seed1") == "done"
+    assert "1 job(s) failed" in res.stdout and res.stdout.count("this run") == 1, res.stdout
