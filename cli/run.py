@@ -1,6 +1,7 @@
 """`run` and `plan`: a whole study from a plan file, on one process, under torchrun, or as SLURM shards."""
 from __future__ import annotations
 
+import time
 from pathlib import Path
 from typing import Optional
 
@@ -97,12 +98,13 @@ def run(
                    TimeElapsedColumn(), TimeRemainingColumn())
         with Progress(*columns, console=err, disable=not lead) as bar:
             task = bar.add_task("study", total=todo)
+            started_at = time.time()
 
             def started(j):
                 bar.update(task, description=j.id)
 
-            def ended(o):
-                bar.advance(task)
+            def ended(o):  # every process's finished jobs count (their status files), not only this one's
+                bar.update(task, completed=study.finished_since(plan, view["todo"], started_at))
                 if o.state == "failed" and lead:
                     bar.console.print(f"[bold red]failed[/] {escape(o.job)}: {escape(o.message)}", highlight=False)
 

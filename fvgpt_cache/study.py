@@ -419,9 +419,19 @@ def units_of(jobs: list[StudyJob]) -> list[str]:
     return list(dict.fromkeys(j.unit for j in jobs if j.unit))
 
 
+def largest_first(units: list[str]) -> list[str]:
+    """Caches by their dataset's class count, largest first (ImageNet's take longest), plan order among equals:
+    the order in which shards are dealt and the torchrun queue hands them out."""
+    def size(unit: str) -> int:
+        name = unit.split("/")[0]
+        return DATASETS[name].num_classes if name in DATASETS else 0
+
+    return sorted(units, key=lambda u: -size(u))
+
+
 def shard_units(jobs: list[StudyJob], shard: tuple[int, int] | None) -> set[str]:
-    """The caches a shard owns: the k-th cache of the plan goes to shard k mod N."""
-    units = units_of(jobs)
+    """The caches a shard owns: the k-th cache, largest first, goes to shard k mod N."""
+    units = largest_first(units_of(jobs))
     if shard is None:
         return set(units)
     i, n = shard
@@ -707,7 +717,21 @@ def _is_done(plan: Plan, job: StudyJob, status: dict | None) -> bool:
         return False
     if job.kind == "report":  # a report is current while the results it was made from are unchanged
         return status.get("inputs") == results_digest(job.spec["grids"])
-    return status["fingerprint"] == job.fingerprint
+    if status["fingerprint"] != job.fingerprint:
+        return False
+    output = {"extract": "out", "grid": "out"}.get(job.kind)  # removed since: the job runs again
+    return output is None or Path(job.spec[output]).exists()
+
+
+def finished_since(plan: Plan, jobs: list[StudyJob], started: float) -> int:
+    """Jobs whose status file was written after `started` (by any process): the progress of the whole plan."""
+    count = 0
+    for j in jobs:
+        try:
+            count += status_path(plan, j).stat().st_mtime >= started
+        except FileNotFoundError:
+            pass
+    return count
 
 
 def execute(plan: Plan, job: StudyJob, djob=None, notify=None) -> Outcome:
@@ -834,7 +858,7 @@ def run_study(plan: Plan, *, shard: tuple[int, int] | None = None, djob=None,
         else:
             attempt(j)
     # 2. head jobs, one cache at a time, from a queue every rank takes from
-    units = [u for u in units_of(jobs) if u in mine]
+    units = [u for u in largest_first(units_of(jobs)) if u in mine]
     heads = {u: [j for j in jobs if j.unit == u and not j.collective] for u in units}
     if djob.distributed:
         _barrier(djob, "images-done")

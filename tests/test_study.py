@@ -211,6 +211,26 @@ def test_one_small_study_end_to_end_and_a_rerun_has_nothing_to_do(tiny_study):
     assert "Base" in res.output and "report:" in res.output
     again = cli("run", plan)
     assert again.exit_code == 0 and "nothing to do: all 4 jobs" in again.output, again.output
+    dry = cli("run", plan, "--dry-run", "--no-estimate")
+    assert dry.exit_code == 0 and re.search(r"extract\s+1\s+1\s+0\s+0\s+0", dry.output), dry.output
+    # the plan changed under finished jobs: refused by name before anything runs, nothing rewritten
+    plan.write_text(plan.read_text().replace("train_views = 2", "train_views = 3"))
+    before = (out / "caches" / "oxford_pets" / "shots4_seed1.h5").stat().st_mtime_ns
+    changed = cli("run", plan)
+    assert changed.exit_code == 2 and "extract/oxford_pets/shots4_seed1" in changed.output
+    assert "other settings" in changed.output and "another `out`" in changed.output.replace("\n", " ")
+    assert (out / "caches" / "oxford_pets" / "shots4_seed1.h5").stat().st_mtime_ns == before
+
+
+def test_a_mask_folder_for_the_eleven_has_one_folder_per_dataset(tmp_path):
+    from fvgpt_cache.study import _load_dataset
+
+    build(tmp_path / "data", "oxford_pets")
+    shutil.move(tmp_path / "data" / "oxford_pets" / "mask", tmp_path / "masks" / "oxford_pets")
+    plan_path = write_plan(tmp_path, extra="")
+    plan_path.write_text(plan_path.read_text().replace('root = "data"', 'root = "data"\nmasks = "masks"'))
+    spec = build_jobs(load_plan(plan_path))[0].spec
+    assert _load_dataset(spec).mask_root == tmp_path / "masks" / "oxford_pets"
 
 
 # ------------------------------------------- the checks: 2 datasets × 2 seeds × 4 backbones (slow)
