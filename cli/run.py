@@ -82,6 +82,11 @@ def run(
                 rates = study.measure_rates(plan, view["jobs"], plan.device)
                 guess = study.estimate(plan, view["todo"], rates)
             print_overview(plan, view, part, rates, guess)
+            missing = study.missing_inputs(plan, view["todo"])
+            for line in missing[:20]:
+                console.print(f"[yellow]missing[/] {escape(line)}", highlight=False)
+            if len(missing) > 20:
+                console.print(f"… and {len(missing) - 20} more inputs are missing")
             return
         djob = current_job(dist_timeout)
         lead = djob.rank == 0

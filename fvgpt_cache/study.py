@@ -20,6 +20,7 @@ are the whole coordination:
 """
 from __future__ import annotations
 
+import contextlib
 import difflib
 import hashlib
 import json
@@ -655,7 +656,7 @@ def results_digest(grid_dirs: list[str]) -> dict:
     return out
 
 
-def run_report(spec: dict, log, job=None) -> dict:
+def run_report(spec: dict, log, job=None) -> dict:  # noqa: ARG001  (every runner takes the torchrun job)
     from . import reports
 
     files = list(results_digest(spec["grids"]))
@@ -686,7 +687,7 @@ RUNNERS: dict[str, Callable] = {"extract": run_extract, "import": run_import, "b
 class Outcome:
     job: str
     kind: str
-    state: str  # done | failed | skipped | waiting | running elsewhere | found done
+    state: str  # done | failed | skipped | waiting | running elsewhere
     message: str = ""
     seconds: float = 0.0
 
@@ -694,10 +695,9 @@ class Outcome:
 class _Log:
     """One log file per job, appended to by every attempt."""
 
-    def __init__(self, path: Path, echo=None):
+    def __init__(self, path: Path):
         path.parent.mkdir(parents=True, exist_ok=True)
         self.fh = path.open("a")
-        self.echo = echo
         self.fh.write(f"--- {time.strftime('%Y-%m-%dT%H:%M:%S%z')} pid {os.getpid()}\n")
 
     def __call__(self, message: str) -> None:
@@ -706,10 +706,6 @@ class _Log:
 
     def close(self) -> None:
         self.fh.close()
-
-
-def plan_state(plan: Plan, jobs: list[StudyJob]) -> dict[str, dict | None]:
-    return {j.id: read_status(plan, j) for j in jobs}
 
 
 def _is_done(plan: Plan, job: StudyJob, status: dict | None) -> bool:
@@ -734,31 +730,31 @@ def finished_since(plan: Plan, jobs: list[StudyJob], started: float) -> int:
     return count
 
 
-def execute(plan: Plan, job: StudyJob, djob=None, notify=None) -> Outcome:
-    """Run one job, record its status and log; errors become a failed outcome (Ctrl-C is not caught)."""
+def execute(plan: Plan, job: StudyJob, djob=None) -> Outcome:
+    """Run one job, record its status and log; errors become a failed outcome (Ctrl-C is not caught).
+
+    One process runs a job at a time: its lock `out/jobs/<job>.lock` (an image pass under torchrun
+    is locked by the pass itself, on rank 0). `djob` is the torchrun job of an image pass."""
     from .store import CacheError, lock_file
 
     lead = djob is None or djob.rank == 0
     log = _Log(log_path(plan, job)) if lead else (lambda message: None)
     t0 = time.perf_counter()
-    inputs = results_digest(job.spec["grids"]) if job.kind == "report" else None
     try:
-        if djob is None or not djob.distributed:  # under torchrun the pass locks its own output on rank 0
-            try:
-                lock = lock_file(plan.out / "jobs" / f"{job.id}.lock", f"job {job.id}")
-                lock.__enter__()
-            except CacheError as exc:
-                return Outcome(job.id, job.kind, "running elsewhere", str(exc))
-        else:
-            lock = None
-        try:
-            info = RUNNERS[job.kind](job.spec, log, djob) if job.collective else RUNNERS[job.kind](job.spec, log)
-        finally:
-            if lock is not None:
-                lock.__exit__(None, None, None)
-        seconds = time.perf_counter() - t0
-        if lead:
-            write_status(plan, job, "done", seconds=seconds, info=info, **({"inputs": inputs} if inputs is not None else {}))
+        with contextlib.ExitStack() as stack:
+            if djob is None or not djob.distributed:
+                try:
+                    stack.enter_context(lock_file(plan.out / "jobs" / f"{job.id}.lock", f"job {job.id}"))
+                except CacheError as exc:
+                    return Outcome(job.id, job.kind, "running elsewhere", str(exc))
+                if _is_done(plan, job, read_status(plan, job)):  # finished by another process meanwhile
+                    return Outcome(job.id, job.kind, "done", "finished by another process")
+            inputs = results_digest(job.spec["grids"]) if job.kind == "report" else None
+            info = RUNNERS[job.kind](job.spec, log, djob)
+            seconds = time.perf_counter() - t0
+            if lead:
+                write_status(plan, job, "done", seconds=seconds, info=info,
+                             **({"inputs": inputs} if inputs is not None else {}))
         return Outcome(job.id, job.kind, "done", "already complete" if info.get("found") else "", seconds)
     except KeyboardInterrupt:
         if lead:
@@ -791,10 +787,6 @@ class StudyResult:
     @property
     def failed(self) -> list[Outcome]:
         return [o for o in self.outcomes if o.state == "failed"]
-
-    @property
-    def nothing_to_do(self) -> bool:
-        return not self.outcomes and self.already_done == self.total
 
 
 def _blocking(plan: Plan, job: StudyJob, by_id: dict[str, StudyJob]) -> str | None:
@@ -845,7 +837,7 @@ def run_study(plan: Plan, *, shard: tuple[int, int] | None = None, djob=None,
             return
         if on_start:
             on_start(j)
-        record(execute(plan, j, djob if j.collective else None))
+        record(execute(plan, j, djob if j.collective else None))  # head jobs run on one process
 
     # 1. image passes: every rank together, one job after the other
     for j in (j for j in jobs if j.collective and j.unit in mine):
@@ -953,12 +945,34 @@ def overview(plan: Plan, shard: tuple[int, int] | None = None) -> dict:
     return {"jobs": jobs, "stages": rows, "todo": todo}
 
 
+def missing_inputs(plan: Plan, jobs: list[StudyJob]) -> list[str]:
+    """Inputs of jobs still to run that are not there: dataset folders, split files, checkpoints."""
+    missing = []
+    for j in jobs:
+        spec = j.spec
+        if j.kind == "extract" and spec["seed"] == plan.seeds[0] and spec["rrc_scale"] == list(plan.rrc_for(plan.backbones[0])):
+            if spec["split_file"]:
+                missing += [f"{spec['dataset']}: {spec[k]}" for k in ("split_file", "image_root") if not Path(spec[k]).exists()]
+            else:
+                try:
+                    from .datasets import resolve_dataset_dir
+
+                    resolve_dataset_dir(spec["dataset"], Path(spec["data_root"]))
+                except FileNotFoundError:
+                    missing.append(f"{spec['dataset']}: no {dataset_info(spec['dataset']).folder}/ with its split file "
+                                   f"under {spec['data_root']}")
+        if j.kind == "import" and not Path(spec["checkpoint"]).exists():
+            missing.append(f"{j.id}: checkpoint {spec['checkpoint']}")
+    return missing
+
+
 def encoded_views(samples: dict[str, int], views: int) -> int:
     """Images the encoder sees for a cache: full + foreground view of every stored view."""
     return 2 * sum(n * (views if split == "train" else 1) for split, n in samples.items())
 
 
-def _samples(spec: dict) -> dict[str, int]:
+def _samples(spec: dict) -> tuple[dict[str, int], int]:
+    """Images per split of a cache to be extracted, and its class count."""
     from .data import fewshot_splits
 
     ds = _load_dataset(spec)

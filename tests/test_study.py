@@ -178,6 +178,17 @@ def test_shards_are_deterministic_disjoint_and_complete(tmp_path):
             parse_shard(bad)
 
 
+def test_dry_run_of_the_paper_plan_names_missing_inputs(tmp_path):
+    (tmp_path / "paper.toml").write_text(paper_plan().replace('root = "/data"', 'root = "data"'))
+    (tmp_path / "data").mkdir()
+    res = cli("run", tmp_path / "paper.toml", "--dry-run", "--no-estimate")
+    assert res.exit_code == 0, res.output
+    assert re.search(r"extract\s+66\s+0\s+0\s+66\s+0", res.output) and re.search(r"grid\s+132\s+0\s+0\s+132", res.output)
+    assert "missing imagenet: no imagenet/ with its split file" in res.output
+    assert "checkpoint /ckpt/promptsrc/oxford_pets/seed1" in res.output.replace("\n", "")
+    assert not (tmp_path / "studies").exists(), "a dry run writes nothing"
+
+
 def test_plan_paper_prints_the_plan(tmp_path):
     res = cli("plan", "--paper", "-o", tmp_path / "paper.toml")
     assert res.exit_code == 0 and load_plan(tmp_path / "paper.toml").backbones == ["coop", "kgcoop", "promptsrc", "mmrl"]
