@@ -1,12 +1,16 @@
 """A whole study (`fvgpt-cache run PLAN.toml`) with 1 process and with 2 under torchrun, side by side.
 
+Two ways of using 2 processes are compared: `--image-passes shared` (each extraction/import on both
+ranks together) and `--image-passes per-rank` (each rank takes whole caches, image passes included).
+
 The plan is the tests' tiny plan (tests/test_study.py): miniature copies of CoOp's folder layouts,
 a tiny random open_clip ViT (6 blocks, width 64), official-layout PromptSRC/MMRL checkpoints made
 from the same weights, 2 seeds, all four backbones; every job of it (extractions, imports,
 CoOp/KgCoOp training, FVG-PT grids, the report). Each run starts from an empty output folder;
-1 and 2 processes alternate for `--rounds` rounds (other jobs on the machine spread over both), each
+the three variants alternate for `--rounds` rounds (other jobs on the machine spread over both), each
 process on one thread (`OMP_NUM_THREADS=1`). The per-run results of the two are compared (they must
-be equal). Printed as JSON: wall time of every run, medians and their ratio.
+be equal). Printed as JSON: wall time of every run, medians and their ratio, and the working time
+(first job's start to last job's end, from the status files: without start-up and shutdown).
 
     python benchmarks/bench_study.py                      # 2 datasets, 2 rounds
     python benchmarks/bench_study.py --datasets oxford_pets dtd eurosat --rounds 3
@@ -53,9 +57,13 @@ def make_world(root: Path, datasets: list[str], seeds: list[int]) -> None:
                   optimizer=torch.optim.AdamW)
 
 
-def run(nproc: int, plan: Path) -> float:
+VARIANTS = {"1 process": (1, "shared"), "2 processes, shared image passes": (2, "shared"),
+            "2 processes, per-rank image passes": (2, "per-rank")}
+
+
+def run(nproc: int, plan: Path, image_passes: str) -> float:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "COLUMNS": "200"}
-    cli = ["-m", "fvgpt_cache.cli.main", "run", str(plan)]
+    cli = ["-m", "fvgpt_cache.cli.main", "run", str(plan), "--image-passes", image_passes]
     cmd = [sys.executable, *cli] if nproc == 1 else \
         [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}", *cli]
     t0 = time.perf_counter()
@@ -64,6 +72,15 @@ def run(nproc: int, plan: Path) -> float:
     if res.returncode != 0:
         raise SystemExit(f"{' '.join(cmd)} failed:\n{res.stderr[-3000:]}\n{res.stdout[-3000:]}")
     return seconds
+
+
+def working_seconds(out: Path) -> float:
+    """From the start of the first job to the end of the last (status files: end time and seconds of each job):
+    the part of the wall time that more processes can shorten, without start-up and shutdown."""
+    ends = []
+    for f in (out / "jobs").rglob("*.json"):
+        ends.append((f.stat().st_mtime, json.loads(f.read_text()).get("seconds", 0.0)))
+    return max(e for e, _ in ends) - min(e - s for e, s in ends)
 
 
 def main() -> None:
@@ -77,23 +94,30 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         make_world(root, args.datasets, args.seeds)
-        times: dict[int, list[float]] = {1: [], 2: []}
+        times: dict[str, list[float]] = {v: [] for v in VARIANTS}
+        working: dict[str, list[float]] = {v: [] for v in VARIANTS}
         results = {}
         for r in range(args.rounds):
-            for nproc in (1, 2):
-                out = f"out{nproc}"
+            for k, (variant, (nproc, passes)) in enumerate(VARIANTS.items()):
+                out = f"out{k}"
                 shutil.rmtree(root / out, ignore_errors=True)
                 plan = write_plan(root, datasets=tuple(args.datasets), seeds=tuple(args.seeds),
                                   backbones=("coop", "kgcoop", "promptsrc", "mmrl"), model="deep.json", out=out,
                                   checkpoints={"promptsrc": "ckpt/promptsrc", "mmrl": "ckpt/mmrl"})
-                times[nproc].append(run(nproc, plan))
-                results[nproc] = _results(root / out)
-        jobs = len(list((root / "out1" / "jobs").rglob("*.json")))
-    one, two = statistics.median(times[1]), statistics.median(times[2])
-    print(json.dumps({"datasets": args.datasets, "seeds": args.seeds, "jobs": jobs, "runs": len(results[1]),
-                      "seconds_1_process": times[1], "seconds_2_processes": times[2],
-                      "median_1": round(one, 2), "median_2": round(two, 2), "speedup_2_vs_1": round(one / two, 2),
-                      "same_results": results[1] == results[2]}, indent=1))
+                times[variant].append(run(nproc, plan, passes))
+                working[variant].append(working_seconds(root / out))
+                results[variant] = _results(root / out)
+        jobs = len(list((root / "out0" / "jobs").rglob("*.json")))
+    medians = {v: statistics.median(t) for v, t in times.items()}
+    one = medians["1 process"]
+    print(json.dumps({"datasets": args.datasets, "seeds": args.seeds, "jobs": jobs, "runs": len(results["1 process"]),
+                      "seconds": times, "median_seconds": {v: round(m, 2) for v, m in medians.items()},
+                      "speedup_vs_1_process": {v: round(one / m, 2) for v, m in medians.items()},
+                      "working_seconds": working,
+                      "working_speedup_vs_1_process": {
+                          v: round(statistics.median(working["1 process"]) / statistics.median(w), 2)
+                          for v, w in working.items()},
+                      "same_results": all(r == results["1 process"] for r in results.values())}, indent=1))
 
 
 if __name__ == "__main__":

@@ -62,6 +62,8 @@ def run(
                                                               "by the last shard to finish."),
     estimate: bool = typer.Option(True, "--estimate/--no-estimate", help="With --dry-run: measure throughputs for "
                                                                          "the estimate (loads the model)."),
+    image_passes: str = typer.Option("shared", help="torchrun: shared (each extraction/import on every rank "
+                                                      "together) or per-rank (a rank takes whole caches)."),
     dist_timeout: float = typer.Option(300.0, help=DIST_TIMEOUT_HELP),
 ):
     """Run a whole study: extract → backbones → FVG-PT grids → report; a rerun does only what is left.
@@ -113,7 +115,8 @@ def run(
                 if o.state == "failed" and lead:
                     bar.console.print(f"[bold red]failed[/] {escape(o.job)}: {escape(o.message)}", highlight=False)
 
-            result = study.run_study(plan, shard=part, djob=djob, on_start=started, on_outcome=ended)
+            result = study.run_study(plan, shard=part, djob=djob, image_passes=image_passes, on_start=started,
+                                     on_outcome=ended)
     except (ValueError, FileNotFoundError, RuntimeError) as exc:
         fail(str(exc))
     if not lead:  # rank 0 says how it went, and its exit status is the job's (an early non-zero exit here

@@ -16,7 +16,8 @@ are the whole coordination:
   the report is written by whichever process finds every other job finished;
 * under torchrun (`distributed.current_job()`), image passes (extraction, PromptSRC/MMRL imports)
   run on every rank together as `extract` does, then the caches' head jobs (CoOp/KgCoOp training,
-  grids) are taken from a queue one cache at a time by whichever rank is free.
+  grids) are taken from a queue one cache at a time by whichever rank is free; with
+  `image_passes="per-rank"` a rank takes whole caches, image passes included.
 """
 from __future__ import annotations
 
@@ -44,10 +45,8 @@ else:  # pragma: no cover
 BACKBONES = ("coop", "kgcoop", "promptsrc", "mmrl")
 TRAINED = ("coop", "kgcoop")  # learned here from the cache
 IMPORTED = ("promptsrc", "mmrl")  # official checkpoints, imported with one more pass over the images
-TRAIN_ITEMS = ("table1", "paper", *ABLATIONS)
-NOT_YET = {"table2": "cross-dataset runs (Table 2) are not part of `run` yet: train them with `fvgpt-cache grid "
-                     "IMAGENET_CACHE --set classes=all --eval-cache TARGET_CACHES…` on the caches this plan writes "
-                     "(see docs/reproduce.md)"}
+TRAIN_ITEMS = ("table1", "table2", "paper", *ABLATIONS)
+CROSS_SOURCE = "imagenet"  # Table 2: trained on every ImageNet class, evaluated on the other datasets
 MASK_METHODS_NOT_YET = "generating masks from a method is not available in this version; give a folder of masks"
 DEFAULT_RRC = (0.08, 1.0)
 
@@ -65,7 +64,9 @@ KEYS: dict[str, dict[str, tuple[type | tuple, str]]] = {
     "study": {"seeds": (list, "list of integers"), "shots": (int, "images per class"),
               "backbones": (list, f"subset of {BACKBONES}"), "train": (list, "table1, ablation presets"),
               "rrc_scale": ((str, list), "'preset' or [min, max]"), "device": (str, "auto|cpu|cuda")},
-    "checkpoints": {"promptsrc": (str, "checkpoint root"), "mmrl": (str, "checkpoint root")},
+    "checkpoints": {"promptsrc": (str, "checkpoint root"), "mmrl": (str, "checkpoint root"),
+                    "promptsrc_cross": (str, "cross-dataset checkpoints (ImageNet, all classes)"),
+                    "mmrl_cross": (str, "cross-dataset checkpoints (ImageNet, all classes)")},
     "extract": {"train_views": (int, ""), "batch_size": (int, ""), "workers": (int, ""), "missing_mask": (str, ""),
                 "bad_image": (str, ""), "mask_size_mismatch": (str, ""), "fg_mode": (str, ""), "dtype": (str, "")},
     "backbone": {"epochs": (int, "CoOp/KgCoOp epochs (default: the paper's per dataset)"), "lr": (float, ""),
@@ -195,6 +196,17 @@ def load_plan(path: str | Path) -> Plan:
             raise PlanError(f"{path} [study]: backbones include {method}, whose checkpoints are imported: add "
                             f"[checkpoints] {method} = \"ROOT\" (laid out ROOT/<dataset>/seed<S>/…, or a pattern with "
                             "{dataset} and {seed})")
+    if "table2" in plan.train:
+        names = [d.name for d in plan.datasets]
+        if CROSS_SOURCE not in names or len(names) < 2:
+            raise PlanError(f"{path} [study]: train has table2 (cross-dataset: trained on every ImageNet class, "
+                            "evaluated on the other datasets), which needs imagenet and at least one other dataset "
+                            f"in [[dataset]]; the plan has {', '.join(names)}")
+        for method in IMPORTED:
+            if method in plan.backbones and f"{method}_cross" not in ckpts:
+                raise PlanError(f"{path} [checkpoints]: table2 with {method} needs {method}_cross = \"ROOT\", its "
+                                "official cross-dataset checkpoints (trained on all ImageNet classes), laid out "
+                                "ROOT/seed<S>/… or a pattern with {seed}")
     plan.checkpoints = {m: str(_resolve(here, v)) for m, v in ckpts.items()}
     plan.extract = _extract_options(path, raw.get("extract", {}))
     plan.backbone = dict(raw.get("backbone", {}))
@@ -273,8 +285,6 @@ def _study(path: Path, raw: dict, plan: Plan) -> None:
     plan.backbones = list(backbones)
     train = raw.get("train", plan.train)
     for item in train:
-        if item in NOT_YET:
-            raise PlanError(f"{where}: train = {item!r}: {NOT_YET[item]}")
         if item not in TRAIN_ITEMS:
             close = difflib.get_close_matches(str(item), TRAIN_ITEMS, n=1)
             raise PlanError(f"{where}: train item {item!r} is unknown" + (f" (did you mean {close[0]!r}?)" if close else "")
@@ -366,12 +376,13 @@ def cache_path(plan: Plan, dataset: str, seed: int, scale: tuple[float, float]) 
     return plan.out / "caches" / dataset / f"{shots}_seed{seed}{_rrc_tag(scale)}.h5"
 
 
-def checkpoint_for(plan: Plan, method: str, dataset: str, seed: int) -> Path:
-    """The official checkpoint of (dataset, seed): ROOT/<dataset>/seed<S>, or ROOT's {dataset}/{seed} pattern."""
-    root = plan.checkpoints[method]
+def checkpoint_for(plan: Plan, method: str, dataset: str, seed: int, cross: bool = False) -> Path:
+    """The official checkpoint of (dataset, seed): ROOT/<dataset>/seed<S>, or ROOT's {dataset}/{seed} pattern;
+    cross-dataset ones (`<method>_cross`): ROOT/seed<S> or the pattern."""
+    root = plan.checkpoints[f"{method}_cross" if cross else method]
     if "{dataset}" in root or "{seed}" in root:
         return Path(root.replace("{dataset}", dataset).replace("{seed}", str(seed)))
-    return Path(root) / dataset / f"seed{seed}"
+    return Path(root) / f"seed{seed}" if cross else Path(root) / dataset / f"seed{seed}"
 
 
 def build_jobs(plan: Plan) -> list[StudyJob]:
@@ -404,15 +415,61 @@ def build_jobs(plan: Plan) -> list[StudyJob]:
                         spec["options"] = plan.backbone
                         spec["out"] = str(plan.out / "backbones" / f"{unit}-{b}")
                     jobs.append(StudyJob(bid, "import" if b in IMPORTED else "backbone", unit, spec, [ex.id]))
-                    for item in plan.train:
+                    for item in (t for t in plan.train if t != "table2"):
                         gid = f"grid/{item}/{b}/{unit}"
                         grids.append(StudyJob(gid, "grid", unit, {
                             "cache": str(cache), "backbone": b, "seed": seed, "preset": None if item == "table1" else item,
                             "settings": plan.train_settings, "device": plan.device,
                             "out": str(plan.out / "runs" / item / b / unit)}, [bid]))
     jobs.extend(grids)
+    if "table2" in plan.train:
+        cross = cross_jobs(plan)
+        jobs.extend(cross)
+        grids += [j for j in cross if j.kind == "grid"]
     jobs.append(StudyJob("report", "report", "", {"grids": [g.spec["out"] for g in grids], "compare": plan.compare,
                                                   "out": str(plan.out / "report")}, [g.id for g in grids]))
+    return jobs
+
+
+def cross_jobs(plan: Plan) -> list[StudyJob]:
+    """Table 2 per backbone and seed: the backbone on every ImageNet class (CoOp/KgCoOp trained, PromptSRC/MMRL
+    imported from their cross-dataset checkpoints) as `<method>_all` in the ImageNet cache and in every target
+    cache, then one FVG-PT run on all ImageNet classes evaluated on the targets.
+
+    These jobs write into caches of other datasets, so they run once every job of those caches has finished
+    (`unit` is empty: a tail job, see `run_study`)."""
+    jobs = []
+    for b in plan.backbones:
+        scale, name = plan.rrc_for(b), f"{b}_all"
+        for seed in plan.seeds:
+            def unit_of(dataset: str) -> tuple[Path, str]:
+                cache = cache_path(plan, dataset, seed, scale)
+                return cache, str(cache.relative_to(plan.out / "caches").with_suffix(""))
+
+            source, src_unit = unit_of(CROSS_SOURCE)
+            targets = [unit_of(d.name) for d in plan.datasets if d.name != CROSS_SOURCE]
+            common = {"method": b, "name": name, "seed": seed, "device": plan.device}
+            writes = []
+            if b in TRAINED:
+                ckpt = plan.out / "backbones" / f"{src_unit}-{name}"
+                first = StudyJob(f"cross/backbone/{b}/{src_unit}", "backbone", "", {
+                    **common, "cache": str(source), "classes": "all", "options": plan.backbone, "out": str(ckpt)},
+                    [f"extract/{src_unit}"])
+                writes.append(first)
+                writes += [StudyJob(f"cross/load/{b}/{u}", "load", "", {**common, "cache": str(c), "checkpoint": str(ckpt)},
+                                    [first.id, f"extract/{u}"]) for c, u in targets]
+            else:
+                ckpt = checkpoint_for(plan, b, CROSS_SOURCE, seed, cross=True)
+                options = {k: plan.extract[k] for k in ("batch_size", "workers", "train_views")}
+                # the class prompts a checkpoint stores are the source's: compared on the source only
+                writes += [StudyJob(f"cross/import/{b}/{u}", "import", "", {
+                    **common, "cache": str(c), "checkpoint": str(ckpt), "options": options,
+                    "prompt_check": u == src_unit}, [f"extract/{u}"]) for c, u in [(source, src_unit), *targets]]
+            jobs += writes
+            jobs.append(StudyJob(f"grid/table2/{b}/{src_unit}", "grid", "", {
+                "cache": str(source), "backbone": name, "seed": seed, "preset": None, "classes": "all",
+                "eval_caches": [str(c) for c, _ in targets], "settings": plan.train_settings, "device": plan.device,
+                "out": str(plan.out / "runs" / "table2" / b / src_unit)}, [w.id for w in writes]))
     return jobs
 
 
@@ -582,17 +639,19 @@ def run_import(spec: dict, log, job=None) -> dict:
     from .store import open_cache
 
     cache, method = Path(spec["cache"]), spec["method"]
-    if _existing_groups(cache, method):
-        prov = open_cache(cache).text_provenance(method)
+    name = spec.get("name", method)
+    if _existing_groups(cache, name):
+        prov = open_cache(cache).text_provenance(name)
         from .backbones import resolve_checkpoint
 
         ckpt = resolve_checkpoint(spec["checkpoint"], method)
         if prov.get("method") == method and Path(prov.get("checkpoint", "")).resolve() == ckpt.resolve():
-            log(f"{cache} already holds /text/{method} from {ckpt}")
+            log(f"{cache} already holds /text/{name} from {ckpt}")
             return {"found": True}
     o = spec["options"]
     summary = import_backbone(cache, method, spec["checkpoint"],
-                              ImportOptions(batch_size=o["batch_size"], workers=o["workers"], device=spec["device"]),
+                              ImportOptions(name=spec.get("name"), batch_size=o["batch_size"], workers=o["workers"],
+                                            device=spec["device"], prompt_check=spec.get("prompt_check", True)),
                               job=job)
     log(f"{method}: {summary.checkpoint} (epoch {summary.epoch}); class prompts: {summary.prompt_check}; "
         f"{sum(summary.counts.values())} images in {summary.seconds:.1f}s")
@@ -607,19 +666,20 @@ def run_backbone(spec: dict, log, job=None) -> dict:
 
     cache = open_cache(spec["cache"])
     method, o = spec["method"], spec["options"]
-    cfg = BackboneConfig(method=method, seed=spec["seed"], device=spec["device"],
+    name = spec.get("name", method)
+    cfg = BackboneConfig(method=method, seed=spec["seed"], device=spec["device"], classes=spec.get("classes", "base"),
                          epochs=o.get("epochs") or default_epochs(cache.provenance.get("dataset"), method),
                          **{k: o[k] for k in ("lr", "batch_size", "n_ctx", "warmup_epochs") if k in o}).validate()
-    if method in cache.text_groups:
-        prov = cache.text_provenance(method)
+    if name in cache.text_groups:
+        prov = cache.text_provenance(name)
         if prov.get("options") == cfg.to_dict():
-            log(f"{cache.path} already holds /text/{method} trained with these settings")
+            log(f"{cache.path} already holds /text/{name} trained with these settings")
             return {"found": True}
     result = train_backbone(cache, cfg, progress=lambda e, n, h: log(f"epoch {e}/{n}: loss {h['loss']:.4f}"))
     folder = Path(spec["out"])
     ckpt = save_coop_checkpoint(folder, result.ctx, cfg.epochs)
-    write_backbone(cache.path, method, result.ctx, cfg, result.loaded, checkpoint=ckpt)
-    (folder / "backbone.json").write_text(json.dumps({**result.to_dict(), "cache": str(cache.path), "name": method},
+    write_backbone(cache.path, name, result.ctx, cfg, result.loaded, checkpoint=ckpt)
+    (folder / "backbone.json").write_text(json.dumps({**result.to_dict(), "cache": str(cache.path), "name": name},
                                                      indent=1))
     m = result.metrics
     log(f"{method}: test accuracy {m['test_acc']:.2f}% (before {m['initial_test_acc']:.2f}%); {result.seconds:.1f}s")
@@ -627,10 +687,28 @@ def run_backbone(spec: dict, log, job=None) -> dict:
             "epoch_images": cfg.epochs * result.train_images}
 
 
+def run_load(spec: dict, log, job=None) -> dict:
+    """A CoOp/KgCoOp context trained on the source, written into a target cache (Table 2)."""
+    from .backbones import load_backbone, resolve_checkpoint
+    from .data import sha256_of
+    from .device import resolve_device
+    from .store import open_cache
+
+    cache, name = open_cache(spec["cache"]), spec["name"]
+    ckpt = resolve_checkpoint(spec["checkpoint"], spec["method"])
+    if name in cache.text_groups and cache.text_provenance(name).get("checkpoint_sha256") == sha256_of(ckpt):
+        log(f"{cache.path} already holds /text/{name} from {ckpt}")
+        return {"found": True}
+    info = load_backbone(cache.path, ckpt, spec["method"], name=name, device=resolve_device(spec["device"]))
+    log(f"wrote /text/{name} {info['shape']} into {cache.path} from {ckpt}")
+    return {}
+
+
 def grid_runs(spec: dict):
     from .grids import expand
 
-    base = {"device": spec["device"], "backbone": spec["backbone"], **spec["settings"]}
+    base = {"device": spec["device"], "backbone": spec["backbone"], "classes": spec.get("classes", "base"),
+            **spec["settings"]}
     return expand([Path(spec["cache"])], [spec["seed"]], {}, base, spec["preset"], "auto")
 
 
@@ -639,7 +717,7 @@ def run_grid_job(spec: dict, log, job=None) -> dict:
 
     runs = grid_runs(spec)
     t0 = time.perf_counter()
-    records = run_grid(runs, Path(spec["out"]), log=log)
+    records = run_grid(runs, Path(spec["out"]), log=log, eval_caches=[Path(c) for c in spec.get("eval_caches", [])])
     seconds = time.perf_counter() - t0
     log(f"{len(records)} new run(s), {len(runs) - len(records)} already done, {seconds:.1f}s")
     epochs_images = sum(r["config"]["epochs"] * r["train_images"] for r in records)
@@ -678,7 +756,7 @@ def run_report(spec: dict, log, job=None) -> dict:  # noqa: ARG001  (every runne
 
 
 RUNNERS: dict[str, Callable] = {"extract": run_extract, "import": run_import, "backbone": run_backbone,
-                                "grid": run_grid_job, "report": run_report}
+                                "load": run_load, "grid": run_grid_job, "report": run_report}
 
 
 # ------------------------------------------------------------------------------------ the driver
@@ -799,14 +877,32 @@ def _blocking(plan: Plan, job: StudyJob, by_id: dict[str, StudyJob]) -> str | No
             return f"skip: {dep} {st['state']}"
     if job.kind == "report" and not any(read_status(plan, by_id[d])["state"] == "done" for d in job.deps):
         return "skip: no grid finished"
+    if not job.unit and job.kind != "report":  # a tail job writes into caches: every cache's own jobs first
+        busy = next((j for j in by_id.values() if j.unit and not _final(plan, j)), None)
+        if busy is not None:
+            return f"wait: {busy.id} (and maybe others) is not finished"
     return None
 
 
-def run_study(plan: Plan, *, shard: tuple[int, int] | None = None, djob=None,
+def _final(plan: Plan, job: StudyJob) -> bool:
+    st = read_status(plan, job)
+    return st is not None and (st["state"] in ("failed", "skipped") or _is_done(plan, job, st))
+
+
+IMAGE_PASSES = ("shared", "per-rank")
+
+
+def run_study(plan: Plan, *, shard: tuple[int, int] | None = None, djob=None, image_passes: str = "shared",
               on_outcome: Callable[[Outcome], None] | None = None,
               on_start: Callable[[StudyJob], None] | None = None) -> StudyResult:
-    """Run every job of this process's share that is not done yet; see the module's docstring."""
-    from .distributed import current_job
+    """Run every job of this process's share that is not done yet; see the module's docstring.
+
+    `image_passes` under torchrun: "shared" runs each image pass on every rank together; "per-rank"
+    gives each rank whole caches, their image passes included (no coordination inside a pass)."""
+    from .distributed import Job, current_job
+
+    if image_passes not in IMAGE_PASSES:
+        raise ValueError(f"--image-passes {image_passes!r}: choose {' or '.join(IMAGE_PASSES)}")
 
     plan.out.mkdir(parents=True, exist_ok=True)
     jobs = build_jobs(plan)
@@ -825,7 +921,7 @@ def run_study(plan: Plan, *, shard: tuple[int, int] | None = None, djob=None,
         if on_outcome:
             on_outcome(o)
 
-    def attempt(j: StudyJob) -> None:
+    def attempt(j: StudyJob, alone: bool = False) -> None:
         if _is_done(plan, j, read_status(plan, j)):
             return
         block = _blocking(plan, j, by_id)
@@ -837,10 +933,12 @@ def run_study(plan: Plan, *, shard: tuple[int, int] | None = None, djob=None,
             return
         if on_start:
             on_start(j)
-        record(execute(plan, j, djob if j.collective else None))  # head jobs run on one process
+        shared = j.collective and djob.distributed and image_passes == "shared" and not alone
+        record(execute(plan, j, djob if shared else None if not j.collective else Job()))
 
+    together = djob.distributed and image_passes == "shared"
     # 1. image passes: every rank together, one job after the other
-    for j in (j for j in jobs if j.collective and j.unit in mine):
+    for j in (j for j in jobs if j.collective and j.unit in mine and (together or not djob.distributed)):
         if djob.distributed:
             todo = _agree(djob, f"{j.id}", not _is_done(plan, j, read_status(plan, j)))
             if not todo:
@@ -851,7 +949,8 @@ def run_study(plan: Plan, *, shard: tuple[int, int] | None = None, djob=None,
             attempt(j)
     # 2. head jobs, one cache at a time, from a queue every rank takes from
     units = [u for u in largest_first(units_of(jobs)) if u in mine]
-    heads = {u: [j for j in jobs if j.unit == u and not j.collective] for u in units}
+    heads = {u: [j for j in jobs if j.unit == u and not (j.collective and (together or not djob.distributed))]
+             for u in units}
     if djob.distributed:
         _barrier(djob, "images-done")
         while True:
@@ -865,15 +964,17 @@ def run_study(plan: Plan, *, shard: tuple[int, int] | None = None, djob=None,
         for u in units:
             for j in heads[u]:
                 attempt(j)
-    # 3. the report, once every grid of every shard has finished
-    report = by_id["report"]
+    # 3. jobs that write into several caches (Table 2), once every cache's own jobs have finished, on one process;
+    #    then the report, once every grid of every shard has finished
     if lead:
-        attempt(report)
+        for j in jobs:
+            if not j.unit:
+                attempt(j, alone=True)
     if djob.distributed and lead:  # the head jobs other ranks ran: their status files say how they went
         seen = {o.job for o in outcomes}
         for j in jobs:
             st = read_status(plan, j)
-            if j.unit in mine and not j.collective and j.id not in seen and j.id not in done_before and st \
+            if (j.unit in mine or not j.unit) and j.id not in seen and j.id not in done_before and st \
                     and st["state"] in FINAL:
                 outcomes.append(Outcome(j.id, j.kind, st["state"], st.get("error", ""), st.get("seconds", 0.0)))
     rep = plan.out / "report" / "report.md"
@@ -919,7 +1020,7 @@ def _settle(djob, name: str) -> None:
 
 # ------------------------------------------------------------------------------- dry run, estimate
 
-STAGES = ("extract", "import", "backbone", "grid", "report")
+STAGES = ("extract", "import", "backbone", "load", "grid", "report")
 
 
 def overview(plan: Plan, shard: tuple[int, int] | None = None) -> dict:
@@ -937,7 +1038,7 @@ def overview(plan: Plan, shard: tuple[int, int] | None = None) -> dict:
             continue
         if st and st["state"] in ("failed", "skipped"):
             row["failed"] += 1
-        if j.kind == "report" or j.unit in mine:
+        if not j.unit or j.unit in mine:
             row["run"] += 1
             todo.append(j)
         else:
@@ -1074,7 +1175,7 @@ def estimate(plan: Plan, todo: list[StudyJob], rates: dict) -> dict:
     sizes: dict[str, tuple] = {}
     all_jobs = build_jobs(plan)
     for j in todo:
-        if j.kind == "report":
+        if not j.unit:  # Table 2's jobs and the report are not in the estimate
             continue
         if j.unit not in sizes:
             unit_extract = next(x for x in all_jobs if x.id == f"extract/{j.unit}")
@@ -1115,8 +1216,8 @@ def _ablation_rows(preset: str | None) -> list:
     return [row for n in names for row in ABLATIONS[n][1]]
 
 
-PAPER_PLAN = '''# The plan that reproduces the paper's Table 1 (base-to-new, 11 datasets x 3 seeds x 4 backbones)
-# and its ablations' full model. Edit the paths, then: fvgpt-cache run paper.toml --dry-run
+PAPER_PLAN = '''# The plan that reproduces the paper's Tables 1 (base-to-new, 11 datasets x 3 seeds x 4 backbones)
+# and 2 (cross-dataset: ImageNet, all classes -> the other 10 datasets). Edit the paths, then: fvgpt-cache run paper.toml --dry-run
 # Relative paths are read from this file's folder.
 out = "studies/paper"
 
@@ -1135,13 +1236,15 @@ name = "all"                     # the eleven
 seeds = [1, 2, 3]
 shots = 16
 backbones = ["coop", "kgcoop", "promptsrc", "mmrl"]
-train = ["table1"]               # add ablations by name: components, losses, ... or "paper" for all of them
+train = ["table1", "table2"]     # add ablations by name: components, losses, ... or "paper" for all of them
 rrc_scale = "preset"             # each backbone's release config: 0.08-1, MMRL 0.5-1 (MMRL gets caches of its own)
 device = "auto"
 
 [checkpoints]                    # the official base-to-new checkpoints, ROOT/<dataset>/seed<S>/...
 promptsrc = "/ckpt/promptsrc"
 mmrl = "/ckpt/mmrl"
+promptsrc_cross = "/ckpt/promptsrc_cross"   # cross-dataset (all ImageNet classes), ROOT/seed<S>/...
+mmrl_cross = "/ckpt/mmrl_cross"
 
 [extract]
 train_views = 11                 # view 0 + one augmented view per epoch

@@ -127,8 +127,16 @@ def test_the_paper_plan_loads_and_covers_table1(tmp_path):
     jobs = build_jobs(plan)
     kinds = [j.kind for j in jobs]
     # 11 datasets × 3 seeds; MMRL's caches are cropped 0.5–1 (its release config), the others 0.08–1
-    assert kinds.count("extract") == 11 * 3 * 2 and kinds.count("grid") == 11 * 3 * 4
-    assert kinds.count("import") == 11 * 3 * 2 and kinds.count("backbone") == 11 * 3 * 2
+    assert kinds.count("extract") == 11 * 3 * 2 and kinds.count("grid") == 11 * 3 * 4 + 4 * 3
+    # Table 2 per backbone and seed: CoOp/KgCoOp trained on all ImageNet classes and loaded into the 10 targets,
+    # PromptSRC/MMRL cross-dataset checkpoints imported into ImageNet and the 10 targets
+    assert kinds.count("import") == 11 * 3 * 2 + 2 * 3 * 11 and kinds.count("backbone") == 11 * 3 * 2 + 2 * 3
+    assert kinds.count("load") == 2 * 3 * 10
+    cross = next(j for j in jobs if j.id == "grid/table2/mmrl/imagenet/shots16_seed2_rrc0.5-1")
+    assert cross.spec["classes"] == "all" and len(cross.spec["eval_caches"]) == 10 and cross.unit == ""
+    assert "cross/import/mmrl/dtd/shots16_seed2_rrc0.5-1" in cross.deps
+    assert next(j for j in jobs if j.id == "cross/import/mmrl/dtd/shots16_seed2_rrc0.5-1").spec["checkpoint"] == \
+        "/ckpt/mmrl_cross/seed2"
     mmrl = next(j for j in jobs if j.id.startswith("import/mmrl/"))
     assert mmrl.unit.endswith("_rrc0.5-1") and mmrl.spec["checkpoint"].endswith("seed1")
 
@@ -139,7 +147,7 @@ def test_the_paper_plan_loads_and_covers_table1(tmp_path):
     ("[study]\nshots = \"16\"\n", "shots = '16' should be a int"),
     ("[study]\nbackbones = [\"maple\"]\n", "choose distinct names from coop, kgcoop, promptsrc, mmrl"),
     ("[study]\nbackbones = [\"promptsrc\"]\n", "[checkpoints] promptsrc"),
-    ("[study]\ntrain = [\"table2\"]\n", "cross-dataset runs (Table 2) are not part of `run` yet"),
+    ("[study]\ntrain = [\"table2\"]\n", "needs imagenet and at least one other dataset"),
     ("[study]\ntrain = [\"component\"]\n", "did you mean 'components'?"),
     ("[[dataset]]\nname = \"oxford_pet\"\n", "unknown dataset 'oxford_pet'"),
     ("[[dataset]]\nname = \"all\"\n[[dataset]]\nname = \"dtd\"\n", "'dtd' is listed twice"),
@@ -183,7 +191,7 @@ def test_dry_run_of_the_paper_plan_names_missing_inputs(tmp_path):
     (tmp_path / "data").mkdir()
     res = cli("run", tmp_path / "paper.toml", "--dry-run", "--no-estimate")
     assert res.exit_code == 0, res.output
-    assert re.search(r"extract\s+66\s+0\s+0\s+66\s+0", res.output) and re.search(r"grid\s+132\s+0\s+0\s+132", res.output)
+    assert re.search(r"extract\s+66\s+0\s+0\s+66\s+0", res.output) and re.search(r"grid\s+144\s+0\s+0\s+144", res.output)
     assert "missing imagenet: no imagenet/ with its split file" in res.output
     assert "checkpoint /ckpt/promptsrc/oxford_pets/seed1" in res.output.replace("\n", "")
     assert not (tmp_path / "studies").exists(), "a dry run writes nothing"
@@ -333,17 +341,21 @@ def test_two_shards_and_the_report_equal_one_process(world, reference):
 
 
 @pytest.mark.slow
-def test_torchrun_two_processes_give_the_results_of_one(world, reference):
-    plan = write_plan(world, out="torchrun", **FULL)
+@pytest.mark.parametrize("image_passes", ["shared", "per-rank"])
+def test_torchrun_two_processes_give_the_results_of_one(world, reference, image_passes):
+    out = f"torchrun-{image_passes}"
+    plan = write_plan(world, out=out, **FULL)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", "-m",
-           "fvgpt_cache.cli.main", "run", str(plan), "--dist-timeout", "60"]
+           "fvgpt_cache.cli.main", "run", str(plan), "--dist-timeout", "60", "--image-passes", image_passes]
     res = subprocess.run(cmd, capture_output=True, text=True, env=_env(), timeout=900)
     assert res.returncode == 0, res.stderr[-3000:] + res.stdout[-3000:]
-    assert _results(world / "torchrun") == reference[0]
-    grids = [json.loads(p.read_text()) for p in (world / "torchrun" / "jobs" / "grid").rglob("*.json")]
+    assert _results(world / out) == reference[0]
+    grids = [json.loads(p.read_text()) for p in (world / out / "jobs" / "grid").rglob("*.json")]
     assert len(grids) == 16 and {g["rank"] for g in grids} == {0, 1}, "head jobs are spread over the ranks"
-    logs = list((world / "torchrun" / "logs").rglob("*.log"))
-    assert len(logs) == 41
+    extracts = [json.loads(p.read_text()) for p in (world / out / "jobs" / "extract").rglob("*.json")]
+    assert {e["rank"] for e in extracts} == ({0} if image_passes == "shared" else {0, 1})
+    assert len(list((world / out / "logs").rglob("*.log"))) == 41
+    assert re.search(r"grid\s+16\s+0\s+0\s+0\s+0", res.stdout), "rank 0's summary counts every rank's jobs"
 
 
 @pytest.mark.slow
@@ -389,3 +401,50 @@ def test_under_torchrun_a_failed_image_pass_does_not_stop_the_others(tmp_path):
     assert state("extract/dtd/shots4_seed1") == "failed" and state("grid/table1/coop/dtd/shots4_seed1") == "skipped"
     assert state("extract/oxford_pets/shots4_seed1") == "done" and state("grid/table1/coop/oxford_pets/shots4_seed1") == "done"
     assert "1 job(s) failed" in res.stdout and res.stdout.count("this run") == 1, res.stdout
+
+
+# ----------------------------------------------------------------------- Table 2: cross-dataset (slow)
+
+@pytest.mark.slow
+def test_table2_trains_on_all_imagenet_classes_and_reports_every_target(tmp_path):
+    """ImageNet (CoOp's folder layout) → oxford_pets and dtd, one seed, all four backbones, Tables 1 and 2."""
+    from fvgpt_cache.datasets import template_for
+    from fvgpt_cache.models import load_clip
+
+    (tmp_path / "deep.json").write_text(json.dumps(DEEP_CONFIG))
+    names = ("imagenet", "oxford_pets", "dtd")
+    for name in names:
+        build(tmp_path / "data", name)
+    deep = load_clip(str(tmp_path / "deep.json"), "none", seed=0)
+    for name in names:
+        classes = load_dataset(name, tmp_path / "data").classnames
+        base = [classes[i] for i in base_new_split(len(classes))[0]]
+        _save(promptsrc_checkpoint(deep.model, deep.tokenizer, base), tmp_path / "ck" / "psrc" / name / "seed1" /
+              "VLPromptLearner", 5)
+        _save(mmrl_checkpoint(deep.model, deep.tokenizer, base, template_for(name)),
+              tmp_path / "ck" / "mmrl" / name / "seed1" / "MultiModalRepresentationLearner", 5, optimizer=torch.optim.AdamW)
+        if name == "imagenet":  # the cross-dataset checkpoints: trained on every ImageNet class
+            _save(promptsrc_checkpoint(deep.model, deep.tokenizer, classes, seed=7),
+                  tmp_path / "ck" / "psrc-x" / "seed1" / "VLPromptLearner", 5)
+            _save(mmrl_checkpoint(deep.model, deep.tokenizer, classes, template_for(name), seed=7),
+                  tmp_path / "ck" / "mmrl-x" / "seed1" / "MultiModalRepresentationLearner", 5, optimizer=torch.optim.AdamW)
+    plan = write_plan(tmp_path, datasets=names, backbones=("coop", "kgcoop", "promptsrc", "mmrl"), model="deep.json",
+                      train='["table1", "table2"]',
+                      checkpoints={"promptsrc": "ck/psrc", "mmrl": "ck/mmrl", "promptsrc_cross": "ck/psrc-x",
+                                   "mmrl_cross": "ck/mmrl-x"})
+    res = cli("run", plan)
+    assert res.exit_code == 0, res.output
+    out = tmp_path / "study"
+    for b in ("coop", "kgcoop", "promptsrc", "mmrl"):
+        unit = "imagenet/shots4_seed1" + ("_rrc0.5-1" if b == "mmrl" else "")
+        [record] = [json.loads(line) for line in (out / "runs" / "table2" / b / unit / "results.jsonl").read_text().splitlines()]
+        assert record["config"]["classes"] == "all" and record["backbone"] == f"{b}_all"
+        assert [t["dataset"] for t in record["cross_dataset"]] == ["oxford_pets", "dtd"]
+        assert all(t["test_images"] == 6 and t["fvgpt"] is not None for t in record["cross_dataset"])
+        assert record["backbone_provenance"]["method"] == b
+        if b in ("promptsrc", "mmrl"):
+            assert record["preset"]["preset"]["name"] == f"{b}-cross"
+    md = (out / "report" / "report.md").read_text()
+    assert md.count("Cross-dataset") >= 4 and "dtd" in md
+    again = cli("run", plan)
+    assert again.output.startswith("nothing to do"), again.output
