@@ -451,13 +451,15 @@ def cross_jobs(plan: Plan) -> list[StudyJob]:
             common = {"method": b, "name": name, "seed": seed, "device": plan.device}
             writes = []
             if b in TRAINED:
+                # trained like any head job of the ImageNet cache (in parallel over seeds), written into no cache;
+                # the tail then writes its context into the ImageNet cache and every target's
                 ckpt = plan.out / "backbones" / f"{src_unit}-{name}"
-                first = StudyJob(f"cross/backbone/{b}/{src_unit}", "backbone", "", {
-                    **common, "cache": str(source), "classes": "all", "options": plan.backbone, "out": str(ckpt)},
-                    [f"extract/{src_unit}"])
-                writes.append(first)
+                train = StudyJob(f"cross/backbone/{b}/{src_unit}", "backbone", src_unit, {
+                    **common, "cache": str(source), "classes": "all", "options": plan.backbone, "out": str(ckpt),
+                    "write": False}, [f"extract/{src_unit}"])
+                jobs.append(train)
                 writes += [StudyJob(f"cross/load/{b}/{u}", "load", "", {**common, "cache": str(c), "checkpoint": str(ckpt)},
-                                    [first.id, f"extract/{u}"]) for c, u in targets]
+                                    [train.id, f"extract/{u}"]) for c, u in [(source, src_unit), *targets]]
             else:
                 ckpt = checkpoint_for(plan, b, CROSS_SOURCE, seed, cross=True)
                 options = {k: plan.extract[k] for k in ("batch_size", "workers", "train_views")}
@@ -670,17 +672,19 @@ def run_backbone(spec: dict, log, job=None) -> dict:
     cfg = BackboneConfig(method=method, seed=spec["seed"], device=spec["device"], classes=spec.get("classes", "base"),
                          epochs=o.get("epochs") or default_epochs(cache.provenance.get("dataset"), method),
                          **{k: o[k] for k in ("lr", "batch_size", "n_ctx", "warmup_epochs") if k in o}).validate()
-    if name in cache.text_groups:
-        prov = cache.text_provenance(name)
-        if prov.get("options") == cfg.to_dict():
-            log(f"{cache.path} already holds /text/{name} trained with these settings")
-            return {"found": True}
+    folder, write = Path(spec["out"]), spec.get("write", True)
+    record = folder / "backbone.json"
+    if write and name in cache.text_groups and cache.text_provenance(name).get("options") == cfg.to_dict():
+        log(f"{cache.path} already holds /text/{name} trained with these settings")
+        return {"found": True}
+    if not write and record.exists() and json.loads(record.read_text()).get("config") == cfg.to_dict():
+        log(f"{folder} already holds a context trained with these settings")
+        return {"found": True}
     result = train_backbone(cache, cfg, progress=lambda e, n, h: log(f"epoch {e}/{n}: loss {h['loss']:.4f}"))
-    folder = Path(spec["out"])
     ckpt = save_coop_checkpoint(folder, result.ctx, cfg.epochs)
-    write_backbone(cache.path, name, result.ctx, cfg, result.loaded, checkpoint=ckpt)
-    (folder / "backbone.json").write_text(json.dumps({**result.to_dict(), "cache": str(cache.path), "name": name},
-                                                     indent=1))
+    if write:
+        write_backbone(cache.path, name, result.ctx, cfg, result.loaded, checkpoint=ckpt)
+    record.write_text(json.dumps({**result.to_dict(), "cache": str(cache.path), "name": name}, indent=1))
     m = result.metrics
     log(f"{method}: test accuracy {m['test_acc']:.2f}% (before {m['initial_test_acc']:.2f}%); {result.seconds:.1f}s")
     return {"seconds": result.seconds, "images": result.train_images, "epochs": cfg.epochs,
@@ -1195,8 +1199,9 @@ def estimate(plan: Plan, todo: list[StudyJob], rates: dict) -> dict:
             from .backbones import default_epochs
 
             epochs = plan.backbone.get("epochs") or default_epochs(j.unit.split("/")[0], j.spec["method"])
+            share = 1 if j.spec.get("classes") == "all" else 0.5  # images and classes it trains on
             if "backbone" in r:
-                seconds["backbone"] += epochs * n.get("train", 0) / 2 * r["backbone"] * (classes / 2) / PROBE_CLASSES
+                seconds["backbone"] += epochs * n.get("train", 0) * share * r["backbone"] * classes * share / PROBE_CLASSES
         elif j.kind == "grid":
             try:
                 runs = len(_ablation_rows(j.spec["preset"]))

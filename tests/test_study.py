@@ -131,7 +131,9 @@ def test_the_paper_plan_loads_and_covers_table1(tmp_path):
     # Table 2 per backbone and seed: CoOp/KgCoOp trained on all ImageNet classes and loaded into the 10 targets,
     # PromptSRC/MMRL cross-dataset checkpoints imported into ImageNet and the 10 targets
     assert kinds.count("import") == 11 * 3 * 2 + 2 * 3 * 11 and kinds.count("backbone") == 11 * 3 * 2 + 2 * 3
-    assert kinds.count("load") == 2 * 3 * 10
+    assert kinds.count("load") == 2 * 3 * 11
+    train_all = next(j for j in jobs if j.id == "cross/backbone/kgcoop/imagenet/shots16_seed3")
+    assert train_all.unit == "imagenet/shots16_seed3", "trained in parallel like the ImageNet cache's other head jobs"
     cross = next(j for j in jobs if j.id == "grid/table2/mmrl/imagenet/shots16_seed2_rrc0.5-1")
     assert cross.spec["classes"] == "all" and len(cross.spec["eval_caches"]) == 10 and cross.unit == ""
     assert "cross/import/mmrl/dtd/shots16_seed2_rrc0.5-1" in cross.deps
