@@ -844,6 +844,8 @@ def execute(plan: Plan, job: StudyJob, djob=None) -> Outcome:
         raise
     except Exception as exc:  # noqa: BLE001  (a failing job is recorded and the others go on)
         message = str(exc) or type(exc).__name__
+        if djob is not None and djob.distributed and djob.failure() is None:
+            djob.record_failure(message)  # failed before the pass began: the other ranks must not wait for this one
         if lead:
             log("".join(traceback.format_exc()))
             write_status(plan, job, "failed", error=message, seconds=time.perf_counter() - t0)
