@@ -74,6 +74,8 @@ def run(
 
     resumable()
     try:
+        if image_passes not in study.IMAGE_PASSES:
+            fail(f"--image-passes {image_passes!r}: choose {' or '.join(study.IMAGE_PASSES)}")
         plan = study.load_plan(plan_file)
         part = study.parse_shard(shard) if shard else None
         if dry_run:

@@ -62,7 +62,7 @@ KEYS: dict[str, dict[str, tuple[type | tuple, str]]] = {
     "dataset": {"name": (str, "dataset name"), "split_file": (str, "split JSON"), "image_root": (str, "image folder"),
                 "mask_root": (str, "mask folder"), "template": (str, "class template with {}")},
     "study": {"seeds": (list, "list of integers"), "shots": (int, "images per class"),
-              "backbones": (list, f"subset of {BACKBONES}"), "train": (list, "table1, ablation presets"),
+              "backbones": (list, f"subset of {BACKBONES}"), "train": (list, "table1, table2, ablation presets"),
               "rrc_scale": ((str, list), "'preset' or [min, max]"), "device": (str, "auto|cpu|cuda")},
     "checkpoints": {"promptsrc": (str, "checkpoint root"), "mmrl": (str, "checkpoint root"),
                     "promptsrc_cross": (str, "cross-dataset checkpoints (ImageNet, all classes)"),
@@ -123,6 +123,9 @@ class Plan:
         return tuple(PRESETS[backbone].rrc_scale)
 
 
+TYPE_NAMES = {str: "a string", int: "an integer", float: "a number", list: "a list", dict: "a table"}
+
+
 def _where(path: Path, table: str) -> str:
     return f"{path} [{table}]" if table else str(path)
 
@@ -139,8 +142,8 @@ def _check_keys(path: Path, table: str, raw: dict) -> None:
         if kind is float:
             ok = isinstance(value, (int, float)) and not isinstance(value, bool)
         if not ok:
-            names = "/".join(k.__name__ for k in (kind if isinstance(kind, tuple) else (kind,)))
-            raise PlanError(f"{_where(path, table)}: {key} = {value!r} should be a {names}"
+            names = " or ".join(TYPE_NAMES[k] for k in (kind if isinstance(kind, tuple) else (kind,)))
+            raise PlanError(f"{_where(path, table)}: {key} = {value!r} should be {names}"
                             + (f" ({known[key][1]})" if known[key][1] else ""))
 
 

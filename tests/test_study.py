@@ -146,7 +146,7 @@ def test_the_paper_plan_loads_and_covers_table1(tmp_path):
 @pytest.mark.parametrize("edit, needle", [
     ("[study]\nsead = [1]\n", "unknown key 'sead' (did you mean 'seeds'?)"),
     ("[study]\nseeds = [1, 1]\n", "seeds = [1, 1]"),
-    ("[study]\nshots = \"16\"\n", "shots = '16' should be a int"),
+    ("[study]\nshots = \"16\"\n", "shots = '16' should be an integer"),
     ("[study]\nbackbones = [\"maple\"]\n", "choose distinct names from coop, kgcoop, promptsrc, mmrl"),
     ("[study]\nbackbones = [\"promptsrc\"]\n", "[checkpoints] promptsrc"),
     ("[study]\ntrain = [\"table2\"]\n", "needs imagenet and at least one other dataset"),
