@@ -1183,17 +1183,18 @@ def estimate(plan: Plan, todo: list[StudyJob], rates: dict) -> dict:
     unknown = []
     sizes: dict[str, tuple] = {}
     all_jobs = build_jobs(plan)
+    extracts = {x.spec["out"]: x for x in all_jobs if x.kind == "extract"}
     for j in todo:
-        if not j.unit:  # Table 2's jobs and the report are not in the estimate
+        if j.kind in ("report", "load"):  # seconds at most
             continue
-        if j.unit not in sizes:
-            unit_extract = next(x for x in all_jobs if x.id == f"extract/{j.unit}")
+        unit = extracts[j.spec["cache"] if j.kind != "extract" else j.spec["out"]].unit  # Table 2's jobs have none
+        if unit not in sizes:
             try:
-                sizes[j.unit] = _samples(unit_extract.spec)
+                sizes[unit] = _samples(extracts[cache_path_of(plan, unit)].spec)
             except Exception as exc:  # noqa: BLE001
-                sizes[j.unit] = ({}, 0)
-                unknown.append(f"{j.unit}: {exc}")
-        n, classes = sizes[j.unit]
+                sizes[unit] = ({}, 0)
+                unknown.append(f"{unit}: {exc}")
+        n, classes = sizes[unit]
         if not n:
             continue
         views = plan.extract["train_views"]
@@ -1203,7 +1204,7 @@ def estimate(plan: Plan, todo: list[StudyJob], rates: dict) -> dict:
         elif j.kind == "backbone":
             from .backbones import default_epochs
 
-            epochs = plan.backbone.get("epochs") or default_epochs(j.unit.split("/")[0], j.spec["method"])
+            epochs = plan.backbone.get("epochs") or default_epochs(unit.split("/")[0], j.spec["method"])
             share = 1 if j.spec.get("classes") == "all" else 0.5  # images and classes it trains on
             if "backbone" in r:
                 seconds["backbone"] += epochs * n.get("train", 0) * share * r["backbone"] * classes * share / PROBE_CLASSES
@@ -1213,8 +1214,13 @@ def estimate(plan: Plan, todo: list[StudyJob], rates: dict) -> dict:
             except KeyError:
                 runs = 1
             epochs = plan.train_settings.get("epochs", 10)
-            seconds["grid"] += runs * epochs * n.get("train", 0) / 2 * r["head"]
+            share = 1 if j.spec.get("classes") == "all" else 0.5
+            seconds["grid"] += runs * epochs * n.get("train", 0) * share * r["head"]
     return {"seconds": seconds, "total": sum(seconds.values()), "unknown": unknown}
+
+
+def cache_path_of(plan: Plan, unit: str) -> str:
+    return str(plan.out / "caches" / f"{unit}.h5")
 
 
 def _ablation_rows(preset: str | None) -> list:

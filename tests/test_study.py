@@ -27,7 +27,7 @@ from fvgpt_cache.datasets import load_dataset
 from fvgpt_cache.study import PlanError, build_jobs, load_plan, paper_plan, parse_shard, shard_units
 
 from test_datasets import build
-from test_import import CTX_INIT, DEEP_CONFIG, _save, mmrl_checkpoint, promptsrc_checkpoint  # noqa: F401
+from test_import import DEEP_CONFIG, _save, mmrl_checkpoint, promptsrc_checkpoint
 
 TINY = {"embed_dim": 32, "vision_cfg": {"image_size": 32, "layers": 2, "width": 64, "patch_size": 8},
         "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 64, "heads": 2, "layers": 2}}
