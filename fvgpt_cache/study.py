@@ -639,16 +639,14 @@ def run_extract(spec: dict, log, job=None) -> dict:
 
 
 def run_import(spec: dict, log, job=None) -> dict:
-    from .backbones import ImportOptions, import_backbone
+    from .backbones import ImportOptions, import_backbone, resolve_checkpoint
     from .backbones.image_pass import _existing_groups
     from .store import open_cache
 
     cache, method = Path(spec["cache"]), spec["method"]
     name = spec.get("name", method)
-    if _existing_groups(cache, name):
+    if _existing_groups(cache, name):  # imported before its status was written
         prov = open_cache(cache).text_provenance(name)
-        from .backbones import resolve_checkpoint
-
         ckpt = resolve_checkpoint(spec["checkpoint"], method)
         if prov.get("method") == method and Path(prov.get("checkpoint", "")).resolve() == ckpt.resolve():
             log(f"{cache} already holds /text/{name} from {ckpt}")
