@@ -64,9 +64,9 @@ KEYS: dict[str, dict[str, tuple[type | tuple, str]]] = {
     "study": {"seeds": (list, "list of integers"), "shots": (int, "images per class"),
               "backbones": (list, f"subset of {BACKBONES}"), "train": (list, "table1, table2, ablation presets"),
               "rrc_scale": ((str, list), "'preset' or [min, max]"), "device": (str, "auto|cpu|cuda")},
-    "checkpoints": {"promptsrc": (str, "checkpoint root"), "mmrl": (str, "checkpoint root"),
-                    "promptsrc_cross": (str, "cross-dataset checkpoints (ImageNet, all classes)"),
-                    "mmrl_cross": (str, "cross-dataset checkpoints (ImageNet, all classes)")},
+    "checkpoints": {**{m: (str, "checkpoint root") for m in ("coop", "kgcoop", "promptsrc", "mmrl")},
+                    **{f"{m}_cross": (str, "cross-dataset checkpoints (ImageNet, all classes)")
+                       for m in ("coop", "kgcoop", "promptsrc", "mmrl")}},
     "extract": {"train_views": (int, ""), "batch_size": (int, ""), "workers": (int, ""), "missing_mask": (str, ""),
                 "bad_image": (str, ""), "mask_size_mismatch": (str, ""), "fg_mode": (str, ""), "dtype": (str, "")},
     "backbone": {"epochs": (int, "CoOp/KgCoOp epochs (default: the paper's per dataset)"), "lr": (float, ""),
@@ -205,7 +205,7 @@ def load_plan(path: str | Path) -> Plan:
             raise PlanError(f"{path} [study]: train has table2 (cross-dataset: trained on every ImageNet class, "
                             "evaluated on the other datasets), which needs imagenet and at least one other dataset "
                             f"in [[dataset]]; the plan has {', '.join(names)}")
-        for method in IMPORTED:
+        for method in IMPORTED:  # CoOp/KgCoOp are trained on all ImageNet classes unless <method>_cross is given
             if method in plan.backbones and f"{method}_cross" not in ckpts:
                 raise PlanError(f"{path} [checkpoints]: table2 with {method} needs {method}_cross = \"ROOT\", its "
                                 "official cross-dataset checkpoints (trained on all ImageNet classes), laid out "
@@ -409,15 +409,19 @@ def build_jobs(plan: Plan) -> list[StudyJob]:
                     "options": plan.extract, "device": plan.device, "out": str(cache)})
                 jobs.append(ex)
                 for b in (b for b in plan.backbones if plan.rrc_for(b) == scale):
-                    bid = f"{'import' if b in IMPORTED else 'backbone'}/{b}/{unit}"
+                    # PromptSRC/MMRL: imported; CoOp/KgCoOp: trained here, or loaded from [checkpoints] when given
+                    kind = "import" if b in IMPORTED else "load" if b in plan.checkpoints else "backbone"
+                    bid = f"{kind}/{b}/{unit}"
                     spec = {"cache": str(cache), "method": b, "seed": seed, "device": plan.device}
-                    if b in IMPORTED:
+                    if kind == "import":
                         spec["checkpoint"] = str(checkpoint_for(plan, b, d.name, seed))
                         spec["options"] = {k: plan.extract[k] for k in ("batch_size", "workers", "train_views")}
+                    elif kind == "load":
+                        spec.update(name=b, checkpoint=str(checkpoint_for(plan, b, d.name, seed)))
                     else:
                         spec["options"] = plan.backbone
                         spec["out"] = str(plan.out / "backbones" / f"{unit}-{b}")
-                    jobs.append(StudyJob(bid, "import" if b in IMPORTED else "backbone", unit, spec, [ex.id]))
+                    jobs.append(StudyJob(bid, kind, unit, spec, [ex.id]))
                     for item in (t for t in plan.train if t != "table2"):
                         gid = f"grid/{item}/{b}/{unit}"
                         grids.append(StudyJob(gid, "grid", unit, {
@@ -454,15 +458,19 @@ def cross_jobs(plan: Plan) -> list[StudyJob]:
             common = {"method": b, "name": name, "seed": seed, "device": plan.device}
             writes = []
             if b in TRAINED:
-                # trained like any head job of the ImageNet cache (in parallel over seeds), written into no cache;
-                # the tail then writes its context into the ImageNet cache and every target's
-                ckpt = plan.out / "backbones" / f"{src_unit}-{name}"
-                train = StudyJob(f"cross/backbone/{b}/{src_unit}", "backbone", src_unit, {
-                    **common, "cache": str(source), "classes": "all", "options": plan.backbone, "out": str(ckpt),
-                    "write": False}, [f"extract/{src_unit}"])
-                jobs.append(train)
+                # trained like any head job of the ImageNet cache (in parallel over seeds), written into no cache
+                # (or given: [checkpoints] <method>_cross); the tail writes the context into every cache
+                given = f"{b}_cross" in plan.checkpoints
+                ckpt = checkpoint_for(plan, b, CROSS_SOURCE, seed, cross=True) if given else \
+                    plan.out / "backbones" / f"{src_unit}-{name}"
+                first = []
+                if not given:
+                    first = [StudyJob(f"cross/backbone/{b}/{src_unit}", "backbone", src_unit, {
+                        **common, "cache": str(source), "classes": "all", "options": plan.backbone, "out": str(ckpt),
+                        "write": False}, [f"extract/{src_unit}"])]
+                    jobs += first
                 writes += [StudyJob(f"cross/load/{b}/{u}", "load", "", {**common, "cache": str(c), "checkpoint": str(ckpt)},
-                                    [train.id, f"extract/{u}"]) for c, u in [(source, src_unit), *targets]]
+                                    [*(t.id for t in first), f"extract/{u}"]) for c, u in [(source, src_unit), *targets]]
             else:
                 ckpt = checkpoint_for(plan, b, CROSS_SOURCE, seed, cross=True)
                 options = {k: plan.extract[k] for k in ("batch_size", "workers", "train_views")}
@@ -1069,7 +1077,8 @@ def missing_inputs(plan: Plan, jobs: list[StudyJob]) -> list[str]:
                 except FileNotFoundError:
                     missing.append(f"{spec['dataset']}: no {dataset_info(spec['dataset']).folder}/ with its split file "
                                    f"under {spec['data_root']}")
-        if j.kind == "import" and not Path(spec["checkpoint"]).exists():
+        given = j.kind in ("import", "load") and not Path(spec["checkpoint"]).is_relative_to(plan.out)
+        if given and not Path(spec["checkpoint"]).exists():
             missing.append(f"{j.id}: checkpoint {spec['checkpoint']}")
     return missing
 

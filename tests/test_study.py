@@ -450,3 +450,20 @@ def test_table2_trains_on_all_imagenet_classes_and_reports_every_target(tmp_path
     assert md.count("Cross-dataset") >= 4 and "dtd" in md
     again = cli("run", plan)
     assert again.output.startswith("nothing to do"), again.output
+
+
+@pytest.mark.slow
+def test_coop_checkpoints_given_in_the_plan_are_loaded_instead_of_trained(tiny_study):
+    from fvgpt_cache.backbones import save_coop_checkpoint
+    from fvgpt_cache.store import open_cache
+
+    ctx = torch.randn(4, TINY["text_cfg"]["width"], generator=torch.Generator().manual_seed(0)) * 0.02
+    save_coop_checkpoint(tiny_study / "ck" / "oxford_pets" / "seed1", ctx, 10)
+    plan = write_plan(tiny_study, checkpoints={"coop": "ck"})
+    jobs = build_jobs(load_plan(plan))
+    assert [j.id for j in jobs if j.kind in ("backbone", "load")] == ["load/coop/oxford_pets/shots4_seed1"]
+    res = cli("run", plan)
+    assert res.exit_code == 0, res.output
+    prov = open_cache(tiny_study / "study" / "caches" / "oxford_pets" / "shots4_seed1.h5").text_provenance("coop")
+    assert prov["source"] == "checkpoint" and prov["checkpoint"].endswith("model.pth.tar-10")
+    assert _results(tiny_study / "study") and not (tiny_study / "study" / "backbones").exists()
