@@ -244,7 +244,7 @@ def test_one_small_study_end_to_end_and_a_rerun_has_nothing_to_do(tiny_study):
 
 
 def test_a_mask_folder_for_the_eleven_has_one_folder_per_dataset(tmp_path):
-    from fvgpt_cache.study import _load_dataset
+    from fvgpt_cache.study.runners import _load_dataset
 
     build(tmp_path / "data", "oxford_pets")
     shutil.move(tmp_path / "data" / "oxford_pets" / "mask", tmp_path / "masks" / "oxford_pets")
