@@ -234,6 +234,9 @@ def test_one_small_study_end_to_end_and_a_rerun_has_nothing_to_do(tiny_study):
     assert again.exit_code == 0 and "nothing to do: all 4 jobs" in again.output, again.output
     dry = cli("run", plan, "--dry-run", "--no-estimate")
     assert dry.exit_code == 0 and re.search(r"extract\s+1\s+1\s+0\s+0\s+0", dry.output), dry.output
+    # more decoding workers change no result: still nothing to do
+    plan.write_text(plan.read_text().replace("workers = 0", "workers = 1"))
+    assert "nothing to do" in cli("run", plan).output
     # the plan changed under finished jobs: refused by name before anything runs, nothing rewritten
     plan.write_text(plan.read_text().replace("train_views = 2", "train_views = 3"))
     before = (out / "caches" / "oxford_pets" / "shots4_seed1.h5").stat().st_mtime_ns

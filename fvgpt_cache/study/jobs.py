@@ -31,7 +31,13 @@ class StudyJob:
 
     @property
     def fingerprint(self) -> str:
-        return hashlib.sha256(json.dumps(self.spec, sort_keys=True, default=str).encode()).hexdigest()[:16]
+        """The settings that decide the job's output; decoding workers do not (a rerun may change them)."""
+        spec = {k: ({o: v for o, v in val.items() if o not in NOT_IN_FINGERPRINT} if isinstance(val, dict) else val)
+                for k, val in self.spec.items()}
+        return hashlib.sha256(json.dumps(spec, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+NOT_IN_FINGERPRINT = ("workers",)
 
 
 def _rrc_tag(scale: tuple[float, float]) -> str:
