@@ -174,14 +174,14 @@ def _print_report(plan) -> None:
 
 @app.command("plan")
 def plan_command(
-    paper: bool = typer.Option(False, "--paper", help="Print the plan that reproduces the paper's Table 1."),
+    paper: bool = typer.Option(False, "--paper", help="Print the plan that reproduces the paper's Tables 1 and 2."),
     output: Optional[Path] = typer.Option(None, "--output", "-o", help="Write to a file instead of printing."),
 ):
     """Write a study plan for `fvgpt-cache run` (edit the paths, then run it)."""
     from fvgpt_cache.study import paper_plan
 
     if not paper:
-        fail("say which plan: --paper (the paper's Table 1 on the eleven datasets, 3 seeds, 4 backbones)")
+        fail("say which plan: --paper (the paper's Tables 1 and 2: the eleven datasets, 3 seeds, 4 backbones)")
     text = paper_plan()
     if output:
         output.write_text(text)
