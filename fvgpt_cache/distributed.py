@@ -144,6 +144,14 @@ class Job:
             first = self.store.compare_set(f"{KEY}failed", "", record).decode() == record
             self._first_failure = first and not interrupted
 
+    def forget_failure(self) -> None:
+        """Let the next pass start clean after a failed one. Call it only once every rank has left that
+        pass (a study runs on after one failed dataset); rank 0 removes the job's failure record."""
+        self._failing = self._first_failure = False
+        if self.rank == 0 and self.store is not None:
+            with contextlib.suppress(Exception):
+                self.store.delete_key(f"{KEY}failed")
+
     def _on_sigterm(self, signum, frame):
         # torchrun sends SIGTERM to every worker when one fails or the job is pre-empted; an exception
         # (not the default instant death) lets the shard files close cleanly.
