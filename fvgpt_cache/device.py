@@ -60,3 +60,15 @@ def moved_to(module: torch.nn.Module, device: torch.device):
         yield module
     finally:
         module.to(before)
+
+
+@contextlib.contextmanager
+def caller_model_kept(loaded) -> Iterator[None]:
+    """A caller's model (`loaded.model`; None: nothing to keep) is back on the device it came on when the
+    block ends, whatever the block moved it to (backbone imports, mask sources)."""
+    home = None if loaded is None else module_device(loaded.model)
+    try:
+        yield
+    finally:
+        if home is not None:
+            loaded.model.to(home)

@@ -36,7 +36,7 @@ import torch.nn.functional as F
 
 from .datasets import find_mask
 from .distributed import Job, current_job
-from .device import module_device
+from .device import caller_model_kept
 from .extraction import STORE_DTYPES, ExtractionError, ViewDataset, check_finite, resolve_precision, run_encoder
 from .models import LoadedModel
 from .passes import DONE, BatchWrites, PassReport, run_pass
@@ -178,12 +178,8 @@ def add_foreground_source(cache_path: str | Path, name: str, mask_root: str | Pa
                           stop_after_batches: int | None = None, job: Job | None = None) -> SourceSummary:
     """Add the mask source `name` to a cache: the foreground views of the masks under `mask_root`
     See the module docstring. A caller's model (`loaded`) is left on the device it came on."""
-    before = None if loaded is None else module_device(loaded.model)
-    try:
+    with caller_model_kept(loaded):
         return _add_foreground_source(cache_path, name, mask_root, options, loaded, progress, stop_after_batches, job)
-    finally:
-        if before is not None:
-            loaded.model.to(before)
 
 
 def _add_foreground_source(cache_path, name, mask_root, options, loaded, progress, stop_after_batches, job):

@@ -53,14 +53,8 @@ def test_moved_to_puts_the_module_back_even_after_an_error():
     assert seen == [torch.device("cpu"), torch.device("cpu")] and module_device(lin) == torch.device("cpu")
 
 
-def test_extraction_moves_the_callers_model_to_its_device_and_back(tmp_path, generic_data, tiny_model, monkeypatch):
-    """`extract` runs the model on the options' device and leaves it where it was: the spy sees the move
-    there and the move back, in that order (on a GPU machine the first is CUDA, see the cuda test below)."""
-    from fvgpt_cache.data import generic_dataset
-    from fvgpt_cache.extraction import ExtractOptions, extract
-
-    ds = generic_dataset(*generic_data)
-    model = tiny_model.model
+def record_moves(monkeypatch, model) -> list[str]:
+    """The devices `model.to(…)` is called with from now on, in order (a spy on its class's `to`)."""
     moves = []
     original = type(model).to
 
@@ -69,6 +63,17 @@ def test_extraction_moves_the_callers_model_to_its_device_and_back(tmp_path, gen
             moves.append(str(args[0]))
         return original(self, *args, **kwargs)
     monkeypatch.setattr(type(model), "to", spy)
+    return moves
+
+
+def test_extraction_moves_the_callers_model_to_its_device_and_back(tmp_path, generic_data, tiny_model, monkeypatch):
+    """`extract` runs the model on the options' device and leaves it where it was: the spy sees the move
+    there and the move back, in that order (on a GPU machine the first is CUDA, see the cuda test below)."""
+    from fvgpt_cache.data import generic_dataset
+    from fvgpt_cache.extraction import ExtractOptions, extract
+
+    ds = generic_dataset(*generic_data)
+    moves = record_moves(monkeypatch, tiny_model.model)
     extract(ds, tiny_model, tmp_path / "c.h5", ExtractOptions(shots=2, train_views=2, workers=0, batch_size=8))
     assert moves == ["cpu", "cpu"]
 
@@ -389,14 +394,6 @@ def test_backbone_training_moves_the_callers_model_back(toy_cache, tiny_model, m
     """`train_backbone(…, loaded=…)` trains where cfg.device says and leaves the caller's model where it was."""
     from fvgpt_cache.backbones import BackboneConfig, train_backbone
 
-    model = tiny_model.model
-    moves = []
-    original = type(model).to
-
-    def spy(self, *args, **kwargs):
-        if self is model:
-            moves.append(str(args[0]))
-        return original(self, *args, **kwargs)
-    monkeypatch.setattr(type(model), "to", spy)
+    moves = record_moves(monkeypatch, tiny_model.model)
     train_backbone(toy_cache, BackboneConfig(method="coop", device="cpu", epochs=2), loaded=tiny_model)
     assert moves == ["cpu", "cpu"]  # to the training device, then back where it was

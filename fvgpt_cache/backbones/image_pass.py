@@ -37,7 +37,7 @@ import torch
 import torch.nn.functional as F
 
 from ..datasets import find_mask
-from ..device import module_device, one_cpu_thread
+from ..device import caller_model_kept, one_cpu_thread
 from ..distributed import Job, current_job
 from ..extraction import (
     STORE_DTYPES, ExtractionError, ViewDataset, check_compute, check_finite, encode_views, resolve_precision,
@@ -305,12 +305,8 @@ def import_backbone(cache_path: str | Path, method: str, checkpoint: str | Path,
                     job: Job | None = None) -> ImportSummary:
     """Write `/text/<name>` and `/image/<name>/…` from a PromptSRC or MMRL checkpoint (module docstring);
     a `loaded` model given by the caller runs on the options' device and is moved back afterwards."""
-    home = None if loaded is None else module_device(loaded.model)
-    try:
+    with caller_model_kept(loaded):
         return _import_backbone(cache_path, method, checkpoint, options, progress, stop_after_batches, loaded, job)
-    finally:
-        if home is not None:
-            loaded.model.to(home)
 
 
 def _import_backbone(cache_path: str | Path, method: str, checkpoint: str | Path,
