@@ -8,6 +8,7 @@ a group of one in the same engine). Results stream to `results.jsonl`; a rerun s
 """
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import json
 import os
@@ -333,10 +334,27 @@ def _resume(runs: list[GridRun], out_dir: Path, resume: bool, log) -> set[str]:
     return done
 
 
+def with_eval_caches(runs: list[GridRun], eval_caches: list[Path]) -> list[GridRun]:
+    """The runs keyed for these evaluation caches: a run's id covers every cache it reads, so runs expanded
+    without (or with other) evaluation caches get their inputs and ids anew."""
+    want = [str(Path(p).resolve()) for p in eval_caches]
+    targets, caches, out = None, {}, []
+    for r in runs:
+        if [i["path"] for i in r.inputs if i["role"] == "eval"] == want:
+            out.append(r)
+            continue
+        targets = targets if targets is not None else [open_cache(p) for p in eval_caches]
+        cache = caches.setdefault(r.cache, open_cache(r.cache))
+        inputs = run_inputs(cache, r.config.backbone, targets, r.config.fg_source)
+        out.append(dataclasses.replace(r, inputs=inputs, run_id=run_id(inputs, r.config)))
+    return out
+
+
 def _run_grid(runs: list[GridRun], out_dir: Path, *, resume: bool, batched: bool, save_heads: bool,
               eval_caches: list[Path], progress, log, memory_budget: int | None, should_stop,
               on_record) -> list[dict]:
     results_path = out_dir / "results.jsonl"
+    runs = with_eval_caches(runs, eval_caches)
     done = _resume(runs, out_dir, resume, log)
     todo = [r for r in runs if r.run_id not in done]
     if progress:

@@ -330,6 +330,7 @@ def toy_cache(tmp_path_factory, tiny_model):
                        logit_scale=100.0, store_dtype="float32")
 
 
+@pytest.mark.slow
 def test_coop_training_lowers_the_loss_and_raises_base_accuracy(toy_cache, tmp_path):
     path = shutil.copy(toy_cache, tmp_path / "toy.h5")
     cfg = BackboneConfig(method="coop", device="cpu")
@@ -352,6 +353,7 @@ def test_coop_training_lowers_the_loss_and_raises_base_accuracy(toy_cache, tmp_p
     assert prov["image_encoder"] == "clip" and prov["n_ctx"] == 4 and prov["ctx_init_resolved"] is None
 
 
+@pytest.mark.slow
 def test_kgcoop_starts_at_clip_and_its_term_keeps_it_near_clip(toy_cache, tiny_model):
     cache = open_cache(toy_cache)
     # the context starts as "a photo of a", whose features are the cache's CLIP features: the KG term starts at 0

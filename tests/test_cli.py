@@ -90,6 +90,7 @@ def test_inspect_refuses_foreign_file(tmp_path):
     assert res.exit_code == 2 and "not a readable HDF5" in res.output
 
 
+@pytest.mark.slow
 def test_smoke_demo_runs_offline_and_prints_the_schema(tmp_path):
     res = _run("demo", "--smoke", "--json", "--out", tmp_path / "demo")
     assert res.exit_code == 0, res.output

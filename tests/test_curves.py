@@ -169,6 +169,7 @@ def test_ablation_rows_show_the_interval_of_their_paired_difference(syn, tmp_pat
     assert all(r[5].startswith("±") for r in body if r is not full)
 
 
+@pytest.mark.slow
 def test_curve_exports_and_plot(syn, tmp_path):
     run_grid(expand([syn], [1, 2], parse_params(["lambda_d=1,10"]), TrainConfig(epochs=3)), tmp_path / "g")
     records = load_records([tmp_path / "g"])

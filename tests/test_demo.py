@@ -59,6 +59,7 @@ def test_demo_numbers_equal_the_train_command(small_demo):
                 assert record["diagnostics"]["train"]["frg_auc"] == pytest.approx(seed2["frg_auc"], abs=1e-6)
 
 
+@pytest.mark.slow
 def test_a_broken_head_gives_other_numbers(small_demo, tmp_path, monkeypatch):
     _, summary = small_demo
     real = FVGPTHead.predict_base

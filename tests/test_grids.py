@@ -264,6 +264,7 @@ def test_paper_preset_is_one_group_with_the_full_model_once_per_seed(syn):
     assert len(runs) < 3 * rows and all(r.ablations for r in runs)
 
 
+@pytest.mark.slow
 def test_paper_preset_end_to_end_prints_each_table_in_the_paper_layout(tmp_path):
     from typer.testing import CliRunner
 
@@ -304,6 +305,7 @@ def test_a_group_too_big_for_the_budget_trains_in_parts_with_the_same_results(sy
         _close_histories(rec["history"], whole[rec["run_id"]]["history"], tol=1e-5)
 
 
+@pytest.mark.slow
 def test_training_modules_do_not_import_open_clip_or_torchvision():
     import subprocess
     import sys

@@ -357,3 +357,15 @@ def test_an_added_mask_source_is_an_input_only_of_the_runs_that_use_it(tmp_path)
     cache = open_cache(path)
     assert cache.input_fingerprint("synthetic_bb") == before, "runs on the extracted masks did not read the new source"
     assert cache.input_fingerprint("synthetic_bb", "gradcam") != before
+
+
+def test_evaluation_caches_are_inputs_of_a_run(tmp_path):
+    """A run's id covers its evaluation caches: runs expanded without them are keyed anew by `run_grid`."""
+    a = write_feature_cache(tmp_path / "a.h5", **SMALL)
+    b = write_feature_cache(tmp_path / "b.h5", **SMALL, seed=3)
+    plain = expand([a], [1], {}, FAST)
+    keyed = expand([a], [1], {}, FAST, eval_caches=[b])
+    assert plain[0].run_id != keyed[0].run_id
+    (rec,) = run_grid(plain, tmp_path / "g", eval_caches=[b])
+    assert rec["run_id"] == keyed[0].run_id and [i["role"] for i in rec["inputs"]] == ["train", "eval"]
+    assert run_grid(keyed, tmp_path / "g", eval_caches=[b]) == [], "the same run, done"
