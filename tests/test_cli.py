@@ -104,6 +104,7 @@ def test_smoke_demo_runs_offline_and_prints_the_schema(tmp_path):
     assert "RANDOM weights" in res.output and "CoOp + FVG-PT" in res.output and "r_source=full" in res.output
 
 
+@pytest.mark.slow
 def test_backbone_commands_then_train_on_coop(tmp_path, generic_data, tiny_config):
     split, images, masks = generic_data
     cache = tmp_path / "c.h5"

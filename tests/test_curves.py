@@ -106,6 +106,7 @@ def test_select_val_needs_a_validation_split(tmp_path):
     assert np.isfinite(run_training(no_val, TrainConfig(epochs=2, backbone="clip"), save=False)["metrics"]["fvgpt"]["hm"])
 
 
+@pytest.mark.slow
 def test_grid_curves_equal_the_single_runs(syn, tmp_path):
     runs = expand([syn], [1, 2], parse_params(["lambda_d=1,10", "epochs=2,3"]), TrainConfig())
     records = {r["run_id"]: r for r in run_grid(runs, tmp_path / "g")}

@@ -115,6 +115,7 @@ def test_batches_are_cut_on_one_grid_whatever_the_processes(tmp_path):
         assert sorted((s, tuple(r)) for s, r in taken) == sorted((s, tuple(r)) for s, r in grid_batches(status, 4))
 
 
+@pytest.mark.slow
 def test_two_ranks_write_the_file_of_one_process(tmp_path, dataset, tiny_model, reference):
     out = tmp_path / "two.h5"
     results, errors = run_ranks(2, lambda job: extract(dataset, tiny_model, out, ExtractOptions(**OPTS), job=job))
@@ -128,6 +129,7 @@ def test_two_ranks_write_the_file_of_one_process(tmp_path, dataset, tiny_model, 
 
 
 @pytest.mark.parametrize("first, second", [(2, 1), (1, 2), (2, 3)])
+@pytest.mark.slow
 def test_a_job_interrupted_with_n_processes_resumes_with_any_other_n(tmp_path, dataset, tiny_model, reference,
                                                                      first, second):
     out = tmp_path / "c.h5"
@@ -224,6 +226,7 @@ def test_uncommitted_rows_of_a_shard_are_not_taken(tmp_path, dataset, tiny_model
     assert_same_cache(reference, out, [2, 1])
 
 
+@pytest.mark.slow
 def test_backbone_import_on_two_ranks_writes_the_groups_of_one_process(tmp_path, tmp_path_factory, monkeypatch):
     import shutil
 

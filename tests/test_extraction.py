@@ -280,6 +280,7 @@ def test_bad_image_policies(tmp_path, generic_data, tiny_model):
     assert cache.image("test", "full").shape[0] == 11
 
 
+@pytest.mark.slow
 def test_missized_mask_is_resized_and_counted_refused_under_error_and_skipped_under_skip(tmp_path, generic_data, tiny_model):
     split, image_root, mask_root = generic_data
     w, h = Image.open(image_root / "green_triangle/test_0.jpg").size

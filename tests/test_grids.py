@@ -39,8 +39,8 @@ def _close_histories(a, b, tol=1e-4):
 
 
 @pytest.mark.parametrize("params", [
-    ["lambda_d=1,10", "lr=0.001,0.0035", "data_fraction=0.5,1"],
-    ["loss_frg=true,false", "use_pc=true,false", "detach_r=false"],
+    pytest.param(["lambda_d=1,10", "lr=0.001,0.0035", "data_fraction=0.5,1"], marks=pytest.mark.slow),
+    pytest.param(["loss_frg=true,false", "use_pc=true,false", "detach_r=false"], marks=pytest.mark.slow),
     ["use_frg=false", "r_without_frg=one,target", "frg_indicators=dH,cos+area"],
 ])
 def test_grid_equals_single_runs(syn, tmp_path, params, test_device):
@@ -195,6 +195,7 @@ MIXED = [
 ]
 
 
+@pytest.mark.slow
 def test_mixed_grid_is_one_group_and_each_row_equals_its_single_run(tmp_path):
     from fvgpt_cache.grids import group_key
 

@@ -496,6 +496,7 @@ def test_class_prompts_that_differ_are_refused_unless_asked(cache, deep, tmp_pat
     assert summary.prompt_check == "matched the 2 base classes"
 
 
+@pytest.mark.slow
 def test_interrupted_import_resumes_to_identical_features(cache, deep, tmp_path):
     c = open_cache(cache)
     path = _save(mmrl_checkpoint(deep.model, deep.tokenizer, _base_names(c), c.text_attrs("clip")["template"]),

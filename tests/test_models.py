@@ -32,6 +32,7 @@ def test_local_state_dict_checkpoint_loads_with_hash(tmp_path, tiny_config):
     assert loaded.provenance["quick_gelu"] is False
 
 
+@pytest.mark.slow
 def test_torchscript_archive_loads_and_switches_on_quick_gelu(tmp_path, tiny_config):
     src = load_clip(str(tiny_config), "none", seed=3, quick_gelu="on")
     archive = tmp_path / "openai-style.pt"

@@ -66,6 +66,7 @@ def test_natural_scenes_follow_their_context():
         sample_natural(rng, 4, "elsewhere")
 
 
+@pytest.mark.slow
 def test_downstream_splits_share_train_and_the_counterfactual_split_swaps(tmp_path):
     kw = dict(shots=5, val_per_class=1, test_per_class=3, seed=5)
     files = {s: write_downstream(tmp_path / s, s, **kw) for s in SPLITS}
