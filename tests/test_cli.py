@@ -19,6 +19,7 @@ def _run(*args):
     return runner.invoke(app, [str(a) for a in args])
 
 
+@pytest.mark.slow
 def test_extract_generic_then_inspect_json(tmp_path, generic_data, tiny_config):
     split, images, masks = generic_data
     out = tmp_path / "c.h5"
@@ -133,6 +134,7 @@ def test_backbone_commands_then_train_on_coop(tmp_path, generic_data, tiny_confi
     assert res.exit_code == 2 and "checkpoint not found" in res.output
 
 
+@pytest.mark.slow
 def test_name_reaches_cache_path_provenance_inspect_and_report(tmp_path, tiny_config, monkeypatch):
     split, images, masks = write_generic_dataset(tmp_path / "toys")
     monkeypatch.chdir(tmp_path)

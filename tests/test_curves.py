@@ -161,6 +161,7 @@ def test_paired_report_against_a_configuration_and_the_backbone(syn, tmp_path):
     assert "95% CI +FVG-PT" in res.output
 
 
+@pytest.mark.slow
 def test_ablation_rows_show_the_interval_of_their_paired_difference(syn, tmp_path):
     run_grid(expand([syn], [1, 2, 3], {}, TrainConfig(epochs=2), preset="components"), tmp_path / "g")
     (title, header, body), = ablation_tables(load_records([tmp_path / "g"]))

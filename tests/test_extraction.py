@@ -244,6 +244,7 @@ def test_existing_cache_needs_force_and_second_writer_is_refused(tmp_path, gener
             extract(ds, tiny_model, out, ExtractOptions(**OPTS, force=True))
 
 
+@pytest.mark.slow
 def test_missing_mask_policies(tmp_path, generic_data, tiny_model):
     split, image_root, mask_root = generic_data
     victim = "blue_square/test_0.png"
@@ -330,6 +331,7 @@ def test_empty_mask_is_valid_with_zero_area(tmp_path, generic_data, tiny_model):
     assert summary.empty_masks["test"] >= 1
 
 
+@pytest.mark.slow
 def test_augmented_views_are_deterministic(tmp_path, generic_data, tiny_model):
     ds = _dataset(generic_data)
     a = open_cache(extract(ds, tiny_model, tmp_path / "a.h5", ExtractOptions(**OPTS, train_views=3)).out)

@@ -213,6 +213,7 @@ def test_two_caches_of_one_file_name_never_share_a_backbone_folder(tmp_path):
     assert default_backbone_dir(ca, "coop", 1, settings) == da, "deterministic"
 
 
+@pytest.mark.slow
 def test_a_folder_holding_another_caches_backbone_is_refused_unless_forced(tmp_path, tiny_model, generic_data):
     out_a, out_b = tmp_path / "a" / "shots2_seed1.h5", tmp_path / "b" / "shots2_seed1.h5"
     ds = generic_dataset(*generic_data)
@@ -281,6 +282,7 @@ def test_feature_checks_by_hand():
     assert token_warnings(np.array([[1, 2], [1, 2]]), ["a", "a"]) == []  # the same name twice is not ambiguous
 
 
+@pytest.mark.slow
 def test_identical_text_features_warn_in_extract_inspect_and_train(tmp_path, tiny_model, generic_data):
     import torch
 

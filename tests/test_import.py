@@ -475,6 +475,7 @@ def test_only_dassls_pickled_classes_are_allowed(tmp_path):
         load_state_dict(bad, "promptsrc")
 
 
+@pytest.mark.slow
 def test_class_prompts_that_differ_are_refused_unless_asked(cache, deep, tmp_path):
     c = open_cache(cache)
     wrong = list(reversed(_base_names(c)))  # other class order

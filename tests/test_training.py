@@ -326,6 +326,7 @@ def test_collapse_flag_on_hand_made_fits():
     assert stability(fit((47.0, 2.0), (48.0, 1.9)), backbone_acc=52.0)["collapsed"] is False
 
 
+@pytest.mark.slow
 def test_a_real_collapse_is_flagged_and_a_healthy_run_is_not(tmp_path):
     """On the confound world of the collapse study, seed 4 collapses with the release's lr, not with lr 0.001."""
     from fvgpt_cache.synthetic import write_feature_cache as write
