@@ -16,6 +16,9 @@ from .training import TrainConfig, build_head, prepare, stability
 
 RESULTS_FORMAT = "fvgpt-cache-results"
 HEAD_FORMAT = "fvgpt-cache-head"
+# 2: `inputs` (what the run read, by content: the run id hashes it), `selection`, per-epoch curves in `history`,
+# `mask_source`. Version 1 records still load; a grid sets them aside as stale when it meets them in a run's slot.
+RESULTS_VERSION = 2
 
 
 def run_inputs(cache: Cache, backbone: str, targets=(), fg_source: str = EXTRACTED_FG) -> list[dict]:
@@ -142,7 +145,7 @@ def finish_run(cache, cfg: TrainConfig, data, head: FVGPTHead, history: list[dic
     out_dir = Path(out_dir) if out_dir else default_run_dir(cache.path, cfg, cfg.backbone, rid)
     record = {
         "format": RESULTS_FORMAT,
-        "version": 1,
+        "version": RESULTS_VERSION,
         "run_id": rid,
         "cache": str(cache.path),
         "inputs": inputs,
