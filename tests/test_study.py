@@ -153,7 +153,7 @@ def test_the_paper_plan_loads_and_covers_table1(tmp_path):
     ("[study]\ntrain = [\"component\"]\n", "did you mean 'components'?"),
     ("[[dataset]]\nname = \"oxford_pet\"\n", "unknown dataset 'oxford_pet'"),
     ("[[dataset]]\nname = \"all\"\n[[dataset]]\nname = \"dtd\"\n", "'dtd' is listed twice"),
-    ("[data]\nroot = \"d\"\nmasks = \"gradcam\"\n", "generating masks from a method is not available"),
+    ("[data]\nroot = \"d\"\nmasks = \"clipseg\"\n", "CLIPSeg needs its weights"),
     ("[train]\nlambda_d = \"x\"\n", "[train]"),
     ("[train]\nseed = 3\n", "seed is set by the plan"),
     ("[extract]\nbad_image = \"ignore\"\n", "bad_image must be one of"),
@@ -470,3 +470,23 @@ def test_coop_checkpoints_given_in_the_plan_are_loaded_instead_of_trained(tiny_s
     prov = open_cache(tiny_study / "study" / "caches" / "oxford_pets" / "shots4_seed1.h5").text_provenance("coop")
     assert prov["source"] == "checkpoint" and prov["checkpoint"].endswith("model.pth.tar-10")
     assert _results(tiny_study / "study") and not (tiny_study / "study" / "backbones").exists()
+
+
+def test_a_mask_method_writes_each_caches_masks_before_its_extraction(tiny_study):
+    """`[data] masks = "gradcam"`: the extract job writes its draw's masks (masks.json records the method) and
+    the cache's foreground views come from them; a method the plan cannot run is refused by name."""
+    plan = write_plan(tiny_study)
+    plan.write_text(plan.read_text().replace('root = "data"', 'root = "data"\nmasks = "gradcam"'))
+    res = cli("run", plan)
+    assert res.exit_code == 0, res.output
+    out = tiny_study / "study"
+    folder = out / "masks" / "gradcam" / "oxford_pets" / "shots4_seed1"
+    made = json.loads((folder / "masks.json").read_text())
+    assert made["settings"]["method"] == "gradcam" and made["complete"]
+    from fvgpt_cache.store import open_cache
+
+    prov = open_cache(out / "caches" / "oxford_pets" / "shots4_seed1.h5").provenance
+    assert Path(prov["mask_root"]) == folder
+    plan.write_text(plan.read_text().replace('masks = "gradcam"', 'masks = "clipseg"'))
+    refused = cli("run", plan, "--dry-run", "--no-estimate")
+    assert refused.exit_code == 2 and "CLIPSeg needs its weights" in refused.output.replace("\n", " ")

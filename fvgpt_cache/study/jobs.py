@@ -75,6 +75,9 @@ def build_jobs(plan: Plan) -> list[StudyJob]:
                     "mask_root": str(d.mask_root) if d.mask_root else None, "template": d.template,
                     "data_root": str(plan.data_root) if d.named else None,
                     "masks": str(plan.masks) if (d.named and plan.masks) else None,
+                    # a mask method: this cache's draw gets its masks first, in a folder of its own
+                    **({"mask_method": plan.mask_method, "mask_out": str(plan.out / "masks" / plan.mask_method / unit)}
+                       if plan.mask_method else {}),
                     "shots": plan.shots, "seed": seed, "rrc_scale": list(scale), **model,
                     "options": plan.extract, "device": plan.device, "out": str(cache)})
                 jobs.append(ex)

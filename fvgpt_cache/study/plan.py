@@ -31,7 +31,9 @@ TRAIN_ITEMS = ("table1", "table2", "paper", *ABLATIONS)
 CROSS_SOURCE = "imagenet"  # Table 2: trained on every ImageNet class, evaluated on the other datasets
 
 
-MASK_METHODS_NOT_YET = "generating masks from a method is not available in this version; give a folder of masks"
+# `[data] masks` naming a method: each cache's extract job first writes its draw's masks with it
+# (`fvgpt-cache masks`); CLIPSeg needs its weights, so a plan takes its masks as a folder.
+PLAN_MASK_METHODS = ("gradcam",)
 
 
 DEFAULT_RRC = (0.08, 1.0)
@@ -88,6 +90,7 @@ class Plan:
     quick_gelu: str = "auto"
     data_root: Path | None = None
     masks: Path | None = None
+    mask_method: str | None = None  # masks written by the plan's extract jobs (PLAN_MASK_METHODS)
     datasets: list[DatasetEntry] = field(default_factory=list)
     seeds: list[int] = field(default_factory=lambda: [1, 2, 3])
     shots: int = 16
@@ -170,10 +173,14 @@ def load_plan(path: str | Path) -> Plan:
     data = raw.get("data", {})
     plan.data_root = _resolve(here, data.get("root"))
     masks = data.get("masks")
-    if masks is not None:
+    if masks in PLAN_MASK_METHODS:
+        plan.mask_method = masks
+    elif masks is not None:
         if "/" not in masks and not _resolve(here, masks).exists():
-            raise PlanError(f"{path} [data]: masks = {masks!r} is not a folder; {MASK_METHODS_NOT_YET} "
-                            "(or leave `masks` out to use each dataset folder's mask/ of the FVG-PT release)")
+            raise PlanError(f"{path} [data]: masks = {masks!r} is neither a folder nor a method the plan can run "
+                            f"({', '.join(PLAN_MASK_METHODS)}; CLIPSeg needs its weights: write the folder with "
+                            "`fvgpt-cache masks --method clipseg` and name it here), or leave `masks` out to use each "
+                            "dataset folder's mask/ of the FVG-PT release")
         plan.masks = _resolve(here, masks)
     plan.datasets = _datasets(path, raw.get("dataset", []), plan.data_root or here)
     if any(d.named for d in plan.datasets) and plan.data_root is None:

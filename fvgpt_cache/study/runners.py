@@ -12,18 +12,34 @@ from .jobs import results_digest
 from .plan import PlanError
 
 
-def _load_dataset(spec: dict):
+def _load_dataset(spec: dict, mask_root: Path | None = None):
+    """The job's dataset; `mask_root` (masks the job wrote) replaces the plan's mask folder."""
     from ..data import generic_dataset
     from ..datasets import load_dataset
 
     if spec["split_file"]:
-        return generic_dataset(Path(spec["split_file"]), Path(spec["image_root"]),
-                               Path(spec["mask_root"]) if spec["mask_root"] else None,
+        masks = mask_root or (Path(spec["mask_root"]) if spec["mask_root"] else None)
+        return generic_dataset(Path(spec["split_file"]), Path(spec["image_root"]), masks,
                                template=spec["template"] or "a photo of a {}.", name=spec["dataset"])
-    masks = None
-    if spec["masks"]:
+    masks = mask_root
+    if masks is None and spec["masks"]:
         masks = Path(spec["masks"]) / dataset_info(spec["dataset"]).folder
     return load_dataset(spec["dataset"], Path(spec["data_root"]), masks)
+
+
+def write_job_masks(spec: dict, log, job=None) -> Path:
+    """`[data] masks = METHOD`: the masks of this cache's few-shot draw (all three splits), written by
+    `masks.write_masks` into the job's own folder (resumable like `fvgpt-cache masks`)."""
+    from ..masks import MaskOptions, write_masks
+
+    out = Path(spec["mask_out"])
+    o = spec["options"]
+    options = MaskOptions(method=spec["mask_method"], shots=spec["shots"], seed=spec["seed"],
+                          batch_size=o["batch_size"], workers=o["workers"], device=spec["device"],
+                          bad_image=o["bad_image"])
+    summary = write_masks(_load_dataset(spec), _model(spec), out, options, job=job)
+    log(f"wrote {spec['mask_method']} masks to {out}: {summary.counts}")
+    return out
 
 
 def extract_options_for(spec: dict):
@@ -76,7 +92,7 @@ def run_extract(spec: dict, log, job=None) -> dict:
     if _found_cache(spec):
         log(f"{spec['out']} is already complete")
         return {"found": True}
-    ds = _load_dataset(spec)
+    ds = _load_dataset(spec, write_job_masks(spec, log, job) if spec.get("mask_method") else None)
     summary = extract(ds, _model(spec), Path(spec["out"]), extract_options_for(spec), job=job)
     log(f"wrote {summary.out}: {summary.counts} in {summary.seconds:.1f}s ({summary.images_per_second:.1f} img/s); "
         f"skipped {sum(len(v) for v in summary.skipped.values())}, resumed rows {summary.resumed_rows}")
