@@ -142,3 +142,16 @@ def check_80_columns(output: str) -> list[str]:
     assert not too_long, too_long
     assert "…" not in output, "nothing cut"
     return lines
+
+
+def assert_close_history(a: list[dict], b: list[dict], tol: float = 1e-5) -> None:
+    """Two runs' per-epoch histories agree: numbers within `tol` (absolute and relative), everything else
+    (None for a switched-off gate, epoch 0's `numerics` record, `selected`) exactly."""
+    assert len(a) == len(b)
+    for ea, eb in zip(a, b):
+        assert ea.keys() == eb.keys()
+        for k in ea:
+            if isinstance(eb[k], float):
+                assert ea[k] == pytest.approx(eb[k], abs=tol, rel=tol), k
+            else:
+                assert ea[k] == eb[k], k

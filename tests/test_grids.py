@@ -1,7 +1,7 @@
 import json
 
 import pytest
-from conftest import run_cli
+from conftest import run_cli, assert_close_history
 
 from fvgpt_cache.grids import PRESETS, expand, parse_params, read_grid_file, run_grid
 from fvgpt_cache.reports import aggregate, load_records, to_csv
@@ -31,11 +31,7 @@ def _same_metrics(a, b, device, images=30):
 
 
 def _close_histories(a, b, tol=1e-4):
-    assert len(a) == len(b)
-    for ea, eb in zip(a, b):
-        assert ea.keys() == eb.keys()
-        for k in ea:
-            assert ea[k] == pytest.approx(eb[k], abs=tol, rel=tol), k
+    assert_close_history(a, b, tol)
 
 
 @pytest.mark.parametrize("params", [
