@@ -30,13 +30,15 @@ def run_folder(root: Path, record: dict) -> Path:
 
 
 def write_run(root: str | Path, record: dict) -> Path:
-    """Write one run's history as scalars; returns its event folder."""
+    """Write one run's history as scalars (once per run id); returns its event folder."""
     try:
         from torch.utils.tensorboard import SummaryWriter
     except ImportError:
         raise RuntimeError("--tensorboard needs the tensorboard package: pip install 'fvgpt-cache[tensorboard]' "
                            "(or pip install tensorboard)") from None
     folder = run_folder(Path(root), record)
+    if any(folder.glob("events.*")):  # the same run id is the same numbers: written once, not appended again
+        return folder
     writer = SummaryWriter(log_dir=str(folder))
     try:
         for entry in record.get("history") or []:

@@ -197,6 +197,9 @@ def test_tensorboard_scalars(syn, tmp_path):
     hm = [e.value for e in acc.Scalars("test/hm")]
     assert hm == pytest.approx([h["test_hm"] for h in record["history"]])
     assert {"gates/r_mean", "loss/total", "lr"} <= set(acc.Tags()["scalars"])
+    from fvgpt_cache.tensorboard import write_run
+
+    assert write_run(tmp_path / "tb", record) == folder and len(list(folder.glob("events.*"))) == 1, "not appended twice"
 
 
 @pytest.mark.slow
