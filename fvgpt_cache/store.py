@@ -89,20 +89,23 @@ FINGERPRINT_CHARS = 16  # how much of a fingerprint names things (folders, table
 
 
 def _dataset_digest(ds: h5py.Dataset) -> str:
+    """SHA-256 of a dataset's dtype, shape, attributes (but its digest) and values, read in blocks of rows;
+    strings are hashed one by one (length-prefixed), so the digest does not depend on the block size."""
     h = hashlib.sha256()
     attrs = {k: (v.item() if hasattr(v, "item") else v) for k, v in ds.attrs.items() if k != DIGEST_ATTR}
     h.update(json.dumps([str(ds.dtype), list(ds.shape), attrs], sort_keys=True, default=str).encode())
-    if ds.size:
-        rows = ds.chunks[0] if ds.chunks and ds.ndim else ds.shape[0] if ds.ndim else 1
-        step = max(1, min(ds.shape[0] if ds.ndim else 1, max(rows, 4096)))
-        if ds.ndim == 0:
-            h.update(np.asarray(ds[()]).tobytes())
-        elif ds.dtype.kind == "O":  # variable-length strings
-            for start in range(0, ds.shape[0], step):
-                h.update(json.dumps([x.decode() if isinstance(x, bytes) else str(x) for x in ds[start:start + step]]).encode())
+    if ds.ndim == 0:
+        h.update(np.asarray(ds[()]).tobytes())
+        return h.hexdigest()
+    step = max(4096, ds.chunks[0] if ds.chunks else 0)
+    for start in range(0, ds.shape[0], step):
+        block = ds[start:start + step]
+        if ds.dtype.kind == "O":  # variable-length strings
+            for x in block:
+                b = x if isinstance(x, bytes) else str(x).encode()
+                h.update(len(b).to_bytes(8, "little") + b)
         else:
-            for start in range(0, ds.shape[0], step):
-                h.update(np.ascontiguousarray(ds[start:start + step]).tobytes())
+            h.update(np.ascontiguousarray(block).tobytes())
     return h.hexdigest()
 
 
