@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from .feature_checks import image_warnings, text_warnings
-from .heads import BRG_INDICATORS, FRG_INDICATORS, R_SOURCES, R_WITHOUT_FRG, FVGPTHead
+from .heads import BRG_INDICATORS, FRG_INDICATORS, R_SOURCES, R_WITHOUT_FRG, FVGPTHead, indicator_names
 from .presets import choose_preset, method_of
 from .store import EXTRACTED_FG, NO_MASK, Cache, CacheError, image_key
 
@@ -111,7 +111,7 @@ class TrainConfig:
              f"name a mask source of the cache ({EXTRACTED_FG!r}: the foreground views extract wrote)")
         self.frg_indicators = tuple(self.frg_indicators)
         self.brg_indicators = tuple(self.brg_indicators)
-        for name, known in (("frg_indicators", FRG_INDICATORS), ("brg_indicators", BRG_INDICATORS)):
+        for name, known in (("frg_indicators", indicator_names("frg")), ("brg_indicators", indicator_names("brg"))):
             value = getattr(self, name)
             need(bool(value) and set(value) <= set(known) and len(set(value)) == len(value), name,
                  f"use a non-empty subset of {known}, each once")

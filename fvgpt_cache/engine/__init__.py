@@ -18,8 +18,10 @@ everything else may differ per configuration and becomes data:
   step, and one whose epochs are over leaves the group (`Group.narrowed`);
 * data fraction, seed, drop_last: per-configuration batch plans.
 
-Gradients are written by hand (each checked against autograd of `heads.FVGPTHead.losses_from` in
-the tests); there is no autograd graph, so a step is about a hundred small tensor operations. To keep
+The built-in terms' gradients are written by hand (`step.manual_backward`, checked against autograd of
+`heads.FVGPTHead.losses_from` in the tests; autograd over the same stacked forward costs 1.4–1.8× more, see
+docs/decisions.md); registered loss terms run through autograd on the same stacked tensors. A step is about a
+hundred small tensor operations. To keep
 that number down, a step reads all its frozen statistics with one index into a single table, the FRG
 and BRG gates run as one block-diagonal MLP, the FDC cosine logits are normalised after the product
 (no normalised copies of the adapted vectors), and SGD over a whole group is one fused call on the
@@ -28,7 +30,8 @@ Parameters and gradients live in flat buffers; the parameter of a layer is a con
 (K, out, in) view into them. Entries that must not move (frozen identity and embedding layers,
 unused indicator columns, a switched-off adapter's bias) are put back after every step.
 """
-from .group import GROUP_FIELDS, SMALL_STEP_FLOPS, TERMS, Group, TrainingStopped, group_key
+from .group import GROUP_FIELDS, SMALL_STEP_FLOPS, Group, TrainingStopped, group_key
+from .step import TERMS
 from .layout import Layout, gather, scatter
 from .parts import available_memory, memory_estimate, split_for_memory, train_group, train_head, shape_parts
 

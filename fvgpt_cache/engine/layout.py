@@ -7,10 +7,9 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from ..heads import BRG_INDICATORS, FRG_INDICATORS, FVGPTHead
+from ..heads import FVGPTHead
 from ..training import TrainConfig
-
-GATE_INPUTS = len(FRG_INDICATORS)  # = len(BRG_INDICATORS): each gate's input columns in the gate MLP
+from .table import gate_columns
 
 
 @dataclass
@@ -27,20 +26,26 @@ class Block:
 class Layout:
     """Padded shapes of a group and the flat buffers that hold parameters, gradients and states.
 
-    The two gates share one block-diagonal MLP, "gate": its inputs are the 3 FRG indicators and then
-    the 3 BRG indicators, hidden units [0, H) belong to FRG and [H, 2H) to BRG, output 0 is q_FRG and
+    The two gates share one block-diagonal MLP, "gate": its inputs are the FRG indicators of `columns[0]` and
+    then the BRG indicators of `columns[1]` (every indicator a configuration of the group uses,
+    `table.gate_columns`), hidden units [0, H) belong to FRG and [H, 2H) to BRG, output 0 is q_FRG and
     output 1 is q_BRG. The blocks between the two gates are frozen at zero, so the gates stay
-    independent while a step runs one small MLP instead of two."""
+    independent while a step runs one small MLP instead of two. A narrowed group keeps its parent's
+    `columns`, since it reads its parent's statistics table."""
 
-    def __init__(self, dim: int, cfgs: list[TrainConfig], device: torch.device):
+    def __init__(self, dim: int, cfgs: list[TrainConfig], device: torch.device,
+                 columns: tuple[tuple[str, ...], tuple[str, ...]] | None = None):
         self.k, self.dim, self.device = len(cfgs), dim, device
+        self.columns = columns if columns is not None else gate_columns(cfgs)
+        self.gate_offset = (0, len(self.columns[0]))  # the first gate-MLP input column of FRG and of BRG
         self.fdc_depth = cfgs[0].fdc_layers
         self.fdc_hidden = max(c.fdc_hidden for c in cfgs)
         self.gate_depth = max(max(c.frg_layers, c.brg_layers) for c in cfgs)
         one_layer = any(min(c.frg_layers, c.brg_layers) == 1 for c in cfgs) and self.gate_depth > 1
-        self.gate_hidden = max([c.gate_hidden for c in cfgs] + ([GATE_INPUTS] if one_layer else []))
+        widest = max(len(c) for c in self.columns)  # a 1-layer gate embeds its inputs in its hidden units
+        self.gate_hidden = max([c.gate_hidden for c in cfgs] + ([widest] if one_layer else []))
         fdc_dims = [dim] + [self.fdc_hidden] * (self.fdc_depth - 1) + [dim]
-        gate_dims = [2 * GATE_INPUTS] + [2 * self.gate_hidden] * (self.gate_depth - 1) + [2]
+        gate_dims = [sum(len(c) for c in self.columns)] + [2 * self.gate_hidden] * (self.gate_depth - 1) + [2]
         self.dims = {"fdc_img": fdc_dims, "fdc_txt": fdc_dims, "gate": gate_dims}
         self.blocks: dict[str, Block] = {}
         offset = 0
@@ -90,10 +95,11 @@ def _gate_slots(layout: Layout, depth: int):
 
 def _gates(layout: Layout, head: FVGPTHead, cfg: TrainConfig):
     """(0 for FRG | 1 for BRG, the gate, its padded slots, the gate MLP's input columns of its indicators)."""
-    for g, (gate, depth, names, known) in enumerate(((head.frg, cfg.frg_layers, head.frg_names, FRG_INDICATORS),
-                                                     (head.brg, cfg.brg_layers, head.brg_names, BRG_INDICATORS))):
+    for g, (gate, depth, names) in enumerate(((head.frg, cfg.frg_layers, head.frg_names),
+                                              (head.brg, cfg.brg_layers, head.brg_names))):
         if gate is not None:
-            yield g, gate, _gate_slots(layout, depth), [g * GATE_INPUTS + known.index(n) for n in names]
+            known, first = layout.columns[g], layout.gate_offset[g]
+            yield g, gate, _gate_slots(layout, depth), [first + known.index(n) for n in names]
 
 
 def _placements(layout: Layout, head: FVGPTHead, cfg: TrainConfig):
@@ -112,7 +118,7 @@ def _placements(layout: Layout, head: FVGPTHead, cfg: TrainConfig):
             if i == 0:
                 in_cols = cols
             elif slots[0][0] == "embed":  # the embedding put indicator c on hidden unit c of this gate
-                in_cols = [g * layout.gate_hidden + c - g * GATE_INPUTS for c in cols]
+                in_cols = [g * layout.gate_hidden + c - layout.gate_offset[g] for c in cols]
             else:
                 units = layout.gate_units(g, i - 1, inp)
                 in_cols = list(range(units.start, units.stop))
@@ -148,7 +154,7 @@ def scatter(layout: Layout, k: int, head: FVGPTHead, cfg: TrainConfig, params: d
                 params[f"gate.{i}.w"][k, units, units] = torch.eye(h)
             elif kind == "embed":
                 for c in cols:
-                    params[f"gate.{i}.w"][k, g * h + c - g * GATE_INPUTS, c] = 1.0
+                    params[f"gate.{i}.w"][k, g * h + c - layout.gate_offset[g], c] = 1.0
 
 
 def gather(layout: Layout, k: int, head: FVGPTHead, cfg: TrainConfig, params: dict[str, Tensor]) -> FVGPTHead:

@@ -21,10 +21,10 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..evaluation import CurveData, CurveSplit, gate_summary, score_predictions
-from ..heads import BRG_INDICATORS, brg_indicators
+from ..heads import brg_indicators
 from ..training import TrainConfig
-from .layout import GATE_INPUTS
 from .mlp import mlp_forward
+from .table import gate_columns
 
 CHUNK_ELEMENTS = 1 << 22  # the largest (K, rows, D) intermediate of the batched pass, in elements
 
@@ -35,6 +35,7 @@ class Monitor:
     def __init__(self, curve: CurveData, cfgs: list[TrainConfig], device: torch.device):
         self.curve, self.cfgs, self.device = curve, cfgs, device
         self.classes = curve.classes
+        self.columns = gate_columns(cfgs)  # the gate MLP's inputs of the group (and of its narrowed groups)
         self.txt = curve.txt_bb.to(device, torch.float32)
         ids = curve.base if self.classes == "base" else torch.arange(len(curve.txt_bb)).numpy()
         self.sets = {"base" if self.classes == "base" else "all": torch.as_tensor(ids, device=device)}
@@ -64,8 +65,9 @@ class Monitor:
             out["z_full_new"], out["z_diff_new"] = z_full, z_clip - z_full
             out["gate_in"] = {}
             for tau in sorted({c.tau for c in self.cfgs}):
-                v = brg_indicators(z_full, z_clip, tau, BRG_INDICATORS)
-                out["gate_in"][tau] = torch.cat([torch.zeros_like(v), v], dim=-1)  # FRG's columns unused here
+                v = brg_indicators(z_full, z_clip, tau, self.columns[1])
+                frg_unused = v.new_zeros(v.shape[0], len(self.columns[0]))  # FRG's columns: unused here
+                out["gate_in"][tau] = torch.cat([frg_unused, v], dim=-1)
         return out
 
     # -- the batched pass ----------------------------------------------------------------------
@@ -150,9 +152,9 @@ class Monitor:
         """The columns of the group's statistics table the gate statistics read (gate input, r*, usable),
         copied once per table (narrowed groups share their parent's)."""
         if getattr(self, "_slim_of", None) is not group.table:
-            widths = list(group.cols.values())
-            start = {name: sum(widths[:i]) for i, name in enumerate(group.cols)}
-            cols = [*range(start["gate_in"], start["gate_in"] + 2 * GATE_INPUTS), start["r_star"], start["usable"]]
+            stats = group.statistics
+            first = stats.start("gate_in")
+            cols = [*range(first, first + stats.cols["gate_in"]), stats.start("r_star"), stats.start("usable")]
             self._slim, self._slim_of = group.table[:, cols], group.table
         return self._slim
 
@@ -161,8 +163,8 @@ class Monitor:
         k = len(live)
         r_rows = rows.permute(1, 0, 2).reshape(k, -1)
         w = weight.permute(1, 0, 2).reshape(k, -1) > 0
-        table = self._gate_table(group)[r_rows + group.row_offset]  # (K, R, 2·GATE_INPUTS + 2)
-        gate_in, r_star, usable = table[..., :2 * GATE_INPUTS], table[..., -2], table[..., -1]
+        table = self._gate_table(group)[r_rows + group.row_offset]  # (K, R, gate inputs + 2)
+        gate_in, r_star, usable = table[..., :-2], table[..., -2], table[..., -1]
         r = torch.sigmoid(mlp_forward(gate_in, group.layers["gate"], group.acts)[0][..., 0])
         out = []
         for pos, idx in enumerate(live):

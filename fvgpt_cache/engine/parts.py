@@ -9,7 +9,8 @@ from ..heads import FVGPTHead
 from ..training import TrainConfig, TrainData
 from ..evaluation import CurveData
 from .group import Group
-from .layout import GATE_INPUTS
+from .layout import Layout
+from .table import variant
 from .monitor import Monitor
 
 
@@ -19,24 +20,22 @@ def memory_estimate(data: TrainData, cfgs: list[TrainConfig]) -> tuple[int, int]
     Shared: the larger of the two phases of `Group.prepare`: first the image features on the device
     (full, foreground and, unless the backbone is CLIP itself, the CLIP view) with a product's
     temporary and the three logit tables; then the table of frozen statistics of every training row,
-    once per distinct (τ, FRG margin, area gate), while it is filled (the full-view features and a
+    once per variant (τ, FRG margin, area gate, mask source), while it is filled (the full-view features and a
     product's workspace, the logits and one variant's softmax and indicator temporaries, counted as
     nine (rows, C) tables: measured on the CPU, `tests/test_gpu_ready.py`). Per configuration: its padded
     parameters with gradient, mask and optimiser states, and the activations of one step."""
     n, views, dim = data.full.shape
     rows, c, b = n * views, len(data.txt_bb), cfgs[0].batch_size
-    variants = len({(x.tau, x.frg_margin, x.area_min, x.area_max) for x in cfgs})
+    layout = Layout(dim, cfgs, torch.device("meta"))  # the padded parameters of one configuration: numel / K
+    variants = len({variant(x) for x in cfgs})
     copies = 2 if data.clip is data.full else 3
-    table = rows * variants * (dim + 6 * c + 5 + 2 * GATE_INPUTS)
+    table = rows * variants * (dim + 6 * c + 5 + sum(len(g) for g in layout.columns))
     features = rows * dim * (copies + 1) + 3 * rows * c
     filling = table + 2 * rows * dim + 3 * rows * c + 9 * rows * c
     shared = 4 * max(features, filling) + 16 * rows
-    h, g = max(x.fdc_hidden for x in cfgs), 2 * max(x.gate_hidden for x in cfgs)
-    layers = cfgs[0].fdc_layers
-    fdc = 2 * (dim * dim + dim) if layers == 1 else 2 * (2 * dim * h + h + dim + (layers - 2) * (h * h + h))
-    params = fdc + 2 * GATE_INPUTS * g + g + g * g + g + 2 * g + 2
+    h = layout.fdc_hidden
     step = b * (16 * c + 6 * dim + 8 * h) + c * (4 * dim + 4 * h)
-    return shared, 4 * (7 * params + step)
+    return shared, 4 * (7 * layout.numel // len(cfgs) + step)
 
 
 def available_memory(device: torch.device) -> int:
