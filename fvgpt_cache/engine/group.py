@@ -59,9 +59,10 @@ class Group:
         # Entries outside every configuration's real parameters stay exactly zero when they are only width
         # padding (zero activations, zero gradients, zero decay). The gate's frozen identity and embedding
         # layers, the blocks between its two gates, unused indicator columns and a switched-off adapter's
-        # last bias do receive gradients or decay: in the gate blocks and the adapters' last biases,
-        # entries whose mask is 0 are put back after each step.
-        last = {f"fdc_img.{lay.fdc_depth - 1}.b", f"fdc_txt.{lay.fdc_depth - 1}.b"}
+        # last layer (its bias; with one layer, its weight too, whose input is the feature itself) do receive
+        # gradients or decay: in those blocks, entries whose mask is 0 are put back after each step.
+        last = {f"{m}.{lay.fdc_depth - 1}.{p}" for m in ("fdc_img", "fdc_txt")
+                for p in (("b", "w") if lay.fdc_depth == 1 else ("b",))}
         masks = lay.views(mask.to(device))  # which blocks need it is decided on the CPU copy: no device sync
         self.masks = {n: masks[n] for n, m in lay.views(mask).items()
                       if (n.startswith("gate.") or n in last) and not bool((m == 1).all())}
