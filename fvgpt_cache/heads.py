@@ -236,6 +236,112 @@ register_indicator("cos", "brg", lambda s: prob_cosine(s.p_full, s.p_clip),
                    help="cos(p_bb, p_clip): agreement of backbone and CLIP (eq. 13)")
 
 
+# ---------------------------------------------------------------------------------------------
+# Loss terms: a registry for terms beyond the paper's (one entry per term, weighted by its own λ)
+# ---------------------------------------------------------------------------------------------
+
+COMPONENTS = ("fdc", "frg", "pc")
+
+
+@dataclass
+class StepTensors:
+    """What a loss term reads in one training step. Tensors have the leading shape (B,) in the reference head
+    and (K, B) in the engine (K configurations stacked), so a term written over the last axes works in both;
+    `tau` broadcasts against (..., B, C). Only `z_fdc`, `log_q`, `q_frg`, `r`, `b` and `z_pc` carry gradients;
+    a component that is off leaves its tensors None in the reference head."""
+
+    tau: Tensor | float
+    onehot: Tensor  # the labels, one-hot (..., B, C)
+    z_full: Tensor  # the frozen backbone's logits of the full view (..., B, C)
+    z_clip: Tensor  # zero-shot CLIP's logits (..., B, C)
+    p_full: Tensor  # teachers at τ: softmax(z/τ) of the full view, the foreground view, CLIP (..., B, C)
+    p_fg: Tensor
+    p_clip: Tensor
+    r_star: Tensor  # the FRG target r* (0 outside the area gate), (..., B)
+    usable: Tensor  # 1 where the view passes the area gate, (..., B)
+    z_fdc: Tensor | None = None  # FDC's logits z_FDC (eq. 8), (..., B, C)
+    log_q: Tensor | None = None  # log softmax(z_FDC / τ), the distillation student
+    q_frg: Tensor | None = None  # the FRG gate's logit, (..., B)
+    r: Tensor | None = None  # the distillation weight of eq. 9 (detached when detach_r), (..., B)
+    b: Tensor | None = None  # the BRG weight, (..., B)
+    z_pc: Tensor | None = None  # the calibrated logits z_PC (eq. 12), (..., B, C)
+
+
+@dataclass(frozen=True)
+class LossTerm:
+    """A loss term: `fn(StepTensors) -> (..., B)` per-sample values, averaged over the batch and added to the
+    objective with the weight `lambda_<name>` (a training parameter, 0 = off). `needs`: the components it reads
+    ("fdc", "frg", "pc"); a configuration that weights the term must have them on."""
+
+    name: str
+    fn: Callable[[StepTensors], Tensor]
+    help: str
+    needs: tuple[str, ...] = ("fdc",)
+
+    @property
+    def weight(self) -> str:
+        return f"lambda_{self.name}"
+
+
+_LOSS_TERMS: dict[str, LossTerm] = {}
+BUILTIN_TERMS = ("frg", "ce_fdc", "dist", "acc_fdc", "ce_pc", "kl_pc", "base", "pc", "total")
+
+
+def register_loss_term(name: str, fn: Callable[[StepTensors], Tensor] | None = None, *, help: str = "",
+                       needs: Sequence[str] = ("fdc",)):
+    """Register `fn` as loss term `name`, weighted by the new training parameter `lambda_<name>` (default 0: off).
+
+    `fn(t: StepTensors) -> Tensor (..., B)` returns the term of each sample; the engine averages it over the batch
+    of every configuration and adds `lambda_<name> ·` that mean to the objective, with gradients from autograd on
+    the stacked tensors. Works as a decorator when `fn` is omitted."""
+    from .parameters import Parameter, register_parameter
+
+    if not isinstance(name, str) or not name.isidentifier():
+        raise ValueError(f"loss term name {name!r}: use a Python identifier (its weight is lambda_{name})")
+    if name in BUILTIN_TERMS or name in _LOSS_TERMS:
+        raise ValueError(f"loss term {name!r} is already a {'built-in' if name in BUILTIN_TERMS else 'registered'} "
+                         "term; pick another name (unregister_loss_term removes a registered one)")
+    needs = tuple(needs)
+    bad = [n for n in needs if n not in COMPONENTS]
+    if bad:
+        raise ValueError(f"loss term {name!r}: needs={list(needs)} names unknown components {bad}; use {COMPONENTS}")
+
+    def add(f: Callable[[StepTensors], Tensor]):
+        text = help or (f.__doc__ or "").strip().split("\n")[0] or f"the registered loss term {name}"
+        term = LossTerm(name, f, text, needs)
+        register_parameter(Parameter(term.weight, "float", 0.0, f"Weight of the registered loss term {name}: {text}",
+                                     low=0))
+        _LOSS_TERMS[name] = term
+        return f
+
+    return add if fn is None else add(fn)
+
+
+def unregister_loss_term(name: str) -> None:
+    """Remove a registered loss term and its weight parameter."""
+    from .parameters import unregister_parameter
+
+    if _LOSS_TERMS.pop(name, None) is None:
+        raise ValueError(f"no loss term {name!r} is registered (registered: {sorted(_LOSS_TERMS) or 'none'})")
+    unregister_parameter(f"lambda_{name}")
+
+
+def loss_terms() -> dict[str, LossTerm]:
+    """The registered loss terms, by name, in registration order."""
+    return dict(_LOSS_TERMS)
+
+
+def check_loss_weights(weights: dict[str, float], use_fdc: bool, use_frg: bool, use_pc: bool) -> None:
+    """Refuse a weighted term whose components are off (`weights`: term name → λ, the non-zero ones)."""
+    on = {"fdc": use_fdc, "frg": use_fdc and use_frg, "pc": use_pc}
+    for name in weights:
+        missing = [c for c in _LOSS_TERMS[name].needs if not on[c]]
+        if missing:
+            raise ValueError(f"lambda_{name}={weights[name]!r}: the loss term {name} reads {', '.join(missing)}, which "
+                             f"this configuration switches off; set lambda_{name}=0 or switch "
+                             f"{', '.join('use_' + c for c in missing)} on")
+
+
 def frg_indicators(z_full: Tensor, z_fg: Tensor, area: Tensor, tau: float,
                    use: Sequence[str] = FRG_INDICATORS) -> Tensor:
     """FRG input `u` (eqs. 4–5): columns of `use` in its order, from the registered FRG indicators (built in:
@@ -478,7 +584,8 @@ class FVGPTHead(nn.Module):
     def losses_from(self, frozen: dict[str, Tensor], txt_bb: Tensor, scale: float | Tensor,
                     lambda_d: float = 10.0, *, lambda_frg: float = 1.0, lambda_pc: float = 1.0,
                     loss_frg: bool = True, loss_dist: bool = True, loss_ce_fdc: bool = True,
-                    loss_ce_pc: bool = True, loss_kl_pc: bool = True) -> dict[str, Tensor]:
+                    loss_ce_pc: bool = True, loss_kl_pc: bool = True,
+                    loss_weights: dict[str, float] | None = None) -> dict[str, Tensor]:
         """The losses from `frozen` statistics of a batch (see `frozen`).
 
         L = CE(z_FDC) + λ_frg·L_FRG + λ_d·L_dist + λ_pc·L_PC (weights of the release's train.py).
@@ -487,11 +594,14 @@ class FVGPTHead(nn.Module):
         Returns the terms that are on — "frg", "dist" (unweighted), "ce_fdc" and their weighted
         sum "base" when FDC is on; "ce_pc", "kl_pc" and "pc" (unweighted) when PC is on — the
         objective "total" = base + λ_pc·pc, and "acc_fdc", the FDC branch's batch accuracy (%).
+        `loss_weights` (registered term name → λ, `register_loss_term`) adds λ · the batch mean of each such term to
+        "total" and returns the mean under the term's name.
         """
         (txt_bb,) = self._cast(txt_bb)
         img_bb, y = frozen["img_bb"], frozen["y"]
         out: dict[str, Tensor] = {}
         total = img_bb.new_zeros(())
+        step: dict[str, Tensor | None] = {}
         if self.fdc is not None:
             base = img_bb.new_zeros(())
             q = self.frg.logit(frozen["u"]) if self.frg is not None else None
@@ -499,19 +609,22 @@ class FVGPTHead(nn.Module):
                 out["frg"] = F.binary_cross_entropy_with_logits(q, frozen["r_star"])
                 base = base + lambda_frg * out["frg"]
             z_fdc = self.fdc(img_bb, txt_bb, scale)
+            log_q = (z_fdc / self.tau).log_softmax(-1)
+            r = self.distill_weight(frozen, q)
+            step.update(z_fdc=z_fdc, log_q=log_q, q_frg=q, r=r.detach() if self.detach_r else r)
             if loss_ce_fdc:
                 out["ce_fdc"] = F.cross_entropy(z_fdc, y)
                 base = base + out["ce_fdc"]
             if loss_dist:
-                log_q = (z_fdc / self.tau).log_softmax(-1)
-                r = self.distill_weight(frozen, q)
                 out["dist"] = distill_loss(r, frozen["p_fg"], frozen["p_full"], log_q, self.detach_r)
                 base = base + lambda_d * out["dist"]
             out["base"] = base
             out["acc_fdc"] = (z_fdc.detach().argmax(-1) == y).to(img_bb.dtype).mean() * 100
             total = total + base
         if self.brg is not None:
-            z_pc = pc_logits(frozen["z_full"], frozen["z_clip"], self.brg(frozen["v"]))
+            b = self.brg(frozen["v"])
+            z_pc = pc_logits(frozen["z_full"], frozen["z_clip"], b)
+            step.update(b=b, z_pc=z_pc)
             pc = img_bb.new_zeros(())
             if loss_ce_pc:
                 out["ce_pc"] = F.cross_entropy(z_pc, y)
@@ -521,6 +634,16 @@ class FVGPTHead(nn.Module):
                 pc = pc + out["kl_pc"]
             out["pc"] = pc
             total = total + lambda_pc * pc
+        weights = {name: w for name, w in (loss_weights or {}).items() if w}
+        if weights:
+            check_loss_weights(weights, self.fdc is not None, self.frg is not None, self.brg is not None)
+            t = StepTensors(tau=self.tau, onehot=F.one_hot(y, frozen["z_full"].shape[-1]).to(img_bb.dtype),
+                            z_full=frozen["z_full"], z_clip=frozen["z_clip"], p_full=frozen["p_full"],
+                            p_fg=frozen["p_fg"], p_clip=frozen["p_clip"], r_star=frozen["r_star"],
+                            usable=frozen["usable"], **step)
+            for name, w in weights.items():
+                out[name] = _LOSS_TERMS[name].fn(t).mean()
+                total = total + w * out[name]
         out["total"] = total
         return out
 

@@ -16,7 +16,10 @@ import torch
 import torch.nn.functional as F
 
 from .feature_checks import image_warnings, text_warnings
-from .heads import BRG_INDICATORS, FRG_INDICATORS, LAYER_CHOICES, R_SOURCES, R_WITHOUT_FRG, FVGPTHead, indicator_names
+from .heads import (
+    BRG_INDICATORS, FRG_INDICATORS, LAYER_CHOICES, R_SOURCES, R_WITHOUT_FRG, FVGPTHead, check_loss_weights,
+    indicator_names, loss_terms,
+)
 from .parameters import (Rule, all_parameters, check_rules, declare_dataclass, lookup, param, plugin_parameters,
                          unknown_parameter)
 from .presets import choose_preset, method_of
@@ -122,6 +125,7 @@ class TrainConfig:
                 raise unknown_parameter(name)
         self.extra = {name: plugins[name].check(value) for name, value in self.extra.items()}
         check_rules(RULES, self.get)
+        check_loss_weights(self.loss_weights(), self.use_fdc, self.use_frg, self.use_pc)
         return self
 
     def get(self, name: str):
@@ -151,9 +155,14 @@ class TrainConfig:
         return {k: getattr(self, k) for k in keys}
 
     def loss_flags(self) -> dict:
-        """Keyword arguments of `FVGPTHead.losses_from` besides λ_d: the other weights and the term switches."""
-        return {k: getattr(self, k) for k in ("lambda_frg", "lambda_pc", "loss_frg", "loss_dist", "loss_ce_fdc",
-                                              "loss_ce_pc", "loss_kl_pc")}
+        """Keyword arguments of `FVGPTHead.losses_from` besides λ_d: the other weights, the term switches and the
+        weights of the registered loss terms this configuration uses."""
+        return {**{k: getattr(self, k) for k in ("lambda_frg", "lambda_pc", "loss_frg", "loss_dist", "loss_ce_fdc",
+                                                 "loss_ce_pc", "loss_kl_pc")}, "loss_weights": self.loss_weights()}
+
+    def loss_weights(self) -> dict[str, float]:
+        """The registered loss terms this configuration weights (λ ≠ 0), by term name."""
+        return {name: self.get(term.weight) for name, term in loss_terms().items() if self.get(term.weight)}
 
     def to_dict(self) -> dict:
         """Every field (names as lists), then each plug-in value that differs from its default; run ids hash this."""

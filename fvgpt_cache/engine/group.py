@@ -16,7 +16,7 @@ from ..training import TrainConfig, TrainData, build_head, epoch_batches, lr_at_
 from .kernels import NUMERICS, float32_numerics
 from .layout import Layout, gather, scatter
 from .optimizer import StackedOptimizer
-from .step import BACKWARDS, TERMS, LossFactors, forward, manual_backward
+from .step import BACKWARDS, TERMS, LossFactors, forward, manual_backward, plugin_terms
 from .table import StatisticsTable
 
 # fields that must be equal inside one group (besides the cache); all others may differ
@@ -107,26 +107,45 @@ class Group:
     # -- one step --------------------------------------------------------------------------------
 
     def step_losses(self, rows: Tensor, weight: Tensor) -> Tensor:
-        """Loss terms (len(TERMS), K) of one batch of rows (K, B); their gradients go into `self.grad`.
+        """Loss terms (len(term_names), K) of one batch of rows (K, B); their gradients go into `self.grad`.
 
         `weight` (K, B) holds 1/n for the n real rows of each configuration's batch and 0 for padding
         (a last batch shorter than the others), so every mean over the batch is `(· * weight).sum(-1)`.
-        Returns the unweighted terms in `TERMS` order; `weighted_terms` combines them into base, pc and total."""
+        Returns the unweighted terms in `term_names` order; `weighted_terms` combines them into base, pc and
+        total. The built-in terms' gradients are hand-written (`backward="manual"`); registered terms, and every
+        term with `backward="autograd"`, go through autograd on the same stacked tensors."""
         col = self.statistics.split(self.table[rows + self.row_offset])  # (K, B, ·) each
-        if self.backward == "manual":
-            fw = forward(col, self.layers, self.statistics.txt, self.acts, self.factors)
-            manual_backward(fw, col, weight, self.layers, self.grad_layers, self.acts, self.factors)
+        f, manual = self.factors, self.backward == "manual"
+        if manual and not f.plugins:
+            fw = forward(col, self.layers, self.statistics.txt, self.acts, f)
+            manual_backward(fw, col, weight, self.layers, self.grad_layers, self.acts, f)
             return (torch.stack([fw[key] for key in TERMS]) * weight).sum(-1)
         leaves = {n: v.detach().requires_grad_() for n, v in self.params.items()}  # share the parameters' storage
         with torch.enable_grad():
             fw = forward(col, {m: self.layout.layers(leaves, m) for m in self.layout.dims}, self.statistics.txt,
-                         self.acts, self.factors)
+                         self.acts, f)
             terms = (torch.stack([fw[key] for key in TERMS]) * weight).sum(-1)
-            objective = (self.factors.term_weights(self.device) * terms).sum()
+            objective = terms.new_zeros(())
+            if f.plugins:
+                extra = plugin_terms(fw, col, weight, f)
+                objective = objective + (torch.cat(list(f.plugins.values()), 1).T.to(extra.device) * extra).sum()
+                terms = torch.cat([terms, extra])
+            if not manual:
+                objective = objective + (f.term_weights(self.device) * terms[:len(TERMS)]).sum()
             grads = torch.autograd.grad(objective, list(leaves.values()), allow_unused=True)
+        if manual:
+            manual_backward(fw, col, weight, self.layers, self.grad_layers, self.acts, f)
         for (name, target), g in zip(self.grads.items(), grads):
-            target.copy_(g) if g is not None else target.zero_()
+            if g is not None:
+                target.add_(g) if manual else target.copy_(g)
+            elif not manual:
+                target.zero_()
         return terms.detach()
+
+    @property
+    def term_names(self) -> tuple[str, ...]:
+        """The rows `step_losses` returns: the built-in terms, then the registered terms the group weights."""
+        return self.factors.term_names
 
     def weighted_terms(self, terms: dict[str, Tensor]) -> dict[str, Tensor]:
         """base, pc and total from the terms (see `LossFactors.weighted_terms`)."""
@@ -229,12 +248,13 @@ class Group:
             rows, weight, active = rows.to(self.device), weight.to(self.device), active.to(self.device)
             lr = [lr_at_epoch(epoch, cfgs[k]) for k in live]
             group.set_lr(lr)
-            sums = torch.zeros(len(TERMS), K, device=self.device)
+            names = group.term_names
+            sums = torch.zeros(len(names), K, device=self.device)
             for j in range(steps):
                 out = group.step_losses(rows[j], weight[j])
                 group.optimizer_step(None if all_active else on[j])
                 sums += out if all_active else out * active[j]
-            terms = dict(zip(TERMS, sums / active.sum(0).clamp_min(1)))
+            terms = dict(zip(names, sums / active.sum(0).clamp_min(1)))
             terms["acc_fdc"] = terms["acc_fdc"] * 100
             means = {key: v.tolist() for key, v in {**terms, **group.weighted_terms(terms)}.items()}
             for pos, k in enumerate(live):
@@ -242,7 +262,8 @@ class Group:
                 if epoch == 0:  # how this run's numbers were computed: products, and the optimiser's kernel
                     kernel = "fused" if group.fused[cfgs[k].optimizer] else "public fallback"
                     record["numerics"] = {**NUMERICS, "optimizer_kernel": kernel}
-                record.update({key: means[key][pos] for key in HISTORY_KEYS if _logged(key, cfgs[k])})
+                record.update({key: means[key][pos] for key in HISTORY_KEYS + names[len(TERMS):]
+                               if _logged(key, cfgs[k])})
                 histories[k].append(record)
             if monitor is not None:
                 improved = monitor.observe(epoch, group, live, rows, weight)
@@ -268,8 +289,7 @@ class Group:
 def _logged(key: str, cfg: TrainConfig) -> bool:
     """The history keys a configuration's run reports (those of `FVGPTHead.losses_from`)."""
     fdc, frg, pc = cfg.use_fdc, cfg.use_fdc and cfg.use_frg, cfg.use_pc
-    return {"frg": frg and cfg.loss_frg, "ce_fdc": fdc and cfg.loss_ce_fdc, "dist": fdc and cfg.loss_dist,
-            "base": fdc, "acc_fdc": fdc, "ce_pc": pc and cfg.loss_ce_pc, "kl_pc": pc and cfg.loss_kl_pc,
-            "pc": pc, "total": True}[key]
-
-
+    builtin = {"frg": frg and cfg.loss_frg, "ce_fdc": fdc and cfg.loss_ce_fdc, "dist": fdc and cfg.loss_dist,
+               "base": fdc, "acc_fdc": fdc, "ce_pc": pc and cfg.loss_ce_pc, "kl_pc": pc and cfg.loss_kl_pc,
+               "pc": pc, "total": True}
+    return builtin[key] if key in builtin else key in cfg.loss_weights()

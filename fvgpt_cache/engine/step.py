@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..heads import distill_weight_coefficients
+from ..heads import StepTensors, distill_weight_coefficients, loss_terms
 from ..training import TrainConfig
 from .mlp import _sum_terms, _times, mlp_backward, mlp_forward
 
@@ -34,6 +34,7 @@ class LossFactors:
     weights: dict[str, Tensor]
     f2: dict[str, Tensor | float]
     f3: dict[str, Tensor | float]
+    plugins: dict[str, Tensor]  # registered loss terms some configuration weights: name → λ per configuration (K, 1)
 
     @classmethod
     def of(cls, cfgs: list[TrainConfig], scale: float, device: torch.device) -> "LossFactors":
@@ -67,7 +68,13 @@ class LossFactors:
         uniform = lambda t: float(t[0]) if bool((t == t[0]).all()) else t.to(device)  # noqa: E731
         f2 = {k: uniform(v) for k, v in factors.items()}
         f3 = {k: v if isinstance(v, float) else v.unsqueeze(-1) for k, v in f2.items()}
-        return cls(w, f2, f3)
+        plugins = {name: col(c.get(term.weight) for c in cfgs) for name, term in loss_terms().items()}
+        return cls(w, f2, f3, {name: lam for name, lam in plugins.items() if bool((lam != 0).any())})
+
+    @property
+    def term_names(self) -> tuple[str, ...]:
+        """The rows of a step's terms: the built-in `TERMS`, then the registered terms this group weights."""
+        return TERMS + tuple(self.plugins)
 
     def weighted_terms(self, terms: dict[str, Tensor]) -> dict[str, Tensor]:
         """base = CE_FDC + λ_frg·L_FRG + λ_d·L_dist, pc = CE_PC + KL_PC, total = base + λ_pc·pc (switched terms
@@ -75,7 +82,10 @@ class LossFactors:
         w = {k: v.squeeze(-1).to(terms["frg"].device) for k, v in self.weights.items()}
         base = w["ce_fdc"] * terms["ce_fdc"] + w["frg"] * terms["frg"] + w["dist"] * terms["dist"]
         pc = w["ce_pc"] * terms["ce_pc"] + w["kl_pc"] * terms["kl_pc"]
-        return {"base": base, "pc": pc, "total": base + w["lambda_pc"] * pc}
+        total = base + w["lambda_pc"] * pc
+        for name, lam in self.plugins.items():
+            total = total + lam.squeeze(-1).to(terms[name].device) * terms[name]
+        return {"base": base, "pc": pc, "total": total}
 
     def term_weights(self, device: torch.device) -> Tensor:
         """(len(TERMS), K): the weight of each built-in term in the objective (acc_fdc: 0)."""
@@ -161,3 +171,18 @@ def manual_backward(fw: dict[str, Tensor], col: dict[str, Tensor], weight: Tenso
                        _times(fw["lq_pc"].exp() - p_clip, f3["kl_pc_tau"]), like=fw["lp_pc"]) * wb
     dq_brg = (dz_pc * col["z_diff"]).sum(-1) * b * (1 - b)
     mlp_backward(torch.stack([dq_frg * weight, dq_brg], -1), layers["gate"], fw["in_gate"], acts, grads["gate"])
+
+
+def step_tensors(fw: dict[str, Tensor], col: dict[str, Tensor], f: LossFactors) -> StepTensors:
+    """What a registered loss term reads (`heads.StepTensors`), from the stacked forward: (K, B, ·) tensors."""
+    return StepTensors(tau=f.f3["tau"], onehot=col["onehot"], z_full=col["z_full"], z_clip=col["z_full"] + col["z_diff"],
+                       p_full=col["p_full"], p_fg=col["p_fg"], p_clip=col["p_clip"], r_star=col["r_star"].squeeze(-1),
+                       usable=col["usable"].squeeze(-1), z_fdc=fw["z"], log_q=fw["logq"], q_frg=fw["q_frg"],
+                       r=fw["r"], b=fw["b"], z_pc=fw["z_pc"])
+
+
+def plugin_terms(fw: dict[str, Tensor], col: dict[str, Tensor], weight: Tensor, f: LossFactors) -> Tensor:
+    """(len(f.plugins), K): the batch mean of each registered term the group weights, with its autograd graph."""
+    t = step_tensors(fw, col, f)
+    terms = loss_terms()
+    return torch.stack([(terms[name].fn(t) * weight).sum(-1) for name in f.plugins])
