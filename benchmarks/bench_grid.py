@@ -1,7 +1,9 @@
 """Grids: one batched group vs. the same runs one by one, arithmetic efficiency, and scaling.
 
 Three measurements, each side by side in one process (training only; evaluation is the same
-per run either way and is reported separately):
+per run either way and is reported separately); `mixed` and `dense` also time the same group with every
+gradient from autograd over the same stacked forward (`backward="autograd"`): `autograd_vs_manual` is what
+autograd would cost as the engine's one path (the rule: adopt it at ≤ 1.25×):
 
 1. `mixed`: a small cache (20 classes → 10 base × 8 shots × 4 views, D = 128) and 128
    configurations that differ in indicators, lr, FRG on/off, gate depth, FDC width, data fraction
@@ -42,9 +44,19 @@ def timed(fn) -> float:
     return time.perf_counter() - start
 
 
-def group_seconds(data, cfgs) -> float:
+def group_seconds(data, cfgs, backward: str = "manual") -> float:
     """The grid's path: `train_group` (one part per FDC width)."""
-    return timed(lambda: train_group(data, cfgs, torch.device("cpu")))
+    return timed(lambda: train_group(data, cfgs, torch.device("cpu"), backward=backward))
+
+
+def autograd_ratio(data, cfgs, repeats: int = 2) -> dict:
+    """Manual and autograd gradients on the same group, alternating; the ratio of the medians."""
+    manual, autograd = [], []
+    for _ in range(repeats):
+        manual.append(group_seconds(data, cfgs))
+        autograd.append(group_seconds(data, cfgs, "autograd"))
+    m, a = sorted(manual)[len(manual) // 2], sorted(autograd)[len(autograd) // 2]
+    return {"manual_seconds": round(m, 2), "autograd_seconds": round(a, 2), "autograd_vs_manual": round(a / m, 2)}
 
 
 def sequential_seconds(data, cfgs, sample: int) -> float:
@@ -64,6 +76,12 @@ def mixed_configs(n: int = 128) -> list[TrainConfig]:
     }
     combos = list(itertools.product(*knobs.values()))
     return [TrainConfig(seed=i % 3 + 1, **dict(zip(knobs, c))) for i, c in enumerate(combos[:n])]
+
+
+def dense_configs() -> list[TrainConfig]:
+    """64 default configurations: 16 λ_d × 4 seeds."""
+    lambdas = (0.1, 0.5, 1, 2, 5, 10, 15, 20, 25, 30, 40, 50, 60, 70, 80, 100)
+    return [TrainConfig(lambda_d=v, seed=s) for v in lambdas for s in (1, 2, 3, 4)]
 
 
 def step_flops(k: int, b: int, c: int, d: int, h: int) -> float:
@@ -121,11 +139,23 @@ class MonitorClock:
 
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--only", choices=("mixed", "dense", "scaling", "curves"))
+    ap.add_argument("--only", choices=("mixed", "dense", "scaling", "curves", "backward"))
     ap.add_argument("--sequential-sample", type=int, default=16, help="time this many one-by-one runs, extrapolate")
     args = ap.parse_args(argv)
     result: dict = {"torch_threads": torch.get_num_threads()}
     with tempfile.TemporaryDirectory() as tmp:
+        if args.only == "backward":  # only the autograd-vs-manual ratios: single run, 128 mixed, 64 dense
+            small = prepare(open_cache(write_feature_cache(Path(tmp) / "small.h5", num_classes=20, shots=8, views=4,
+                                                           dim=128)), TrainConfig())
+            dense = prepare(open_cache(write_feature_cache(Path(tmp) / "dense.h5", num_classes=100, shots=16,
+                                                           views=11, dim=512)), TrainConfig())
+            group_seconds(small, mixed_configs()[:4])  # warm-up
+            result["backward"] = {
+                "single_run": autograd_ratio(dense, [TrainConfig()], repeats=3),
+                "mixed_128": autograd_ratio(small, mixed_configs()),
+                "dense_64": autograd_ratio(dense, dense_configs(), repeats=1)}
+            print(json.dumps(result, indent=1))
+            return result
         if args.only in (None, "mixed"):
             data = prepare(open_cache(write_feature_cache(Path(tmp) / "small.h5", num_classes=20, shots=8, views=4,
                                                           dim=128)), TrainConfig())
@@ -135,13 +165,13 @@ def main(argv=None) -> dict:
             one_by_one = sequential_seconds(data, cfgs, args.sequential_sample)
             result["mixed"] = {"configurations": len(cfgs), "group_seconds": round(batched, 2),
                                "one_by_one_seconds": round(one_by_one, 2), "ratio": round(one_by_one / batched, 1),
-                               "runs_per_second": round(len(cfgs) / batched, 1)}
+                               "runs_per_second": round(len(cfgs) / batched, 1),
+                               "backward": autograd_ratio(data, cfgs)}
             print(json.dumps(result["mixed"]), flush=True)
         if args.only in (None, "dense"):
             data = prepare(open_cache(write_feature_cache(Path(tmp) / "dense.h5", num_classes=100, shots=16, views=11,
                                                           dim=512)), TrainConfig())
-            lambdas = (0.1, 0.5, 1, 2, 5, 10, 15, 20, 25, 30, 40, 50, 60, 70, 80, 100)
-            cfgs = [TrainConfig(lambda_d=v, seed=s) for v in lambdas for s in (1, 2, 3, 4)]
+            cfgs = dense_configs()
             batched = group_seconds(data, cfgs)
             one_by_one = sequential_seconds(data, cfgs, args.sequential_sample // 4)
             steps = 10 * (len(data.y) // 4)
@@ -151,7 +181,8 @@ def main(argv=None) -> dict:
                                "one_by_one_seconds": round(one_by_one, 1), "ratio": round(one_by_one / batched, 2),
                                "runs_per_second": round(len(cfgs) / batched, 3),
                                "group_gflops": round(flops / batched / 1e9, 1), "bare_bmm_gflops": round(bare, 1),
-                               "efficiency": round(flops / batched / 1e9 / bare, 2)}
+                               "efficiency": round(flops / batched / 1e9 / bare, 2),
+                               "backward": autograd_ratio(data, cfgs, repeats=1)}
             print(json.dumps(result["dense"]), flush=True)
         if args.only in (None, "curves"):
             cache = open_cache(write_feature_cache(Path(tmp) / "curves.h5", num_classes=100, shots=16, views=11,

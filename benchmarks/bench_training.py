@@ -4,6 +4,8 @@ Data: a synthetic cache shaped like a real dataset (100 classes → 50 base × 1
 D = 512, 25 test images per class), the default configuration (10 epochs, batch 4 → 2,000 steps).
 
 * engine: `engine.train_head` (the stacked engine with hand-written gradients, a group of one);
+* engine, autograd: the same engine with every loss term's gradient from autograd over the same stacked
+  forward (`backward="autograd"`); the ratio to the engine is what autograd would cost as the one path;
 * engine + curves: the same with the per-epoch evaluation every run does (`engine.monitor`: test
   predictions, validation scores and gate statistics at the end of each of the 10 epochs); the
   ratio to the engine alone is the curves' cost (the goal: at most 1.10);
@@ -87,11 +89,15 @@ def main(argv=None) -> dict:
         train_head(data, TrainConfig(epochs=2, device="cpu"))  # warm-up
         train_head(data, TrainConfig(epochs=2, device="cpu"), curve=curve)
         eager_loop(data, TrainConfig(epochs=2))
-        engine, curves, eager, shares = [], [], [], []
+        train_head(data, TrainConfig(epochs=2, device="cpu"), backward="autograd")
+        engine, autograd, curves, eager, shares = [], [], [], [], []
         for _ in range(args.runs):
             start = time.perf_counter()
             train_head(data, cfg)
             engine.append(time.perf_counter() - start)
+            start = time.perf_counter()
+            train_head(data, cfg, backward="autograd")
+            autograd.append(time.perf_counter() - start)
             with MonitorClock() as clock:
                 start = time.perf_counter()
                 train_head(data, cfg, curve=curve)
@@ -104,6 +110,8 @@ def main(argv=None) -> dict:
               "torch_threads": torch.get_num_threads(),
               "engine_seconds": [round(t, 3) for t in engine], "eager_seconds": [round(t, 3) for t in eager],
               "engine_ms_per_step": round(1000 * statistics.median(engine) / steps, 3),
+              "engine_autograd_seconds": [round(t, 3) for t in autograd],
+              "ratio_autograd_vs_manual": round(statistics.median(autograd) / statistics.median(engine), 3),
               "engine_with_curves_seconds": [round(t, 3) for t in curves],
               "ratio_curves_vs_engine": round(statistics.median(curves) / statistics.median(engine), 3),
               "curves_share_of_run": round(statistics.median(shares), 3),

@@ -135,3 +135,19 @@ def test_a_loss_term_weight_is_a_grid_parameter_and_needs_its_components(mse_ter
         register_loss_term("mse_fg", lambda t: t.r)
     with pytest.raises(ValueError, match="built-in"):
         register_loss_term("dist", lambda t: t.r)
+
+
+def test_the_extending_page_runs():
+    """docs/extending.md's code blocks, in order, in one namespace; its registrations are removed afterwards."""
+    from pathlib import Path
+
+    page = (Path(__file__).parents[1] / "docs" / "extending.md").read_text()
+    blocks = [b.split("```")[0] for b in page.split("```python")[1:]]
+    assert len(blocks) == 3
+    try:
+        namespace: dict = {}
+        for block in blocks:
+            exec(compile(block, "docs/extending.md", "exec"), namespace)
+    finally:
+        unregister_indicator("H_fg", "frg")
+        unregister_loss_term("mse_fg")

@@ -80,29 +80,31 @@ def shape_parts(cfgs: list[TrainConfig]) -> list[list[int]]:
 
 
 def train_group(data: TrainData, cfgs: list[TrainConfig], device: torch.device, progress=None,
-                curve: CurveData | None = None, on_finished=None, should_stop=None):
+                curve: CurveData | None = None, on_finished=None, should_stop=None, backward: str = "manual"):
     """Train configurations that share a group key together, one part per padded shape (`shape_parts`);
     a single run is a group of one. Results in the order of `cfgs`.
 
     With `curve` (`evaluation.curve_data` of the cache) every epoch is evaluated (`monitor.Monitor`):
     the histories carry the per-epoch curves, and a configuration with `select = "val"` returns the
     head of its best validation epoch. `on_finished(i, item)` hears configuration i (a position in
-    `cfgs`) as soon as it is done; `should_stop` (see `Group.train`) ends training early."""
+    `cfgs`) as soon as it is done; `should_stop` (see `Group.train`) ends training early. `backward`: see `Group`
+    ("autograd" takes every term through autograd: the benchmarks' reference)."""
     out: list = [None] * len(cfgs)
     for positions in shape_parts(cfgs):
         part = [cfgs[i] for i in positions]
         monitor = None if curve is None else Monitor(curve, part, device)
         hand_back = None if on_finished is None else (lambda k, item, positions=positions: on_finished(positions[k], item))
-        for i, item in zip(positions, Group(data, part, device).train(progress, monitor, hand_back, should_stop)):
+        for i, item in zip(positions, Group(data, part, device, backward=backward).train(progress, monitor, hand_back,
+                                                                                     should_stop)):
             out[i] = item
     return out
 
 
-def train_head(data: TrainData, cfg: TrainConfig, progress=None,
-               curve: CurveData | None = None) -> tuple[FVGPTHead, list[dict], np.ndarray]:
+def train_head(data: TrainData, cfg: TrainConfig, progress=None, curve: CurveData | None = None,
+               backward: str = "manual") -> tuple[FVGPTHead, list[dict], np.ndarray]:
     """Train one head (a group of one); deterministic for a given `cfg.seed`.
 
     Returns the head, its per-epoch history and the indices of the training images it used
     (all of `data`, or the `data_fraction` subset)."""
     cfg.validate()
-    return train_group(data, [cfg], resolve_device(cfg.device), progress, curve)[0]
+    return train_group(data, [cfg], resolve_device(cfg.device), progress, curve, backward=backward)[0]
