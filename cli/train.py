@@ -9,6 +9,7 @@ import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
+from .choices import preset_of_option
 from .common import _pct, app, console, err, fail
 
 
@@ -94,8 +95,7 @@ def train(
     cache: Path = typer.Argument(..., help="Cache written by `fvgpt-cache extract`."),
     backbone: Optional[str] = typer.Option(None, help="Text-feature group to build on (clip = zero-shot CLIP); default: the only tuned one."),
     classes: str = typer.Option("base", help="base (base-to-new protocol) or all (cross-dataset source)."),
-    preset_of: str = typer.Option("auto", help="Training preset: auto (from the backbone's method and the dataset), "
-                                               "none (plain defaults), or coop|kgcoop|promptsrc|mmrl|clip."),
+    preset_of: str = preset_of_option("Training preset: auto (from the backbone's method and the dataset)"),
     lambda_d: Optional[float] = typer.Option(None, "--lambda-d", help="Weight λ_d of the distillation loss [preset; 10]."),
     lambda_new: Optional[float] = typer.Option(None, "--lambda-new", help="Weight λ_pc of the PC loss (the release's --lambda_new) [1]."),
     epochs: Optional[int] = typer.Option(None, help="[preset; 10]"),

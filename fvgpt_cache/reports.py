@@ -17,6 +17,7 @@ from pathlib import Path
 
 from .ablations import ABLATIONS
 from .heads import harmonic_mean
+from .methods import find_backbone_method
 from .statistics import CI_METHODS, mean_interval, overlap, paired_difference
 from .store import FINGERPRINT_CHARS
 from .training import TrainConfig
@@ -24,7 +25,12 @@ from .training import TrainConfig
 METHODS = ("zeroshot", "backbone", "fvgpt")
 METHOD_NAMES = {"zeroshot": "Zero-shot CLIP", "backbone": "{backbone}", "fvgpt": "+FVG-PT"}
 IGNORED_IN_LABEL = ("seed", "device", "backbone")
-PAPER_BACKBONES = {"coop": "CoOp", "kgcoop": "KgCoOp", "promptsrc": "PromptSRC", "mmrl": "MMRL"}
+
+
+def paper_label(backbone: str) -> str | None:
+    """The paper's column for a backbone named after its method (coop → CoOp), from the method registry."""
+    method = find_backbone_method(backbone.lower())
+    return None if method is None else method.label
 
 
 def load_records(paths: list[str | Path]) -> list[dict]:
@@ -318,13 +324,13 @@ def load_paper() -> dict:
 
 def paper_rows(backbone: str, datasets: list[str]) -> dict:
     """The paper's Table 1 numbers for a backbone name we know (coop, kgcoop, ...), by dataset."""
-    name = PAPER_BACKBONES.get(backbone.lower())
+    name = paper_label(backbone)
     if name is None:
         return {}
     t1 = load_paper()["table1_base_to_new"]
     key = {"average": "average"}
     return {ds: {"backbone": t1[key.get(ds, ds)][name], "fvgpt": t1[key.get(ds, ds)][f"{name}+FVG-PT"]}
-            for ds in [*datasets, "average"] if key.get(ds, ds) in t1}
+            for ds in [*datasets, "average"] if key.get(ds, ds) in t1 and name in t1[key.get(ds, ds)]}
 
 
 def rows(summary: dict) -> list[dict]:
@@ -454,9 +460,9 @@ def cross_rows(backbone: str, g: dict, compare_paper: bool = False) -> tuple[lis
             body.append([METHOD_NAMES[m].format(backbone=backbone), "-" if source is None else f"{source:.2f}",
                          f"{_mean(vals):.2f}", *[f"{v:.2f}" for v in vals],
                          str(min(targets[t][m]["n_seeds"] for t in names))])
-        name = PAPER_BACKBONES.get(backbone.lower())
-        if compare_paper and name:
-            t2 = load_paper()["table2_cross_dataset"]
+        name = paper_label(backbone)
+        t2 = load_paper()["table2_cross_dataset"] if compare_paper and name else {}
+        if name in t2:
             for key in (name, f"{name}+FVG-PT"):
                 body.append([f"{key} (paper)", f"{t2[key]['imagenet']:.2f}", f"{t2[key]['average_target']:.2f}",
                              *[f"{t2[key][t]:.2f}" if t in t2[key] else "" for t in names], ""])

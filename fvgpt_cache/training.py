@@ -17,6 +17,7 @@ import torch.nn.functional as F
 
 from .feature_checks import image_warnings, text_warnings
 from .heads import BRG_INDICATORS, FRG_INDICATORS, R_SOURCES, R_WITHOUT_FRG, FVGPTHead
+from .methods import backbone_methods, find_backbone_method
 from .presets import choose_preset, method_of
 from .store import EXTRACTED_FG, NO_MASK, Cache, CacheError, image_key
 
@@ -169,13 +170,8 @@ def pick_backbone(cache: Cache, backbone: str | None) -> str:
 
 
 def _how_to_write(cache: Cache, backbone: str) -> str:
-    if backbone in ("promptsrc", "mmrl"):
-        return (f". Import the official {backbone} checkpoint with `fvgpt-cache backbone import {cache.path} --method "
-                f"{backbone} --checkpoint PATH`")
-    if backbone in ("coop", "kgcoop"):
-        return (f". Train it with `fvgpt-cache backbone train {cache.path} --method {backbone}` or import a checkpoint "
-                f"with `fvgpt-cache backbone load {cache.path} --method {backbone} --checkpoint PATH`")
-    return ""
+    method = find_backbone_method(backbone)
+    return f". {method.how_to_write(cache.path)}" if method is not None and method.hint else ""
 
 
 def backbone_image_encoder(cache: Cache, backbone: str) -> str:
@@ -270,7 +266,7 @@ def foreground_views(cache: Cache, backbone: str, source: str) -> tuple[torch.Te
     if encoder != "clip":
         raise CacheError(f"fg_source={source!r}: added mask sources hold CLIP's foreground features, but backbone "
                          f"{backbone!r} reads its own image encoder {encoder!r}; use fg_source={EXTRACTED_FG!r} or a "
-                         "CLIP-family backbone (coop, kgcoop, clip)")
+                         f"CLIP-family backbone ({', '.join(m.name for m in backbone_methods() if m.image_encoder == 'clip')})")
     fg, area = cache.foreground("train", source)
     return F.normalize(fg, dim=-1), area
 
