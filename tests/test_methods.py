@@ -154,6 +154,9 @@ def test_the_cli_takes_a_registered_method(tmp_path, myprompt):
     assert record["preset"]["preset"]["name"] == "myprompt" and record["config"]["lr"] == 0.002
     res = run_cli("train", cache.path, "--preset-of", "nope")
     assert res.exit_code == 2 and "'nope': choose one of auto, none, coop" in res.output and "myprompt" in res.output
+    bare = _cache(tmp_path / "bare.h5", None)
+    res = run_cli("train", bare.path, "--backbone", "myprompt")
+    assert res.exit_code == 2 and "no backbone 'myprompt'" in res.output and "myprompt-write" in res.output
     res = run_cli("backbone", "methods")
     assert res.exit_code == 0 and "myprompt" in res.output and "MyPrompt" in res.output
     # `backbone train` trains CoOp-style methods only: the error says how MyPrompt is written, or lists the names
@@ -180,3 +183,18 @@ def test_method_names_have_one_owner():
              for n, line in enumerate(path.read_text().splitlines(), 1) if literal.search(line)]
     assert len(files) > 50 and cli / "backbone.py" in files and literal.search((package / "methods.py").read_text())
     assert found == []
+
+
+def test_the_docs_example_runs(tmp_path, monkeypatch):
+    """docs/backbones.md#adding-a-backbone-method, run as written on a synthetic cache."""
+    page = (Path(__file__).parents[1] / "docs" / "backbones.md").read_text()
+    code = page.split("## Adding a backbone method")[1].split("```python")[1].split("```")[0]
+    write_feature_cache(tmp_path / "cache.h5", **SMALL, backbone=None)
+    scope = {}
+    monkeypatch.chdir(tmp_path)
+    try:
+        exec(compile(code, "backbones.md", "exec"), scope)
+    finally:
+        if "myprompt" in backbone_method_names():
+            unregister_backbone_method("myprompt")
+    assert scope["cfg"].lr == 0.002 and scope["preset"]["preset"]["name"] == "myprompt"
