@@ -49,6 +49,8 @@ class Preset:
     classes: str | None = None
 
     def __post_init__(self):
+        datasets = (self.datasets,) if isinstance(self.datasets, str) else self.datasets
+        object.__setattr__(self, "datasets", tuple(str(d).lower() for d in datasets))
         if self.classes is not None and self.classes not in CLASS_PROTOCOLS:
             raise ValueError(f"preset {self.name!r}: classes={self.classes!r}; choose one of {CLASS_PROTOCOLS} "
                              "or None (every protocol)")
@@ -108,6 +110,7 @@ class BackboneMethod:
                              f"{IMAGE_ENCODERS}")
         if self.written not in WRITTEN:
             raise ValueError(f"backbone method {self.name!r}: written={self.written!r}; choose one of {WRITTEN}")
+        object.__setattr__(self, "presets", tuple(self.presets))
         if not all(isinstance(p, Preset) for p in self.presets):
             raise ValueError(f"backbone method {self.name!r}: presets must be a tuple of Preset")
         names = [p.name for p in self.presets]

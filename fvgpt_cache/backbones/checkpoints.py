@@ -386,26 +386,37 @@ def identify_method(state: dict) -> tuple[str | None, str | None]:
     return None, None
 
 
+def _checkpoint_family(method: str) -> list:
+    """The registered methods whose checkpoints share `method`'s key (CoOp and KgCoOp); [] if unregistered."""
+    entry = find_backbone_method(method)
+    if entry is None or entry.checkpoint_key is None:
+        return [entry] if entry is not None else []
+    return [m for m in backbone_methods() if m.checkpoint_key is entry.checkpoint_key]
+
+
+def _checkpoint_label(method: str) -> str:
+    family = _checkpoint_family(method)
+    if family:
+        return "/".join(m.label for m in family)
+    return UNSUPPORTED_CHECKPOINTS[method][0] if method in UNSUPPORTED_CHECKPOINTS else method
+
+
 def refuse_other_method(state: dict, method: str, path: str, needed_key: str) -> None:
     """Refuse a checkpoint of another method than `method` (or of none we know), naming the key that tells."""
     found, key = identify_method(state)
     if found == method:
         return
-    labels = {name: label for name, (label, _) in UNSUPPORTED_CHECKPOINTS.items()}
-    for m in backbone_methods():
-        family = [o for o in backbone_methods() if m.checkpoint_key is not None and o.checkpoint_key is m.checkpoint_key]
-        labels[m.name] = "/".join(o.label for o in family) if family else m.label
     entry = find_backbone_method(found)
     if entry is not None and entry.written == "imported":
         fix = f"pass --method {found}"
     elif entry is not None:
-        family = [o.name for o in backbone_methods() if o.checkpoint_key is entry.checkpoint_key]
-        fix = f"a {labels[found]} context is imported with `fvgpt-cache backbone load --method {'|'.join(family)}`"
+        names = "|".join(m.name for m in _checkpoint_family(found))
+        fix = f"a {_checkpoint_label(found)} context is imported with `fvgpt-cache backbone load --method {names}`"
     elif found is not None:
-        fix = f"{labels[found]} is not supported"
+        fix = f"{_checkpoint_label(found)} is not supported"
     else:
         shown = ", ".join(sorted(state)[:8]) + (", …" if len(state) > 8 else "")
         raise ValueError(f"{path} has no {needed_key}; its keys are [{shown}]. Give the checkpoint the official "
-                         f"{labels.get(method, method)} trainer wrote")
-    raise ValueError(f"{path} is a {labels[found]} checkpoint (it has {key}), not {labels.get(method, method)} "
+                         f"{_checkpoint_label(method)} trainer wrote")
+    raise ValueError(f"{path} is a {_checkpoint_label(found)} checkpoint (it has {key}), not {_checkpoint_label(method)} "
                      f"(no {needed_key}); {fix}")

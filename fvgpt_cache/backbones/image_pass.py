@@ -337,8 +337,9 @@ def _import_backbone(cache_path: str | Path, method: str, checkpoint: str | Path
     model = loaded.model.to(device).eval()
 
     state, ckpt = load_state_dict(checkpoint, method)
-    backbone = backbone_method(method).load_importer().from_state(state, model, ckpt["file"], ctx_init=options.ctx_init,
-                                            rep_layers=options.rep_layers, alpha=options.alpha)
+    importer = backbone_method(method).load_importer()
+    backbone = importer.from_state(state, model, ckpt["file"], ctx_init=options.ctx_init,
+                                   rep_layers=options.rep_layers, alpha=options.alpha)
     del state
     backbone.to(device)
     template = options.template or cache.text_attrs("clip").get("template") or prov.get("template")
