@@ -10,7 +10,7 @@ import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
-from fvgpt_cache.methods import COOP, KGCOOP, MMRL, PROMPTSRC
+from fvgpt_cache.methods import COOP, KGCOOP, MMRL, PROMPTSRC, backbone_methods
 
 from .common import DIST_TIMEOUT_HELP, _pct, app, console, err, rank_rates, resumable, split_progress
 
@@ -25,8 +25,6 @@ TRAINED_HELP = f"{COOP.name}|{KGCOOP.name}: the methods CoOp's prompt learner tr
 @backbone_app.command("methods")
 def backbone_methods_command():
     """The registered backbone methods: paper label, image features, how each is written, presets."""
-    from fvgpt_cache.methods import backbone_methods
-
     table = Table(title="backbone methods")
     for col in ("method", "label", "image features", "written", "presets"):
         table.add_column(col)
