@@ -276,3 +276,15 @@ def test_a_plugin_parameter_is_set_from_the_command_line(plugin, tmp_path):
     done = run_cli("train", syn, "--set", "lambda_test=0.5", "--epochs", "2", "--json", "--out", tmp_path / "run")
     assert done.exit_code == 0, done.output
     assert json.loads((tmp_path / "run" / "results.json").read_text())["config"]["lambda_test"] == 0.5
+
+
+def test_a_plugin_parameter_is_a_sweep_axis_of_reports(plugin):
+    from fvgpt_cache.reports import sweep
+
+    def record(config, base):
+        return {"config": config, "dataset": "d", "metrics": {"fvgpt": {"base": base, "new": base - 10}}}
+
+    out = sweep([record({"lambda_test": 2.0}, 80.0), record({}, 60.0)], "lambda_test")  # {}: at its default
+    assert {v: row["base"] for v, row in out["d"].items()} == {0.0: 60.0, 2.0: 80.0}
+    with pytest.raises(ValueError, match="unknown parameter 'lambda_tst'"):
+        sweep([], "lambda_tst")
