@@ -58,10 +58,22 @@ def test_a_field_without_a_declaration_is_refused():
 
 
 def test_the_heads_defaults_are_the_declared_defaults():
-    """FVGPTHead's keyword defaults (for direct use in tests and notebooks) do not drift from the declarations."""
+    """The keyword defaults of the heads (for direct use in tests and notebooks) do not drift from the declarations."""
     signature = inspect.signature(heads.FVGPTHead.__init__).parameters
     for name in TrainConfig().head_kwargs():
         assert signature[name].default == PARAMETERS[name].default, name
+    losses = inspect.signature(heads.FVGPTHead.losses_from).parameters
+    for name in [*TrainConfig().loss_flags(), "lambda_d"]:
+        assert losses[name].default == PARAMETERS[name].default, name
+    same = {heads.GateMLP: {"hidden": "gate_hidden", "layers": "frg_layers"},
+            heads.Adapter: {"hidden": "fdc_hidden", "layers": "fdc_layers", "init_scale": "fdc_init_scale"},
+            heads.FDC: {"hidden": "fdc_hidden", "layers": "fdc_layers", "init_scale": "fdc_init_scale"},
+            heads.usable_foreground: {"area_min": "area_min", "area_max": "area_max"},
+            heads.frg_target: {"margin": "frg_margin"}}
+    for function, names in same.items():
+        signature = inspect.signature(function).parameters
+        for arg, name in names.items():
+            assert signature[arg].default == PARAMETERS[name].default, (function, arg)
 
 
 def test_the_heads_do_not_validate_again():
