@@ -55,7 +55,7 @@ class TrainConfig:
     batch_size: int = param(4, "Images per batch.", low=1)
     lr: float = param(0.0035, "Learning rate after the warm-up (cosine schedule).", low=0, low_open=True)
     optimizer: str = param("sgd", "Optimiser of the heads.", choices=OPTIMIZERS)
-    momentum: float = param(0.9, "SGD momentum.", low=0)
+    momentum: float = param(0.9, "SGD momentum (AdamW ignores it).", low=0)
     weight_decay: float = param(5e-4, "Weight decay.", low=0)
     warmup_epochs: int = param(1, "Epochs at the constant warm-up learning rate before the cosine schedule.", low=0)
     warmup_lr: float = param(1e-5, "Learning rate of the warm-up epochs.", low=0)
