@@ -81,6 +81,8 @@ def test_the_heads_do_not_validate_again():
     for init in (heads.FVGPTHead.__init__, heads.GateMLP.__init__, heads.Adapter.__init__):
         assert "raise" not in inspect.getsource(init)
     heads.FVGPTHead(8, r_source="gate")  # built as asked; a TrainConfig would have refused it
+    linear = [m for m in heads.GateMLP(3, hidden=4, layers=4).mlp if isinstance(m, heads.nn.Linear)]
+    assert [(m.in_features, m.out_features) for m in linear] == [(3, 4), (4, 4), (4, 4), (4, 1)]  # as asked, too
     with pytest.raises(ValueError, match="r_source='gate': use one of frg, full, fg"):
         build_head(8, TrainConfig(r_source="gate"))
 
