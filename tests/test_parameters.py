@@ -259,6 +259,10 @@ def test_a_plugin_parameter_is_a_parameter_everywhere(plugin):
     at_default = config_with(default, lambda_test=0.0)
     assert "lambda_test" not in at_default.to_dict() and run_id(INPUTS, at_default) == run_id(INPUTS, default)
     assert TrainConfig.from_dict(cfg.to_dict()).validate() == cfg  # what a record stores reads back
+    from fvgpt_cache.runs import record_slot, run_slot
+
+    record = {"inputs": INPUTS, "config": cfg.to_dict()}
+    assert record_slot(record) == run_slot(["/x"], cfg.to_dict()) != run_slot(["/x"], default.to_dict())
     assert "lambda_test" in TrainConfig.parameter_names() and "lambda_test" not in TrainConfig.field_names()
     with pytest.raises(ValueError, match=r"lambda_test=-1.0: use a number ≥ 0"):
         config_with(default, lambda_test=-1.0)
