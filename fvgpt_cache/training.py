@@ -120,7 +120,8 @@ class TrainConfig:
         for name in self.extra:
             if name not in plugins:
                 raise unknown_parameter(name)
-        self.extra = {name: plugins[name].check(value) for name, value in self.extra.items()}
+        checked = {name: plugins[name].check(value) for name, value in self.extra.items()}
+        self.extra = {name: v for name, v in checked.items() if v != plugins[name].default}  # unset = default
         check_rules(RULES, self.get)
         return self
 

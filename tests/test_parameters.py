@@ -258,6 +258,7 @@ def test_a_plugin_parameter_is_a_parameter_everywhere(plugin):
     assert run_id(INPUTS, cfg) != run_id(INPUTS, default)
     at_default = config_with(default, lambda_test=0.0)
     assert "lambda_test" not in at_default.to_dict() and run_id(INPUTS, at_default) == run_id(INPUTS, default)
+    assert at_default == default and at_default.extra == {}
     assert TrainConfig.from_dict(cfg.to_dict()).validate() == cfg  # what a record stores reads back
     from fvgpt_cache.runs import record_slot, run_slot
 
