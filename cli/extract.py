@@ -28,8 +28,10 @@ def extract(
     quick_gelu: str = typer.Option("auto", help="auto|on|off. auto: on for OpenAI weights."),
     shots: str = typer.Option("16", help="Images per class for train (val gets min(K,4)); 0 or 'all' keeps all."),
     seed: int = typer.Option(1, help="Few-shot sampling seed (Dassl), also seeds the augmented views."),
-    train_views: int = typer.Option(11, help="Views per training image: view 0 is Dassl's squash (what CoOp trains on), "
-                                             "views 1..V-1 random resized crop + flip (one per FVG-PT epoch)."),
+    train_views: Optional[int] = typer.Option(None, help="Views per training image: view 0 is Dassl's squash (what CoOp "
+                                                         "trains on), views 1..V-1 random resized crop + flip (one per "
+                                                         "FVG-PT epoch) [extraction.DEFAULT_TRAIN_VIEWS: 1 + the default "
+                                                         "epochs]."),
     rrc_scale: str = typer.Option("0.08,1", help="Scale range of the random resized crop, MIN,MAX (MMRL's configs: 0.5,1)."),
     template: Optional[str] = typer.Option(None, help="Text template with {} for the class name (default: the dataset's)."),
     batch_size: str = typer.Option("64", help="Images per batch (each with all its views), or 'auto': the largest "
@@ -85,14 +87,15 @@ def extract(
         ds = generic_dataset(split_file, image_root, mask_root, template=template or "a photo of a {}.", name=name)
     else:
         fail("say which data to read: --data ROOT --dataset NAME, or --split-file FILE --image-root DIR")
-    options = ExtractOptions(shots=k, seed=seed, train_views=train_views, batch_size=parse_batch_size(batch_size),
+    views = {} if train_views is None else {"train_views": train_views}  # unset: the library's default
+    options = ExtractOptions(shots=k, seed=seed, **views, batch_size=parse_batch_size(batch_size),
                              workers=workers, device=device, precision=precision, encode_batch=encode_batch,
                              missing_mask=missing_mask, bad_image=bad_image,
                              mask_size_mismatch=mask_size_mismatch, fg_mode=fg_mode, template=template,
                              store_dtype=dtype, resume=resume, force=force,
                              augment=AugmentConfig(scale=parse_scale(rrc_scale)))
     options.validate()
-    out = out or default_output(ds.name, model, pretrained, k, seed, train_views)
+    out = out or default_output(ds.name, model, pretrained, k, seed, options.train_views)
     short = format_short_classes(short_classes(ds.splits, k, ds.classnames))
     if short and lead:  # said before the long pass, so it can be stopped
         err.print(f"[bold yellow]warning:[/] fewer images than --shots {k} asks for (all of them are taken; "

@@ -16,7 +16,8 @@ from .common import app, console, err, fail, narrow_table, resumable
 @app.command()
 def grid(
     caches: list[Path] = typer.Argument(..., help="One or more caches of one model (shell globs work: cache/*/*.h5)."),
-    param: list[str] = typer.Option([], "--param", help="NAME=V1,V2,… ; the grid is the Cartesian product."),
+    param: list[str] = typer.Option([], "--param", help="NAME=V1,V2,… ; the grid is the Cartesian product. "
+                                                       "`fvgpt-cache params` lists the parameters."),
     preset: Optional[str] = typer.Option(None, help="An ablation of the paper: " + "|".join(ABLATIONS)
                                          + "|paper (all of its tables at once)."),
     preset_of: str = preset_of_option("Training preset per cache: auto (from the backbone's method and the dataset)"),
@@ -24,7 +25,8 @@ def grid(
     seeds: str = typer.Option("1", help="Seeds: a list, a range or both, e.g. 1,2,3 or 1-50 or 1-5,8."),
     backbone: Optional[str] = typer.Option(None, help="Text-feature group to build on (clip = zero-shot CLIP), as in "
                                                       "train; default: the only tuned one. Same as --set backbone=NAME."),
-    settings: list[str] = typer.Option([], "--set", help="Fixed TrainConfig field for every run, KEY=VALUE."),
+    settings: list[str] = typer.Option([], "--set", help="Fixed training parameter for every run, KEY=VALUE "
+                                                         "(`fvgpt-cache params` lists them)."),
     eval_cache: list[Path] = typer.Option([], "--eval-cache", help="Caches to evaluate the PC branch on (cross-dataset)."),
     out: Path = typer.Option(Path("cache/grids/grid"), help="Run folder; results stream to OUT/results.jsonl."),
     resume: bool = typer.Option(True, help="Skip runs already in OUT/results.jsonl whose caches still hold what they "
@@ -32,7 +34,7 @@ def grid(
     batched: bool = typer.Option(True, help="Train runs that share a group (cache, classes, backbone, batch size, "
                                             "device, FDC depth) together."),
     save_heads: bool = typer.Option(False, help="Also write each run's head.pt under OUT/runs/."),
-    device: str = typer.Option("auto", help="auto|cpu|cuda."),
+    device: Optional[str] = typer.Option(None, help="auto|cpu|cuda [TrainConfig's]."),
     tensorboard: Optional[Path] = typer.Option(None, help="Also write each run's per-epoch scalars here (TensorBoard)."),
 ):
     """Train a grid of FVG-PT configurations over caches and seeds, batched across configurations.
@@ -70,7 +72,8 @@ def grid(
     for warning in check_grid(params, base, preset):
         err.print(f"[bold yellow]warning:[/] {escape(warning)}", highlight=False)
     check_caches(caches, eval_cache)
-    runs = expand(caches, seed_list, params, {"device": device, **base}, preset, preset_of, list(eval_cache))
+    runs = expand(caches, seed_list, params, {**({"device": device} if device else {}), **base}, preset, preset_of,
+                  list(eval_cache))
     console.print(f"{len(runs)} runs ({len(caches)} cache(s) × {len(seed_list)} seed(s) × configurations) → "
                   f"{escape(str(out))}/results.jsonl")
     used = sorted({(r.preset or {}).get("preset", {}).get("name", "none") if (r.preset or {}).get("preset") else "none"

@@ -94,29 +94,35 @@ def print_results(record: dict) -> None:
 def train(
     cache: Path = typer.Argument(..., help="Cache written by `fvgpt-cache extract`."),
     backbone: Optional[str] = typer.Option(None, help="Text-feature group to build on (clip = zero-shot CLIP); default: the only tuned one."),
-    classes: str = typer.Option("base", help="base (base-to-new protocol) or all (cross-dataset source)."),
+    classes: Optional[str] = typer.Option(None, help="base (base-to-new protocol) or all (cross-dataset source) "
+                                                     "[TrainConfig's]."),
     preset_of: str = preset_of_option("Training preset: auto (from the backbone's method and the dataset)"),
-    lambda_d: Optional[float] = typer.Option(None, "--lambda-d", help="Weight λ_d of the distillation loss [preset; 10]."),
-    lambda_new: Optional[float] = typer.Option(None, "--lambda-new", help="Weight λ_pc of the PC loss (the release's --lambda_new) [1]."),
-    epochs: Optional[int] = typer.Option(None, help="[preset; 10]"),
-    batch_size: Optional[int] = typer.Option(None, help="[preset; 4]"),
-    lr: Optional[float] = typer.Option(None, help="[preset; 0.0035]"),
-    seed: int = typer.Option(1, help="Seeds head initialisation, shuffling and view choice."),
-    frg: bool = typer.Option(True, "--frg/--no-frg", help="Foreground Reliability Gate."),
-    fdc: bool = typer.Option(True, "--fdc/--no-fdc", help="Foreground Distillation Compensation (base branch)."),
-    pc: bool = typer.Option(True, "--pc/--no-pc", help="Prior Calibration with the Backbone Reliability Gate (new branch)."),
-    loss_frg: bool = typer.Option(True, "--loss-frg/--no-loss-frg"),
-    loss_dist: bool = typer.Option(True, "--loss-dist/--no-loss-dist"),
-    loss_ce_fdc: bool = typer.Option(True, "--loss-ce-fdc/--no-loss-ce-fdc"),
-    loss_ce_pc: bool = typer.Option(True, "--loss-ce-pc/--no-loss-ce-pc"),
-    loss_kl_pc: bool = typer.Option(True, "--loss-kl-pc/--no-loss-kl-pc"),
-    settings: list[str] = typer.Option([], "--set", help="Any other TrainConfig field as KEY=VALUE, e.g. --set fdc_hidden=128."),
+    lambda_d: Optional[float] = typer.Option(None, "--lambda-d", help="Weight λ_d of the distillation loss [preset's]."),
+    lambda_new: Optional[float] = typer.Option(None, "--lambda-new", help="Weight λ_pc of the PC loss (the release's "
+                                                                          "--lambda_new; --set lambda_pc) [preset's]."),
+    epochs: Optional[int] = typer.Option(None, help="[preset's]"),
+    batch_size: Optional[int] = typer.Option(None, help="[preset's]"),
+    lr: Optional[float] = typer.Option(None, help="[preset's]"),
+    seed: Optional[int] = typer.Option(None, help="Seeds head initialisation, shuffling and view choice [TrainConfig's]."),
+    frg: Optional[bool] = typer.Option(None, "--frg/--no-frg", help="Foreground Reliability Gate (use_frg)."),
+    fdc: Optional[bool] = typer.Option(None, "--fdc/--no-fdc", help="Foreground Distillation Compensation, the base "
+                                                                   "branch (use_fdc)."),
+    pc: Optional[bool] = typer.Option(None, "--pc/--no-pc", help="Prior Calibration with the Backbone Reliability "
+                                                                "Gate, the new branch (use_pc)."),
+    loss_frg: Optional[bool] = typer.Option(None, "--loss-frg/--no-loss-frg"),
+    loss_dist: Optional[bool] = typer.Option(None, "--loss-dist/--no-loss-dist"),
+    loss_ce_fdc: Optional[bool] = typer.Option(None, "--loss-ce-fdc/--no-loss-ce-fdc"),
+    loss_ce_pc: Optional[bool] = typer.Option(None, "--loss-ce-pc/--no-loss-ce-pc"),
+    loss_kl_pc: Optional[bool] = typer.Option(None, "--loss-kl-pc/--no-loss-kl-pc"),
+    settings: list[str] = typer.Option([], "--set", help="Any other training parameter as KEY=VALUE, e.g. --set "
+                                                         "fdc_hidden=128; `fvgpt-cache params` lists them all."),
     eval_cache: list[Path] = typer.Option([], "--eval-cache", help="Other caches (same model) to evaluate the PC branch on."),
-    device: str = typer.Option("auto", help="auto|cpu|cuda."),
+    device: Optional[str] = typer.Option(None, help="auto|cpu|cuda [TrainConfig's]."),
     out: Optional[Path] = typer.Option(None, help="Run folder (default: cache/runs/<cache>-<backbone>-seed<S>-<id>)."),
     as_json: bool = typer.Option(False, "--json", help="Print the results JSON instead of the table."),
-    select: str = typer.Option("last", help="The epoch to report: last (the protocol) or val (best on the "
-                                            "few-shot validation split; the test split is never used to choose)."),
+    select: Optional[str] = typer.Option(None, help="The epoch to report: last (the protocol) or val (best on the "
+                                                     "few-shot validation split; the test split is never used to "
+                                                     "choose) [TrainConfig's]."),
     tensorboard: Optional[Path] = typer.Option(None, help="Also write the run's per-epoch scalars here (TensorBoard)."),
 ):
     """Train the FVG-PT heads on base classes from a cache and evaluate Base/New/HM.
@@ -132,13 +138,11 @@ def train(
         from fvgpt_cache.tensorboard import check_available
 
         check_available()
-    overrides = {"classes": classes, "seed": seed, "device": device, "select": select}
-    explicit = {"backbone": backbone, "lambda_d": lambda_d, "lambda_pc": lambda_new, "epochs": epochs,
-                "batch_size": batch_size, "lr": lr}
-    overrides.update({k: v for k, v in explicit.items() if v is not None})
-    switches = {"use_frg": frg, "use_fdc": fdc, "use_pc": pc, "loss_frg": loss_frg, "loss_dist": loss_dist,
+    explicit = {"classes": classes, "seed": seed, "device": device, "select": select, "backbone": backbone,
+                "lambda_d": lambda_d, "lambda_pc": lambda_new, "epochs": epochs, "batch_size": batch_size, "lr": lr,
+                "use_frg": frg, "use_fdc": fdc, "use_pc": pc, "loss_frg": loss_frg, "loss_dist": loss_dist,
                 "loss_ce_fdc": loss_ce_fdc, "loss_ce_pc": loss_ce_pc, "loss_kl_pc": loss_kl_pc}
-    overrides.update({k: v for k, v in switches.items() if not v})
+    overrides = {k: v for k, v in explicit.items() if v is not None}  # unset: the preset's, else TrainConfig's
     for item in settings:
         if "=" not in item:
             fail(f"--set {item!r}: write KEY=VALUE")

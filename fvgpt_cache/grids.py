@@ -22,6 +22,7 @@ from .device import resolve_device
 from .evaluation import curve_data
 from .engine import available_memory, memory_estimate, shape_parts, split_for_memory, train_group
 from .engine import group_key as engine_group_key
+from .parameters import lookup
 from .runs import eval_sets, finish_run, record_slot, run_id, run_inputs, run_slot
 from .store import FINGERPRINT_CHARS, check_same_model, lock_file, open_cache
 from .training import TrainConfig, config_with, configure, parse_value, prepare
@@ -170,19 +171,10 @@ def read_grid_file(path: Path) -> tuple[dict[str, list], dict]:
     params = {}
     for name, values in raw.get("params", {}).items():
         values = values if isinstance(values, list) else [values]
-        params[name] = _check_values(f"{path} [params]", name,
-                                     [parse_value(name, v if isinstance(v, str) else _toml_text(v)) for v in values])
-    base = {k: parse_value(k, v if isinstance(v, str) else _toml_text(v)) for k, v in raw.get("base", {}).items()}
+        params[name] = _check_values(f"{path} [params]", name, [lookup(name).coerce(v) for v in values])
+    base = {k: lookup(k).coerce(v) for k, v in raw.get("base", {}).items()}
     extra = {k: raw[k] for k in ("seeds", "preset") if k in raw}
     return params, {"base": base, **extra}
-
-
-def _toml_text(value) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, list):
-        return "+".join(map(str, value))
-    return str(value)
 
 
 def expand(caches: list[Path], seeds: list[int], params: dict[str, list], base: dict | TrainConfig | None = None,

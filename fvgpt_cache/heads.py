@@ -31,6 +31,11 @@ R_SOURCES = ("frg", "full", "fg")
 LAYER_CHOICES = (1, 2, 3)
 
 
+def indicator_names(gate: str) -> tuple[str, ...]:
+    """The indicators a gate ("frg" or "brg") can read."""
+    return {"frg": FRG_INDICATORS, "brg": BRG_INDICATORS}[gate]
+
+
 # ---------------------------------------------------------------------------------------------
 # Pure functions
 # ---------------------------------------------------------------------------------------------
@@ -198,21 +203,13 @@ def harmonic_mean(b: float | Tensor, n: float | Tensor) -> float | Tensor:
 # Modules
 # ---------------------------------------------------------------------------------------------
 
-def _check_layers(layers: int, hidden: int, what: str) -> None:
-    if layers not in LAYER_CHOICES:
-        raise ValueError(f"{what} layers={layers!r}; choose 1, 2 or 3 (Table 5)")
-    if not isinstance(hidden, int) or hidden < 1:
-        raise ValueError(f"{what} hidden={hidden!r}; pass a positive integer width (Table 4)")
-
-
 def _mlp(d_in: int, hidden: int, d_out: int, layers: int) -> nn.Sequential:
-    if layers == 1:
-        return nn.Sequential(nn.Linear(d_in, d_out))
-    mods: list[nn.Module] = [nn.Linear(d_in, hidden), nn.ReLU()]
-    if layers == 3:
-        mods += [nn.Linear(hidden, hidden), nn.ReLU()]
-    mods.append(nn.Linear(hidden, d_out))
-    return nn.Sequential(*mods)
+    """`layers` linear layers with a ReLU between two: d_in → hidden → … → hidden → d_out."""
+    widths = [d_in, *[hidden] * (layers - 1), d_out]
+    mods: list[nn.Module] = []
+    for a, b in zip(widths[:-1], widths[1:]):
+        mods += [nn.Linear(a, b), nn.ReLU()]
+    return nn.Sequential(*mods[:-1])
 
 
 class GateMLP(nn.Module):
@@ -220,9 +217,6 @@ class GateMLP(nn.Module):
 
     def __init__(self, in_features: int, hidden: int = 32, layers: int = 2):
         super().__init__()
-        if not isinstance(in_features, int) or in_features < 1:
-            raise ValueError(f"gate in_features={in_features!r}; pass the number of indicators (≥ 1)")
-        _check_layers(layers, hidden, "gate")
         self.mlp = _mlp(in_features, hidden, 1, layers)
 
     def logit(self, u: Tensor) -> Tensor:
@@ -245,11 +239,6 @@ class Adapter(nn.Module):
     def __init__(self, dim: int, hidden: int = 64, layers: int = 2, enabled: bool = True,
                  init_scale: float = 1e-3):
         super().__init__()
-        if not isinstance(dim, int) or dim < 1:
-            raise ValueError(f"adapter dim={dim!r}; pass the feature width D (e.g. 512 for ViT-B/16)")
-        _check_layers(layers, hidden, "adapter")
-        if not init_scale >= 0:
-            raise ValueError(f"adapter init_scale={init_scale!r}; use a scale ≥ 0 (release: 1e-3; 0 = zero init)")
         self.mlp = _mlp(dim, hidden, dim, layers) if enabled else None
         if self.mlp is not None:
             with torch.no_grad():
@@ -298,6 +287,9 @@ class FVGPTHead(nn.Module):
     Backbone and CLIP features are frozen inputs: all logits derived from them, the indicators,
     r* and the teacher distributions are computed under `torch.no_grad()` (D4). Inputs are
     cast to the parameters' dtype, so float16 caches can be fed as they are.
+
+    The arguments are trusted, not checked: they are `TrainConfig` fields, declared and validated
+    once in `training` (`training.build_head` validates the configuration before building).
     """
 
     def __init__(self, dim: int, fdc_hidden: int = 64, gate_hidden: int = 32, fdc_layers: int = 2,
@@ -310,16 +302,7 @@ class FVGPTHead(nn.Module):
                  fdc_init_scale: float = 1e-3, r_source: str = "frg", frg_margin: float = 0.0,
                  area_min: float = 0.02, area_max: float = 0.98):
         super().__init__()
-        if r_without_frg not in R_WITHOUT_FRG:
-            raise ValueError(f"r_without_frg={r_without_frg!r}; choose one of {list(R_WITHOUT_FRG)}")
-        if r_source not in R_SOURCES:
-            raise ValueError(f"r_source={r_source!r}; choose one of {list(R_SOURCES)}")
-        if not tau > 0:
-            raise ValueError(f"tau={tau!r}; the distillation temperature must be positive (paper: 2.0)")
-        if not 0 <= area_min <= area_max <= 1:
-            raise ValueError(f"area gate [{area_min}, {area_max}]: use 0 ≤ area_min ≤ area_max ≤ 1 (release: 0.02, 0.98)")
-        self.frg_names = _check_names(frg_indicators, FRG_INDICATORS, "FRG")
-        self.brg_names = _check_names(brg_indicators, BRG_INDICATORS, "BRG")
+        self.frg_names, self.brg_names = tuple(frg_indicators), tuple(brg_indicators)
         self.tau = float(tau)
         self.detach_r = detach_r
         self.r_without_frg = r_without_frg

@@ -18,6 +18,7 @@ from pathlib import Path
 from .ablations import ABLATIONS
 from .heads import harmonic_mean
 from .methods import find_backbone_method
+from .parameters import lookup
 from .statistics import CI_METHODS, mean_interval, overlap, paired_difference
 from .store import FINGERPRINT_CHARS
 from .training import TrainConfig
@@ -827,17 +828,22 @@ def to_latex(summary: dict, compare_paper: bool = False, extra=()) -> str:
     return "\n".join(parts)
 
 
+def config_value(config: dict, param: str):
+    """A parameter's value in a record's configuration; a plug-in parameter a record leaves out is at its default."""
+    p = lookup(param)
+    return config[param] if param in config else p.to_json(p.default)
+
+
 def sweep(records: list[dict], param: str) -> dict:
     """A one-parameter sweep: {dataset or 'average': {value: {"base", "new", "hm", "hm_std"}}} of FVG-PT.
 
     Runs with the same dataset and value are averaged whatever else differs between them;
     `averaged_over` says what that is.
     """
-    if param not in TrainConfig.field_names():
-        raise ValueError(f"unknown parameter {param!r}; valid parameters: {', '.join(TrainConfig.field_names())}")
+    lookup(param)  # an unknown name is refused even without records
     by: dict[str, dict] = {}
     for rec in records:
-        value = rec["config"][param]
+        value = config_value(rec["config"], param)
         value = "+".join(value) if isinstance(value, list) else value
         m = rec["metrics"]["fvgpt"]
         if m.get("base") is None:
@@ -964,14 +970,13 @@ def curves_csv(records: list[dict]) -> str:
 
 def curve_bands(records: list[dict], param: str, metric: str) -> dict:
     """{dataset: {value of `param`: (epochs, mean, std over the runs)}} of one curve metric (e.g. test_hm)."""
-    if param not in TrainConfig.field_names():
-        raise ValueError(f"unknown parameter {param!r}; valid parameters: {', '.join(TrainConfig.field_names())}")
+    lookup(param)  # an unknown name is refused even without records
     by: dict = {}
     for rec in records:
         points = [(h["epoch"], h[metric]) for h in rec.get("history") or [] if h.get(metric) is not None]
         if not points:
             continue
-        value = rec["config"][param]
+        value = config_value(rec["config"], param)
         value = "+".join(map(str, value)) if isinstance(value, list) else value
         by.setdefault(rec.get("dataset"), {}).setdefault(value, []).append(dict(points))
     out: dict = {}

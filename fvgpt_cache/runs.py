@@ -12,7 +12,7 @@ from .engine import train_head
 from .evaluation import EvalSet, curve_data, evaluate, evaluate_transfer, gate_diagnostics
 from .heads import FVGPTHead
 from .store import EXTRACTED_FG, Cache, check_same_model, mask_statistics, open_cache
-from .training import TrainConfig, build_head, prepare, stability
+from .training import TrainConfig, build_head, config_with, prepare, stability
 
 RESULTS_FORMAT = "fvgpt-cache-results"
 HEAD_FORMAT = "fvgpt-cache-head"
@@ -66,9 +66,8 @@ def load_head(path: Path, dim: int | None = None) -> tuple[FVGPTHead, TrainConfi
     if dim is not None and blob["dim"] != dim:
         raise ValueError(f"{path} was trained on {blob['dim']}-d features but the cache has {dim}-d features; "
                          "use a cache extracted with the same model")
-    cfg = TrainConfig(**{**json.loads(blob["config"]), "device": "cpu"})
-    cfg.frg_indicators, cfg.brg_indicators = tuple(cfg.frg_indicators), tuple(cfg.brg_indicators)
-    head = build_head(blob["dim"], cfg)
+    cfg = TrainConfig.from_dict({**json.loads(blob["config"]), "device": "cpu"})
+    head = build_head(blob["dim"], cfg)  # validates cfg
     try:
         head.load_state_dict(blob["state_dict"])
     except RuntimeError as exc:
@@ -86,7 +85,7 @@ def run_training(cache_path: str | Path, cfg: TrainConfig, out_dir: Path | None 
     targets = [open_cache(p) for p in eval_caches]
     check_same_model([cache, *targets])
     data = prepare(cache, cfg)
-    cfg_used = TrainConfig(**{**cfg.to_dict(), "backbone": data.meta["backbone"]}).validate()
+    cfg_used = config_with(cfg, backbone=data.meta["backbone"])
     if save and out_dir is not None:
         check_run_dir(Path(out_dir), run_id(run_inputs(cache, cfg_used.backbone, targets, cfg_used.fg_source), cfg_used))
     t1 = time.perf_counter()

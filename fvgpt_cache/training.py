@@ -9,14 +9,16 @@ draws a new random resized crop every epoch.
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
 from .feature_checks import image_warnings, text_warnings
-from .heads import BRG_INDICATORS, FRG_INDICATORS, R_SOURCES, R_WITHOUT_FRG, FVGPTHead
+from .heads import BRG_INDICATORS, FRG_INDICATORS, LAYER_CHOICES, R_SOURCES, R_WITHOUT_FRG, FVGPTHead, indicator_names
+from .parameters import (Rule, all_parameters, check_rules, declare_dataclass, lookup, param, plugin_parameters,
+                         unknown_parameter)
 from .methods import backbone_methods, find_backbone_method
 from .presets import choose_preset, method_of
 from .store import EXTRACTED_FG, NO_MASK, Cache, CacheError, image_key
@@ -25,98 +27,123 @@ CLASS_SETS = ("base", "all")
 OPTIMIZERS = ("sgd", "adamw")
 SELECTIONS = ("last", "val")  # the epoch a run reports: the last, or the best on the validation split
 ZERO_SHOT = "clip"
+DEVICES = ("auto", "cpu", "cuda")
+AREA_GATE_FIX = "release: 0.02, 0.98; 0 and 1 turn the gate off"
+
+
+def _indicator_choices(kind: str):
+    return lambda: indicator_names(kind)
 
 
 @dataclass
 class TrainConfig:
-    """Every option of one FVG-PT training run; names match the CLI and grid parameters."""
+    """Every option of one FVG-PT training run; names match the CLI and grid parameters.
 
-    backbone: str | None = None
-    classes: str = "base"
-    seed: int = 1
-    epochs: int = 10
-    batch_size: int = 4
-    lr: float = 0.0035
-    optimizer: str = "sgd"
-    momentum: float = 0.9
-    weight_decay: float = 5e-4
-    warmup_epochs: int = 1
-    warmup_lr: float = 1e-5
-    drop_last: bool = True
-    lambda_d: float = 10.0
-    lambda_frg: float = 1.0
-    lambda_pc: float = 1.0
-    tau: float = 2.0
-    data_fraction: float = 1.0
+    Each field is declared once, with `param` (default, help, range or choices; the kind comes from
+    the annotation): validation (`validate`), the text form of --set/--param/grid files
+    (`parse_value`), the CLI's `fvgpt-cache params` and docs/parameters.md all read `PARAMETERS`.
+    Relations between fields are the named `RULES` below the class. Plug-in parameters
+    (`parameters.register_parameter`) live in `extra`.
+    """
+
+    backbone: str | None = param(None, "Text-feature group of the cache the heads build on (clip = zero-shot "
+                                       "CLIP); none: the cache's only tuned backbone.")
+    classes: str = param("base", "Class set trained on: base (the base-to-new protocol) or all (the "
+                                 "cross-dataset source).", choices=CLASS_SETS)
+    seed: int = param(1, "Seeds the head's initialisation, the batch order, the view choice and the data "
+                         "subset.", low=0)
+    epochs: int = param(10, "Training epochs.", low=1)
+    batch_size: int = param(4, "Images per batch.", low=1)
+    lr: float = param(0.0035, "Learning rate after the warm-up (cosine schedule).", low=0, low_open=True)
+    optimizer: str = param("sgd", "Optimiser of the heads.", choices=OPTIMIZERS)
+    momentum: float = param(0.9, "SGD momentum (AdamW ignores it).", low=0)
+    weight_decay: float = param(5e-4, "Weight decay.", low=0)
+    warmup_epochs: int = param(1, "Epochs at the constant warm-up learning rate before the cosine schedule.", low=0)
+    warmup_lr: float = param(1e-5, "Learning rate of the warm-up epochs.", low=0)
+    drop_last: bool = param(True, "Drop the last incomplete batch of an epoch (Dassl).")
+    lambda_d: float = param(10.0, "Weight λ_d of the distillation loss L_dist.", low=0)
+    lambda_frg: float = param(1.0, "Weight λ_frg of the FRG loss.", low=0)
+    lambda_pc: float = param(1.0, "Weight λ_pc of the PC loss (the release's --lambda_new).", low=0)
+    tau: float = param(2.0, "Temperature τ of the distillation, the indicators and PC's KL.", low=0, low_open=True)
+    data_fraction: float = param(1.0, "Fraction of each class's training images used (Fig. 9).", low=0, high=1,
+                                 low_open=True)
     # modules and their shapes (Tables 3, 4, 5, 6, 13)
-    use_frg: bool = True
-    use_fdc: bool = True
-    use_pc: bool = True
-    fdc_visual: bool = True
-    fdc_textual: bool = True
-    fdc_hidden: int = 64
-    gate_hidden: int = 32
-    fdc_layers: int = 2
-    frg_layers: int = 2
-    brg_layers: int = 2
-    frg_indicators: tuple[str, ...] = FRG_INDICATORS
-    brg_indicators: tuple[str, ...] = BRG_INDICATORS
+    use_frg: bool = param(True, "Foreground Reliability Gate (FRG).")
+    use_fdc: bool = param(True, "Foreground Distillation Compensation (FDC, the base branch).")
+    use_pc: bool = param(True, "Prior Calibration with the Backbone Reliability Gate (PC, the new branch).")
+    fdc_visual: bool = param(True, "FDC's image adapter (Table 13).")
+    fdc_textual: bool = param(True, "FDC's text adapter (Table 13).")
+    fdc_hidden: int = param(64, "Hidden width of the FDC adapters (Table 4).", low=1)
+    gate_hidden: int = param(32, "Hidden width of the FRG and BRG gates (Table 4).", low=1)
+    fdc_layers: int = param(2, "Linear layers of each FDC adapter.", choices=LAYER_CHOICES, fix="Table 5")
+    frg_layers: int = param(2, "Linear layers of the FRG gate.", choices=LAYER_CHOICES, fix="Table 5")
+    brg_layers: int = param(2, "Linear layers of the BRG gate.", choices=LAYER_CHOICES, fix="Table 5")
+    frg_indicators: tuple[str, ...] = param(FRG_INDICATORS, "Indicators the FRG reads (Table 6).",
+                                            choices=_indicator_choices("frg"))
+    brg_indicators: tuple[str, ...] = param(BRG_INDICATORS, "Indicators the BRG reads (Table 6).",
+                                            choices=_indicator_choices("brg"))
     # losses (Table 12)
-    loss_frg: bool = True
-    loss_dist: bool = True
-    loss_ce_fdc: bool = True
-    loss_ce_pc: bool = True
-    loss_kl_pc: bool = True
+    loss_frg: bool = param(True, "The FRG loss term (Table 12).")
+    loss_dist: bool = param(True, "The distillation loss term L_dist (Table 12).")
+    loss_ce_fdc: bool = param(True, "The cross-entropy of the FDC logits (Table 12).")
+    loss_ce_pc: bool = param(True, "The cross-entropy of the PC logits (Table 12).")
+    loss_kl_pc: bool = param(True, "PC's KL to zero-shot CLIP (Table 12).")
     # the release's constants (train.py): FDC init, FRG margin, area gate
-    fdc_init_scale: float = 1e-3
-    frg_margin: float = 0.0
-    area_min: float = 0.02
-    area_max: float = 0.98
+    fdc_init_scale: float = param(1e-3, "Scale of the last adapter layer's initial weight (0: exact zero init).",
+                                  low=0)
+    frg_margin: float = param(0.0, "Margin δ of the FRG target r* = 1[CE(fg) + δ < CE(full)].", low=0)
+    area_min: float = param(0.02, "Smallest foreground area of a usable foreground view (the area gate).",
+                            low=0, high=1, fix=AREA_GATE_FIX)
+    area_max: float = param(0.98, "Largest foreground area of a usable foreground view (the area gate).",
+                            low=0, high=1, fix=AREA_GATE_FIX)
     # where r comes from (frg; controls: full, fg), decisions D1, D2 and what r is without FRG
-    r_source: str = "frg"
-    use_scale: bool = True
-    detach_r: bool = True
-    r_without_frg: str = "one"
+    r_source: str = param("frg", "Where the distillation weight r comes from: the gate (frg), or the controls "
+                                 "full (r = 0) and fg (r = 1).", choices=R_SOURCES)
+    use_scale: bool = param(True, "z_FDC carries the logit scale (decision D1).")
+    detach_r: bool = param(True, "No gradient of L_dist reaches r (decision D2).")
+    r_without_frg: str = param("one", "r when FRG is off and r_source=frg: one, the target r*, or half.",
+                               choices=R_WITHOUT_FRG)
     # which epoch's head a run reports: the last (the protocol) or the best on the validation split
-    select: str = "last"
+    select: str = param("last", "The epoch a run reports: the last (the protocol) or the best on the validation "
+                                "split.", choices=SELECTIONS, fix="no option selects on the test split")
     # the mask source of the foreground views: the cache's own ("extracted") or one added with add-masks
-    fg_source: str = EXTRACTED_FG
-    device: str = "auto"
+    fg_source: str = param(EXTRACTED_FG, "Mask source of the foreground views: extracted (the views extract "
+                                         "wrote) or one added with add-masks.")
+    device: str = param("auto", "Device of the training.", choices=DEVICES)
+    # values of plug-in parameters (`parameters.register_parameter`), by name
+    extra: dict = field(default_factory=dict)
 
     def validate(self) -> "TrainConfig":
-        def need(ok: bool, name: str, fix: str) -> None:
-            if not ok:
-                raise ValueError(f"{name}={getattr(self, name)!r}: {fix}")
-
-        need(self.classes in CLASS_SETS, "classes", f"choose one of {CLASS_SETS}")
-        need(self.optimizer in OPTIMIZERS, "optimizer", f"choose one of {OPTIMIZERS}")
-        need(isinstance(self.epochs, int) and self.epochs >= 1, "epochs", "use a positive integer")
-        need(isinstance(self.batch_size, int) and self.batch_size >= 1, "batch_size", "use a positive integer")
-        need(self.lr > 0, "lr", "use a positive learning rate")
-        need(0 <= self.warmup_epochs < self.epochs, "warmup_epochs", "use 0 ≤ warmup_epochs < epochs")
-        need(0 < self.data_fraction <= 1, "data_fraction", "use a fraction in (0, 1]")
-        need(self.tau > 0, "tau", "use a positive temperature")
-        for name in ("lambda_d", "lambda_frg", "lambda_pc", "fdc_init_scale", "frg_margin"):
-            need(getattr(self, name) >= 0, name, "use a non-negative value")
-        need(0 <= self.area_min <= self.area_max <= 1, "area_min",
-             f"use 0 ≤ area_min ≤ area_max ≤ 1 (area_max={self.area_max}; release: 0.02, 0.98; 0 and 1 turn the gate off)")
-        need(self.r_source in R_SOURCES, "r_source", f"choose one of {R_SOURCES}")
-        need(self.device in ("auto", "cpu", "cuda"), "device", "choose auto, cpu or cuda")
-        for name in ("fdc_layers", "frg_layers", "brg_layers"):
-            need(getattr(self, name) in (1, 2, 3), name, "choose 1, 2 or 3 (Table 5)")
-        for name in ("fdc_hidden", "gate_hidden"):
-            need(isinstance(getattr(self, name), int) and getattr(self, name) >= 1, name, "use a positive width")
-        need(self.r_without_frg in R_WITHOUT_FRG, "r_without_frg", f"choose one of {R_WITHOUT_FRG}")
-        need(self.select in SELECTIONS, "select", f"choose one of {SELECTIONS} (no option selects on the test split)")
-        need(isinstance(self.fg_source, str) and bool(self.fg_source), "fg_source",
-             f"name a mask source of the cache ({EXTRACTED_FG!r}: the foreground views extract wrote)")
-        self.frg_indicators = tuple(self.frg_indicators)
-        self.brg_indicators = tuple(self.brg_indicators)
-        for name, known in (("frg_indicators", FRG_INDICATORS), ("brg_indicators", BRG_INDICATORS)):
-            value = getattr(self, name)
-            need(bool(value) and set(value) <= set(known) and len(set(value)) == len(value), name,
-                 f"use a non-empty subset of {known}, each once")
+        """Check (and normalise) every declared value, the plug-in values and the `RULES`."""
+        for name, p in PARAMETERS.items():
+            setattr(self, name, p.check(getattr(self, name)))
+        plugins = plugin_parameters()
+        for name in self.extra:
+            if name not in plugins:
+                raise unknown_parameter(name)
+        checked = {name: plugins[name].check(value) for name, value in self.extra.items()}
+        self.extra = {name: v for name, v in checked.items() if v != plugins[name].default}  # unset = default
+        check_rules(RULES, self.get)
         return self
+
+    def get(self, name: str):
+        """A field's value, or a plug-in parameter's (its default when unset)."""
+        if name in PARAMETERS:
+            return getattr(self, name)
+        p = lookup(name)
+        return self.extra.get(name, p.default)
+
+    @classmethod
+    def from_dict(cls, values: dict) -> "TrainConfig":
+        """A configuration from parameter names and values (fields, and plug-in names into `extra`); not validated."""
+        values = dict(values)
+        extra = dict(values.pop("extra", None) or {})
+        plugins = plugin_parameters()
+        unknown = [k for k in values if k not in PARAMETERS and k not in plugins]
+        if unknown:
+            raise unknown_parameter(unknown[0])
+        extra.update({k: v for k, v in values.items() if k in plugins})
+        return cls(**{k: v for k, v in values.items() if k in PARAMETERS}, extra=extra)
 
     def head_kwargs(self) -> dict:
         keys = ("fdc_hidden", "gate_hidden", "fdc_layers", "frg_layers", "brg_layers", "frg_indicators",
@@ -131,13 +158,33 @@ class TrainConfig:
                                               "loss_ce_pc", "loss_kl_pc")}
 
     def to_dict(self) -> dict:
-        d = asdict(self)
-        d["frg_indicators"], d["brg_indicators"] = list(self.frg_indicators), list(self.brg_indicators)
+        """Every field (names as lists), then each plug-in value that differs from its default; run ids hash this."""
+        d = {name: p.to_json(getattr(self, name)) for name, p in PARAMETERS.items()}
+        plugins = plugin_parameters()
+        for name in sorted(self.extra):
+            p = plugins.get(name)
+            if p is None or self.extra[name] != p.default:
+                d[name] = p.to_json(self.extra[name]) if p else self.extra[name]
         return d
 
     @classmethod
     def field_names(cls) -> list[str]:
-        return [f.name for f in fields(cls)]
+        return list(PARAMETERS)
+
+    @classmethod
+    def parameter_names(cls) -> list[str]:
+        """The fields' names and the registered plug-in parameters'."""
+        return list(all_parameters())
+
+
+PARAMETERS = declare_dataclass(TrainConfig, undeclared=("extra",))
+# relations between fields; `validate` checks them after every field is valid on its own
+RULES = (
+    Rule("warmup_shorter_than_training", ("warmup_epochs", "epochs"), lambda get: get("warmup_epochs") < get("epochs"),
+         "use 0 ≤ warmup_epochs < epochs"),
+    Rule("area_range", ("area_min", "area_max"), lambda get: get("area_min") <= get("area_max"),
+         f"use area_min ≤ area_max ({AREA_GATE_FIX})"),
+)
 
 
 def lr_at_epoch(epoch: int, cfg: TrainConfig) -> float:
@@ -322,19 +369,19 @@ def configure(cache: Cache, overrides: dict, preset_of: str = "auto") -> tuple[T
     Returns the config and a record of the preset: its name, source file and settings, which of
     them the user overrode, and warnings (a cache whose augmentation differs from the preset's).
     """
-    unknown = set(overrides) - set(TrainConfig.field_names())
-    if unknown:
-        raise ValueError(f"unknown parameter(s) {sorted(unknown)}; valid parameters: {', '.join(TrainConfig.field_names())}")
+    for name in overrides:
+        lookup(name)  # an unknown name is refused before the cache is read
     backbone = pick_backbone(cache, overrides.get("backbone"))
     method = method_of(backbone, cache.text_provenance(backbone) if backbone in cache.text_groups else {})
-    preset = choose_preset(method, cache.provenance.get("dataset"), overrides.get("classes", "base"), preset_of)
+    preset = choose_preset(method, cache.provenance.get("dataset"), overrides.get("classes", TrainConfig.classes),
+                           preset_of)
     settings = dict(preset.settings) if preset else {}
     preset_only = {**TrainConfig().to_dict(), **settings}
-    cfg = TrainConfig(**{**preset_only, **overrides, "backbone": backbone}).validate()
-    final = cfg.to_dict()
+    cfg = TrainConfig.from_dict({**preset_only, **overrides, "backbone": backbone}).validate()
+    final = cfg.to_dict()  # a plug-in value equal to its default is in neither dictionary
     run_keys = ("backbone", "seed", "device", "classes")
     info = {"method": method, "preset_of": preset_of, "preset": preset.to_dict() if preset else None,
-            "overridden": sorted(k for k in overrides if k not in run_keys and final[k] != preset_only[k]),
+            "overridden": sorted(k for k in overrides if k not in run_keys and final.get(k) != preset_only.get(k)),
             "warnings": []}
     if preset is None and preset_of == "auto":
         info["warnings"].append(f"no preset for the backbone method {method!r}: the plain defaults (CoOp's) are used")
@@ -348,6 +395,8 @@ def configure(cache: Cache, overrides: dict, preset_of: str = "auto") -> tuple[T
 
 
 def build_head(dim: int, cfg: TrainConfig) -> FVGPTHead:
+    """The head of `cfg` (validated here: `FVGPTHead` trusts its arguments), initialised from `cfg.seed`."""
+    cfg.validate()
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.seed)
         return FVGPTHead(dim, **cfg.head_kwargs())
@@ -378,37 +427,13 @@ def epoch_batches(n: int, cfg: TrainConfig, gen: torch.Generator) -> list[torch.
 
 
 def parse_value(name: str, text: str):
-    """Convert one `key=value` string to the type of TrainConfig's field `name` (CLI --set, grids)."""
-    kinds = {f.name: f.type for f in fields(TrainConfig)}
-    if name not in kinds:
-        raise ValueError(f"unknown parameter {name!r}; valid parameters: {', '.join(sorted(kinds))}")
-    kind = str(kinds[name])
-    text = text.strip()
-    try:
-        if kind == "bool":
-            lowered = text.lower()
-            if lowered not in ("true", "false", "1", "0", "on", "off", "yes", "no"):
-                raise ValueError
-            return lowered in ("true", "1", "on", "yes")
-        if kind == "int":
-            return int(text)
-        if kind == "float":
-            return float(text)
-        if kind.startswith("tuple"):
-            return tuple(x for x in text.replace("+", " ").replace(";", " ").split() if x)
-        if kind == "str | None":
-            return None if text.lower() in ("", "none", "auto") else text
-        return text
-    except ValueError:
-        raise ValueError(f"parameter {name}={text!r} is not a valid {kind}") from None
+    """The value of one `key=value` string of a TrainConfig field or plug-in parameter (CLI --set, grids), checked."""
+    return lookup(name).parse(text)
 
 
 def config_with(base: TrainConfig, **overrides) -> TrainConfig:
-    """`base` with some fields replaced, validated."""
-    unknown = set(overrides) - set(TrainConfig.field_names())
-    if unknown:
-        raise ValueError(f"unknown parameter(s) {sorted(unknown)}; valid parameters: {', '.join(TrainConfig.field_names())}")
-    return TrainConfig(**{**base.to_dict(), **overrides}).validate()
+    """`base` with some parameters (fields or plug-ins) replaced, validated."""
+    return TrainConfig.from_dict({**base.to_dict(), **overrides}).validate()
 
 
 COLLAPSE_DROP = 5.0  # points of FDC training accuracy lost between the start and the end of training

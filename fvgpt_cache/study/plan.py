@@ -329,21 +329,20 @@ def _extract_options(path: Path, raw: dict) -> dict:
 
 
 def _train_settings(path: Path, raw: dict) -> dict:
-    from ..training import TrainConfig, parse_value
+    from ..parameters import lookup
+    from ..training import TrainConfig
 
     fixed = {"backbone", "seed", "classes", "device"}
     out = {}
     for key, value in raw.items():
         if key in fixed:
             raise PlanError(f"{path} [train]: {key} is set by the plan ([study] backbones, seeds, device); remove it")
-        if key not in TrainConfig.field_names():
-            close = difflib.get_close_matches(key, TrainConfig.field_names(), n=1)
+        if key not in TrainConfig.parameter_names():
+            close = difflib.get_close_matches(key, TrainConfig.parameter_names(), n=1)
             raise PlanError(f"{path} [train]: unknown setting {key!r}" + (f" (did you mean {close[0]!r}?)" if close else "")
-                            + "; [train] takes TrainConfig fields (see `fvgpt-cache train --help`)")
-        text = ("true" if value else "false") if isinstance(value, bool) else \
-            "+".join(map(str, value)) if isinstance(value, list) else str(value)
+                            + "; [train] takes training parameters (see `fvgpt-cache params`)")
         try:
-            out[key] = parse_value(key, text)
+            out[key] = lookup(key).coerce(value)
         except ValueError as exc:
             raise PlanError(f"{path} [train]: {exc}") from None
     return out
