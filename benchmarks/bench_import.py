@@ -30,7 +30,7 @@ import torch
 
 from bench_extraction import write_images
 from fvgpt_cache.backbones import ImportOptions, import_backbone
-from fvgpt_cache.backbones.image_pass import IMPORTERS
+from fvgpt_cache.methods import backbone_method
 from fvgpt_cache.data import generic_dataset
 from fvgpt_cache.device import resolve_device
 from fvgpt_cache.extraction import ExtractOptions, encode_images, extract, run_encoder
@@ -105,7 +105,7 @@ def main(argv=None) -> dict:
                                       progress=lambda *_: stamps.append(time.perf_counter()))
             end_to_end = args.images / summary.seconds
             image_pass = args.images / (stamps[-1] - stamps[0])  # first to last progress call: the pass alone
-            backbone = IMPORTERS[method].from_state(torch.load(path, weights_only=True)["state_dict"], model, str(path))
+            backbone = backbone_method(method).load_importer().from_state(torch.load(path, weights_only=True)["state_dict"], model, str(path))
             backbone.to(device)
             forward = lambda b=backbone: run_encoder(lambda x: b.image_features(model, x), pixels, device)  # noqa: E731
             prompted = n_batches * args.batch_size / timed(forward, n_batches, device)
@@ -120,7 +120,7 @@ def main(argv=None) -> dict:
         x = torch.randn(args.interleave_batch, 3, size, size)
         fns = {"bare": lambda: run_encoder(model.encode_image, x, device)}
         for method in args.methods.split(","):
-            backbone = IMPORTERS[method].from_state(random_checkpoint(method, model), model, method).to(device)
+            backbone = backbone_method(method).load_importer().from_state(random_checkpoint(method, model), model, method).to(device)
             fns[method] = lambda b=backbone: run_encoder(lambda t: b.image_features(model, t), x, device)
         seconds = {k: [] for k in fns}
         for _ in range(args.interleave):

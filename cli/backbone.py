@@ -10,6 +10,8 @@ import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
+from fvgpt_cache.methods import COOP, KGCOOP, MMRL, PROMPTSRC, backbone_methods
+
 from .common import DIST_TIMEOUT_HELP, _pct, app, console, err, rank_rates, resumable, split_progress
 
 backbone_app = typer.Typer(help="Backbones in the cache: CoOp/KgCoOp prompt learning, official checkpoints "
@@ -17,12 +19,25 @@ backbone_app = typer.Typer(help="Backbones in the cache: CoOp/KgCoOp prompt lear
                             rich_markup_mode=None,
                             no_args_is_help=True)
 app.add_typer(backbone_app, name="backbone")
+TRAINED_HELP = f"{COOP.name}|{KGCOOP.name}: the methods CoOp's prompt learner trains (`backbone methods` lists every one)."
+
+
+@backbone_app.command("methods")
+def backbone_methods_command():
+    """The registered backbone methods: paper label, image features, how each is written, presets."""
+    table = Table(title="backbone methods")
+    for col in ("method", "label", "image features", "written", "presets"):
+        table.add_column(col)
+    for m in backbone_methods():
+        table.add_row(m.name, m.label, "CLIP's" if m.image_encoder == "clip" else "its own", m.written,
+                      ", ".join(p.name for p in m.presets) or "-")
+    console.print(table)
 
 
 @backbone_app.command("train")
 def backbone_train(
     cache: Path = typer.Argument(..., help="Cache written by `fvgpt-cache extract`."),
-    method: str = typer.Option("coop", help="coop|kgcoop"),
+    method: str = typer.Option(COOP.name, help=TRAINED_HELP),
     name: Optional[str] = typer.Option(None, help="Text group to write (default: the method)."),
     epochs: Optional[int] = typer.Option(None, help="Default 10 (CoOp on EuroSAT: 20)."),
     lr: float = typer.Option(0.0035),
@@ -77,7 +92,7 @@ def backbone_train(
 def backbone_load(
     cache: Path = typer.Argument(...),
     checkpoint: Path = typer.Option(..., help="A CoOp/KgCoOp checkpoint file, or the output folder holding prompt_learner/."),
-    method: str = typer.Option("coop", help="coop|kgcoop"),
+    method: str = typer.Option(COOP.name, help=TRAINED_HELP),
     name: Optional[str] = typer.Option(None, help="Text group to write (default: the method)."),
     class_token_position: str = typer.Option("end", help="end|front|middle, as the context was trained."),
     pretrained: Optional[str] = typer.Option(None, help="Local weights file if the cache's weights must be found again."),
@@ -95,7 +110,8 @@ def backbone_load(
 @backbone_app.command("import")
 def backbone_import(
     cache: Path = typer.Argument(..., help="Cache written by `fvgpt-cache extract`."),
-    method: str = typer.Option(..., help="promptsrc|mmrl"),
+    method: str = typer.Option(..., help="A backbone method imported from its official checkpoint: "
+                                         f"{PROMPTSRC.name}|{MMRL.name} (`fvgpt-cache backbone methods` lists them)."),
     checkpoint: Path = typer.Option(..., help="The official checkpoint file (…/VLPromptLearner/model.pth.tar-<epoch>, "
                                               "…/MultiModalRepresentationLearner/model.pth.tar-<epoch>) or the output "
                                               "folder holding it (latest epoch)."),

@@ -9,6 +9,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.markup import escape
 
 from ..ablations import ABLATIONS
+from .choices import preset_of_option
 from .common import app, console, err, fail, narrow_table, resumable
 
 
@@ -19,8 +20,7 @@ def grid(
                                                        "`fvgpt-cache params` lists the parameters."),
     preset: Optional[str] = typer.Option(None, help="An ablation of the paper: " + "|".join(ABLATIONS)
                                          + "|paper (all of its tables at once)."),
-    preset_of: str = typer.Option("auto", help="Training preset per cache: auto (from the backbone's method and the "
-                                               "dataset), none, or coop|kgcoop|promptsrc|mmrl|clip."),
+    preset_of: str = preset_of_option("Training preset per cache: auto (from the backbone's method and the dataset)"),
     grid_file: Optional[Path] = typer.Option(None, "--grid-file", help="TOML with [params], optional [base], seeds, preset."),
     seeds: str = typer.Option("1", help="Seeds: a list, a range or both, e.g. 1,2,3 or 1-50 or 1-5,8."),
     backbone: Optional[str] = typer.Option(None, help="Text-feature group to build on (clip = zero-shot CLIP), as in "

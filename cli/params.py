@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import textwrap
 from typing import Optional
 
 import typer
@@ -33,5 +34,6 @@ def params(
                                 "allowed": p.allowed(), "fix": p.fix, "help": p.help} for p in chosen.values()],
                               indent=1))
     else:
-        for p in chosen.values():
-            typer.echo(f"{p.name} ({p.kind})\n    {p.help_text()}")
+        for p in chosen.values():  # fits 80 columns
+            typer.echo(f"{p.name} ({p.kind})\n" + textwrap.fill(p.help_text(), 80, initial_indent="    ",
+                                                                subsequent_indent="    ", break_on_hyphens=False))

@@ -9,6 +9,7 @@ import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
+from .choices import preset_of_option
 from .common import _pct, app, console, err, fail
 
 
@@ -95,8 +96,7 @@ def train(
     backbone: Optional[str] = typer.Option(None, help="Text-feature group to build on (clip = zero-shot CLIP); default: the only tuned one."),
     classes: Optional[str] = typer.Option(None, help="base (base-to-new protocol) or all (cross-dataset source) "
                                                      "[TrainConfig's]."),
-    preset_of: str = typer.Option("auto", help="Training preset: auto (from the backbone's method and the dataset), "
-                                               "none (plain defaults), or coop|kgcoop|promptsrc|mmrl|clip."),
+    preset_of: str = preset_of_option("Training preset: auto (from the backbone's method and the dataset)"),
     lambda_d: Optional[float] = typer.Option(None, "--lambda-d", help="Weight λ_d of the distillation loss [preset's]."),
     lambda_new: Optional[float] = typer.Option(None, "--lambda-new", help="Weight λ_pc of the PC loss (the release's "
                                                                           "--lambda_new; --set lambda_pc) [preset's]."),
@@ -104,14 +104,16 @@ def train(
     batch_size: Optional[int] = typer.Option(None, help="[preset's]"),
     lr: Optional[float] = typer.Option(None, help="[preset's]"),
     seed: Optional[int] = typer.Option(None, help="Seeds head initialisation, shuffling and view choice [TrainConfig's]."),
-    frg: bool = typer.Option(True, "--frg/--no-frg", help="Foreground Reliability Gate."),
-    fdc: bool = typer.Option(True, "--fdc/--no-fdc", help="Foreground Distillation Compensation (base branch)."),
-    pc: bool = typer.Option(True, "--pc/--no-pc", help="Prior Calibration with the Backbone Reliability Gate (new branch)."),
-    loss_frg: bool = typer.Option(True, "--loss-frg/--no-loss-frg"),
-    loss_dist: bool = typer.Option(True, "--loss-dist/--no-loss-dist"),
-    loss_ce_fdc: bool = typer.Option(True, "--loss-ce-fdc/--no-loss-ce-fdc"),
-    loss_ce_pc: bool = typer.Option(True, "--loss-ce-pc/--no-loss-ce-pc"),
-    loss_kl_pc: bool = typer.Option(True, "--loss-kl-pc/--no-loss-kl-pc"),
+    frg: Optional[bool] = typer.Option(None, "--frg/--no-frg", help="Foreground Reliability Gate (use_frg)."),
+    fdc: Optional[bool] = typer.Option(None, "--fdc/--no-fdc", help="Foreground Distillation Compensation, the base "
+                                                                   "branch (use_fdc)."),
+    pc: Optional[bool] = typer.Option(None, "--pc/--no-pc", help="Prior Calibration with the Backbone Reliability "
+                                                                "Gate, the new branch (use_pc)."),
+    loss_frg: Optional[bool] = typer.Option(None, "--loss-frg/--no-loss-frg"),
+    loss_dist: Optional[bool] = typer.Option(None, "--loss-dist/--no-loss-dist"),
+    loss_ce_fdc: Optional[bool] = typer.Option(None, "--loss-ce-fdc/--no-loss-ce-fdc"),
+    loss_ce_pc: Optional[bool] = typer.Option(None, "--loss-ce-pc/--no-loss-ce-pc"),
+    loss_kl_pc: Optional[bool] = typer.Option(None, "--loss-kl-pc/--no-loss-kl-pc"),
     settings: list[str] = typer.Option([], "--set", help="Any other training parameter as KEY=VALUE, e.g. --set "
                                                          "fdc_hidden=128; `fvgpt-cache params` lists them all."),
     eval_cache: list[Path] = typer.Option([], "--eval-cache", help="Other caches (same model) to evaluate the PC branch on."),
@@ -137,11 +139,10 @@ def train(
 
         check_available()
     explicit = {"classes": classes, "seed": seed, "device": device, "select": select, "backbone": backbone,
-                "lambda_d": lambda_d, "lambda_pc": lambda_new, "epochs": epochs, "batch_size": batch_size, "lr": lr}
-    overrides = {k: v for k, v in explicit.items() if v is not None}
-    switches = {"use_frg": frg, "use_fdc": fdc, "use_pc": pc, "loss_frg": loss_frg, "loss_dist": loss_dist,
+                "lambda_d": lambda_d, "lambda_pc": lambda_new, "epochs": epochs, "batch_size": batch_size, "lr": lr,
+                "use_frg": frg, "use_fdc": fdc, "use_pc": pc, "loss_frg": loss_frg, "loss_dist": loss_dist,
                 "loss_ce_fdc": loss_ce_fdc, "loss_ce_pc": loss_ce_pc, "loss_kl_pc": loss_kl_pc}
-    overrides.update({k: v for k, v in switches.items() if not v})
+    overrides = {k: v for k, v in explicit.items() if v is not None}  # unset: the preset's, else TrainConfig's
     for item in settings:
         if "=" not in item:
             fail(f"--set {item!r}: write KEY=VALUE")

@@ -25,6 +25,7 @@ from .data import generic_dataset
 from .extraction import ExtractOptions, extract
 from .grids import expand, run_grid
 from .heads import harmonic_mean
+from .methods import COOP
 from .models import LoadedModel, load_clip
 from .store import CacheError, open_cache
 
@@ -81,11 +82,11 @@ def world_caches(root: Path, loaded: LoadedModel, *, splits=None, classes=None, 
                           ExtractOptions(shots=0, seed=seed, workers=0, force=True, device="cpu", **options),
                           progress=progress)
         caches[split] = summary.out
-    coop = BackboneConfig(method="coop", seed=coop_seed, device="cpu")
+    coop = BackboneConfig(method=COOP.name, seed=coop_seed, device="cpu")
     result = train_backbone(caches[splits[0]], coop, loaded=loaded)  # train and val are the same in every cache
-    checkpoint = save_coop_checkpoint(root / "coop", result.ctx, coop.epochs)
+    checkpoint = save_coop_checkpoint(root / COOP.name, result.ctx, coop.epochs)
     for cache in caches.values():
-        write_backbone(cache, "coop", result.ctx, coop, loaded, checkpoint=checkpoint)
+        write_backbone(cache, COOP.name, result.ctx, coop, loaded, checkpoint=checkpoint)
     return caches
 
 
@@ -196,7 +197,7 @@ def run_world_demo(root: Path = Path("cache/demo"), seeds=DEMO_SEEDS, loaded: Lo
     runs, where = [], {}
     for split, cache in caches.items():
         # the same configuration `fvgpt-cache train CACHE --backbone coop --seed S` builds, and its control
-        for run in expand([cache], list(seeds), {"r_source": [VARIANTS[v] for v in VARIANTS]}, {"backbone": "coop"}):
+        for run in expand([cache], list(seeds), {"r_source": [VARIANTS[v] for v in VARIANTS]}, {"backbone": COOP.name}):
             runs.append(run)
             where[run.run_id] = (split, run.config.seed, next(v for v, r in VARIANTS.items() if r == run.config.r_source))
     records: dict[str, dict[int, dict]] = {split: {s: {} for s in seeds} for split in caches}

@@ -22,8 +22,8 @@ from .device import resolve_device
 from .evaluation import curve_data
 from .engine import available_memory, memory_estimate, shape_parts, split_for_memory, train_group
 from .engine import group_key as engine_group_key
-from .runs import eval_sets, finish_run, record_slot, run_id, run_inputs, run_slot
 from .parameters import lookup
+from .runs import eval_sets, finish_run, record_slot, run_id, run_inputs, run_slot
 from .store import FINGERPRINT_CHARS, check_same_model, lock_file, open_cache
 from .training import TrainConfig, config_with, configure, parse_value, prepare
 

@@ -418,13 +418,12 @@ def harmonic_mean(b: float | Tensor, n: float | Tensor) -> float | Tensor:
 # ---------------------------------------------------------------------------------------------
 
 def _mlp(d_in: int, hidden: int, d_out: int, layers: int) -> nn.Sequential:
-    if layers == 1:
-        return nn.Sequential(nn.Linear(d_in, d_out))
-    mods: list[nn.Module] = [nn.Linear(d_in, hidden), nn.ReLU()]
-    if layers == 3:
-        mods += [nn.Linear(hidden, hidden), nn.ReLU()]
-    mods.append(nn.Linear(hidden, d_out))
-    return nn.Sequential(*mods)
+    """`layers` linear layers with a ReLU between two: d_in → hidden → … → hidden → d_out."""
+    widths = [d_in, *[hidden] * (layers - 1), d_out]
+    mods: list[nn.Module] = []
+    for a, b in zip(widths[:-1], widths[1:]):
+        mods += [nn.Linear(a, b), nn.ReLU()]
+    return nn.Sequential(*mods[:-1])
 
 
 class GateMLP(nn.Module):

@@ -17,7 +17,7 @@ import dataclasses
 import difflib
 import math
 import numbers
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 
 import numpy as np
@@ -213,9 +213,7 @@ _PLUGINS: dict[str, Parameter] = {}
 
 def param(default, help: str, **constraints) -> dataclasses.Field:
     """A dataclass field whose declaration (`Parameter` less name and kind) rides in its metadata."""
-    kwargs = {"default": default} if not isinstance(default, (list, dict, set)) else \
-        {"default_factory": lambda: type(default)(default)}
-    return dataclasses.field(**kwargs, metadata={"parameter": {"help": help, **constraints}})
+    return dataclasses.field(default=default, metadata={"parameter": {"help": help, **constraints}})
 
 
 def declare_dataclass(cls, undeclared: tuple[str, ...] = ()) -> dict[str, Parameter]:
@@ -231,6 +229,7 @@ def declare_dataclass(cls, undeclared: tuple[str, ...] = ()) -> dict[str, Parame
             raise TypeError(f"{cls.__name__}.{f.name}: declare it with param(...) and one of the annotations "
                             f"{list(ANNOTATIONS)}")
         out[f.name] = Parameter(f.name, ANNOTATIONS[annotation], f.default, **spec)
+        out[f.name].check(f.default)  # a default outside its own declaration is a bug of the declaration
     clash = sorted(set(out) & set(_PLUGINS))
     if clash:
         raise ValueError(f"plug-in parameter(s) {clash} were registered under names {cls.__name__} declares; "
@@ -282,8 +281,8 @@ def lookup(name: str) -> Parameter:
     return found
 
 
-def check_rules(rules: Mapping[str, Rule] | tuple[Rule, ...], get: Callable[[str], object]) -> None:
-    for rule in (rules.values() if isinstance(rules, Mapping) else rules):
+def check_rules(rules: Iterable[Rule], get: Callable[[str], object]) -> None:
+    for rule in rules:
         rule.check(get)
 
 

@@ -3,50 +3,27 @@
 A preset is a set of `TrainConfig` overrides chosen by the backbone's method (read from the
 cache's backbone group), the dataset and the protocol (`classes="all"` is the cross-dataset
 source). The precedence is: `TrainConfig` defaults (the paper's CoOp setting) < preset < what
-the user sets explicitly. Each preset names the release file it comes from.
+the user sets explicitly. Each preset names the release file it comes from; the presets and the
+rule that picks among them belong to their method's entry in the registry (`fvgpt_cache.methods`).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from .methods import CLIP, RELEASE, Preset, backbone_method_names, backbone_methods, find_backbone_method
 
-RELEASE = "JREion/FVG-PT configs/trainers/"
-PRESET_CHOICES = ("auto", "none", "coop", "kgcoop", "promptsrc", "mmrl", "clip")
-
-
-@dataclass(frozen=True)
-class Preset:
-    name: str
-    source: str
-    settings: dict = field(default_factory=dict)
-    rrc_scale: tuple[float, float] = (0.08, 1.0)
-
-    def to_dict(self) -> dict:
-        return {"name": self.name, "source": self.source, "settings": dict(self.settings),
-                "rrc_scale": list(self.rrc_scale)}
+def preset_choices() -> tuple[str, ...]:
+    """What `--preset-of` accepts: auto, none and every registered backbone method (at call time)."""
+    return ("auto", "none", *backbone_method_names())
 
 
-PRESETS: dict[str, Preset] = {p.name: p for p in (
-    Preset("coop", RELEASE + "FVGPT_CoOp/vit_b16_ep10.yaml"),
-    Preset("coop-eurosat", RELEASE + "FVGPT_CoOp/vit_b16_ep20.yaml", {"epochs": 20, "lr": 0.002}),
-    Preset("kgcoop", RELEASE + "FVGPT_KgCoOp/vit_b16_ep10_ctxv1_bs4_lr35.yaml"),
-    Preset("promptsrc", RELEASE + "FVGPT_PromptSRC/vit_b16_c2_ep10_batch32_4+4ctx.yaml",
-           {"batch_size": 32, "lr": 0.0025}),
-    Preset("promptsrc-cross", RELEASE + "FVGPT_PromptSRC/vit_b16_c2_ep5_batch32_4+4ctx_cross_datasets.yaml",
-           {"batch_size": 4, "lr": 0.0035, "epochs": 5}),
-    Preset("mmrl", RELEASE + "FVGPT_MMRL/vit_b16.yaml",
-           {"optimizer": "adamw", "lr": 0.001, "lambda_d": 5.0}, (0.5, 1.0)),
-    Preset("mmrl-cross", RELEASE + "FVGPT_MMRL/vit_b16_cross_datasets.yaml",
-           {"optimizer": "adamw", "lr": 0.001, "lambda_d": 5.0, "batch_size": 32, "epochs": 5, "warmup_epochs": 0},
-           (0.5, 1.0)),
-    # zero-shot CLIP as the backbone: the release has no config of its own; CoOp's is the paper's default
-    Preset("clip", RELEASE + "FVGPT_CoOp/vit_b16_ep10.yaml (CoOp's; the release has no zero-shot config)"),
-)}
+def all_presets() -> dict[str, Preset]:
+    """Every registered method's presets by name."""
+    return {p.name: p for m in backbone_methods() for p in m.presets}
 
 
 def method_of(backbone: str, provenance: dict) -> str | None:
     """The method a backbone group was made with: clip for zero-shot groups, else its provenance's `method`."""
-    if backbone == "clip" or backbone.startswith("clip_"):
-        return "clip"
+    if backbone == CLIP.name or backbone.startswith(CLIP.name + "_"):
+        return CLIP.name
     return provenance.get("method")
 
 
@@ -57,18 +34,13 @@ def choose_preset(method: str | None, dataset: str | None, classes: str = "base"
     `preset_of`: "auto" (from `method`), "none" (plain `TrainConfig` defaults), or a method name
     to use that method's preset whatever the backbone is.
     """
-    if preset_of not in PRESET_CHOICES:
-        raise ValueError(f"--preset-of {preset_of!r}: choose one of {', '.join(PRESET_CHOICES)}")
+    choices = preset_choices()
+    if preset_of not in choices:
+        raise ValueError(f"--preset-of {preset_of!r}: choose one of {', '.join(choices)}")
     if preset_of == "none":
         return None
     method = method if preset_of == "auto" else preset_of
-    if method == "clip_ensemble":
-        method = "clip"
-    if method not in ("coop", "kgcoop", "promptsrc", "mmrl", "clip"):
-        return None
-    cross = classes == "all"
-    if method == "coop" and (dataset or "").lower() == "eurosat" and not cross:
-        return PRESETS["coop-eurosat"]
-    if method in ("promptsrc", "mmrl") and cross:
-        return PRESETS[f"{method}-cross"]
-    return PRESETS[method]
+    if method == CLIP.name + "_ensemble":  # a template ensemble is zero-shot CLIP (backbones/ensemble.py)
+        method = CLIP.name
+    entry = find_backbone_method(method)
+    return None if entry is None else entry.preset_for(dataset, classes)

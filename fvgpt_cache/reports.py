@@ -17,6 +17,8 @@ from pathlib import Path
 
 from .ablations import ABLATIONS
 from .heads import harmonic_mean
+from .methods import find_backbone_method
+from .parameters import lookup
 from .statistics import CI_METHODS, mean_interval, overlap, paired_difference
 from .store import FINGERPRINT_CHARS
 from .training import TrainConfig
@@ -24,7 +26,12 @@ from .training import TrainConfig
 METHODS = ("zeroshot", "backbone", "fvgpt")
 METHOD_NAMES = {"zeroshot": "Zero-shot CLIP", "backbone": "{backbone}", "fvgpt": "+FVG-PT"}
 IGNORED_IN_LABEL = ("seed", "device", "backbone")
-PAPER_BACKBONES = {"coop": "CoOp", "kgcoop": "KgCoOp", "promptsrc": "PromptSRC", "mmrl": "MMRL"}
+
+
+def paper_label(backbone: str) -> str | None:
+    """The paper's column for a backbone named after its method (coop → CoOp), from the method registry."""
+    method = find_backbone_method(backbone.lower())
+    return None if method is None else method.label
 
 
 def load_records(paths: list[str | Path]) -> list[dict]:
@@ -318,13 +325,13 @@ def load_paper() -> dict:
 
 def paper_rows(backbone: str, datasets: list[str]) -> dict:
     """The paper's Table 1 numbers for a backbone name we know (coop, kgcoop, ...), by dataset."""
-    name = PAPER_BACKBONES.get(backbone.lower())
+    name = paper_label(backbone)
     if name is None:
         return {}
     t1 = load_paper()["table1_base_to_new"]
     key = {"average": "average"}
     return {ds: {"backbone": t1[key.get(ds, ds)][name], "fvgpt": t1[key.get(ds, ds)][f"{name}+FVG-PT"]}
-            for ds in [*datasets, "average"] if key.get(ds, ds) in t1}
+            for ds in [*datasets, "average"] if key.get(ds, ds) in t1 and name in t1[key.get(ds, ds)]}
 
 
 def rows(summary: dict) -> list[dict]:
@@ -454,9 +461,9 @@ def cross_rows(backbone: str, g: dict, compare_paper: bool = False) -> tuple[lis
             body.append([METHOD_NAMES[m].format(backbone=backbone), "-" if source is None else f"{source:.2f}",
                          f"{_mean(vals):.2f}", *[f"{v:.2f}" for v in vals],
                          str(min(targets[t][m]["n_seeds"] for t in names))])
-        name = PAPER_BACKBONES.get(backbone.lower())
-        if compare_paper and name:
-            t2 = load_paper()["table2_cross_dataset"]
+        name = paper_label(backbone)
+        t2 = load_paper()["table2_cross_dataset"] if compare_paper and name else {}
+        if name in t2:
             for key in (name, f"{name}+FVG-PT"):
                 body.append([f"{key} (paper)", f"{t2[key]['imagenet']:.2f}", f"{t2[key]['average_target']:.2f}",
                              *[f"{t2[key][t]:.2f}" if t in t2[key] else "" for t in names], ""])
@@ -821,17 +828,22 @@ def to_latex(summary: dict, compare_paper: bool = False, extra=()) -> str:
     return "\n".join(parts)
 
 
+def config_value(config: dict, param: str):
+    """A parameter's value in a record's configuration; a plug-in parameter a record leaves out is at its default."""
+    p = lookup(param)
+    return config[param] if param in config else p.to_json(p.default)
+
+
 def sweep(records: list[dict], param: str) -> dict:
     """A one-parameter sweep: {dataset or 'average': {value: {"base", "new", "hm", "hm_std"}}} of FVG-PT.
 
     Runs with the same dataset and value are averaged whatever else differs between them;
     `averaged_over` says what that is.
     """
-    if param not in TrainConfig.field_names():
-        raise ValueError(f"unknown parameter {param!r}; valid parameters: {', '.join(TrainConfig.field_names())}")
+    lookup(param)  # an unknown name is refused even without records
     by: dict[str, dict] = {}
     for rec in records:
-        value = rec["config"][param]
+        value = config_value(rec["config"], param)
         value = "+".join(value) if isinstance(value, list) else value
         m = rec["metrics"]["fvgpt"]
         if m.get("base") is None:
@@ -958,14 +970,13 @@ def curves_csv(records: list[dict]) -> str:
 
 def curve_bands(records: list[dict], param: str, metric: str) -> dict:
     """{dataset: {value of `param`: (epochs, mean, std over the runs)}} of one curve metric (e.g. test_hm)."""
-    if param not in TrainConfig.field_names():
-        raise ValueError(f"unknown parameter {param!r}; valid parameters: {', '.join(TrainConfig.field_names())}")
+    lookup(param)  # an unknown name is refused even without records
     by: dict = {}
     for rec in records:
         points = [(h["epoch"], h[metric]) for h in rec.get("history") or [] if h.get(metric) is not None]
         if not points:
             continue
-        value = rec["config"][param]
+        value = config_value(rec["config"], param)
         value = "+".join(map(str, value)) if isinstance(value, list) else value
         by.setdefault(rec.get("dataset"), {}).setdefault(value, []).append(dict(points))
     out: dict = {}

@@ -22,6 +22,7 @@ from .heads import (
 )
 from .parameters import (Rule, all_parameters, check_rules, declare_dataclass, lookup, param, plugin_parameters,
                          unknown_parameter)
+from .methods import backbone_methods, find_backbone_method
 from .presets import choose_preset, method_of
 from .store import EXTRACTED_FG, NO_MASK, Cache, CacheError, image_key
 
@@ -58,7 +59,7 @@ class TrainConfig:
     batch_size: int = param(4, "Images per batch.", low=1)
     lr: float = param(0.0035, "Learning rate after the warm-up (cosine schedule).", low=0, low_open=True)
     optimizer: str = param("sgd", "Optimiser of the heads.", choices=OPTIMIZERS)
-    momentum: float = param(0.9, "SGD momentum.", low=0)
+    momentum: float = param(0.9, "SGD momentum (AdamW ignores it).", low=0)
     weight_decay: float = param(5e-4, "Weight decay.", low=0)
     warmup_epochs: int = param(1, "Epochs at the constant warm-up learning rate before the cosine schedule.", low=0)
     warmup_lr: float = param(1e-5, "Learning rate of the warm-up epochs.", low=0)
@@ -123,7 +124,8 @@ class TrainConfig:
         for name in self.extra:
             if name not in plugins:
                 raise unknown_parameter(name)
-        self.extra = {name: plugins[name].check(value) for name, value in self.extra.items()}
+        checked = {name: plugins[name].check(value) for name, value in self.extra.items()}
+        self.extra = {name: v for name, v in checked.items() if v != plugins[name].default}  # unset = default
         check_rules(RULES, self.get)
         check_loss_weights(self.loss_weights(), self.use_fdc, self.use_frg, self.use_pc)
         return self
@@ -224,13 +226,8 @@ def pick_backbone(cache: Cache, backbone: str | None) -> str:
 
 
 def _how_to_write(cache: Cache, backbone: str) -> str:
-    if backbone in ("promptsrc", "mmrl"):
-        return (f". Import the official {backbone} checkpoint with `fvgpt-cache backbone import {cache.path} --method "
-                f"{backbone} --checkpoint PATH`")
-    if backbone in ("coop", "kgcoop"):
-        return (f". Train it with `fvgpt-cache backbone train {cache.path} --method {backbone}` or import a checkpoint "
-                f"with `fvgpt-cache backbone load {cache.path} --method {backbone} --checkpoint PATH`")
-    return ""
+    method = find_backbone_method(backbone)
+    return f". {method.how_to_write(cache.path)}" if method is not None and method.hint else ""
 
 
 def backbone_image_encoder(cache: Cache, backbone: str) -> str:
@@ -325,7 +322,7 @@ def foreground_views(cache: Cache, backbone: str, source: str) -> tuple[torch.Te
     if encoder != "clip":
         raise CacheError(f"fg_source={source!r}: added mask sources hold CLIP's foreground features, but backbone "
                          f"{backbone!r} reads its own image encoder {encoder!r}; use fg_source={EXTRACTED_FG!r} or a "
-                         "CLIP-family backbone (coop, kgcoop, clip)")
+                         f"CLIP-family backbone ({', '.join(m.name for m in backbone_methods() if m.image_encoder == 'clip')})")
     fg, area = cache.foreground("train", source)
     return F.normalize(fg, dim=-1), area
 

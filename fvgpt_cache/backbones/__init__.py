@@ -18,7 +18,7 @@ from .coop import (
     load_backbone, train_backbone, write_backbone,
 )
 from .ensemble import TEMPLATE_SETS, ensemble_text_features, write_ensemble
-from .image_pass import IMPORT_METHODS, ImportOptions, ImportSummary, import_backbone, import_partial
+from .image_pass import ImportOptions, ImportSummary, import_backbone, import_partial
 from .mmrl import DEFAULT_ALPHA, MMRLRepresentation, mmrl_image_features, mmrl_text_features, read_mmrl
 from .promptsrc import PromptSRCPrompts, promptsrc_image_features, promptsrc_text_features, read_promptsrc
 
@@ -26,7 +26,7 @@ __all__ = [
     "BACKBONE_RECORD", "claim_backbone_dir", "default_backbone_dir", "VERIFY_THRESHOLD", "model_for_cache", "verify_model", "load_context", "resolve_checkpoint", "save_coop_checkpoint",
     "KGCOOP_CTX_INIT", "METHODS", "BackboneConfig", "BackboneResult", "backbone_features", "default_epochs",
     "kgcoop_loss_term", "load_backbone", "train_backbone", "write_backbone", "TEMPLATE_SETS",
-    "ensemble_text_features", "write_ensemble", "find_checkpoint", "load_state_dict", "IMPORT_METHODS", "ImportOptions",
+    "ensemble_text_features", "write_ensemble", "find_checkpoint", "load_state_dict", "ImportOptions",
     "ImportSummary", "import_backbone", "import_partial", "DEFAULT_ALPHA", "MMRLRepresentation", "mmrl_image_features",
     "mmrl_text_features", "read_mmrl", "PromptSRCPrompts", "promptsrc_image_features", "promptsrc_text_features",
     "read_promptsrc",

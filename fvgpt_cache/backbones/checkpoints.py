@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 
 from ..data import sha256_of
+from ..methods import COOP, backbone_methods, find_backbone_method
 from ..store import FINGERPRINT_CHARS, Cache, CacheError
 
 # State-dict entries of CoOp / KgCoOp prompt learners that do not take part in the text features:
@@ -74,14 +75,6 @@ def save_coop_checkpoint(directory: str | Path, ctx: torch.Tensor, epoch: int) -
     return path
 
 
-# The folder Dassl writes a method's checkpoints to: the name the trainer registers its model under.
-# MMRL's releases before June 2025 registered "MultiModalPromptLearner".
-CHECKPOINT_FOLDERS = {
-    "coop": ("prompt_learner",),
-    "kgcoop": ("prompt_learner",),
-    "promptsrc": ("VLPromptLearner",),
-    "mmrl": ("MultiModalRepresentationLearner", "MultiModalPromptLearner"),
-}
 POINTER_FILE = "checkpoint"  # Dassl's save_checkpoint writes the name of the last file it saved here
 
 
@@ -90,7 +83,7 @@ def _epoch_files(folder: Path) -> list[tuple[int, Path]]:
                   if (m := re.fullmatch(r"model\.pth\.tar-(\d+)", f.name)) and f.is_file())
 
 
-def find_checkpoint(path: str | Path, method: str = "coop", prefer_best: bool | None = None) -> tuple[Path, str]:
+def find_checkpoint(path: str | Path, method: str = COOP.name, prefer_best: bool | None = None) -> tuple[Path, str]:
     """The checkpoint file `path` means, and how it was chosen.
 
     `path` is a file, a method's checkpoint folder (`prompt_learner/`, `VLPromptLearner/`, ...) or
@@ -103,8 +96,10 @@ def find_checkpoint(path: str | Path, method: str = "coop", prefer_best: bool | 
         return path, "given file"
     if not path.is_dir():
         raise FileNotFoundError(f"checkpoint not found: {path}")
-    names = CHECKPOINT_FOLDERS.get(method, ("prompt_learner",))
-    prefer_best = method in ("coop", "kgcoop") if prefer_best is None else prefer_best
+    # the folder Dassl writes a method's checkpoints to: the name its trainer registers the model under
+    entry = find_backbone_method(method)
+    names = entry.checkpoint_folders if entry is not None and entry.checkpoint_folders else ("prompt_learner",)
+    prefer_best = bool(entry and entry.prefer_best_checkpoint) if prefer_best is None else prefer_best
     tried = []
     for folder in (*(path / n for n in names), path):
         if not folder.is_dir():
@@ -125,15 +120,15 @@ def find_checkpoint(path: str | Path, method: str = "coop", prefer_best: bool | 
         tried.append(str(best))
         if best.is_file():
             return best, "model-best.pth.tar"
-    others = sorted(f"{d}/" for folders in CHECKPOINT_FOLDERS.values() for d in folders
-                    if d not in names and (path / d).is_dir())
+    others = sorted({f"{d}/" for m in backbone_methods() for d in m.checkpoint_folders
+                     if d not in names and (path / d).is_dir()})
     hint = (f" It holds {', '.join(others)}, the checkpoint folder of another method; pass the matching --method."
             if others else f" Expected {' or '.join(f'{n}/' for n in names)} inside the output folder.")
     raise FileNotFoundError(f"no {method} checkpoint in {path}; looked for {', '.join(tried) or 'a checkpoint folder'}."
                             + hint)
 
 
-def resolve_checkpoint(path: str | Path, method: str = "coop") -> Path:
+def resolve_checkpoint(path: str | Path, method: str = COOP.name) -> Path:
     """A checkpoint file, or an output folder: see `find_checkpoint`."""
     return find_checkpoint(path, method)[0]
 
@@ -366,18 +361,44 @@ def load_context(file: str | Path, expect_width: int, n_classes: int | None = No
     return ctx, info
 
 
+# Methods whose checkpoints are recognised to refuse them by name, but that cannot be loaded: (label, key test)
+UNSUPPORTED_CHECKPOINTS = {"maple": ("MaPLe", lambda k: "compound_prompts" in k),
+                           "cocoop": ("CoCoOp", lambda k: "meta_net.linear2" in k)}
+
+
+def _checkpoint_tests() -> list[tuple[str, object]]:
+    """(method, key test) in the order they are tried: registered methods' own keys, the unsupported methods',
+    then keys other prompt learners share (CoOp's `ctx`)."""
+    registered = [m for m in backbone_methods() if m.checkpoint_key is not None]
+    return ([(m.name, m.checkpoint_key) for m in registered if not m.checkpoint_key_shared]
+            + [(name, test) for name, (_, test) in UNSUPPORTED_CHECKPOINTS.items()]
+            + [(m.name, m.checkpoint_key) for m in registered if m.checkpoint_key_shared])
+
+
 def identify_method(state: dict) -> tuple[str | None, str | None]:
-    """Which official method wrote a state dict, by a key only that method has: (method, key)."""
+    """Which official method wrote a state dict, by a key only that method has: (method, key). Methods that
+    share a key (CoOp and KgCoOp) are told as the first registered of them."""
     keys = sorted(state)
-    for method, test in (("mmrl", lambda k: k.startswith("representation_learner.compound_rep_tokens")),
-                         ("promptsrc", lambda k: k == "image_encoder.VPT" or k.endswith(".VPT_shallow")),
-                         ("maple", lambda k: "compound_prompts" in k),
-                         ("cocoop", lambda k: "meta_net.linear2" in k),
-                         ("coop", lambda k: k.split(".")[-1] == "ctx")):
+    for method, test in _checkpoint_tests():
         hit = next((k for k in keys if test(k)), None)
         if hit is not None:
             return method, hit
     return None, None
+
+
+def _checkpoint_family(method: str) -> list:
+    """The registered methods whose checkpoints share `method`'s key (CoOp and KgCoOp); [] if unregistered."""
+    entry = find_backbone_method(method)
+    if entry is None or entry.checkpoint_key is None:
+        return [entry] if entry is not None else []
+    return [m for m in backbone_methods() if m.checkpoint_key is entry.checkpoint_key]
+
+
+def _checkpoint_label(method: str) -> str:
+    family = _checkpoint_family(method)
+    if family:
+        return "/".join(m.label for m in family)
+    return UNSUPPORTED_CHECKPOINTS[method][0] if method in UNSUPPORTED_CHECKPOINTS else method
 
 
 def refuse_other_method(state: dict, method: str, path: str, needed_key: str) -> None:
@@ -385,16 +406,17 @@ def refuse_other_method(state: dict, method: str, path: str, needed_key: str) ->
     found, key = identify_method(state)
     if found == method:
         return
-    labels = {"mmrl": "MMRL", "promptsrc": "PromptSRC", "maple": "MaPLe", "cocoop": "CoCoOp", "coop": "CoOp/KgCoOp"}
-    if found in ("mmrl", "promptsrc"):
+    entry = find_backbone_method(found)
+    if entry is not None and entry.written == "imported":
         fix = f"pass --method {found}"
-    elif found == "coop":
-        fix = "a CoOp/KgCoOp context is imported with `fvgpt-cache backbone load --method coop|kgcoop`"
+    elif entry is not None:
+        names = "|".join(m.name for m in _checkpoint_family(found))
+        fix = f"a {_checkpoint_label(found)} context is imported with `fvgpt-cache backbone load --method {names}`"
     elif found is not None:
-        fix = f"{labels[found]} is not supported"
+        fix = f"{_checkpoint_label(found)} is not supported"
     else:
         shown = ", ".join(sorted(state)[:8]) + (", …" if len(state) > 8 else "")
         raise ValueError(f"{path} has no {needed_key}; its keys are [{shown}]. Give the checkpoint the official "
-                         f"{labels.get(method, method)} trainer wrote")
-    raise ValueError(f"{path} is a {labels[found]} checkpoint (it has {key}), not {labels.get(method, method)} "
+                         f"{_checkpoint_label(method)} trainer wrote")
+    raise ValueError(f"{path} is a {_checkpoint_label(found)} checkpoint (it has {key}), not {_checkpoint_label(method)} "
                      f"(no {needed_key}); {fix}")

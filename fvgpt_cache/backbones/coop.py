@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from ..data import sha256_of
 from ..device import module_device, resolve_device
 from ..evaluation import accuracy
+from ..methods import COOP, KGCOOP, check_method_handled
 from ..models import LoadedModel
 from ..prompts import CLASS_TOKEN_POSITIONS, PromptLearner, prompt_features, text_width
 from ..store import Cache, CacheError, open_cache, write_text_group
@@ -31,13 +32,13 @@ from ..training import CLASS_SETS, class_set, lr_at_epoch
 from .cache_model import model_of, model_record
 from .checkpoints import load_context, resolve_checkpoint
 
-METHODS = ("coop", "kgcoop")
+METHODS = (COOP.name, KGCOOP.name)  # the methods CoOp's prompt learner trains here
 KGCOOP_CTX_INIT = "a photo of a"
 
 
 def default_epochs(dataset: str | None, method: str) -> int:
     """The paper's epochs: 10, except CoOp on EuroSAT (20; docs/method.md#backbone-training, paper App. C.4)."""
-    return 20 if (dataset or "").lower() == "eurosat" and method == "coop" else 10
+    return 20 if (dataset or "").lower() == "eurosat" and method == COOP.name else 10
 
 
 @dataclass
@@ -49,7 +50,7 @@ class BackboneConfig:
     context from the token embeddings of its words (n_ctx becomes its token count).
     """
 
-    method: str = "coop"
+    method: str = COOP.name
     n_ctx: int = 4
     ctx_init: str | None = "auto"
     csc: bool = False
@@ -71,7 +72,7 @@ class BackboneConfig:
     def init_text(self) -> str | None:
         """The context initialisation text after resolving "auto" (None: random)."""
         if self.ctx_init == "auto":
-            return KGCOOP_CTX_INIT if self.method == "kgcoop" else None
+            return KGCOOP_CTX_INIT if self.method == KGCOOP.name else None
         if self.ctx_init is None or str(self.ctx_init).strip().lower() in ("", "none", "random"):
             return None
         return str(self.ctx_init)
@@ -81,7 +82,7 @@ class BackboneConfig:
             if not ok:
                 raise ValueError(f"{name}={getattr(self, name)!r}: {fix}")
 
-        need(self.method in METHODS, "method", f"choose one of {METHODS}")
+        check_method_handled(self.method, METHODS, "CoOp's prompt learner (backbone train)")
         need(isinstance(self.n_ctx, int) and self.n_ctx >= 1, "n_ctx", "use a positive number of context tokens")
         need(self.class_token_position in CLASS_TOKEN_POSITIONS, "class_token_position",
              f"choose one of {CLASS_TOKEN_POSITIONS}")
@@ -225,7 +226,7 @@ def _fit_backbone(cache: Cache | str | Path, cfg: BackboneConfig, progress: Call
             logits = scale * img[idx] @ F.normalize(feats, dim=-1).T
             ce = F.cross_entropy(logits, y[idx])
             loss = ce
-            if cfg.method == "kgcoop":
+            if cfg.method == KGCOOP.name:
                 kg = kgcoop_loss_term(feats, clip_txt)
                 loss = ce + cfg.kg_weight * kg
                 sums["kg"] = sums.get("kg", 0) + kg.detach()
@@ -318,8 +319,7 @@ def load_backbone(cache_path: str | Path, checkpoint: str | Path, method: str, n
                   pretrained: str | None = None, class_token_position: str = "end",
                   device: str | torch.device = "cpu", loaded: LoadedModel | None = None) -> dict:
     """Write `/text/<name or method>` from a CoOp / KgCoOp checkpoint trained elsewhere; returns a summary."""
-    if method not in METHODS:
-        raise ValueError(f"method={method!r}: choose one of {METHODS} (other methods change more than the context)")
+    check_method_handled(method, METHODS, "a CoOp-style context checkpoint (backbone load)")
     if class_token_position not in CLASS_TOKEN_POSITIONS:
         raise ValueError(f"class_token_position={class_token_position!r}: choose one of {CLASS_TOKEN_POSITIONS}")
     cache = open_cache(cache_path)

@@ -42,23 +42,20 @@ from ..distributed import Job, current_job
 from ..extraction import (
     STORE_DTYPES, ExtractionError, ViewDataset, check_compute, check_finite, encode_views, resolve_precision,
 )
+from ..methods import MMRL as MMRL_METHOD, PROMPTSRC, backbone_method, backbone_method_names, backbone_methods
 from ..passes import DONE, BatchWrites, PassReport, run_pass
 from ..models import LoadedModel
 from ..store import IMAGE, Cache, CacheError, check_partial, image_key, open_cache, progress_key, text_key, write_text_group
 from ..views import Box, ViewMaker
 from .cache_model import model_of, model_record
 from .checkpoints import load_state_dict
-from .mmrl import DEFAULT_ALPHA, MMRL
-from .promptsrc import DEFAULT_CTX_INIT, PromptSRC
+from .mmrl import DEFAULT_ALPHA
+from .promptsrc import DEFAULT_CTX_INIT
 
-IMPORTERS = {"promptsrc": PromptSRC, "mmrl": MMRL}
-IMPORT_METHODS = tuple(IMPORTERS)
 IMPORT_FORMAT = "fvgpt-cache-import"
 CLIP_CHECK_THRESHOLD = 0.99  # cosine to the cached CLIP features (stored in fp16, maybe encoded on a GPU)
 PROMPT_CHECK_THRESHOLD = 0.99  # cosine of the checkpoint's frozen token embeddings to the model's (fp16 in the file)
 AREA_TOLERANCE = 1e-6
-OFFICIAL_CODE = {"promptsrc": "github.com/muzairkhattak/PromptSRC trainers/promptsrc.py, clip/model.py (IVLP)",
-                 "mmrl": "github.com/yunncheng/MMRL trainers/mmrl.py, clip/model_mmrl.py"}
 
 
 @dataclass
@@ -81,17 +78,19 @@ class ImportOptions:
     force: bool = False
 
     def validate(self, method: str) -> "ImportOptions":
-        if method not in IMPORTERS:
-            raise ValueError(f"method={method!r}: choose one of {IMPORT_METHODS} (CoOp/KgCoOp contexts are imported "
+        imported = backbone_method_names("imported")
+        if method not in imported:
+            trained = "/".join(m.label for m in backbone_methods("trained"))
+            raise ValueError(f"method={method!r}: choose one of {imported} ({trained} contexts are imported "
                              "with `fvgpt-cache backbone load`)")
         if self.name is not None and (not self.name or "/" in self.name or self.name == "clip"
                                       or self.name.startswith("clip_")):
             raise ValueError(f"name={self.name!r}: choose a group name without '/' that is not clip or clip_*")
-        if method != "mmrl" and (self.alpha is not None or self.rep_layers is not None):
+        if method != MMRL_METHOD.name and (self.alpha is not None or self.rep_layers is not None):
             raise ValueError("--alpha and --rep-layers are MMRL options; PromptSRC has no fusion and no representation layers")
-        if method != "mmrl" and self.template is not None:
+        if method != MMRL_METHOD.name and self.template is not None:
             raise ValueError("--template is an MMRL option; PromptSRC's class prompts are '<ctx-init> {class}.'")
-        if method != "promptsrc" and self.ctx_init != DEFAULT_CTX_INIT:
+        if method != PROMPTSRC.name and self.ctx_init != DEFAULT_CTX_INIT:
             raise ValueError("--ctx-init is a PromptSRC option; MMRL has no learned text context")
         if self.alpha is not None and not 0 <= self.alpha <= 1:
             raise ValueError(f"alpha={self.alpha}: use a fusion weight in [0, 1] (MMRL's official value is {DEFAULT_ALPHA})")
@@ -338,8 +337,9 @@ def _import_backbone(cache_path: str | Path, method: str, checkpoint: str | Path
     model = loaded.model.to(device).eval()
 
     state, ckpt = load_state_dict(checkpoint, method)
-    backbone = IMPORTERS[method].from_state(state, model, ckpt["file"], ctx_init=options.ctx_init,
-                                            rep_layers=options.rep_layers, alpha=options.alpha)
+    importer = backbone_method(method).load_importer()
+    backbone = importer.from_state(state, model, ckpt["file"], ctx_init=options.ctx_init,
+                                   rep_layers=options.rep_layers, alpha=options.alpha)
     del state
     backbone.to(device)
     template = options.template or cache.text_attrs("clip").get("template") or prov.get("template")
@@ -359,7 +359,7 @@ def _import_backbone(cache_path: str | Path, method: str, checkpoint: str | Path
     clip_cosine = check_clip_reproduced(cache, loaded, rows, image_root, maker, device)
 
     settings = backbone.settings()
-    if method == "mmrl":
+    if method == MMRL_METHOD.name:
         settings["template"] = template
     precision = resolve_precision("auto", device, store_dtype)
     settings["compute"] = {"device_type": device.type, "precision": precision}  # in the fingerprint and provenance
@@ -411,7 +411,7 @@ def _import_backbone(cache_path: str | Path, method: str, checkpoint: str | Path
 
     def finish(report: PassReport) -> dict:  # rank 0, holding the lock, every row done
         provenance = {
-            "method": method, "image_encoder": name, "official_code": OFFICIAL_CODE[method],
+            "method": method, "image_encoder": name, "official_code": backbone_method(method).official_code,
             "checkpoint": ckpt["file"], "checkpoint_sha256": ckpt["sha256"], "checkpoint_choice": ckpt["choice"],
             "epoch": ckpt["epoch"], "checkpoint_dtypes": ckpt["dtypes"], **settings,
             "class_prompts_example": texts[0] if texts else None, "prompt_check": prompt_check,

@@ -30,6 +30,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from .. import methods
 from .checkpoints import check_against_model, refuse_other_method
 from .towers import causal_mask, check_vit_clip, expand_tokens, image_head, patch_tokens, text_head
 
@@ -138,7 +139,7 @@ def read_mmrl(state: dict, model: nn.Module, path: str, rep_layers=None) -> tupl
     """The learned tensors of an MMRL state dict, checked against the cache's model; returns them and
     where the representation layers came from ("last K blocks" or "option")."""
     check_vit_clip(model, "MMRL")
-    refuse_other_method(state, "mmrl", path, REP_KEY)
+    refuse_other_method(state, methods.MMRL.name, path, REP_KEY)
     tokens = state[REP_KEY]
     if tokens.dim() != 2 or not tokens.is_floating_point() or not torch.isfinite(tokens).all():
         raise ValueError(f"{path}: {REP_KEY} must be a finite (n_rep, REP_DIM) float tensor, got {tuple(tokens.shape)} "
@@ -201,7 +202,7 @@ def read_mmrl(state: dict, model: nn.Module, path: str, rep_layers=None) -> tupl
 class MMRL:
     """The importer's view of an MMRL checkpoint: features of images and classes, and what it records."""
 
-    method = "mmrl"
+    method = methods.MMRL.name
     label = "MMRL"
     outputs = ("", "_rep")
 

@@ -32,6 +32,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from .. import methods
 from .checkpoints import check_against_model, refuse_other_method
 from .towers import causal_mask, check_vit_clip, expand_tokens, image_head, patch_tokens, text_head
 
@@ -158,7 +159,7 @@ def read_promptsrc(state: dict, model: nn.Module, path: str, ctx_init: str | Non
     or frozen weights of another depth; frozen weights of other CLIP weights.
     """
     check_vit_clip(model, "PromptSRC")
-    refuse_other_method(state, "promptsrc", path, CTX_KEY)
+    refuse_other_method(state, methods.PROMPTSRC.name, path, CTX_KEY)
     if CTX_KEY not in state:
         raise ValueError(f"{path} has PromptSRC vision prompts but no {CTX_KEY}; the checkpoint is incomplete")
     width_t = int(model.token_embedding.weight.shape[1])
@@ -191,7 +192,7 @@ def read_promptsrc(state: dict, model: nn.Module, path: str, ctx_init: str | Non
 class PromptSRC:
     """The importer's view of a PromptSRC checkpoint: features of images and classes, and what it records."""
 
-    method = "promptsrc"
+    method = methods.PROMPTSRC.name
     label = "PromptSRC"
     outputs = ("",)
 

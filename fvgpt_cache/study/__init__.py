@@ -28,10 +28,10 @@ from .driver import IMAGE_PASSES, Outcome, StudyResult, execute, run_study
 from .estimate import estimate, measure_rates, missing_inputs, overview
 from .jobs import (FINAL, STAGES, StudyJob, build_jobs, cache_path, check_settings, finished_since, log_path,
                    parse_shard, read_status, results_digest, shard_units, status_path)
-from .plan import BACKBONES, DatasetEntry, Plan, PlanError, load_plan, paper_plan
+from .plan import DatasetEntry, study_backbones, Plan, PlanError, load_plan, paper_plan
 from .runners import RUNNERS
 
 __all__ = ["IMAGE_PASSES", "Outcome", "StudyResult", "execute", "run_study", "estimate", "measure_rates",
            "missing_inputs", "overview", "FINAL", "STAGES", "StudyJob", "build_jobs", "cache_path", "check_settings",
            "finished_since", "log_path", "parse_shard", "read_status", "results_digest", "shard_units", "status_path",
-           "BACKBONES", "DatasetEntry", "Plan", "PlanError", "load_plan", "paper_plan", "RUNNERS"]
+           "study_backbones", "DatasetEntry", "Plan", "PlanError", "load_plan", "paper_plan", "RUNNERS"]

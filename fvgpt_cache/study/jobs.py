@@ -10,7 +10,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..datasets import DATASETS
-from .plan import CROSS_SOURCE, DEFAULT_RRC, IMPORTED, TRAINED, Plan, PlanError
+from ..methods import backbone_method
+from .plan import CROSS_SOURCE, DEFAULT_RRC, Plan, PlanError
 
 
 @dataclass
@@ -83,7 +84,7 @@ def build_jobs(plan: Plan) -> list[StudyJob]:
                 jobs.append(ex)
                 for b in (b for b in plan.backbones if plan.rrc_for(b) == scale):
                     # PromptSRC/MMRL: imported; CoOp/KgCoOp: trained here, or loaded from [checkpoints] when given
-                    kind = "import" if b in IMPORTED else "load" if b in plan.checkpoints else "backbone"
+                    kind = "import" if backbone_method(b).written == "imported" else "load" if b in plan.checkpoints else "backbone"
                     bid = f"{kind}/{b}/{unit}"
                     spec = {"cache": str(cache), "method": b, "seed": seed, "device": plan.device}
                     if kind == "import":
@@ -130,7 +131,7 @@ def cross_jobs(plan: Plan) -> list[StudyJob]:
             targets = [unit_of(d.name) for d in plan.datasets if d.name != CROSS_SOURCE]
             common = {"method": b, "name": name, "seed": seed, "device": plan.device}
             writes = []
-            if b in TRAINED:
+            if backbone_method(b).written == "trained":
                 # trained like any head job of the ImageNet cache (in parallel over seeds), written into no cache
                 # (or given: [checkpoints] <method>_cross); the tail writes the context into every cache
                 given = f"{b}_cross" in plan.checkpoints

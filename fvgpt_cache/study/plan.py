@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import difflib
+import json
 import os
 import sys
 from dataclasses import dataclass, field
@@ -9,6 +10,7 @@ from pathlib import Path
 
 from ..ablations import ABLATIONS
 from ..datasets import DATASETS, dataset_info
+from ..methods import COOP, PAPER_METHODS, backbone_method, backbone_method_names, backbone_methods
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -16,13 +18,10 @@ else:  # pragma: no cover
     import tomli as tomllib
 
 
-BACKBONES = ("coop", "kgcoop", "promptsrc", "mmrl")
-
-
-TRAINED = ("coop", "kgcoop")  # learned here from the cache
-
-
-IMPORTED = ("promptsrc", "mmrl")  # official checkpoints, imported with one more pass over the images
+def study_backbones() -> tuple[str, ...]:
+    """The registered backbone methods a study can write into its caches (not zero-shot): trained here from
+    the cache, or imported from official checkpoints with one more pass over the images."""
+    return tuple(m.name for m in backbone_methods() if m.written != "zero-shot")
 
 
 TRAIN_ITEMS = ("table1", "table2", "paper", *ABLATIONS)
@@ -51,11 +50,9 @@ KEYS: dict[str, dict[str, tuple[type | tuple, str]]] = {
     "dataset": {"name": (str, "dataset name"), "split_file": (str, "split JSON"), "image_root": (str, "image folder"),
                 "mask_root": (str, "mask folder"), "template": (str, "class template with {}")},
     "study": {"seeds": (list, "list of integers"), "shots": (int, "images per class"),
-              "backbones": (list, f"subset of {BACKBONES}"), "train": (list, "table1, table2, ablation presets"),
+              "backbones": (list, "subset of the study's backbones"), "train": (list, "table1, table2, ablation presets"),
               "rrc_scale": ((str, list), "'preset' or [min, max]"), "device": (str, "auto|cpu|cuda")},
-    "checkpoints": {**{m: (str, "checkpoint root") for m in ("coop", "kgcoop", "promptsrc", "mmrl")},
-                    **{f"{m}_cross": (str, "cross-dataset checkpoints (ImageNet, all classes)")
-                       for m in ("coop", "kgcoop", "promptsrc", "mmrl")}},
+    "checkpoints": {},  # one root per backbone method and its <method>_cross, from the registry: `_known_keys`
     "extract": {"train_views": (int, ""), "batch_size": (int, ""), "workers": (int, ""), "missing_mask": (str, ""),
                 "bad_image": (str, ""), "mask_size_mismatch": (str, ""), "fg_mode": (str, ""), "dtype": (str, "")},
     "backbone": {"epochs": (int, "CoOp/KgCoOp epochs (default: the paper's per dataset)"), "lr": (float, ""),
@@ -94,7 +91,7 @@ class Plan:
     datasets: list[DatasetEntry] = field(default_factory=list)
     seeds: list[int] = field(default_factory=lambda: [1, 2, 3])
     shots: int = 16
-    backbones: list[str] = field(default_factory=lambda: ["coop"])
+    backbones: list[str] = field(default_factory=lambda: [COOP.name])
     train: list[str] = field(default_factory=lambda: ["table1"])
     rrc_scale: str | tuple[float, float] = "preset"
     device: str = "auto"
@@ -108,9 +105,8 @@ class Plan:
         """The crop scale of the training views a backbone's FVG-PT runs need (its release config's, by default)."""
         if self.rrc_scale != "preset":
             return tuple(self.rrc_scale)
-        from ..presets import PRESETS
-
-        return tuple(PRESETS[backbone].rrc_scale)
+        preset = backbone_method(backbone).preset_for(None)
+        return tuple(preset.rrc_scale) if preset is not None else DEFAULT_RRC
 
 
 TYPE_NAMES = {str: "a string", int: "an integer", float: "a number", list: "a list", dict: "a table"}
@@ -120,8 +116,18 @@ def _where(path: Path, table: str) -> str:
     return f"{path} [{table}]" if table else str(path)
 
 
+def _known_keys(table: str) -> dict[str, tuple[type | tuple, str]]:
+    """A table's keys; those naming backbone methods follow the registry at call time."""
+    if table == "study":
+        return {**KEYS["study"], "backbones": (list, f"subset of {study_backbones()}")}
+    if table == "checkpoints":
+        return {**{m: (str, "checkpoint root") for m in study_backbones()},
+                **{f"{m}_cross": (str, "cross-dataset checkpoints (ImageNet, all classes)") for m in study_backbones()}}
+    return KEYS[table]
+
+
 def _check_keys(path: Path, table: str, raw: dict) -> None:
-    known = KEYS[table]
+    known = _known_keys(table)
     for key, value in raw.items():
         if key not in known:
             close = difflib.get_close_matches(key, list(known), n=1)
@@ -188,7 +194,7 @@ def load_plan(path: str | Path) -> Plan:
                         "are read from `root = \"FOLDER\"`, the folder holding their folders")
     _study(path, raw.get("study", {}), plan)
     ckpts = raw.get("checkpoints", {})
-    for method in IMPORTED:
+    for method in backbone_method_names("imported"):
         if method in plan.backbones and method not in ckpts:
             raise PlanError(f"{path} [study]: backbones include {method}, whose checkpoints are imported: add "
                             f"[checkpoints] {method} = \"ROOT\" (laid out ROOT/<dataset>/seed<S>/…, or a pattern with "
@@ -199,7 +205,7 @@ def load_plan(path: str | Path) -> Plan:
             raise PlanError(f"{path} [study]: train has table2 (cross-dataset: trained on every ImageNet class, "
                             "evaluated on the other datasets), which needs imagenet and at least one other dataset "
                             f"in [[dataset]]; the plan has {', '.join(names)}")
-        for method in IMPORTED:  # CoOp/KgCoOp are trained on all ImageNet classes unless <method>_cross is given
+        for method in backbone_method_names("imported"):  # CoOp/KgCoOp are trained on all ImageNet classes unless <method>_cross is given
             if method in plan.backbones and f"{method}_cross" not in ckpts:
                 raise PlanError(f"{path} [checkpoints]: table2 with {method} needs {method}_cross = \"ROOT\", its "
                                 "official cross-dataset checkpoints (trained on all ImageNet classes), laid out "
@@ -276,9 +282,10 @@ def _study(path: Path, raw: dict, plan: Plan) -> None:
     if plan.shots < 0:
         raise PlanError(f"{where}: shots = {plan.shots}; give images per class (0 keeps all)")
     backbones = raw.get("backbones", plan.backbones)
-    bad = [b for b in backbones if b not in BACKBONES]
+    choices = study_backbones()
+    bad = [b for b in backbones if b not in choices]
     if bad or not backbones or len(set(backbones)) != len(backbones):
-        raise PlanError(f"{where}: backbones = {backbones!r}; choose distinct names from {', '.join(BACKBONES)}")
+        raise PlanError(f"{where}: backbones = {backbones!r}; choose distinct names from {', '.join(choices)}")
     plan.backbones = list(backbones)
     train = raw.get("train", plan.train)
     for item in train:
@@ -360,16 +367,13 @@ name = "all"                     # the eleven
 [study]
 seeds = [1, 2, 3]
 shots = 16
-backbones = ["coop", "kgcoop", "promptsrc", "mmrl"]
+backbones = BACKBONES
 train = ["table1", "table2"]     # add ablations by name: components, losses, ... or "paper" for all of them
 rrc_scale = "preset"             # each backbone's release config: 0.08-1, MMRL 0.5-1 (MMRL gets caches of its own)
 device = "auto"
 
 [checkpoints]                    # the official base-to-new checkpoints, ROOT/<dataset>/seed<S>/...
-promptsrc = "/ckpt/promptsrc"
-mmrl = "/ckpt/mmrl"
-promptsrc_cross = "/ckpt/promptsrc_cross"   # cross-dataset (all ImageNet classes), ROOT/seed<S>/...
-mmrl_cross = "/ckpt/mmrl_cross"
+CHECKPOINTS
 
 [extract]
 train_views = 11                 # view 0 + one augmented view per epoch
@@ -385,4 +389,10 @@ compare = "paper"                # the paper's Table 1 rows beside yours
 
 def paper_plan() -> str:
     """The text of `fvgpt-cache plan --paper` (it loads as it is, see tests)."""
-    return PAPER_PLAN
+    imported = [m for m in PAPER_METHODS if backbone_method(m).written == "imported"]
+    roots = [f'{m} = "/ckpt/{m}"' for m in imported]
+    cross = [f'{m}_cross = "/ckpt/{m}_cross"' for m in imported]
+    if cross:
+        cross[0] += "   # cross-dataset (all ImageNet classes), ROOT/seed<S>/..."
+    return (PAPER_PLAN.replace("backbones = BACKBONES", f"backbones = {json.dumps(list(PAPER_METHODS))}")
+            .replace("CHECKPOINTS\n", "".join(line + "\n" for line in roots + cross)))
