@@ -105,7 +105,7 @@ def grid(
             err.print(f"stopped by SIGTERM: {len(written)} run(s) finished and written to {escape(str(out))}/"
                       "results.jsonl; rerun the same command to resume")
             raise typer.Exit(code=143) from None
-    for w in sorted({w for r in records for w in r.get("warnings") or []}):
+    for w in sorted({w for r in records for w in r.warnings}):
         err.print(f"[bold yellow]warning:[/] {escape(w)}", highlight=False)
     console.print(f"{len(records)} new run(s); {len(runs) - len(records)} were already done. "
                   f"Summarise with: fvgpt-cache report {out}")

@@ -189,7 +189,7 @@ def run_grid_job(spec: dict, log, job=None) -> dict:
     records = run_grid(runs, Path(spec["out"]), log=log, eval_caches=[Path(c) for c in spec.get("eval_caches", [])])
     seconds = time.perf_counter() - t0
     log(f"{len(records)} new run(s), {len(runs) - len(records)} already done, {seconds:.1f}s")
-    epochs_images = sum(r["config"]["epochs"] * r["train_images"] for r in records)
+    epochs_images = sum(r.config["epochs"] * r.train_images for r in records)
     return {"runs": len(runs), "new_runs": len(records), "seconds": seconds, "epoch_images": epochs_images}
 
 
