@@ -123,14 +123,11 @@ def train(
     Settings come from the TrainConfig defaults, then the backbone's preset (the release's config for
     CoOp, KgCoOp, PromptSRC, MMRL; EuroSAT and cross-dataset variants), then what you pass here.
     """
-    from fvgpt_cache.runs import run_training
-    from fvgpt_cache.store import open_cache
-    from fvgpt_cache.training import configure, parse_value
+    from fvgpt_cache import check_tensorboard, parse_value, write_tensorboard
+    from fvgpt_cache import train as train_run
 
     if tensorboard:
-        from fvgpt_cache.tensorboard import check_available
-
-        check_available()
+        check_tensorboard()
     overrides = {"classes": classes, "seed": seed, "device": device, "select": select}
     explicit = {"backbone": backbone, "lambda_d": lambda_d, "lambda_pc": lambda_new, "epochs": epochs,
                 "batch_size": batch_size, "lr": lr}
@@ -143,19 +140,17 @@ def train(
             fail(f"--set {item!r}: write KEY=VALUE")
         key, value = item.split("=", 1)
         overrides[key.strip()] = parse_value(key.strip(), value)
-    cfg, preset = configure(open_cache(cache), overrides, preset_of)
     if as_json:
-        record = run_training(cache, cfg, out, eval_cache, preset=preset)
+        record = train_run(cache, eval_caches=eval_cache, out=out, save=True, preset_of=preset_of, **overrides)
     else:
         with Progress(TextColumn("train"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[loss]}"),
                       TimeRemainingColumn(), console=err, transient=True) as bar:
-            task = bar.add_task("train", total=cfg.epochs, loss="")
-            record = run_training(cache, cfg, out, eval_cache, preset=preset, progress=lambda e, n, h: bar.update(
-                task, completed=e, loss=f"loss {h.get('total', 0):.3f}"))
+            task = bar.add_task("train", total=None, loss="")
+            record = train_run(cache, eval_caches=eval_cache, out=out, save=True, preset_of=preset_of,
+                               progress=lambda e, n, h: bar.update(task, completed=e, total=n,
+                                                                   loss=f"loss {h.get('total', 0):.3f}"), **overrides)
     if tensorboard:
-        from fvgpt_cache.tensorboard import write_run
-
-        console.print(f"TensorBoard scalars: {write_run(tensorboard, record)}")
+        console.print(f"TensorBoard scalars: {write_tensorboard(tensorboard, record)}")
     if as_json:
         print(record.dumps(indent=1))
     else:

@@ -51,6 +51,7 @@ _EXPORTS = {
     "read_grid_file": ("grids", "read_grid_file"),
     "TrainingStopped": ("engine", "TrainingStopped"),
     "CI_METHODS": ("reports", "CI_METHODS"),
+    "describe_averaged": ("reports", "describe_averaged"),
     "check_tensorboard": ("tensorboard", "check_available"),
     "write_tensorboard": ("tensorboard", "write_run"),
     # Plug-ins (registries of issue 22, item 3) go here when they land:
