@@ -22,7 +22,7 @@ from .device import resolve_device
 from .evaluation import curve_data
 from .engine import available_memory, memory_estimate, shape_parts, split_for_memory, train_group
 from .engine import group_key as engine_group_key
-from .records import RunRecord
+from .records import RunInput, RunRecord
 from .runs import eval_sets, finish_run, record_slot, run_id, run_inputs, run_slot
 from .store import FINGERPRINT_CHARS, check_same_model, lock_file, open_cache
 from .training import TrainConfig, config_with, configure, parse_value, prepare
@@ -44,11 +44,11 @@ class GridRun:
     run_id: str
     preset: dict | None = None
     ablations: list = field(default_factory=list)  # [(ablation preset, row label)] this run serves
-    inputs: list = field(default_factory=list)  # `runs.run_inputs`: what it reads, by content
+    inputs: list[RunInput] = field(default_factory=list)  # `runs.run_inputs`: what it reads, by content
 
     @property
     def slot(self) -> str:
-        return run_slot([i["path"] for i in self.inputs], self.config.to_dict())
+        return run_slot([i.path for i in self.inputs], self.config.to_dict())
 
 
 # Grid axes with their own option: a --param for them would silently replace that option.
@@ -254,9 +254,9 @@ def read_results(results: Path) -> list[RunRecord]:
 def _stale_reason(record: RunRecord, run: GridRun) -> str:
     if not record.inputs:
         return "written before results recorded the content of their caches"
-    old = {i["path"]: i["fingerprint"] for i in record.inputs}
-    changed = [f"{Path(i['path']).name} ({old[i['path']][:FINGERPRINT_CHARS]} → {i['fingerprint'][:FINGERPRINT_CHARS]})"
-               for i in run.inputs if old.get(i["path"]) != i["fingerprint"]]
+    old = {i.path: i.fingerprint for i in record.inputs}
+    changed = [f"{Path(i.path).name} ({old[i.path][:FINGERPRINT_CHARS]} → {i.fingerprint[:FINGERPRINT_CHARS]})"
+               for i in run.inputs if old.get(i.path) != i.fingerprint]
     return "cache content changed since: " + ", ".join(changed) if changed else "computed from other inputs"
 
 
@@ -341,7 +341,7 @@ def with_eval_caches(runs: list[GridRun], eval_caches: list[Path]) -> list[GridR
     want = [str(Path(p).resolve()) for p in eval_caches]
     targets, caches, out = None, {}, []
     for r in runs:
-        if [i["path"] for i in r.inputs if i["role"] == "eval"] == want:
+        if [i.path for i in r.inputs if i.role == "eval"] == want:
             out.append(r)
             continue
         targets = targets if targets is not None else [open_cache(p) for p in eval_caches]

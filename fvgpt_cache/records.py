@@ -23,6 +23,16 @@ class RecordError(ValueError):
     """A results record that cannot be read: another format, a future version, a missing or mistyped key."""
 
 
+@dataclass(frozen=True)
+class RunInput:
+    """One cache a run read: its `role` (train | eval), its resolved `path` and the content fingerprint
+    (`Cache.input_fingerprint`) that the run id hashes."""
+
+    role: str
+    path: str
+    fingerprint: str
+
+
 @dataclass
 class Selection:
     """Which epoch a run reports: `rule` (last | val), `epoch` (0-based), the validation numbers at that
@@ -58,7 +68,7 @@ OPTIONAL = {
 }
 
 
-@dataclass
+@dataclass(kw_only=True)
 class RunRecord:
     """One run's results: what it read, how it was configured, what it scored, how it trained.
 
@@ -67,21 +77,22 @@ class RunRecord:
     `cross_dataset`: one entry per evaluation cache; `diagnostics`/`stability`: what the gates
     learned and whether the FDC branch collapsed; `history`: one dict per epoch. `params` and
     `ablations` are set by grids (the grid's parameters of this run, the ablation rows it serves);
-    `set_aside` is the reason a grid moved a stale record out of its results file.
+    `set_aside` is the reason a grid moved a stale record out of its results file. The fields are
+    keyword-only, in the order `results.json` lists them.
     """
 
     run_id: str
     cache: str
-    backbone: str
-    seed: int
-    config: dict
-    metrics: dict
-    inputs: list[dict] = field(default_factory=list)
+    inputs: list[RunInput] = field(default_factory=list)
     dataset: str | None = None
     cache_provenance: dict = field(default_factory=dict)
+    backbone: str
     backbone_provenance: dict | None = None
+    seed: int
+    config: dict
     preset: dict | None = None
     warnings: list[str] = field(default_factory=list)
+    metrics: dict
     test_images: dict = field(default_factory=dict)
     foreground_shift: dict | None = None
     cross_dataset: list[dict] = field(default_factory=list)
@@ -108,17 +119,13 @@ class RunRecord:
     @property
     def train_fingerprint(self) -> str | None:
         """The content fingerprint of the cache the run trained on (None for records older than fingerprints)."""
-        return next((i["fingerprint"] for i in self.inputs if i.get("role") == "train"), None)
+        return next((i.fingerprint for i in self.inputs if i.role == "train"), None)
 
     def to_json(self) -> dict:
         """The record as written to results files (always the current schema version)."""
-        out = {"format": RESULTS_FORMAT, "version": SCHEMA_VERSION}
-        for f in dataclasses.fields(self):
-            value = getattr(self, f.name)
-            if f.name in GRID_KEYS and value is None:
-                continue  # grid-only keys stay out of a single run's results.json
-            out[f.name] = dataclasses.asdict(value) if dataclasses.is_dataclass(value) else value
-        return out
+        values = dataclasses.asdict(self)  # nested parts (inputs, selection, mask source) as plain dicts
+        return {"format": RESULTS_FORMAT, "version": SCHEMA_VERSION,
+                **{k: v for k, v in values.items() if not (k in GRID_KEYS and v is None)}}  # grid-only keys when set
 
     def dumps(self, indent: int | None = None) -> str:
         return json.dumps(self.to_json(), indent=indent)
@@ -156,6 +163,9 @@ class RunRecord:
         if unknown:
             raise RecordError(f"{where}unknown key(s) {', '.join(map(repr, unknown))} in a version {version} results "
                               "record; it was not written by fvgpt-cache")
+        if "inputs" in values:
+            values["inputs"] = [_part(where, "inputs", RunInput, _checked(where, "inputs", i, dict))
+                                for i in values["inputs"]]
         if "selection" in values:
             values["selection"] = _part(where, "selection", Selection, values["selection"])
         if "mask_source" in values:

@@ -11,24 +11,24 @@ import torch
 from .engine import train_head
 from .evaluation import EvalSet, curve_data, evaluate, evaluate_transfer, gate_diagnostics
 from .heads import FVGPTHead
-from .records import MaskSource, RunRecord, Selection
+from .records import MaskSource, RunInput, RunRecord, Selection, read_record
 from .store import EXTRACTED_FG, Cache, check_same_model, mask_statistics, open_cache
 from .training import TrainConfig, build_head, prepare, stability
 
 HEAD_FORMAT = "fvgpt-cache-head"
 
 
-def run_inputs(cache: Cache, backbone: str, targets=(), fg_source: str = EXTRACTED_FG) -> list[dict]:
+def run_inputs(cache: Cache, backbone: str, targets=(), fg_source: str = EXTRACTED_FG) -> list[RunInput]:
     """What a run reads, by content: the training cache (with its mask source) and every evaluation cache,
     each with the fingerprint of the datasets the run uses (`Cache.input_fingerprint`) and its path."""
-    return [{"role": role, "path": str(Path(c.path).resolve()),
-             "fingerprint": c.input_fingerprint(backbone, fg_source if role == "train" else EXTRACTED_FG)}
+    return [RunInput(role, str(Path(c.path).resolve()),
+                     c.input_fingerprint(backbone, fg_source if role == "train" else EXTRACTED_FG))
             for role, c in [("train", cache), *(("eval", t) for t in targets)]]
 
 
-def run_id(inputs: list[dict], cfg: TrainConfig) -> str:
+def run_id(inputs: list[RunInput], cfg: TrainConfig) -> str:
     """The key of a result: its configuration and the content of what it read (not the files' paths)."""
-    key = [[(i["role"], i["fingerprint"]) for i in inputs], cfg.to_dict()]
+    key = [[(i.role, i.fingerprint) for i in inputs], cfg.to_dict()]
     return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -40,7 +40,7 @@ def run_slot(paths: list[str], config: dict) -> str:
 
 def record_slot(record: RunRecord) -> str:
     """`run_slot` of a results record (records written before inputs were recorded: its cache path)."""
-    paths = [i["path"] for i in record.inputs] if record.inputs else [str(Path(record.cache).resolve())]
+    paths = [i.path for i in record.inputs] if record.inputs else [str(Path(record.cache).resolve())]
     return run_slot(paths, {**TrainConfig().to_dict(), **record.config})  # fields added since take their defaults
 
 
@@ -112,8 +112,8 @@ def check_run_dir(out_dir: Path, rid: str) -> None:
     existing = out_dir / "results.json"
     if existing.is_file():
         try:
-            other = json.loads(existing.read_text()).get("run_id")  # any format: only its id is compared
-        except (OSError, ValueError):
+            other = read_record(existing).run_id
+        except ValueError:  # unreadable, or not a results record this code reads: not this run's
             other = None
         if other != rid:
             raise ValueError(f"{out_dir} already holds the results of another run ({other or 'unreadable'}; this run is "

@@ -9,6 +9,7 @@ import shutil
 import signal
 import subprocess
 import sys
+from dataclasses import replace
 
 import h5py
 import numpy as np
@@ -197,7 +198,7 @@ def test_default_run_folders_differ_for_different_content(tmp_path, monkeypatch)
     write_feature_cache(a, **SMALL, seed=5)
     second = run_training(a, TrainConfig(epochs=2))
     assert first.run_id != second.run_id and first.run_dir != second.run_dir
-    assert first.inputs[0]["path"] == second.inputs[0]["path"]
+    assert first.inputs[0].path == second.inputs[0].path
     assert json.loads((tmp_path / first.run_dir / "results.json").read_text())["run_id"] == first.run_id
 
 
@@ -259,7 +260,7 @@ def test_tables_print_seed_counts_and_a_zero_spread(tmp_path):
     records = run_grid(expand([a], [1], {}, FAST), tmp_path / "g")
     rec = records[0]
     twin = RunRecord.from_json(rec.to_json()).replace(  # a second seed with the very same numbers: spread 0
-        seed=2, run_id="other", inputs=[{**rec.inputs[0], "fingerprint": open_cache(b).input_fingerprint(rec.backbone)}])
+        seed=2, run_id="other", inputs=[replace(rec.inputs[0], fingerprint=open_cache(b).input_fingerprint(rec.backbone))])
     md = to_markdown(aggregate([rec, twin]))
     header, *rows = [line for line in md.splitlines() if line.startswith("| ") and "---" not in line]
     assert header.split("|")[-2].strip() == "Seeds"
@@ -369,5 +370,5 @@ def test_evaluation_caches_are_inputs_of_a_run(tmp_path):
     keyed = expand([a], [1], {}, FAST, eval_caches=[b])
     assert plain[0].run_id != keyed[0].run_id
     (rec,) = run_grid(plain, tmp_path / "g", eval_caches=[b])
-    assert rec.run_id == keyed[0].run_id and [i["role"] for i in rec.inputs] == ["train", "eval"]
+    assert rec.run_id == keyed[0].run_id and [i.role for i in rec.inputs] == ["train", "eval"]
     assert run_grid(keyed, tmp_path / "g", eval_caches=[b]) == [], "the same run, done"

@@ -4,7 +4,7 @@ import json
 import pytest
 
 from fvgpt_cache.grids import read_results
-from fvgpt_cache.records import SCHEMA_VERSION, MaskSource, RecordError, RunRecord, Selection
+from fvgpt_cache.records import SCHEMA_VERSION, MaskSource, RecordError, RunInput, RunRecord, Selection
 from fvgpt_cache.reports import aggregate, load_records, to_csv
 from fvgpt_cache.training import TrainConfig
 
@@ -42,6 +42,7 @@ def test_round_trip_writes_version_3_and_reads_it_back_equal():
     rec = RunRecord.from_json(v2_record())
     assert isinstance(rec.selection, Selection) and rec.selection.epoch == 9
     assert isinstance(rec.mask_source, MaskSource) and rec.mask_source.mean_area == 0.4
+    assert rec.inputs == [RunInput("train", "/data/dtd.h5", "ab" * 32)]
     out = rec.to_json()
     assert out["format"] == "fvgpt-cache-results" and out["version"] == SCHEMA_VERSION == 3
     assert "params" not in out and "set_aside" not in out, "grid-only keys stay out of a single run's record"
