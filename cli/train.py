@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
@@ -10,12 +10,15 @@ from rich.table import Table
 
 from .common import _pct, app, console, err, fail
 
+if TYPE_CHECKING:
+    from fvgpt_cache import RunRecord
+
 
 def _num(x, fmt: str = ".2f") -> str:
     return "-" if x is None else format(x, fmt)
 
 
-def print_preset(record) -> None:
+def print_preset(record: RunRecord) -> None:
     preset = record.preset or {}
     p = preset.get("preset")
     if p:
@@ -27,7 +30,7 @@ def print_preset(record) -> None:
         err.print(f"[bold yellow]warning:[/] {w}")
 
 
-def print_diagnostics(record) -> None:
+def print_diagnostics(record: RunRecord) -> None:
     """The gates' behaviour and the stability check, one short line each."""
     d = record.diagnostics or {}
     tr, te = d.get("train") or {}, d.get("test_base") or {}
@@ -45,7 +48,7 @@ def print_diagnostics(record) -> None:
                       f"({st['reason']}); see the README on stability")
 
 
-def print_results(record) -> None:
+def print_results(record: RunRecord) -> None:
     m = record.metrics
     all_classes = record.config["classes"] == "all"
     title = f"{record.dataset} · backbone {record.backbone} · seed {record.seed}"

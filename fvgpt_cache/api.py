@@ -98,7 +98,7 @@ def plan_grid(caches: CachePath | Iterable[CachePath], params: dict[str, list] |
     paths, targets, seeds = _many(caches), [_path(c) for c in eval_caches], list(seeds)
     if not seeds:
         raise ValueError("give at least one seed")
-    warnings = check_grid(params, {k: v for k, v in fixed.items() if k not in ("device",)}, preset)
+    warnings = check_grid(params, {k: v for k, v in fixed.items() if k != "device"}, preset)  # device: an option
     check_caches(paths, targets)
     runs = expand(paths, seeds, params, base, preset, preset_of, targets)
     return GridPlan(runs, paths, seeds, targets, warnings)
