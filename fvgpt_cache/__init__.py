@@ -26,7 +26,7 @@ _EXPORTS = {
     "Cache": ("store", "Cache"),
     "CacheError": ("store", "CacheError"),
     "TrainConfig": ("training", "TrainConfig"),
-    "configure": ("training", "configure"),
+    "configure": ("api", "configure"),
     "parse_value": ("training", "parse_value"),
     "train": ("api", "train"),
     "plan_grid": ("api", "plan_grid"),

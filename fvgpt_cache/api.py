@@ -15,7 +15,8 @@ from .grids import GridRun, check_caches, check_grid, expand, read_results, run_
 from .records import RunRecord
 from .runs import run_training
 from .store import Cache, open_cache
-from .training import TrainConfig, configure
+from .training import TrainConfig
+from .training import configure as _configure
 
 CachePath = Union[str, Path, Cache]
 REPORT_FORMATS = ("markdown", "csv", "json", "latex", "curves")
@@ -38,6 +39,15 @@ def _many(caches: CachePath | Iterable[CachePath]) -> list[Path]:
     return out
 
 
+def configure(cache: CachePath, overrides: dict | None = None, preset_of: str = "auto",
+              **params) -> tuple[TrainConfig, dict]:
+    """The `TrainConfig` a run on `cache` would use: the defaults < the backbone's training preset
+    (`preset_of`: auto, none, or a method name) < `overrides` and `params` (TrainConfig fields by name).
+    Returns it with a record of the preset: its name and source, the settings you overrode, warnings.
+    Unknown names and invalid values are refused."""
+    return _configure(_cache(cache), {**(overrides or {}), **params}, preset_of)
+
+
 def train(cache: CachePath, config: TrainConfig | None = None, *, eval_caches: Iterable[CachePath] = (),
           out: str | Path | None = None, save: bool | None = None, preset_of: str = "auto",
           progress: Callable[[int, int, dict], None] | None = None, **params) -> RunRecord:
@@ -53,7 +63,7 @@ def train(cache: CachePath, config: TrainConfig | None = None, *, eval_caches: I
     """
     opened = _cache(cache)
     overrides = {**(config.to_dict() if config is not None else {}), **params}
-    cfg, preset = configure(opened, overrides, preset_of)
+    cfg, preset = _configure(opened, overrides, preset_of)
     save = out is not None if save is None else save
     return run_training(opened.path, cfg, Path(out) if out is not None else None, [_path(c) for c in eval_caches],
                         progress=progress, save=save, preset=preset)
