@@ -194,19 +194,16 @@ def run_grid_job(spec: dict, log, job=None) -> dict:
 
 
 def run_report(spec: dict, log, job=None) -> dict:  # noqa: ARG001  (every runner takes the torchrun job)
-    from .. import reports
+    from ..api import report
 
     files = list(results_digest(spec["grids"]))
     if not files:
         raise RuntimeError("no grid has results yet; nothing to report")
-    records = reports.load_records(files)
-    summary = reports.aggregate(records)
-    ablations = reports.ablation_tables(records)
+    rep = report(files, compare="paper" if spec["compare"] == "paper" else None)  # as `fvgpt-cache report` makes it
+    records = rep.records
     out = Path(spec["out"])
     out.mkdir(parents=True, exist_ok=True)
-    paper = spec["compare"] == "paper"
-    for name, text in (("report.md", reports.to_markdown(summary, paper, ablations)), ("report.csv", reports.to_csv(summary)),
-                       ("report.json", reports.to_json(summary))):
+    for name, text in (("report.md", rep.to_markdown()), ("report.csv", rep.to_csv()), ("report.json", rep.to_json())):
         tmp = out / f".{name}.{os.getpid()}"
         tmp.write_text(text)
         os.replace(tmp, out / name)
