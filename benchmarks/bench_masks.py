@@ -162,12 +162,12 @@ def run_noisy(args) -> str:
     cells: dict[tuple, list] = {}
     collapsed: dict[tuple, list] = {}
     backbone = []
-    for r in sorted(records, key=lambda r: r["seed"]):
-        key = (r["config"]["fg_source"], r["config"]["r_source"])
-        cells.setdefault(key, []).append(r["metrics"]["fvgpt"]["base"])
-        if (r.get("stability") or {}).get("collapsed"):
-            collapsed.setdefault(key, []).append(r["seed"])
-        backbone.append(r["metrics"]["backbone"]["base"])
+    for r in sorted(records, key=lambda r: r.seed):
+        key = (r.config["fg_source"], r.config["r_source"])
+        cells.setdefault(key, []).append(r.metrics["fvgpt"]["base"])
+        if r.collapsed:
+            collapsed.setdefault(key, []).append(r.seed)
+        backbone.append(r.metrics["backbone"]["base"])
     lines = [f"Feature-level confound world (20 classes, 16 shots, 11 views, seed {args.seed}); Base accuracy of "
              f"FVG-PT, median over seeds {args.seeds} [per seed; runs the stability check flags as collapsed]. Backbone alone: median {statistics.median(backbone):.1f}.",
              "", "| mask source | r from FRG | r = 1 (foreground) | r = 0 (full view) |", "|---|---|---|---|"]
@@ -243,7 +243,7 @@ def run_fvgpt(args) -> str:
         lines += [f"**{title}**", "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
         lines += ["| " + " | ".join(row) + " |" for row in body]
         lines.append("")
-    backbone = {r["metrics"]["backbone"]["base"] for r in records}
+    backbone = {r.metrics["backbone"]["base"] for r in records}
     lines.append(f"Backbone (CoOp) alone: Base {sorted(backbone)[0]:.2f}.")
     return "\n".join(lines)
 

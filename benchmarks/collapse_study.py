@@ -46,12 +46,12 @@ def main() -> None:
         if len(records) < len(runs):  # already done earlier: read them back
             from fvgpt_cache.reports import load_records
             ids = {r.run_id for r in runs}
-            records = [r for r in load_records([args.out / "grid" / "results.jsonl"]) if r["run_id"] in ids]
-        base = [r["metrics"]["fvgpt"]["base"] for r in records]
-        ok = [r["metrics"]["fvgpt"]["base"] for r in records if not r["stability"]["collapsed"]]
-        flagged = sorted(r["seed"] for r in records if r["stability"]["collapsed"])
-        aucs = [r["diagnostics"]["train"]["frg_auc"] for r in records if r["diagnostics"]["train"]["frg_auc"] is not None]
-        backbone = records[0]["metrics"]["backbone"]["base"]
+            records = [r for r in load_records([args.out / "grid" / "results.jsonl"]) if r.run_id in ids]
+        base = [r.metrics["fvgpt"]["base"] for r in records]
+        ok = [r.metrics["fvgpt"]["base"] for r in records if not r.collapsed]
+        flagged = sorted(r.seed for r in records if r.collapsed)
+        aucs = [r.diagnostics["train"]["frg_auc"] for r in records if r.diagnostics["train"]["frg_auc"] is not None]
+        backbone = records[0].metrics["backbone"]["base"]
         lines.append(f"| {name} | {len(flagged)}/{len(records)}{' (seeds ' + ', '.join(map(str, flagged)) + ')' if flagged else ''} "
                      f"| {statistics.mean(base):.1f} ± {statistics.stdev(base):.1f} "
                      f"| {statistics.mean(ok):.1f} | {statistics.mean(aucs):.2f} |" if ok and aucs else

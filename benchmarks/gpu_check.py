@@ -73,8 +73,8 @@ def versions(device: torch.device) -> dict:
     return {"ok": True, **out}
 
 
-def _accuracies(record: dict) -> dict:
-    m = record["metrics"]["fvgpt"]
+def _accuracies(record) -> dict:
+    m = record.metrics["fvgpt"]
     return {k: m[k] for k in ("base", "new") if m.get(k) is not None}
 
 
@@ -100,8 +100,8 @@ def check_training(device: torch.device, work: Path, small: bool) -> dict:
         cfg = TrainConfig(seed=1, epochs=epochs, device=where)
         start = time.perf_counter()
         record = run_training(cache, cfg, save=False)
-        single[where] = {"seconds": time.perf_counter() - start, "train_seconds": record["seconds"]["train"],
-                         "acc": _accuracies(record), "images": record["test_images"]}
+        single[where] = {"seconds": time.perf_counter() - start, "train_seconds": record.seconds["train"],
+                         "acc": _accuracies(record), "images": record.test_images}
     ok, detail = _equal_within_one_image(single["cpu"]["acc"], single[device.type]["acc"], single["cpu"]["images"])
     out["train"] = {"ok": ok, **detail, "cpu": single["cpu"], device.type: single[device.type],
                     "cpu_over_device": single["cpu"]["train_seconds"] / single[device.type]["train_seconds"]}
@@ -112,8 +112,8 @@ def check_training(device: torch.device, work: Path, small: bool) -> dict:
         start = time.perf_counter()
         records = run_grid(runs, work / f"grid-{where}", resume=False)
         grids[where] = {"seconds": time.perf_counter() - start, "runs": len(records),
-                        "acc": {r["run_id"]: _accuracies(r) for r in records},
-                        "images": records[0]["test_images"]}
+                        "acc": {r.run_id: _accuracies(r) for r in records},
+                        "images": records[0].test_images}
     verdicts = [_equal_within_one_image(grids["cpu"]["acc"][k], grids[device.type]["acc"][k], grids["cpu"]["images"])[0]
                 for k in grids["cpu"]["acc"]]
     out["grid"] = {"ok": all(verdicts) and len(verdicts) == grids[device.type]["runs"], "runs": len(verdicts),

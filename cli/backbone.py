@@ -10,7 +10,7 @@ import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
-from fvgpt_cache.methods import COOP, KGCOOP, MMRL, PROMPTSRC, backbone_methods
+from fvgpt_cache import COOP, KGCOOP, MMRL, PROMPTSRC, backbone_methods
 
 from .common import DIST_TIMEOUT_HELP, _pct, app, console, err, rank_rates, resumable, split_progress
 
@@ -56,11 +56,11 @@ def backbone_train(
     force: bool = typer.Option(False, help="Write into --out even if it holds another cache's backbone."),
 ):
     """Learn CoOp/KgCoOp context from the cached features and write /text/<name> for every class."""
-    from fvgpt_cache.backbones import (
+    from fvgpt_cache import (
         BACKBONE_RECORD, BackboneConfig, claim_backbone_dir, default_backbone_dir, default_epochs, save_coop_checkpoint,
         train_backbone, write_backbone,
     )
-    from fvgpt_cache.store import open_cache
+    from fvgpt_cache import open_cache
 
     c = open_cache(cache)
     cfg = BackboneConfig(method=method, n_ctx=n_ctx, ctx_init=ctx_init, csc=csc,
@@ -99,8 +99,7 @@ def backbone_load(
     device: str = typer.Option("auto"),
 ):
     """Import a context trained by the official CoOp/KgCoOp/FVG-PT code and write /text/<name>."""
-    from fvgpt_cache.backbones import load_backbone
-    from fvgpt_cache.device import resolve_device
+    from fvgpt_cache import load_backbone, resolve_device
 
     info = load_backbone(cache, checkpoint, method, name=name, pretrained=pretrained,
                          class_token_position=class_token_position, device=resolve_device(device))
@@ -136,8 +135,7 @@ def backbone_import(
     """Import a PromptSRC or MMRL checkpoint: its text features and one pass over every cached view.
 
     Under torchrun every process takes its share of the batches (one process per GPU)."""
-    from fvgpt_cache.backbones import ImportOptions, import_backbone
-    from fvgpt_cache.distributed import current_job
+    from fvgpt_cache import ImportOptions, current_job, import_backbone
 
     resumable()
 
@@ -176,8 +174,7 @@ def backbone_ensemble(
     device: str = typer.Option("auto"),
 ):
     """Zero-shot CLIP with an ensemble of templates, written as /text/clip_<templates>."""
-    from fvgpt_cache.backbones import write_ensemble
-    from fvgpt_cache.device import resolve_device
+    from fvgpt_cache import resolve_device, write_ensemble
 
     info = write_ensemble(cache, templates, pretrained=pretrained, device=resolve_device(device))
     console.print(f"wrote /text/{info['name']} ({info['templates']} templates)")
@@ -190,27 +187,11 @@ def baselines(
     as_json: bool = typer.Option(False, "--json"),
 ):
     """Base/New/HM of every text group in the cache (zero-shot, ensembles, backbones) and the linear probe."""
-    import numpy as np
-
-    from fvgpt_cache.evaluation import EvalSet, accuracy
-    from fvgpt_cache.heads import backbone_logits, harmonic_mean
-    from fvgpt_cache.linear_probe import linear_probe as fit_probe
-    from fvgpt_cache.store import open_cache
+    from fvgpt_cache import baselines as baseline_rows
+    from fvgpt_cache import open_cache
 
     c = open_cache(cache)
-    rows = {}
-    for group in c.text_groups:
-        ts = EvalSet(c, group)
-        acc = {}
-        for split, ids in (("base", c.base), ("new", c.new)):
-            sel, y, txt, _ = ts.subset(np.asarray(ids))
-            img = ts.full if split == "base" else ts.full_new
-            acc[split] = accuracy(backbone_logits(img[sel], txt, ts.scale), y)
-        both = acc["base"] is not None and acc["new"] is not None
-        rows[group] = {**acc, "hm": harmonic_mean(acc["base"], acc["new"]) if both else None}
-    if linear_probe:
-        lp = fit_probe(c)
-        rows["linear probe"] = {"base": lp["test_acc_base"], "new": None, "hm": None, "C": lp["C"]}
+    rows = baseline_rows(c, linear_probe)
     if as_json:
         print(json.dumps(rows, indent=1))
         return

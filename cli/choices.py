@@ -12,7 +12,7 @@ PRESET_OF_HELP = ("none (plain defaults), or the name of a backbone method to us
 
 
 def _check_preset_of(value: str) -> str:
-    from fvgpt_cache.presets import preset_choices
+    from fvgpt_cache import preset_choices
 
     choices = preset_choices()
     if value not in choices:

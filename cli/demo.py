@@ -14,7 +14,7 @@ LABELS = {"zeroshot": "zero-shot", "backbone": "CoOp", "fvgpt": "+FVG-PT", "cont
 
 
 def _cell(entry: dict, method: str, key: str) -> str:
-    from fvgpt_cache.demo import spread
+    from fvgpt_cache import demo_spread as spread
 
     std = spread(entry, method, key)
     return f"{entry[method][key]:.1f}" + ("" if std is None else f"±{std:.1f}")
@@ -58,7 +58,7 @@ def demo(
     full-view control on a clean and a counterfactual test split, three seeds."""
     import torch
 
-    from fvgpt_cache.demo import run_smoke_demo, run_world_demo
+    from fvgpt_cache import run_smoke_demo, run_world_demo
 
     # tiny models and tensors: one intra-op thread is as fast, and on a busy two-core machine two
     # threads spin against each other (the demo took 68 s with two threads, 28 s with one, measured here)

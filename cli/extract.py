@@ -60,13 +60,11 @@ def extract(
 
     Under torchrun every process takes its share of the batches (one process per GPU); the file is
     the same as one process writes."""
-    from fvgpt_cache.data import format_short_classes, generic_dataset, parse_shots, short_classes
-    from fvgpt_cache.datasets import load_dataset
-    from fvgpt_cache.distributed import current_job
-    from fvgpt_cache.extraction import ExtractOptions, default_output
-    from fvgpt_cache.extraction import extract as run_extract
-    from fvgpt_cache.models import load_clip
-    from fvgpt_cache.views import AugmentConfig
+    from fvgpt_cache import (
+        AugmentConfig, ExtractOptions, current_job, default_output, format_short_classes, generic_dataset, load_clip,
+        load_dataset, parse_shots, short_classes,
+    )
+    from fvgpt_cache import extract as run_extract
 
     resumable()
     job = current_job(dist_timeout)
@@ -157,8 +155,7 @@ def parse_scale(text: str) -> tuple[float, float]:
 
 def print_inspection(report: dict) -> None:
     prov = report["provenance"]
-    from fvgpt_cache.data import format_short_classes
-    from fvgpt_cache.store import text_key
+    from fvgpt_cache import format_short_classes, text_key
 
     console.print(f"[bold]{escape(report['path'])}[/]")
     console.print(f"content {report['fingerprint']}", highlight=False, soft_wrap=True)  # SHA-256: what results key on
@@ -215,7 +212,7 @@ def inspect(
     verify: bool = typer.Option(False, help="Also re-hash every dataset and compare it with its stored digest."),
 ):
     """Show provenance, classes, splits, shapes, mask statistics and problems of a cache."""
-    from fvgpt_cache.inspection import inspect_cache
+    from fvgpt_cache import inspect_cache
 
     report = inspect_cache(path, verify=verify)
     if as_json:

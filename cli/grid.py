@@ -8,7 +8,8 @@ import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.markup import escape
 
-from ..ablations import ABLATIONS
+from fvgpt_cache import ABLATIONS
+
 from .choices import preset_of_option
 from .common import app, console, err, fail, narrow_table, resumable
 
@@ -42,11 +43,11 @@ def grid(
     Each run is written to OUT/results.jsonl as soon as it is done; SIGTERM (e.g. SLURM pre-emption)
     finishes the current epoch, keeps every finished run and exits with status 143: rerun the same
     command to resume."""
-    from fvgpt_cache.engine import TrainingStopped
-    from fvgpt_cache.grids import (
-        check_caches, check_grid, expand, merge_params, parse_params, parse_seeds, read_grid_file, run_grid,
+    from fvgpt_cache import (
+        TrainingStopped, check_tensorboard, merge_params, parse_params, parse_seeds, parse_value, plan_grid,
+        read_grid_file, write_tensorboard,
     )
-    from fvgpt_cache.training import parse_value
+    from fvgpt_cache import grid as run_grid
 
     resumable()
     params, base = {}, {}
@@ -69,38 +70,33 @@ def grid(
         if "backbone" in base and base["backbone"] != backbone:
             fail(f"--backbone {backbone} and --set backbone={base['backbone']} disagree; give one")
         base["backbone"] = parse_value("backbone", backbone)
-    for warning in check_grid(params, base, preset):
+    if "device" in base:
+        fail("--set device: use --device for device")
+    plan = plan_grid(caches, params, seeds=seed_list, base={**({"device": device} if device else {}), **base},
+                     preset=preset, preset_of=preset_of, eval_caches=eval_cache)
+    for warning in plan.warnings:
         err.print(f"[bold yellow]warning:[/] {escape(warning)}", highlight=False)
-    check_caches(caches, eval_cache)
-    runs = expand(caches, seed_list, params, {**({"device": device} if device else {}), **base}, preset, preset_of,
-                  list(eval_cache))
-    console.print(f"{len(runs)} runs ({len(caches)} cache(s) × {len(seed_list)} seed(s) × configurations) → "
+    console.print(f"{len(plan)} runs ({len(caches)} cache(s) × {len(seed_list)} seed(s) × configurations) → "
                   f"{escape(str(out))}/results.jsonl")
-    used = sorted({(r.preset or {}).get("preset", {}).get("name", "none") if (r.preset or {}).get("preset") else "none"
-                   for r in runs})
-    console.print(f"training preset(s): {', '.join(used)}")
-    for w in sorted({w for r in runs for w in (r.preset or {}).get("warnings", [])}):
+    console.print(f"training preset(s): {', '.join(plan.presets)}")
+    for w in plan.preset_warnings:
         err.print(f"[bold yellow]warning:[/] {escape(w)}")
     if tensorboard:
-        from fvgpt_cache.tensorboard import check_available
-
-        check_available()
+        check_tensorboard()
     stop = stop_on_sigterm()
-    written: list[dict] = []
+    written = []
 
-    def on_record(record: dict) -> None:
+    def on_record(record) -> None:
         written.append(record)
         if tensorboard:
-            from fvgpt_cache.tensorboard import write_run
-
-            write_run(tensorboard, record)
+            write_tensorboard(tensorboard, record)
 
     with Progress(TextColumn("grid"), BarColumn(), MofNCompleteColumn(), TextColumn("runs"), TimeRemainingColumn(),
                   console=err) as bar:
-        task = bar.add_task("grid", total=len(runs))
+        task = bar.add_task("grid", total=len(plan))
         try:
-            records = run_grid(runs, out, resume=resume, batched=batched, save_heads=save_heads,
-                               eval_caches=list(eval_cache), log=lambda message: bar.console.print(message),
+            records = run_grid(plan, out=out, resume=resume, batched=batched, save_heads=save_heads,
+                               log=lambda message: bar.console.print(message),
                                progress=lambda done, total: bar.update(task, completed=done),
                                should_stop=stop, on_record=on_record)
         except TrainingStopped:
@@ -108,9 +104,9 @@ def grid(
             err.print(f"stopped by SIGTERM: {len(written)} run(s) finished and written to {escape(str(out))}/"
                       "results.jsonl; rerun the same command to resume")
             raise typer.Exit(code=143) from None
-    for w in sorted({w for r in records for w in r.get("warnings") or []}):
+    for w in sorted({w for r in written for w in r.warnings}):
         err.print(f"[bold yellow]warning:[/] {escape(w)}", highlight=False)
-    console.print(f"{len(records)} new run(s); {len(runs) - len(records)} were already done. "
+    console.print(f"{len(written)} new run(s); {len(records) - len(written)} were already done. "
                   f"Summarise with: fvgpt-cache report {out}")
 
 
@@ -140,45 +136,35 @@ def report(
                                                 "t-test): backbone, default or KEY=VALUE[,KEY=VALUE], e.g. lambda_d=10."),
 ):
     """Aggregate runs over seeds and datasets into the paper's table layouts."""
-    from fvgpt_cache import reports
+    from fvgpt_cache import CI_METHODS, REPORT_FORMATS, describe_averaged
+    from fvgpt_cache import report as make_report
 
-    formats = {"markdown": reports.to_markdown, "csv": reports.to_csv, "json": reports.to_json, "latex": reports.to_latex,
-               "curves": reports.curves_csv}
-    if fmt not in ("console", *formats):
+    if fmt not in ("console", *REPORT_FORMATS):
         fail(f"--format {fmt!r}: choose console, markdown, csv, json, latex or curves (per-epoch CSV)")
     if compare not in (None, "paper"):
         fail(f"--compare {compare!r}: only 'paper' is known")
-    if ci not in reports.CI_METHODS:
+    if ci not in CI_METHODS:
         fail(f"--ci {ci!r}: choose t or bootstrap")
-    records = reports.load_records(results)
-    summary = reports.aggregate(records, ci)
-    ablations = reports.ablation_tables(records) + reports.mask_source_tables(records)
-    if vs:
-        ablations = [*reports.paired_tables(summary, vs), *ablations]
+    rep = make_report(results, ci=ci, compare=compare, vs=vs)
     if curves:
-        path = reports.plot_curves(records, curves, curves_out)
+        path = rep.plot_curves(curves, curves_out)
         console.print(f"wrote {escape(str(path))}")
     if plot:
-        averaged = reports.averaged_over(records, plot)
-        path = reports.plot_sweep(reports.sweep(records, plot), plot, plot_out, averaged)
+        path, averaged = rep.plot_sweep(plot, plot_out)
         if averaged:
             err.print(f"[bold yellow]warning:[/] each point of the {plot} plot averages runs that differ in "
-                      f"{escape(reports.describe_averaged(averaged))} (written under the plot too); plot a report of "
+                      f"{escape(describe_averaged(averaged))} (written under the plot too); plot a report of "
                       "fewer runs to separate them", highlight=False)
         console.print(f"wrote {escape(str(path))}")
-    paper = compare == "paper"
     if fmt == "console":
-        print_report(summary, paper, ablations)
-        console.print(f"{len(records)} run(s) in {len(summary)} group(s) of comparable runs; Base/New are seed means ± "
-                      f"sample std, HM is the HM of the means; 95% CI: {reports.CI_NAMES[ci]} interval of the seed mean "
+        print_report(rep)
+        console.print(f"{len(rep.records)} run(s) in {len(rep.summary)} group(s) of comparable runs; Base/New are seed "
+                      f"means ± sample std, HM is the HM of the means; 95% CI: {rep.ci_name} interval of the seed mean "
                       "(for HM: of the per-seed HMs' mean)")
-        for w in reports.interval_warnings(summary):
+        for w in rep.warnings:
             err.print(f"[bold yellow]warning:[/] {escape(w)}", highlight=False)
         return
-    if fmt == "curves":
-        text = reports.curves_csv(records)
-    else:
-        text = formats[fmt](summary, paper, ablations) if fmt in ("markdown", "latex") else formats[fmt](summary)
+    text = rep.render(fmt)
     if output:
         output.write_text(text)
         console.print(f"wrote {escape(str(output))}" + (" (LaTeX: needs \\usepackage{booktabs})" if fmt == "latex" else ""))
@@ -186,11 +172,10 @@ def report(
         print(text)
 
 
-def print_report(summary: dict, compare_paper: bool = False, extra=()) -> None:
-    """The report's tables in a layout that fits an 80-column terminal (no wrapped rows, no cut numbers)."""
-    from fvgpt_cache.reports import console_tables
-
-    for title, header, body, kinds in console_tables(summary, compare_paper, extra):
+def print_report(rep) -> None:
+    """The report's tables (a `fvgpt_cache.Report`) in a layout that fits an 80-column terminal (no wrapped
+    rows, no cut numbers)."""
+    for title, header, body, kinds in rep.console_tables():
         console.print(f"\n[bold]{escape(title)}[/]")  # a line of its own: as wide as the terminal, not the table
         table = narrow_table()
         for i, name in enumerate(header):

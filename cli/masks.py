@@ -52,10 +52,10 @@ def masks(
     """Write foreground masks (white on black PNGs, the image's relative path and size) for extract --mask-root.
 
     Under torchrun every process takes its share of the batches (one process per GPU)."""
-    from fvgpt_cache.data import generic_dataset, parse_shots
-    from fvgpt_cache.datasets import load_dataset
-    from fvgpt_cache.distributed import current_job
-    from fvgpt_cache.masks import MapSettings, MaskOptions, contact_sheet, mask_rows, preview_relpaths, write_masks
+    from fvgpt_cache import (
+        MapSettings, MaskOptions, contact_sheet, current_job, generic_dataset, load_dataset, mask_rows, parse_shots,
+        preview_relpaths, write_masks,
+    )
 
     resumable()
     job = current_job(dist_timeout)
@@ -82,13 +82,13 @@ def masks(
                           workers=workers, device=device, bad_image=bad_image, force=force).validate()
     loaded = segmenter = None
     if method == "gradcam":
-        from fvgpt_cache.models import load_clip
+        from fvgpt_cache import load_clip
 
         loaded = load_clip(model, pretrained or "openai", quick_gelu=quick_gelu)
         if loaded.provenance["random_init"] and lead:
             err.print("[bold yellow]warning:[/] --pretrained none: random weights; the masks are noise")
     else:
-        from fvgpt_cache.clipseg import load_clipseg
+        from fvgpt_cache import load_clipseg
 
         segmenter = load_clipseg(pretrained)
     with split_progress() if lead else contextlib.nullcontext() as update:
@@ -133,8 +133,7 @@ def add_masks(
     force: bool = typer.Option(False, help="Replace a mask source of that name."),
 ):
     """Add the foreground views of another mask source to a cache (full views are not re-encoded)."""
-    from fvgpt_cache.distributed import current_job
-    from fvgpt_cache.fg_sources import SourceOptions, add_foreground_source
+    from fvgpt_cache import SourceOptions, add_foreground_source, current_job
 
     resumable()
     job = current_job()

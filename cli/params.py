@@ -21,8 +21,8 @@ def params(
 
     Every one can be set with `train --set NAME=VALUE`, varied with `grid --param NAME=V1,V2` or in a
     grid file; plug-in parameters registered in this process are listed after the built-in ones."""
-    from fvgpt_cache.parameters import all_parameters, lookup, markdown_table
-    from fvgpt_cache.training import PARAMETERS  # noqa: F401  (declares TrainConfig's parameters)
+    from fvgpt_cache import PARAMETERS  # noqa: F401  (declares TrainConfig's parameters)
+    from fvgpt_cache import all_parameters, lookup_parameter as lookup, parameters_table as markdown_table
 
     if fmt not in FORMATS:
         raise ValueError(f"--format {fmt!r}: choose one of {', '.join(FORMATS)}")

@@ -23,7 +23,7 @@ def _duration(seconds: float) -> str:
 
 
 def print_overview(plan, view: dict, shard, rates: dict | None, guess: dict | None) -> None:
-    from fvgpt_cache.study import STAGES
+    from fvgpt_cache import study
 
     where = f" (shard {shard[0]}/{shard[1]})" if shard else ""
     console.print(f"plan [bold]{escape(str(plan.path))}[/] → {escape(str(plan.out))}{where}: "
@@ -33,7 +33,7 @@ def print_overview(plan, view: dict, shard, rates: dict | None, guess: dict | No
     cols = ["stage", "jobs", "done", "failed before", "to run", "other shards"] + (["estimate"] if guess else [])
     for c in cols:
         table.add_column(c, justify="left" if c == "stage" else "right", no_wrap=True)
-    for k in STAGES:
+    for k in study.STAGES:
         r = view["stages"][k]
         row = [k, str(r["jobs"]), str(r["done"]), str(r["failed"]), str(r["run"]), str(r["other shards"])]
         if guess:
@@ -69,8 +69,7 @@ def run(
     """Run a whole study: extract → backbones → FVG-PT grids → report; a rerun does only what is left.
 
     Under torchrun, image passes use every rank and head jobs are spread over the ranks."""
-    from fvgpt_cache import study
-    from fvgpt_cache.distributed import current_job
+    from fvgpt_cache import current_job, study
 
     resumable()
     if image_passes not in study.IMAGE_PASSES:
@@ -126,22 +125,22 @@ def run(
 
 
 def print_summary(plan, result) -> None:
-    from fvgpt_cache.study import STAGES, build_jobs, log_path
+    from fvgpt_cache import study
 
     states = ("done", "failed", "skipped", "waiting", "running elsewhere")
-    counts = {k: dict.fromkeys(states, 0) for k in STAGES}
+    counts = {k: dict.fromkeys(states, 0) for k in study.STAGES}
     for o in result.outcomes:
         counts[o.kind][o.state] += 1
     table = narrow_table("this run")
     for c in ("stage", *states):
         table.add_column(c, justify="left" if c == "stage" else "right", no_wrap=True)
-    for k in STAGES:
+    for k in study.STAGES:
         table.add_row(k, *(str(counts[k][s]) for s in states))
     console.print(table)
-    by_id = {j.id: j for j in build_jobs(plan)}
+    by_id = {j.id: j for j in study.build_jobs(plan)}
     for o in result.outcomes:
         if o.state in ("failed", "skipped", "running elsewhere"):
-            log = f" (log {log_path(plan, by_id[o.job])})" if o.state == "failed" else ""
+            log = f" (log {study.log_path(plan, by_id[o.job])})" if o.state == "failed" else ""
             console.print(f"[{'red' if o.state == 'failed' else 'yellow'}]{o.state}[/] {escape(o.job)}: "
                           f"{escape(o.message)}{escape(log)}", highlight=False)
     waiting = [o for o in result.outcomes if o.state == "waiting"]
@@ -157,16 +156,16 @@ def print_summary(plan, result) -> None:
 
 
 def _print_report(plan) -> None:
-    from fvgpt_cache import reports
-    from fvgpt_cache.study import build_jobs, results_digest
+    from fvgpt_cache import report as make_report
+    from fvgpt_cache import study
 
     from .grid import print_report
 
-    report = next(j for j in build_jobs(plan) if j.id == "report")
-    records = reports.load_records(list(results_digest(report.spec["grids"])))
-    print_report(reports.aggregate(records), plan.compare == "paper", reports.ablation_tables(records))
+    job = next(j for j in study.build_jobs(plan) if j.id == "report")
+    rep = make_report(list(study.results_digest(job.spec["grids"])), compare="paper" if plan.compare == "paper" else None)
+    print_report(rep)
     console.print(f"report: {escape(str(plan.out / 'report'))}/report.md, report.csv, report.json "
-                  f"({len(records)} runs)")
+                  f"({len(rep.records)} runs)")
 
 
 @app.command("plan")
@@ -175,11 +174,11 @@ def plan_command(
     output: Optional[Path] = typer.Option(None, "--output", "-o", help="Write to a file instead of printing."),
 ):
     """Write a study plan for `fvgpt-cache run` (edit the paths, then run it)."""
-    from fvgpt_cache.study import paper_plan
+    from fvgpt_cache import study
 
     if not paper:
         fail("say which plan: --paper (the paper's Tables 1 and 2: the eleven datasets, 3 seeds, 4 backbones)")
-    text = paper_plan()
+    text = study.paper_plan()
     if output:
         output.write_text(text)
         err.print(f"wrote {escape(str(output))}; edit its paths, then: fvgpt-cache run {escape(str(output))} --dry-run")

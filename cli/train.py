@@ -1,9 +1,8 @@
 """`train`: one FVG-PT run from a cache, and the results table."""
 from __future__ import annotations
 
-import json
 from pathlib import Path
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
@@ -12,26 +11,29 @@ from rich.table import Table
 from .choices import preset_of_option
 from .common import _pct, app, console, err, fail
 
+if TYPE_CHECKING:
+    from fvgpt_cache import RunRecord
+
 
 def _num(x, fmt: str = ".2f") -> str:
     return "-" if x is None else format(x, fmt)
 
 
-def print_preset(record: dict) -> None:
-    preset = record.get("preset") or {}
+def print_preset(record: RunRecord) -> None:
+    preset = record.preset or {}
     p = preset.get("preset")
     if p:
         changed = f"; you overrode {', '.join(preset['overridden'])}" if preset.get("overridden") else ""
         console.print(f"preset [bold]{p['name']}[/] ({p['source']}){changed}")
     elif preset.get("preset_of") == "none":
         console.print("preset none: the plain defaults")
-    for w in record.get("warnings") or []:
+    for w in record.warnings:
         err.print(f"[bold yellow]warning:[/] {w}")
 
 
-def print_diagnostics(record: dict) -> None:
+def print_diagnostics(record: RunRecord) -> None:
     """The gates' behaviour and the stability check, one short line each."""
-    d = record.get("diagnostics") or {}
+    d = record.diagnostics or {}
     tr, te = d.get("train") or {}, d.get("test_base") or {}
     if tr.get("r_mean") is not None:
         flat = "" if d.get("frg_learned") in (True, None) else "  [bold yellow]FRG learned nothing (AUC ≈ 0.5)[/]"
@@ -40,24 +42,24 @@ def print_diagnostics(record: dict) -> None:
                       f"test AUC {_num(te.get('frg_auc'))}{flat}")
     if d.get("b_mean_base") is not None or d.get("b_mean_new") is not None:
         console.print(f"BRG mean b: base {_num(d.get('b_mean_base'))}, new {_num(d.get('b_mean_new'))}")
-    st = record.get("stability") or {}
+    st = record.stability or {}
     if st.get("collapsed"):
         console.print(f"[bold red]collapsed:[/] FDC train acc {st['acc_fdc_start']:.1f} → {st['acc_fdc_end']:.1f}%, "
                       f"CE {_num(st.get('ce_fdc_start'), '.3f')} → {_num(st.get('ce_fdc_end'), '.3f')} "
                       f"({st['reason']}); see the README on stability")
 
 
-def print_results(record: dict) -> None:
-    m = record["metrics"]
-    all_classes = record["config"]["classes"] == "all"
-    title = f"{record['dataset']} · backbone {record['backbone']} · seed {record['seed']}"
+def print_results(record: RunRecord) -> None:
+    m = record.metrics
+    all_classes = record.config["classes"] == "all"
+    title = f"{record.dataset} · backbone {record.backbone} · seed {record.seed}"
     table = Table(title=title)
     cols = ("method", "All") if all_classes else ("method", "Base", "New", "HM", "ΔHM vs backbone")
     for c in cols:
         # fits 80 columns: numbers never wrap or shrink; a long backbone name is cut instead
         table.add_column(c, justify="right" if c != "method" else "left", no_wrap=True,
                          **({"max_width": 28, "overflow": "ellipsis"} if c == "method" else {}))
-    names = {"zeroshot": "zero-shot CLIP", "backbone": f"backbone ({record['backbone']})", "fvgpt": "+ FVG-PT"}
+    names = {"zeroshot": "zero-shot CLIP", "backbone": f"backbone ({record.backbone})", "fvgpt": "+ FVG-PT"}
     for key in ("zeroshot", "backbone", "fvgpt"):
         row = m[key]
         if all_classes:
@@ -67,27 +69,27 @@ def print_results(record: dict) -> None:
             table.add_row(names[key], _pct(row["base"]), _pct(row["new"]), _pct(row["hm"]),
                           "" if key == "backbone" or delta is None else f"{delta:+.2f}")
     console.print(table)
-    shift = record.get("foreground_shift") or {}
+    shift = record.foreground_shift or {}
     if shift.get("backbone") is not None:
         console.print(f"foreground shift D_fg (base test, lower = more foreground): backbone {shift['backbone']:.4f}, "
                       f"FVG-PT {shift['fvgpt']:.4f}")
-    if record.get("cross_dataset"):
+    if record.cross_dataset:
         cross = Table(title="cross-dataset (PC branch, all target classes)")
         for c in ("target", "images", "zero-shot", "backbone", "FVG-PT"):
             cross.add_column(c, no_wrap=True, **({"max_width": 28, "overflow": "ellipsis"} if c == "target" else {}))
-        for t in record["cross_dataset"]:
+        for t in record.cross_dataset:
             cross.add_row(str(t["dataset"]), str(t["test_images"]), _pct(t["zeroshot"]), _pct(t["backbone"]), _pct(t["fvgpt"]))
         console.print(cross)
     print_diagnostics(record)
-    sel = record.get("selection")
-    if sel and sel["rule"] == "val":
-        val, last = sel["val"] or {}, sel["last_epoch_test"]
+    sel = record.selection
+    if sel and sel.rule == "val":
+        val, last = sel.val or {}, sel.last_epoch_test
         score = f"validation {'HM' if 'hm' in val else 'accuracy'} {_num(val.get('hm', val.get('all')))}"
-        console.print(f"reported epoch {sel['epoch'] + 1} of {len(record['history'])}, chosen by {score}; at the last "
+        console.print(f"reported epoch {sel.epoch + 1} of {len(record.history)}, chosen by {score}; at the last "
                       f"epoch the test numbers were " + ", ".join(f"{k} {_num(v)}" for k, v in last.items()))
-    sec = record["seconds"]
-    console.print(f"{record['head_parameters']:,} head parameters · {record['train_images']} training images × "
-                  f"{record['views']} views · trained in {sec['train']:.2f}s · run folder {record['run_dir']}")
+    sec = record.seconds
+    console.print(f"{record.head_parameters:,} head parameters · {record.train_images} training images × "
+                  f"{record.views} views · trained in {sec['train']:.2f}s · run folder {record.run_dir}")
 
 
 @app.command()
@@ -130,14 +132,11 @@ def train(
     Settings come from the TrainConfig defaults, then the backbone's preset (the release's config for
     CoOp, KgCoOp, PromptSRC, MMRL; EuroSAT and cross-dataset variants), then what you pass here.
     """
-    from fvgpt_cache.runs import run_training
-    from fvgpt_cache.store import open_cache
-    from fvgpt_cache.training import configure, parse_value
+    from fvgpt_cache import check_tensorboard, parse_value, write_tensorboard
+    from fvgpt_cache import train as train_run
 
     if tensorboard:
-        from fvgpt_cache.tensorboard import check_available
-
-        check_available()
+        check_tensorboard()
     explicit = {"classes": classes, "seed": seed, "device": device, "select": select, "backbone": backbone,
                 "lambda_d": lambda_d, "lambda_pc": lambda_new, "epochs": epochs, "batch_size": batch_size, "lr": lr,
                 "use_frg": frg, "use_fdc": fdc, "use_pc": pc, "loss_frg": loss_frg, "loss_dist": loss_dist,
@@ -148,21 +147,19 @@ def train(
             fail(f"--set {item!r}: write KEY=VALUE")
         key, value = item.split("=", 1)
         overrides[key.strip()] = parse_value(key.strip(), value)
-    cfg, preset = configure(open_cache(cache), overrides, preset_of)
     if as_json:
-        record = run_training(cache, cfg, out, eval_cache, preset=preset)
+        record = train_run(cache, eval_caches=eval_cache, out=out, save=True, preset_of=preset_of, **overrides)
     else:
         with Progress(TextColumn("train"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[loss]}"),
                       TimeRemainingColumn(), console=err, transient=True) as bar:
-            task = bar.add_task("train", total=cfg.epochs, loss="")
-            record = run_training(cache, cfg, out, eval_cache, preset=preset, progress=lambda e, n, h: bar.update(
-                task, completed=e, loss=f"loss {h.get('total', 0):.3f}"))
+            task = bar.add_task("train", total=None, loss="")
+            record = train_run(cache, eval_caches=eval_cache, out=out, save=True, preset_of=preset_of,
+                               progress=lambda e, n, h: bar.update(task, completed=e, total=n,
+                                                                   loss=f"loss {h.get('total', 0):.3f}"), **overrides)
     if tensorboard:
-        from fvgpt_cache.tensorboard import write_run
-
-        console.print(f"TensorBoard scalars: {write_run(tensorboard, record)}")
+        console.print(f"TensorBoard scalars: {write_tensorboard(tensorboard, record)}")
     if as_json:
-        print(json.dumps(record, indent=1))
+        print(record.dumps(indent=1))
     else:
         print_preset(record)
         print_results(record)

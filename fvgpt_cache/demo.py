@@ -107,7 +107,7 @@ def spread(entry: dict, method: str, key: str) -> float | None:
     return statistics.stdev(values) if len(values) > 1 and None not in values else None
 
 
-def summarize(records: dict[str, dict[int, dict[str, dict]]], seeds) -> dict:
+def summarize(records: dict[str, dict[int, dict[str, RunRecord]]], seeds) -> dict:
     """The demo's JSON from run records {split: {seed: {variant: results record}}}:
     {"splits": {split: {zeroshot|backbone|fvgpt|control_full: {base, new, hm}, "frg_auc",
     "foreground_shift", "per_seed": {seed: the same for one seed}}}, "seeds": [...]}."""
@@ -116,14 +116,14 @@ def summarize(records: dict[str, dict[int, dict[str, dict]]], seeds) -> dict:
         per_seed = {}
         for seed in seeds:
             fvgpt, control = by_seed[seed]["fvgpt"], by_seed[seed]["control_full"]
-            metrics = {"zeroshot": fvgpt["metrics"]["zeroshot"], "backbone": fvgpt["metrics"]["backbone"],
-                       "fvgpt": fvgpt["metrics"]["fvgpt"], "control_full": control["metrics"]["fvgpt"]}
+            metrics = {"zeroshot": fvgpt.metrics["zeroshot"], "backbone": fvgpt.metrics["backbone"],
+                       "fvgpt": fvgpt.metrics["fvgpt"], "control_full": control.metrics["fvgpt"]}
             per_seed[str(seed)] = {
                 **{k: {x: metrics[k][x] for x in ("base", "new", "hm")} for k in METHOD_KEYS},
-                "frg_auc": fvgpt["diagnostics"]["train"]["frg_auc"],
-                "foreground_shift": {"backbone": fvgpt["foreground_shift"]["backbone"],
-                                     "fvgpt": fvgpt["foreground_shift"]["fvgpt"],
-                                     "control_full": control["foreground_shift"]["fvgpt"]},
+                "frg_auc": fvgpt.diagnostics["train"]["frg_auc"],
+                "foreground_shift": {"backbone": fvgpt.foreground_shift["backbone"],
+                                     "fvgpt": fvgpt.foreground_shift["fvgpt"],
+                                     "control_full": control.foreground_shift["fvgpt"]},
             }
         rows = list(per_seed.values())
         entry = {k: _bnh_mean([r[k] for r in rows]) for k in METHOD_KEYS}
@@ -135,9 +135,9 @@ def summarize(records: dict[str, dict[int, dict[str, dict]]], seeds) -> dict:
     return out
 
 
-def run_details(records: dict[str, dict[int, dict[str, dict]]]) -> dict:
+def run_details(records: dict[str, dict[int, dict[str, RunRecord]]]) -> dict:
     """Per split and seed: run ids and collapse flags of FVG-PT and the control."""
-    return {split: {str(seed): {variant: {"run_id": rec["run_id"], "collapsed": bool(rec["stability"]["collapsed"])}
+    return {split: {str(seed): {variant: {"run_id": rec.run_id, "collapsed": rec.collapsed}
                                 for variant, rec in runs.items()}
                     for seed, runs in by_seed.items()}
             for split, by_seed in records.items()}
@@ -202,7 +202,7 @@ def run_world_demo(root: Path = Path("cache/demo"), seeds=DEMO_SEEDS, loaded: Lo
             where[run.run_id] = (split, run.config.seed, next(v for v, r in VARIANTS.items() if r == run.config.r_source))
     records: dict[str, dict[int, dict]] = {split: {s: {} for s in seeds} for split in caches}
     for rec in run_grid(runs, root / "runs", resume=False):
-        split, seed, variant = where[rec["run_id"]]
+        split, seed, variant = where[rec.run_id]
         records[split][seed][variant] = rec
     summary = summarize(records, seeds)
     full = {**summary, "story": story(summary), "caches": {split: str(path) for split, path in caches.items()},

@@ -23,6 +23,7 @@ from .evaluation import curve_data
 from .engine import available_memory, memory_estimate, shape_parts, split_for_memory, train_group
 from .engine import group_key as engine_group_key
 from .parameters import lookup
+from .records import RunInput, RunRecord
 from .runs import eval_sets, finish_run, record_slot, run_id, run_inputs, run_slot
 from .store import FINGERPRINT_CHARS, check_same_model, lock_file, open_cache
 from .training import TrainConfig, config_with, configure, parse_value, prepare
@@ -44,11 +45,11 @@ class GridRun:
     run_id: str
     preset: dict | None = None
     ablations: list = field(default_factory=list)  # [(ablation preset, row label)] this run serves
-    inputs: list = field(default_factory=list)  # `runs.run_inputs`: what it reads, by content
+    inputs: list[RunInput] = field(default_factory=list)  # `runs.run_inputs`: what it reads, by content
 
     @property
     def slot(self) -> str:
-        return run_slot([i["path"] for i in self.inputs], self.config.to_dict())
+        return run_slot([i.path for i in self.inputs], self.config.to_dict())
 
 
 # Grid axes with their own option: a --param for them would silently replace that option.
@@ -224,7 +225,7 @@ def group_key(run: GridRun) -> tuple:
     return (str(run.cache),) + engine_group_key(run.config)
 
 
-def read_results(results: Path) -> list[dict]:
+def read_results(results: Path) -> list[RunRecord]:
     """The records of a results file; a last line cut by an interruption is removed (that run is redone)."""
     if not results.exists():
         return []
@@ -232,25 +233,26 @@ def read_results(results: Path) -> list[dict]:
     if text and not text.endswith("\n"):
         results.write_text(text[: text.rfind("\n") + 1])
     records = []
-    for line in results.read_text().splitlines():
+    for n, line in enumerate(results.read_text().splitlines(), 1):
         if line.strip():
             try:
-                records.append(json.loads(line))
+                data = json.loads(line)
             except json.JSONDecodeError:
                 continue
+            records.append(RunRecord.from_json(data, f"{results}, line {n}"))
     return records
 
 
-def _stale_reason(record: dict, run: GridRun) -> str:
-    if not record.get("inputs"):
+def _stale_reason(record: RunRecord, run: GridRun) -> str:
+    if not record.inputs:
         return "written before results recorded the content of their caches"
-    old = {i["path"]: i["fingerprint"] for i in record["inputs"]}
-    changed = [f"{Path(i['path']).name} ({old[i['path']][:FINGERPRINT_CHARS]} → {i['fingerprint'][:FINGERPRINT_CHARS]})"
-               for i in run.inputs if old.get(i["path"]) != i["fingerprint"]]
+    old = {i.path: i.fingerprint for i in record.inputs}
+    changed = [f"{Path(i.path).name} ({old[i.path][:FINGERPRINT_CHARS]} → {i.fingerprint[:FINGERPRINT_CHARS]})"
+               for i in run.inputs if old.get(i.path) != i.fingerprint]
     return "cache content changed since: " + ", ".join(changed) if changed else "computed from other inputs"
 
 
-def set_aside(out_dir: Path, kept: list[dict], stale: list[dict], why: str) -> Path:
+def set_aside(out_dir: Path, kept: list[RunRecord], stale: list[RunRecord], why: str) -> Path:
     """Move `stale` records out of `out_dir/results.jsonl` into a new file under `out_dir/stale/` (never deleted).
 
     The stale file is written first, then results.jsonl is replaced atomically by `kept`, so an
@@ -262,18 +264,17 @@ def set_aside(out_dir: Path, kept: list[dict], stale: list[dict], why: str) -> P
     while target.exists():
         target = folder / f"{time.strftime('%Y%m%dT%H%M%S')}-{len(stale)}-{n}.jsonl"
         n += 1
-    target.write_text("".join(json.dumps({**rec, "set_aside": why if "set_aside" not in rec else rec["set_aside"]}) + "\n"
-                              for rec in stale))
+    target.write_text("".join(rec.replace(set_aside=rec.set_aside or why).dumps() + "\n" for rec in stale))
     results = out_dir / "results.jsonl"
     tmp = results.with_name("results.jsonl.new")
-    tmp.write_text("".join(json.dumps(rec) + "\n" for rec in kept))
+    tmp.write_text("".join(rec.dumps() + "\n" for rec in kept))
     os.replace(tmp, results)
     return target
 
 
 def run_grid(runs: list[GridRun], out_dir: Path, *, resume: bool = True, batched: bool = True,
              save_heads: bool = False, eval_caches: list[Path] = (), progress=None, log=None,
-             memory_budget: int | None = None, should_stop=None, on_record=None) -> list[dict]:
+             memory_budget: int | None = None, should_stop=None, on_record=None) -> list[RunRecord]:
     """Train and evaluate `runs`, appending one JSON line to `out_dir/results.jsonl` as each run finishes
     (a run whose epochs end early is written before the rest of its group), so an interrupted grid
     resumes without retraining finished runs.
@@ -306,8 +307,8 @@ def _resume(runs: list[GridRun], out_dir: Path, resume: bool, log) -> set[str]:
     slots = {r.slot: r for r in runs}
     done, kept, stale, reasons = set(), [], [], {}
     for rec in records:
-        run = wanted.get(rec.get("run_id"))
-        if run is not None and rec.get("inputs"):
+        run = wanted.get(rec.run_id)
+        if run is not None and rec.inputs:
             done.add(run.run_id)
             kept.append(rec)
             continue
@@ -316,7 +317,7 @@ def _resume(runs: list[GridRun], out_dir: Path, resume: bool, log) -> set[str]:
             kept.append(rec)  # another grid's run in the same folder: not ours to judge
             continue
         reason = _stale_reason(rec, run)
-        stale.append({**rec, "set_aside": reason})
+        stale.append(rec.replace(set_aside=reason))
         reasons[reason] = reasons.get(reason, 0) + 1
     if stale:
         where = set_aside(out_dir, kept, stale, "stale")
@@ -332,7 +333,7 @@ def with_eval_caches(runs: list[GridRun], eval_caches: list[Path]) -> list[GridR
     want = [str(Path(p).resolve()) for p in eval_caches]
     targets, caches, out = None, {}, []
     for r in runs:
-        if [i["path"] for i in r.inputs if i["role"] == "eval"] == want:
+        if [i.path for i in r.inputs if i.role == "eval"] == want:
             out.append(r)
             continue
         targets = targets if targets is not None else [open_cache(p) for p in eval_caches]
@@ -344,7 +345,7 @@ def with_eval_caches(runs: list[GridRun], eval_caches: list[Path]) -> list[GridR
 
 def _run_grid(runs: list[GridRun], out_dir: Path, *, resume: bool, batched: bool, save_heads: bool,
               eval_caches: list[Path], progress, log, memory_budget: int | None, should_stop,
-              on_record) -> list[dict]:
+              on_record) -> list[RunRecord]:
     results_path = out_dir / "results.jsonl"
     runs = with_eval_caches(runs, eval_caches)
     done = _resume(runs, out_dir, resume, log)
@@ -389,13 +390,12 @@ def _run_grid(runs: list[GridRun], out_dir: Path, *, resume: bool, batched: bool
             seconds = {"load": t1 - t0, "train": (time.perf_counter() - t1) / len(cfgs), "group_size": len(cfgs)}
             record = finish_run(cache, cfg, data.source(cfg.fg_source).subset(images), head, history, seconds, targets,
                                 out_dir / "runs" / m.run_id, save=save_heads, preset=m.preset, evalsets=sets)
-            if record["run_id"] != m.run_id:  # the cache changed between expand and training
+            if record.run_id != m.run_id:  # the cache changed between expand and training
                 raise RuntimeError(f"{cache.path} changed while the grid ran (run {m.run_id} read content "
-                                   f"{record['run_id']}); rerun the grid")
-            record["params"] = m.params
-            record["ablations"] = m.ablations
+                                   f"{record.run_id}); rerun the grid")
+            record = record.replace(params=m.params, ablations=m.ablations)
             with results_path.open("a") as fh:  # each run as soon as it is done: an interruption loses no finished run
-                fh.write(json.dumps(record) + "\n")
+                fh.write(record.dumps() + "\n")
             records.append(record)
             if on_record:
                 on_record(record)

@@ -19,6 +19,7 @@ from .ablations import ABLATIONS
 from .heads import harmonic_mean
 from .methods import find_backbone_method
 from .parameters import lookup
+from .records import RunRecord, read_lines, read_record
 from .statistics import CI_METHODS, mean_interval, overlap, paired_difference
 from .store import FINGERPRINT_CHARS
 from .training import TrainConfig
@@ -34,7 +35,7 @@ def paper_label(backbone: str) -> str | None:
     return None if method is None else method.label
 
 
-def load_records(paths: list[str | Path]) -> list[dict]:
+def load_records(paths: list[str | Path]) -> list[RunRecord]:
     """Results from `results.jsonl` (grids), `results.json` (train) files, or folders holding them."""
     files: list[Path] = []
     for p in map(Path, paths):
@@ -49,12 +50,8 @@ def load_records(paths: list[str | Path]) -> list[dict]:
             raise FileNotFoundError(f"results not found: {p}")
     records, seen = [], set()
     for f in files:
-        text = f.read_text()
-        items = [json.loads(line) for line in text.splitlines() if line.strip()] if f.suffix == ".jsonl" else [json.loads(text)]
-        for rec in items:
-            if rec.get("format") != "fvgpt-cache-results":
-                raise ValueError(f"{f} does not hold fvgpt-cache results (format={rec.get('format')!r})")
-            key = (rec["run_id"], rec["cache"])
+        for rec in read_lines(f) if f.suffix == ".jsonl" else [read_record(f)]:
+            key = (rec.run_id, rec.cache)
             if key not in seen:
                 seen.add(key)
                 records.append(rec)
@@ -142,7 +139,7 @@ def _labels(idents: dict[str, tuple[str, dict]]) -> dict[str, str]:
     return out
 
 
-def run_fields(records: list[dict]) -> list[dict]:
+def run_fields(records: list[RunRecord]) -> list[dict]:
     """For each record: the dataset, its template and every SETTING_FIELDS value, as display strings.
 
     The model is known by its identity (`store.model_identity`: weights and config by SHA-256), a
@@ -153,20 +150,20 @@ def run_fields(records: list[dict]) -> list[dict]:
 
     models, backbones, rows = {}, {}, []
     for rec in records:
-        prov = rec.get("cache_provenance") or {}
-        ident = {**(model_identity(prov) if prov else {}), "D": rec.get("feature_dim")}
+        prov = rec.cache_provenance
+        ident = {**(model_identity(prov) if prov else {}), "D": rec.feature_dim}
         model_key = _json(ident)
-        dim = "" if rec.get("feature_dim") is None else f" D{rec['feature_dim']}"
+        dim = "" if rec.feature_dim is None else f" D{rec.feature_dim}"
         models.setdefault(model_key, (_model_base_label(prov) + dim, ident))
-        bb_ident = _backbone_identity(rec.get("backbone_provenance"))
+        bb_ident = _backbone_identity(rec.backbone_provenance)
         bb_key = _json(bb_ident)
         backbones.setdefault(bb_key, (str(bb_ident.get("method", "-")), bb_ident))
         aug = prov.get("augmentation") or {}
         rows.append({
-            "dataset": rec.get("dataset") or Path(rec["cache"]).stem,
+            "dataset": rec.dataset or Path(rec.cache).stem,
             "template": prov.get("template"),
-            "backbone": rec["backbone"],
-            "config": config_label(rec["config"]),
+            "backbone": rec.backbone,
+            "config": config_label(rec.config),
             "model": model_key,
             "shots": "?" if not prov else ("all" if prov.get("shots") == 0 else str(prov.get("shots"))),
             "views": str((prov.get("views") or {}).get("train", "?")),
@@ -228,7 +225,7 @@ class Cell:
         return out
 
 
-def aggregate(records: list[dict], ci: str = "t") -> dict:
+def aggregate(records: list[RunRecord], ci: str = "t") -> dict:
     """Runs pooled over seeds only when everything that makes numbers comparable agrees.
 
     Returns {key: group}, key = the group's SETTING_FIELDS values. A group has `setting` (those
@@ -252,22 +249,22 @@ def aggregate(records: list[dict], ci: str = "t") -> dict:
         ds = f["dataset"]
         if len(templates[ds]) > 1:
             ds = f"{ds} [template {f['template']!r}]"
-        g["seeds"].setdefault(ds, []).append(rec["seed"])
+        g["seeds"].setdefault(ds, []).append(rec.seed)
         g["runs"].setdefault(ds, []).append(rec)
         for method in METHODS:
             cell = g["cells"].setdefault(ds, {}).setdefault(method, Cell())
-            m = rec["metrics"][method]
+            m = rec.metrics[method]
             if m.get("base") is not None and m.get("new") is not None:
                 cell.base.append(m["base"])
                 cell.new.append(m["new"])
-                cell.seeds.append(rec["seed"])
+                cell.seeds.append(rec.seed)
             if m.get("all") is not None:
                 cell.all.append(m["all"])
                 if not (m.get("base") is not None and m.get("new") is not None):
-                    cell.seeds.append(rec["seed"])
-            if method == "fvgpt" and (rec.get("stability") or {}).get("collapsed"):
-                cell.collapsed.append(rec["seed"])
-        for target in rec.get("cross_dataset", []):
+                    cell.seeds.append(rec.seed)
+            if method == "fvgpt" and rec.collapsed:
+                cell.collapsed.append(rec.seed)
+        for target in rec.cross_dataset:
             for method in METHODS:
                 g["cross"].setdefault(ds, {}).setdefault(target["dataset"], {}).setdefault(method, []).append(target[method])
     out = {}
@@ -282,26 +279,21 @@ def aggregate(records: list[dict], ci: str = "t") -> dict:
     return out
 
 
-def train_fingerprint(record: dict) -> str | None:
-    """The content fingerprint of the cache a run trained on (None for records older than fingerprints)."""
-    return next((i["fingerprint"] for i in record.get("inputs") or [] if i["role"] == "train"), None)
-
-
-def check_one_run_per_seed(dataset: str, title: str, runs: list[dict]) -> None:
+def check_one_run_per_seed(dataset: str, title: str, runs: list[RunRecord]) -> None:
     """Refuse a table cell that would pool two runs of one seed: they were computed from different
     inputs (cache contents, or evaluation caches), and averaging them would pass for a seed mean."""
-    by_seed: dict[int, list[dict]] = {}
+    by_seed: dict[int, list[RunRecord]] = {}
     for rec in runs:
-        by_seed.setdefault(rec["seed"], []).append(rec)
+        by_seed.setdefault(rec.seed, []).append(rec)
     for seed, recs in sorted(by_seed.items()):
         if len(recs) < 2:
             continue
         a, b = recs[:2]
-        fa, fb = train_fingerprint(a), train_fingerprint(b)
+        fa, fb = a.train_fingerprint, b.train_fingerprint
         what = ("caches of different content" if fa and fb and fa != fb else
                 "caches of unknown content (records written before fingerprints)" if not (fa and fb) else
                 "the same cache but other inputs (evaluation caches)")
-        show = lambda r, fp: f"{r['cache']} (content {fp[:FINGERPRINT_CHARS] if fp else '?'}, run {r['run_id']})"  # noqa: E731
+        show = lambda r, fp: f"{r.cache} (content {fp[:FINGERPRINT_CHARS] if fp else '?'}, run {r.run_id})"  # noqa: E731
         raise ValueError(f"{dataset}, seed {seed} ({title}): {len(recs)} runs computed from {what} would be pooled "
                          f"under one name: {show(a, fa)} and {show(b, fb)}. Report them from separate results files, "
                          "or move the stale ones away (grid keeps set-aside records in OUT/stale/)")
@@ -562,7 +554,7 @@ FULL_ROWS = ("(5) FRG+FDC+PC", "all indicators", "all losses", "visual + textual
              "100% of the shots", "10 epochs", "r from FRG (FVG-PT)")
 
 
-def ablation_tables(records: list[dict]) -> list[tuple[str, list[str], list[list[str]]]]:
+def ablation_tables(records: list[RunRecord]) -> list[tuple[str, list[str], list[list[str]]]]:
     """The paper's ablation tables from grid runs that carry `ablations` (grid --preset …):
 
     one table per ablation and backbone, a row per variant in the paper's order: Base and New as
@@ -575,22 +567,22 @@ def ablation_tables(records: list[dict]) -> list[tuple[str, list[str], list[list
     cells: dict[tuple, dict] = {}
     settings: dict[tuple, dict] = {}
     for rec, f in zip(records, run_fields(records)):
-        for ablation, label in rec.get("ablations") or []:
+        for ablation, label in rec.ablations or []:
             varied = {k for _, overrides in ABLATIONS[ablation][1] for k in overrides}
             setting = {**{k: f[k] for k in SETTING_FIELDS},
-                       "config": config_label({k: v for k, v in rec["config"].items() if k not in varied})}
+                       "config": config_label({k: v for k, v in rec.config.items() if k not in varied})}
             key = (ablation, tuple(setting.values()))
             settings[key] = setting
             row = cells.setdefault(key, {}).setdefault(label, {})
-            m = rec["metrics"]["fvgpt"]
+            m = rec.metrics["fvgpt"]
             if m.get("base") is None:
                 continue
-            ds = row.setdefault(rec.get("dataset"), {"base": [], "new": [], "seeds": [], "collapsed": []})
+            ds = row.setdefault(rec.dataset, {"base": [], "new": [], "seeds": [], "collapsed": []})
             ds["base"].append(m["base"])
             ds["new"].append(m["new"])
-            ds["seeds"].append(rec["seed"])
-            if (rec.get("stability") or {}).get("collapsed"):
-                ds["collapsed"].append(rec["seed"])
+            ds["seeds"].append(rec.seed)
+            if rec.collapsed:
+                ds["collapsed"].append(rec.seed)
     varying = {ablation: varying_fields([v for k, v in settings.items() if k[0] == ablation]) for ablation, _ in settings}
     out = []
     for (ablation, key), rows in cells.items():
@@ -715,7 +707,7 @@ def paired_tables(summary: dict, reference: str) -> list[tuple[str, list[str], l
             if body:
                 out.append((f"Paired vs the backbone · {g['title']}", header, body))
         return out
-    refs = [g for g in summary.values() if any(_config_matches(r["config"], reference)
+    refs = [g for g in summary.values() if any(_config_matches(r.config, reference)
                                                for runs in g["runs"].values() for r in runs)]
     if not refs:
         raise ValueError(f"--vs {reference!r}: no configuration in these results matches it; the configurations "
@@ -736,7 +728,7 @@ def paired_tables(summary: dict, reference: str) -> list[tuple[str, list[str], l
     return out
 
 
-def mask_source_tables(records: list[dict]) -> list[tuple[str, list[str], list[list[str]]]]:
+def mask_source_tables(records: list[RunRecord]) -> list[tuple[str, list[str], list[list[str]]]]:
     """The mask-source ablation (grid --preset masks): per setting, a row per mask source with Base, New,
     HM (seed means, averaged over datasets as in `ablation_tables`), ΔHM against the cache's own
     foreground views ("extracted"), and the source's mask statistics on the training images: mean
@@ -744,24 +736,24 @@ def mask_source_tables(records: list[dict]) -> list[tuple[str, list[str], list[l
     cells: dict[tuple, dict] = {}
     settings: dict[tuple, dict] = {}
     for rec, f in zip(records, run_fields(records)):
-        if not any(a == "masks" for a, _ in rec.get("ablations") or []):
+        if not any(a == "masks" for a, _ in rec.ablations or []):
             continue
-        source = rec["config"].get("fg_source", "extracted")
+        source = rec.config.get("fg_source", "extracted")
         setting = {**{k: f[k] for k in SETTING_FIELDS},
-                   "config": config_label({k: v for k, v in rec["config"].items() if k != "fg_source"})}
+                   "config": config_label({k: v for k, v in rec.config.items() if k != "fg_source"})}
         key = tuple(setting.values())
         settings[key] = setting
-        m = rec["metrics"]["fvgpt"]
+        m = rec.metrics["fvgpt"]
         if m.get("base") is None:
             continue
         row = cells.setdefault(key, {}).setdefault(source, {})
-        ds = row.setdefault(rec.get("dataset"), {"base": [], "new": [], "area": [], "empty": [], "r": []})
+        ds = row.setdefault(rec.dataset, {"base": [], "new": [], "area": [], "empty": [], "r": []})
         ds["base"].append(m["base"])
         ds["new"].append(m["new"])
-        stats = rec.get("mask_source") or {}
-        ds["area"].append(stats.get("mean_area"))
-        ds["empty"].append(stats.get("empty_share"))
-        ds["r"].append(((rec.get("diagnostics") or {}).get("train") or {}).get("r_mean"))
+        stats = rec.mask_source
+        ds["area"].append(None if stats is None else stats.mean_area)
+        ds["empty"].append(None if stats is None else stats.empty_share)
+        ds["r"].append(((rec.diagnostics or {}).get("train") or {}).get("r_mean"))
     varying = varying_fields(list(settings.values()))
     out = []
     fmt = lambda xs, scale=1.0: "-" if any(x is None for x in xs) else f"{scale * _mean(xs):.2f}"  # noqa: E731
@@ -834,7 +826,7 @@ def config_value(config: dict, param: str):
     return config[param] if param in config else p.to_json(p.default)
 
 
-def sweep(records: list[dict], param: str) -> dict:
+def sweep(records: list[RunRecord], param: str) -> dict:
     """A one-parameter sweep: {dataset or 'average': {value: {"base", "new", "hm", "hm_std"}}} of FVG-PT.
 
     Runs with the same dataset and value are averaged whatever else differs between them;
@@ -843,12 +835,12 @@ def sweep(records: list[dict], param: str) -> dict:
     lookup(param)  # an unknown name is refused even without records
     by: dict[str, dict] = {}
     for rec in records:
-        value = config_value(rec["config"], param)
+        value = config_value(rec.config, param)
         value = "+".join(value) if isinstance(value, list) else value
-        m = rec["metrics"]["fvgpt"]
+        m = rec.metrics["fvgpt"]
         if m.get("base") is None:
             continue
-        by.setdefault(rec.get("dataset"), {}).setdefault(value, []).append((m["base"], m["new"]))
+        by.setdefault(rec.dataset, {}).setdefault(value, []).append((m["base"], m["new"]))
     out = {}
     for ds, values in by.items():
         out[ds] = {}
@@ -866,16 +858,16 @@ def sweep(records: list[dict], param: str) -> dict:
     return out
 
 
-def averaged_over(records: list[dict], param: str) -> dict[str, list[str]]:
+def averaged_over(records: list[RunRecord], param: str) -> dict[str, list[str]]:
     """Every field besides `param` and the seed that varies among runs a sweep point averages.
 
     {field: [its values]}: setting fields (model, shots, backbone, …) and each TrainConfig field.
     """
     points: dict[tuple, list[int]] = {}
     for i, rec in enumerate(records):
-        if rec["metrics"]["fvgpt"].get("base") is None:
+        if rec.metrics["fvgpt"].get("base") is None:
             continue
-        points.setdefault((rec.get("dataset"), _json(rec["config"][param])), []).append(i)
+        points.setdefault((rec.dataset, _json(rec.config[param])), []).append(i)
     fields = run_fields(records)
     found: dict[str, set] = {}
     for members in points.values():
@@ -887,9 +879,9 @@ def averaged_over(records: list[dict], param: str) -> dict[str, list[str]]:
             values = {fields[i][f] for i in members}
             if len(values) > 1:
                 found.setdefault(f, set()).update(values)
-        keys = {k for i in members for k in records[i]["config"]} - {param, *IGNORED_IN_LABEL}
+        keys = {k for i in members for k in records[i].config} - {param, *IGNORED_IN_LABEL}
         for k in sorted(keys):
-            values = {_json(records[i]["config"].get(k)) for i in members}
+            values = {_json(records[i].config.get(k)) for i in members}
             if len(values) > 1:
                 found.setdefault(k, set()).update(values)
     return {k: sorted(v) for k, v in found.items()}
@@ -951,7 +943,7 @@ CURVE_COLUMNS = ("epoch", "lr", "selected", "test_base", "test_new", "test_hm", 
                  "ce_pc", "kl_pc", "pc", "total")
 
 
-def curves_csv(records: list[dict]) -> str:
+def curves_csv(records: list[RunRecord]) -> str:
     """One row per run and epoch (`report --format curves`): the run's identity (id, dataset, backbone, seed,
     every TrainConfig field) and that epoch's numbers; empty where a run has no such number."""
     fields_ = TrainConfig.field_names()
@@ -960,25 +952,25 @@ def curves_csv(records: list[dict]) -> str:
     writer = csv.DictWriter(buf, fieldnames=cols, extrasaction="ignore")
     writer.writeheader()
     for rec in records:
-        config = {f"config.{k}": "+".join(map(str, v)) if isinstance(v, list) else v for k, v in rec["config"].items()}
-        for entry in rec.get("history") or []:
-            writer.writerow({"run_id": rec["run_id"], "dataset": rec.get("dataset"), "backbone": rec["backbone"],
-                             "seed": rec["seed"], **config,
+        config = {f"config.{k}": "+".join(map(str, v)) if isinstance(v, list) else v for k, v in rec.config.items()}
+        for entry in rec.history:
+            writer.writerow({"run_id": rec.run_id, "dataset": rec.dataset, "backbone": rec.backbone,
+                             "seed": rec.seed, **config,
                              **{k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in entry.items()}})
     return buf.getvalue()
 
 
-def curve_bands(records: list[dict], param: str, metric: str) -> dict:
+def curve_bands(records: list[RunRecord], param: str, metric: str) -> dict:
     """{dataset: {value of `param`: (epochs, mean, std over the runs)}} of one curve metric (e.g. test_hm)."""
     lookup(param)  # an unknown name is refused even without records
     by: dict = {}
     for rec in records:
-        points = [(h["epoch"], h[metric]) for h in rec.get("history") or [] if h.get(metric) is not None]
+        points = [(h["epoch"], h[metric]) for h in rec.history if h.get(metric) is not None]
         if not points:
             continue
-        value = config_value(rec["config"], param)
+        value = config_value(rec.config, param)
         value = "+".join(map(str, value)) if isinstance(value, list) else value
-        by.setdefault(rec.get("dataset"), {}).setdefault(value, []).append(dict(points))
+        by.setdefault(rec.dataset, {}).setdefault(value, []).append(dict(points))
     out: dict = {}
     for ds, values in by.items():
         for value, runs in values.items():
@@ -988,7 +980,7 @@ def curve_bands(records: list[dict], param: str, metric: str) -> dict:
     return out
 
 
-def plot_curves(records: list[dict], param: str, path: Path) -> Path:
+def plot_curves(records: list[RunRecord], param: str, path: Path) -> Path:
     """Test Base/New/HM (or All) against epoch: a row of panels per dataset, one line per value of `param`
     (mean over the runs with it), a band of ± one standard deviation over them (the seed spread)."""
     try:
@@ -998,7 +990,7 @@ def plot_curves(records: list[dict], param: str, path: Path) -> Path:
         import matplotlib.pyplot as plt
     except ImportError:
         raise RuntimeError("plots need matplotlib: pip install 'fvgpt-cache[plot]' (or pip install matplotlib)") from None
-    has_bn = any(h.get("test_hm") is not None for r in records for h in r.get("history") or [])
+    has_bn = any(h.get("test_hm") is not None for r in records for h in r.history)
     metrics = ("test_base", "test_new", "test_hm") if has_bn else ("test_all",)
     bands = {m: curve_bands(records, param, m) for m in metrics}
     datasets = sorted(bands[metrics[0]])

@@ -11,27 +11,24 @@ import torch
 from .engine import train_head
 from .evaluation import EvalSet, curve_data, evaluate, evaluate_transfer, gate_diagnostics
 from .heads import FVGPTHead
+from .records import MaskSource, RunInput, RunRecord, Selection, read_record
 from .store import EXTRACTED_FG, Cache, check_same_model, mask_statistics, open_cache
 from .training import TrainConfig, build_head, config_with, prepare, stability
 
-RESULTS_FORMAT = "fvgpt-cache-results"
 HEAD_FORMAT = "fvgpt-cache-head"
-# 2: `inputs` (what the run read, by content: the run id hashes it), `selection`, per-epoch curves in `history`,
-# `mask_source`. Version 1 records still load; a grid sets them aside as stale when it meets them in a run's slot.
-RESULTS_VERSION = 2
 
 
-def run_inputs(cache: Cache, backbone: str, targets=(), fg_source: str = EXTRACTED_FG) -> list[dict]:
+def run_inputs(cache: Cache, backbone: str, targets=(), fg_source: str = EXTRACTED_FG) -> list[RunInput]:
     """What a run reads, by content: the training cache (with its mask source) and every evaluation cache,
     each with the fingerprint of the datasets the run uses (`Cache.input_fingerprint`) and its path."""
-    return [{"role": role, "path": str(Path(c.path).resolve()),
-             "fingerprint": c.input_fingerprint(backbone, fg_source if role == "train" else EXTRACTED_FG)}
+    return [RunInput(role, str(Path(c.path).resolve()),
+                     c.input_fingerprint(backbone, fg_source if role == "train" else EXTRACTED_FG))
             for role, c in [("train", cache), *(("eval", t) for t in targets)]]
 
 
-def run_id(inputs: list[dict], cfg: TrainConfig) -> str:
+def run_id(inputs: list[RunInput], cfg: TrainConfig) -> str:
     """The key of a result: its configuration and the content of what it read (not the files' paths)."""
-    key = [[(i["role"], i["fingerprint"]) for i in inputs], cfg.to_dict()]
+    key = [[(i.role, i.fingerprint) for i in inputs], cfg.to_dict()]
     return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -41,10 +38,10 @@ def run_slot(paths: list[str], config: dict) -> str:
     return json.dumps([list(paths), config], sort_keys=True)
 
 
-def record_slot(record: dict) -> str:
+def record_slot(record: RunRecord) -> str:
     """`run_slot` of a results record (records written before inputs were recorded: its cache path)."""
-    paths = [i["path"] for i in record["inputs"]] if record.get("inputs") else [str(Path(record["cache"]).resolve())]
-    return run_slot(paths, {**TrainConfig().to_dict(), **record["config"]})  # fields added since take their defaults
+    paths = [i.path for i in record.inputs] if record.inputs else [str(Path(record.cache).resolve())]
+    return run_slot(paths, {**TrainConfig().to_dict(), **record.config})  # fields added since take their defaults
 
 
 def default_run_dir(cache_path: Path, cfg: TrainConfig, backbone: str, rid: str,
@@ -77,7 +74,7 @@ def load_head(path: Path, dim: int | None = None) -> tuple[FVGPTHead, TrainConfi
 
 def run_training(cache_path: str | Path, cfg: TrainConfig, out_dir: Path | None = None,
                  eval_caches: list[str | Path] = (), progress=None, save: bool = True,
-                 preset: dict | None = None) -> dict:
+                 preset: dict | None = None) -> RunRecord:
     """Train, evaluate and (with `save`) write one run. `preset` is `training.configure`'s record, if used."""
     cfg.validate()
     t0 = time.perf_counter()
@@ -97,16 +94,16 @@ def run_training(cache_path: str | Path, cfg: TrainConfig, out_dir: Path | None 
 CURVE_METRICS = ("base", "new", "hm", "all")
 
 
-def selection(cfg: TrainConfig, history: list[dict]) -> dict | None:
+def selection(cfg: TrainConfig, history: list[dict]) -> Selection | None:
     """Which epoch the run reports and why: `rule` (last | val), `epoch`, the validation numbers at that
     epoch and the test numbers of FVG-PT at the last epoch (from the curve), so both are recorded."""
     chosen = [h for h in history if h.get("selected")]
     if not chosen:
         return None  # trained without curves
     pick, last = chosen[0], history[-1]
-    return {"rule": cfg.select, "epoch": pick["epoch"],
-            "val": {m: pick[f"val_{m}"] for m in CURVE_METRICS if f"val_{m}" in pick} or None,
-            "last_epoch_test": {m: last[f"test_{m}"] for m in CURVE_METRICS if f"test_{m}" in last}}
+    return Selection(rule=cfg.select, epoch=pick["epoch"],
+                     val={m: pick[f"val_{m}"] for m in CURVE_METRICS if f"val_{m}" in pick} or None,
+                     last_epoch_test={m: last[f"test_{m}"] for m in CURVE_METRICS if f"test_{m}" in last})
 
 
 def check_run_dir(out_dir: Path, rid: str) -> None:
@@ -114,8 +111,8 @@ def check_run_dir(out_dir: Path, rid: str) -> None:
     existing = out_dir / "results.json"
     if existing.is_file():
         try:
-            other = json.loads(existing.read_text()).get("run_id")
-        except (OSError, ValueError):
+            other = read_record(existing).run_id
+        except ValueError:  # unreadable, or not a results record this code reads: not this run's
             other = None
         if other != rid:
             raise ValueError(f"{out_dir} already holds the results of another run ({other or 'unreadable'}; this run is "
@@ -129,7 +126,7 @@ def eval_sets(cache, targets, backbone: str) -> dict:
 
 def finish_run(cache, cfg: TrainConfig, data, head: FVGPTHead, history: list[dict], seconds: dict,
                targets=(), out_dir: Path | None = None, save: bool = True, preset: dict | None = None,
-               evalsets: dict | None = None) -> dict:
+               evalsets: dict | None = None) -> RunRecord:
     """Evaluate a trained head and build (and optionally write) its results record."""
     t2 = time.perf_counter()
     sets = evalsets or eval_sets(cache, targets, cfg.backbone)
@@ -142,35 +139,33 @@ def finish_run(cache, cfg: TrainConfig, data, head: FVGPTHead, history: list[dic
     inputs = run_inputs(cache, cfg.backbone, targets, cfg.fg_source)
     rid = run_id(inputs, cfg)
     out_dir = Path(out_dir) if out_dir else default_run_dir(cache.path, cfg, cfg.backbone, rid)
-    record = {
-        "format": RESULTS_FORMAT,
-        "version": RESULTS_VERSION,
-        "run_id": rid,
-        "cache": str(cache.path),
-        "inputs": inputs,
-        "dataset": cache.provenance.get("dataset"),
-        "cache_provenance": cache.provenance,
-        "backbone": cfg.backbone,
-        "backbone_provenance": cache.text_provenance(cfg.backbone),
-        "seed": cfg.seed,
-        "config": cfg.to_dict(),
-        "preset": preset,
-        "warnings": warnings,
+    record = RunRecord(
+        run_id=rid,
+        cache=str(cache.path),
+        inputs=inputs,
+        dataset=cache.provenance.get("dataset"),
+        cache_provenance=cache.provenance,
+        backbone=cfg.backbone,
+        backbone_provenance=cache.text_provenance(cfg.backbone),
+        seed=cfg.seed,
+        config=cfg.to_dict(),
+        preset=preset,
+        warnings=warnings,
         **results,
-        "head_parameters": head.num_parameters(),
-        "feature_dim": int(data.full.shape[-1]),
-        "train_images": data.meta["train_images"],
-        "mask_source": {"name": cfg.fg_source, **mask_statistics(data.area.numpy()),
-                        "made_by": cache.fg_source_provenance(cfg.fg_source).get("masks_json")},
-        "views": data.meta["views"],
-        "seconds": {**seconds, "evaluate": time.perf_counter() - t2},
-        "selection": selection(cfg, history),
-        "history": history,
-        "run_dir": str(out_dir) if save else None,
-    }
+        head_parameters=head.num_parameters(),
+        feature_dim=int(data.full.shape[-1]),
+        train_images=data.meta["train_images"],
+        mask_source=MaskSource(name=cfg.fg_source, **mask_statistics(data.area.numpy()),
+                               made_by=cache.fg_source_provenance(cfg.fg_source).get("masks_json")),
+        views=data.meta["views"],
+        seconds={**seconds, "evaluate": time.perf_counter() - t2},
+        selection=selection(cfg, history),
+        history=history,
+        run_dir=str(out_dir) if save else None,
+    )
     if save:
         check_run_dir(out_dir, rid)
         out_dir.mkdir(parents=True, exist_ok=True)
         save_head(head, cfg, data.full.shape[-1], out_dir / "head.pt")
-        (out_dir / "results.json").write_text(json.dumps(record, indent=1))
+        (out_dir / "results.json").write_text(record.dumps(indent=1))
     return record

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from .records import RunRecord
+
 GROUPS = {"test_": "test/", "val_": "val/"}
 GATES = ("r_mean", "frg_auc", "b_mean_new")
 SKIP = ("epoch", "selected")
@@ -25,11 +27,11 @@ def scalar_name(key: str) -> str:
     return "loss/" + key
 
 
-def run_folder(root: Path, record: dict) -> Path:
-    return Path(root) / str(record.get("dataset") or "dataset") / f"{record['backbone']}-seed{record['seed']}-{record['run_id']}"
+def run_folder(root: Path, record: RunRecord) -> Path:
+    return Path(root) / str(record.dataset or "dataset") / f"{record.backbone}-seed{record.seed}-{record.run_id}"
 
 
-def write_run(root: str | Path, record: dict) -> Path:
+def write_run(root: str | Path, record: RunRecord) -> Path:
     """Write one run's history as scalars (once per run id); returns its event folder."""
     try:
         from torch.utils.tensorboard import SummaryWriter
@@ -41,7 +43,7 @@ def write_run(root: str | Path, record: dict) -> Path:
         return folder
     writer = SummaryWriter(log_dir=str(folder))
     try:
-        for entry in record.get("history") or []:
+        for entry in record.history:
             for key, value in entry.items():
                 if key not in SKIP and isinstance(value, (int, float)) and not isinstance(value, bool):
                     writer.add_scalar(scalar_name(key), value, global_step=entry["epoch"] + 1)

@@ -177,31 +177,29 @@ def test_help_shows_brackets_literally():
 
 
 def test_ctrl_c_says_how_to_resume_and_exits_130(tmp_path, generic_data, tiny_config, monkeypatch):
-    import fvgpt_cache.extraction as extraction
+    import fvgpt_cache  # the CLI calls the library through the public API
 
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(extraction, "extract", interrupted)
+    monkeypatch.setattr(fvgpt_cache, "extract", interrupted)
     split, images, masks = generic_data
     res = run_cli("extract", "--split-file", split, "--image-root", images, "--mask-root", masks, "--model", tiny_config,
                "--pretrained", "none", "--out", tmp_path / "c.h5")
     assert res.exit_code == 130 and "interrupted; rerun the same command to resume" in res.output
-    import fvgpt_cache.runs as runs
-
-    monkeypatch.setattr(runs, "run_training", interrupted)
+    monkeypatch.setattr(fvgpt_cache, "train", interrupted)
     cache = write_feature_cache(tmp_path / "syn.h5", num_classes=4, shots=4, views=2, dim=16, test_per_class=4)
     res = run_cli("train", cache)
     assert res.exit_code == 130 and "interrupted" in res.output and "resume" not in res.output
 
 
 def test_unexpected_errors_have_no_traceback_unless_debug(tmp_path, monkeypatch):
-    import fvgpt_cache.inspection as inspection
+    import fvgpt_cache  # the CLI calls the library through the public API
 
     def broken(path, **kwargs):
         raise ZeroDivisionError("a bug")
 
-    monkeypatch.setattr(inspection, "inspect_cache", broken)
+    monkeypatch.setattr(fvgpt_cache, "inspect_cache", broken)
     res = run_cli("inspect", tmp_path / "x.h5")
     assert res.exit_code == 2 and "Traceback" not in res.output and "ZeroDivisionError: a bug" in res.output
     assert "--debug" in res.output

@@ -12,6 +12,7 @@ from typer.testing import CliRunner
 from fvgpt_cache.cli.main import app
 from fvgpt_cache.engine import TrainingStopped
 from fvgpt_cache.grids import expand, parse_params, run_grid
+from fvgpt_cache.records import RunRecord, Selection
 from fvgpt_cache.reports import aggregate, ablation_tables, curves_csv, load_records, paired_tables, to_csv
 from fvgpt_cache.runs import run_training
 from fvgpt_cache.store import Cache
@@ -29,20 +30,20 @@ def syn(tmp_path):
 
 def test_every_epoch_is_recorded_and_the_last_point_is_the_reported_run(syn):
     rec = run_training(syn, TrainConfig(epochs=4), save=False)
-    hist = rec["history"]
+    hist = rec.history
     assert [h["epoch"] for h in hist] == [0, 1, 2, 3]
     for h in hist:
         assert {"test_base", "test_new", "test_hm", "r_mean", "frg_auc", "b_mean_new", "total", "dist"} <= set(h)
         assert "val_hm" not in h, "the validation split is evaluated only when an epoch is chosen by it"
     last = hist[-1]
     assert last["selected"] and not any(h["selected"] for h in hist[:-1])
-    assert {k: last[f"test_{k}"] for k in ("base", "new", "hm")} == rec["metrics"]["fvgpt"]
+    assert {k: last[f"test_{k}"] for k in ("base", "new", "hm")} == rec.metrics["fvgpt"]
     # two views per image: the epoch's training views are the diagnostics' augmented views
-    assert last["r_mean"] == pytest.approx(rec["diagnostics"]["train"]["r_mean"], abs=1e-6)
-    assert last["frg_auc"] == pytest.approx(rec["diagnostics"]["train"]["frg_auc"], abs=1e-9)
-    assert last["b_mean_new"] == pytest.approx(rec["diagnostics"]["b_mean_new"], abs=1e-3)  # stored as float16
-    assert rec["selection"] == {"rule": "last", "epoch": 3, "val": None,
-                                "last_epoch_test": {k: last[f"test_{k}"] for k in ("base", "new", "hm")}}
+    assert last["r_mean"] == pytest.approx(rec.diagnostics["train"]["r_mean"], abs=1e-6)
+    assert last["frg_auc"] == pytest.approx(rec.diagnostics["train"]["frg_auc"], abs=1e-9)
+    assert last["b_mean_new"] == pytest.approx(rec.diagnostics["b_mean_new"], abs=1e-3)  # stored as float16
+    assert rec.selection == Selection(rule="last", epoch=3, val=None,
+                                      last_epoch_test={k: last[f"test_{k}"] for k in ("base", "new", "hm")})
 
 
 def test_switched_off_modules_are_scored_as_their_heads_predict(syn):
@@ -50,9 +51,9 @@ def test_switched_off_modules_are_scored_as_their_heads_predict(syn):
     for cfg in (TrainConfig(epochs=2, use_pc=False), TrainConfig(epochs=2, use_fdc=False),
                 TrainConfig(epochs=2, classes="all")):
         rec = run_training(syn, cfg, save=False)
-        last = rec["history"][-1]
+        last = rec.history[-1]
         key = ("all",) if cfg.classes == "all" else ("base", "new", "hm")
-        assert {k: last[f"test_{k}"] for k in key} == {k: rec["metrics"]["fvgpt"][k] for k in key}, cfg
+        assert {k: last[f"test_{k}"] for k in key} == {k: rec.metrics["fvgpt"][k] for k in key}, cfg
         if not cfg.use_pc:
             assert last["b_mean_new"] is None
 
@@ -76,16 +77,16 @@ def test_select_val_never_reads_test_labels_before_it_has_chosen(syn, monkeypatc
     monkeypatch.setattr(Monitor, "selected_epoch", select)
     monkeypatch.setattr(Cache, "labels", labels)
     rec = run_training(syn, TrainConfig(epochs=4, select="val"), save=False)
-    sel = rec["selection"]
-    hist = rec["history"]
+    sel = rec.selection
+    hist = rec.history
     best = max(h["val_hm"] for h in hist)
-    assert sel["rule"] == "val" and hist[sel["epoch"]]["val_hm"] == best
-    assert sel["epoch"] == min(h["epoch"] for h in hist if h["val_hm"] == best), "the first best epoch"
-    assert {k: hist[sel["epoch"]][f"test_{k}"] for k in ("base", "new", "hm")} == rec["metrics"]["fvgpt"]
-    assert sel["last_epoch_test"] == {k: hist[-1][f"test_{k}"] for k in ("base", "new", "hm")}
+    assert sel.rule == "val" and hist[sel.epoch]["val_hm"] == best
+    assert sel.epoch == min(h["epoch"] for h in hist if h["val_hm"] == best), "the first best epoch"
+    assert {k: hist[sel.epoch][f"test_{k}"] for k in ("base", "new", "hm")} == rec.metrics["fvgpt"]
+    assert sel.last_epoch_test == {k: hist[-1][f"test_{k}"] for k in ("base", "new", "hm")}
     monkeypatch.setattr(Cache, "labels", original_labels)
     grid = run_grid(expand([syn], [1], {"select": ["val"]}, TrainConfig(epochs=4)), syn.parent / "g")
-    assert grid[0]["metrics"] == rec["metrics"] and grid[0]["selection"] == sel
+    assert grid[0].metrics == rec.metrics and grid[0].selection == sel
 
 
 def test_select_val_needs_a_validation_split(tmp_path):
@@ -103,16 +104,16 @@ def test_select_val_needs_a_validation_split(tmp_path):
                 provenance=cache.provenance, logit_scale=cache.logit_scale)
     with pytest.raises(ValueError, match="select='val' needs a validation split"):
         run_training(no_val, TrainConfig(epochs=2, select="val", backbone="clip"), save=False)
-    assert np.isfinite(run_training(no_val, TrainConfig(epochs=2, backbone="clip"), save=False)["metrics"]["fvgpt"]["hm"])
+    assert np.isfinite(run_training(no_val, TrainConfig(epochs=2, backbone="clip"), save=False).metrics["fvgpt"]["hm"])
 
 
 @pytest.mark.slow
 def test_grid_curves_equal_the_single_runs(syn, tmp_path):
     runs = expand([syn], [1, 2], parse_params(["lambda_d=1,10", "epochs=2,3"]), TrainConfig())
-    records = {r["run_id"]: r for r in run_grid(runs, tmp_path / "g")}
+    records = {r.run_id: r for r in run_grid(runs, tmp_path / "g")}
     for run in runs:
-        single = run_training(syn, run.config, save=False)["history"]
-        grid = records[run.run_id]["history"]
+        single = run_training(syn, run.config, save=False).history
+        grid = records[run.run_id].history
         assert len(grid) == len(single) == run.config.epochs
         for a, b in zip(grid, single):
             exact = {k: v for k, v in a.items() if k.startswith("test_") or k in ("selected", "epoch")}
@@ -133,10 +134,10 @@ def test_an_interrupted_grid_resumes_with_the_unfinished_runs_only(syn, tmp_path
     with pytest.raises(TrainingStopped):
         run_grid(runs, tmp_path / "g", should_stop=stop_after_two_epochs)
     written = load_records([tmp_path / "g"])
-    assert sorted(r["config"]["epochs"] for r in written) == [2, 2, 2, 2], "the 2-epoch runs were written at once"
+    assert sorted(r.config["epochs"] for r in written) == [2, 2, 2, 2], "the 2-epoch runs were written at once"
     trained = []
     run_grid(runs, tmp_path / "g", on_record=trained.append)
-    assert sorted(r["config"]["epochs"] for r in trained) == [4, 4, 4, 4], "only the unfinished runs train again"
+    assert sorted(r.config["epochs"] for r in trained) == [4, 4, 4, 4], "only the unfinished runs train again"
     run_grid(runs, tmp_path / "fresh")
     assert to_csv(aggregate(load_records([tmp_path / "g"]))) == to_csv(aggregate(load_records([tmp_path / "fresh"])))
 
@@ -148,9 +149,9 @@ def test_paired_report_against_a_configuration_and_the_backbone(syn, tmp_path):
     summary = aggregate(records)
     (title, header, body), = paired_tables(summary, "lambda_d=10")
     assert header[:3] == ["Dataset", "vs", "n"] and body[0][1] == "epochs=2, lambda_d=1.0" and body[0][2] == "3"
-    by_seed = {r["seed"]: r for r in records if r["config"]["lambda_d"] == 1.0}
-    ref = {r["seed"]: r for r in records if r["config"]["lambda_d"] == 10.0}
-    d = [by_seed[s]["metrics"]["fvgpt"]["base"] - ref[s]["metrics"]["fvgpt"]["base"] for s in (1, 2, 3)]
+    by_seed = {r.seed: r for r in records if r.config["lambda_d"] == 1.0}
+    ref = {r.seed: r for r in records if r.config["lambda_d"] == 10.0}
+    d = [by_seed[s].metrics["fvgpt"]["base"] - ref[s].metrics["fvgpt"]["base"] for s in (1, 2, 3)]
     assert body[0][3] == f"{sum(d) / 3:+.2f}"
     assert len(paired_tables(summary, "backbone")) == 2, "one table per configuration group"
     with pytest.raises(ValueError, match="no configuration in these results matches"):
@@ -199,7 +200,7 @@ def test_tensorboard_scalars(syn, tmp_path):
     assert {"gates/r_mean", "loss/total", "lr"} <= set(acc.Tags()["scalars"])
     from fvgpt_cache.tensorboard import write_run
 
-    assert write_run(tmp_path / "tb", record) == folder and len(list(folder.glob("events.*"))) == 1, "not appended twice"
+    assert write_run(tmp_path / "tb", RunRecord.from_json(record)) == folder and len(list(folder.glob("events.*"))) == 1, "not appended twice"
 
 
 @pytest.mark.slow

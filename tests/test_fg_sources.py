@@ -110,22 +110,22 @@ def test_fg_source_grid_rows_batch_and_equal_their_single_runs(tmp_path):
     runs = expand([syn], [1], {}, TrainConfig(epochs=2), preset="masks")
     assert sorted({r.config.fg_source for r in runs}) == ["extracted", "noisy", "none"] and len(runs) == 3
     assert len({group_key(r) for r in runs}) == 1, "mask sources must batch into one group"
-    records = {r["run_id"]: r for r in run_grid(runs, tmp_path / "grid")}
+    records = {r.run_id: r for r in run_grid(runs, tmp_path / "grid")}
     for run in runs:
         single = run_training(syn, run.config, save=False)
         grid = records[run.run_id]
         for method in ("fvgpt", "backbone"):
             for part in ("base", "new"):
-                assert abs(grid["metrics"][method][part] - single["metrics"][method][part]) <= 100 / 30 + 1e-9
-        assert_close_history(grid["history"], single["history"], tol=1e-5)
-        assert grid["mask_source"] == single["mask_source"]
-        assert grid["diagnostics"]["train"] == pytest.approx(single["diagnostics"]["train"], abs=1e-5)
-    by_source = {r["config"]["fg_source"]: r for r in records.values()}
-    assert by_source["none"]["mask_source"]["mean_area"] == 1
+                assert abs(grid.metrics[method][part] - single.metrics[method][part]) <= 100 / 30 + 1e-9
+        assert_close_history(grid.history, single.history, tol=1e-5)
+        assert grid.mask_source == single.mask_source
+        assert grid.diagnostics["train"] == pytest.approx(single.diagnostics["train"], abs=1e-5)
+    by_source = {r.config["fg_source"]: r for r in records.values()}
+    assert by_source["none"].mask_source.mean_area == 1
     # the sources really differ: different foreground views give different training losses
-    assert by_source["noisy"]["history"][-1]["dist"] != by_source["extracted"]["history"][-1]["dist"]
+    assert by_source["noisy"].history[-1]["dist"] != by_source["extracted"].history[-1]["dist"]
     # all-ones masks: the area gate cuts every view, so FRG's r is 0 and nothing is distilled to a foreground
-    assert by_source["none"]["diagnostics"]["train"]["area_cut_share"] == 1
+    assert by_source["none"].diagnostics["train"]["area_cut_share"] == 1
     (title, header, body), = mask_source_tables(load_records([tmp_path / "grid"]))
     assert header[:5] == ["Mask source", "Base", "New", "HM", "ΔHM"] and [row[0] for row in body] == \
         ["extracted", "noisy", "none"]

@@ -41,14 +41,14 @@ def _close_histories(a, b, tol=1e-4):
 ])
 def test_grid_equals_single_runs(syn, tmp_path, params, test_device):
     runs = expand([syn], [1, 2], parse_params(params), FAST)
-    records = {r["run_id"]: r for r in run_grid(runs, tmp_path / "grid")}
+    records = {r.run_id: r for r in run_grid(runs, tmp_path / "grid")}
     assert len(records) == len(runs)
     for run in runs:
         single = run_training(syn, run.config, save=False)
         grid = records[run.run_id]
-        assert grid["params"] == run.params
-        _same_metrics(grid["metrics"], single["metrics"], test_device)
-        _close_histories(grid["history"], single["history"], tol=1e-5)
+        assert grid.params == run.params
+        _same_metrics(grid.metrics, single.metrics, test_device)
+        _close_histories(grid.history, single.history, tol=1e-5)
 
 
 def test_grid_resumes_and_streams_jsonl(syn, tmp_path):
@@ -200,17 +200,17 @@ def test_mixed_grid_is_one_group_and_each_row_equals_its_single_run(tmp_path):
     for i, variant in enumerate(MIXED):
         runs += expand([syn], [i + 1], {}, {**FAST.to_dict(), **variant})
     assert len({group_key(r) for r in runs}) == 1, "every knob here must batch into one group"
-    records = {r["run_id"]: r for r in run_grid(runs, tmp_path / "grid")}
+    records = {r.run_id: r for r in run_grid(runs, tmp_path / "grid")}
     for run in runs:
         single = run_training(syn, run.config, save=False)
         grid = records[run.run_id]
-        assert grid["head_parameters"] == single["head_parameters"]
-        assert grid["train_images"] == single["train_images"]
+        assert grid.head_parameters == single.head_parameters
+        assert grid.train_images == single.train_images
         for method in ("fvgpt", "backbone", "zeroshot"):
             for part in ("base", "new"):
                 # accuracies within one test image (a near-tie may flip when sums run in another order)
-                assert abs(grid["metrics"][method][part] - single["metrics"][method][part]) <= 100 / 30 + 1e-9, run.params
-        _close_histories(grid["history"], single["history"], tol=1e-5)
+                assert abs(grid.metrics[method][part] - single.metrics[method][part]) <= 100 / 30 + 1e-9, run.params
+        _close_histories(grid.history, single.history, tol=1e-5)
 
 
 def test_padded_units_of_a_narrower_configuration_stay_exactly_zero(tmp_path):
@@ -277,9 +277,9 @@ def test_paper_preset_end_to_end_prints_each_table_in_the_paper_layout(tmp_path)
     assert "Table 3: components" in tables and "Table 12: losses" in tables and "Fig. 9: training data" in tables
     title, header, body = tables["Table 3: components"]
     assert [r[0] for r in body] == ["(1) FDC", "(2) PC", "(3) FRG+FDC", "(4) FDC+PC", "(5) FRG+FDC+PC"]
-    full = next(r for r in records if ["components", "(5) FRG+FDC+PC"] in r["ablations"] and r["seed"] == 1)
-    other = next(r for r in records if ["components", "(5) FRG+FDC+PC"] in r["ablations"] and r["seed"] == 2)
-    mean_base = (full["metrics"]["fvgpt"]["base"] + other["metrics"]["fvgpt"]["base"]) / 2
+    full = next(r for r in records if ["components", "(5) FRG+FDC+PC"] in r.ablations and r.seed == 1)
+    other = next(r for r in records if ["components", "(5) FRG+FDC+PC"] in r.ablations and r.seed == 2)
+    mean_base = (full.metrics["fvgpt"]["base"] + other.metrics["fvgpt"]["base"]) / 2
     assert body[4][1] == f"{mean_base:.2f}" and body[4][4] == body[4][5] == "" and body[4][6] == "2"  # no Δ, no CI: the full row
     text = CliRunner().invoke(app, ["report", str(tmp_path / "g"), "--format", "markdown"]).output
     assert "### Table 5: gate depth" in text and "| 3 layers |" in text
@@ -296,10 +296,10 @@ def test_a_group_too_big_for_the_budget_trains_in_parts_with_the_same_results(sy
     messages = []
     small = run_grid(runs, tmp_path / "small", memory_budget=shared + 2 * each, log=messages.append)
     assert "trained in 3 parts" in messages[0] and "MB shared" in messages[0]
-    whole = {r["run_id"]: r for r in run_grid(runs, tmp_path / "whole")}
+    whole = {r.run_id: r for r in run_grid(runs, tmp_path / "whole")}
     for rec in small:
-        _same_metrics(rec["metrics"], whole[rec["run_id"]]["metrics"], test_device)
-        _close_histories(rec["history"], whole[rec["run_id"]]["history"], tol=1e-5)
+        _same_metrics(rec.metrics, whole[rec.run_id].metrics, test_device)
+        _close_histories(rec.history, whole[rec.run_id].history, tol=1e-5)
 
 
 @pytest.mark.slow

@@ -9,6 +9,7 @@ import shutil
 import signal
 import subprocess
 import sys
+from dataclasses import replace
 
 import h5py
 import numpy as np
@@ -22,6 +23,7 @@ from fvgpt_cache.data import generic_dataset
 from fvgpt_cache.extraction import ExtractionError, ExtractOptions, extract
 from fvgpt_cache.feature_checks import image_warnings, text_warnings, token_warnings
 from fvgpt_cache.grids import expand, parse_params, run_grid
+from fvgpt_cache.records import RunRecord
 from fvgpt_cache.reports import aggregate, load_records, to_markdown
 from fvgpt_cache.runs import run_training
 from fvgpt_cache.store import CacheError, open_cache, partial_path, write_text_group
@@ -118,8 +120,8 @@ def test_grid_retrains_when_the_cache_at_its_path_was_replaced(tmp_path):
     assert len(stale) == 1
     kept = [json.loads(x) for x in (tmp_path / "g" / "results.jsonl").read_text().splitlines()]
     aside = [json.loads(x) for x in stale[0].read_text().splitlines()]
-    assert {r["run_id"] for r in kept} == {r["run_id"] for r in again}
-    assert {r["run_id"] for r in aside} == {r["run_id"] for r in first}, "stale records are kept, never deleted"
+    assert {r["run_id"] for r in kept} == {r.run_id for r in again}
+    assert {r["run_id"] for r in aside} == {r.run_id for r in first}, "stale records are kept, never deleted"
     assert all("cache content changed" in r["set_aside"] for r in aside)
     assert len(load_records([tmp_path / "g"])) == 2, "report reads the results, not the set-aside records"
 
@@ -195,9 +197,9 @@ def test_default_run_folders_differ_for_different_content(tmp_path, monkeypatch)
     first = run_training(a, TrainConfig(epochs=2))
     write_feature_cache(a, **SMALL, seed=5)
     second = run_training(a, TrainConfig(epochs=2))
-    assert first["run_id"] != second["run_id"] and first["run_dir"] != second["run_dir"]
-    assert first["inputs"][0]["path"] == second["inputs"][0]["path"]
-    assert json.loads((tmp_path / first["run_dir"] / "results.json").read_text())["run_id"] == first["run_id"]
+    assert first.run_id != second.run_id and first.run_dir != second.run_dir
+    assert first.inputs[0].path == second.inputs[0].path
+    assert json.loads((tmp_path / first.run_dir / "results.json").read_text())["run_id"] == first.run_id
 
 
 # --- backbone folders -------------------------------------------------------------------------
@@ -256,10 +258,9 @@ def test_tables_print_seed_counts_and_a_zero_spread(tmp_path):
     a = write_feature_cache(tmp_path / "c.h5", **SMALL)
     b = write_feature_cache(tmp_path / "d.h5", **SMALL, seed=4)
     records = run_grid(expand([a], [1], {}, FAST), tmp_path / "g")
-    rec = dict(records[0])
-    twin = json.loads(json.dumps(rec))  # a second seed with the very same numbers: spread 0
-    twin.update(seed=2, run_id="other", inputs=[{**rec["inputs"][0], "fingerprint": open_cache(b).input_fingerprint(
-        rec["backbone"])}])
+    rec = records[0]
+    twin = RunRecord.from_json(rec.to_json()).replace(  # a second seed with the very same numbers: spread 0
+        seed=2, run_id="other", inputs=[replace(rec.inputs[0], fingerprint=open_cache(b).input_fingerprint(rec.backbone))])
     md = to_markdown(aggregate([rec, twin]))
     header, *rows = [line for line in md.splitlines() if line.startswith("| ") and "---" not in line]
     assert header.split("|")[-2].strip() == "Seeds"
@@ -369,5 +370,5 @@ def test_evaluation_caches_are_inputs_of_a_run(tmp_path):
     keyed = expand([a], [1], {}, FAST, eval_caches=[b])
     assert plain[0].run_id != keyed[0].run_id
     (rec,) = run_grid(plain, tmp_path / "g", eval_caches=[b])
-    assert rec["run_id"] == keyed[0].run_id and [i["role"] for i in rec["inputs"]] == ["train", "eval"]
+    assert rec.run_id == keyed[0].run_id and [i.role for i in rec.inputs] == ["train", "eval"]
     assert run_grid(keyed, tmp_path / "g", eval_caches=[b]) == [], "the same run, done"

@@ -32,14 +32,14 @@ def confound(tmp_path_factory):
 
 def test_default_run_learns_far_above_the_backbone(confound):
     rec = run_training(confound, TrainConfig(seed=1), save=False)
-    metrics = rec["metrics"]
+    metrics = rec.metrics
     assert metrics["backbone"]["base"] == pytest.approx(BACKBONE_BASE)
     assert metrics["fvgpt"]["base"] >= LEARNED, metrics
-    losses = [epoch["ce_fdc"] for epoch in rec["history"]]
+    losses = [epoch["ce_fdc"] for epoch in rec.history]
     assert losses[-1] < 0.5 * losses[0], losses
-    fit = rec["diagnostics"]["fdc_fit"]
+    fit = rec.diagnostics["fdc_fit"]
     assert fit["end"]["acc"] >= LEARNED > fit["start"]["acc"], "it fits its own training views, from a poor start"
-    assert not rec["stability"]["collapsed"]
+    assert not rec.stability["collapsed"]
 
 
 def test_every_row_of_a_grid_learns(confound, tmp_path):

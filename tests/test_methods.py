@@ -12,6 +12,7 @@ from fvgpt_cache.methods import (
     RELEASE, BackboneMethod, Preset, backbone_method, backbone_method_names, backbone_methods, register_backbone_method,
     registered_backbone_method, unregister_backbone_method,
 )
+from fvgpt_cache.records import RunRecord
 from fvgpt_cache.store import CacheError, open_cache, write_text_group
 from fvgpt_cache.synthetic import write_feature_cache
 
@@ -127,10 +128,10 @@ def test_reports_use_the_label_as_the_papers_column(monkeypatch, myprompt):
     monkeypatch.setattr(reports, "load_paper", lambda: paper)
     assert reports.paper_rows("myprompt", ["dtd"])["dtd"]["fvgpt"]["base"] == 71.5
     m = {"base": 80.0, "new": 60.0, "hm": 68.57}
-    rec = {"format": "fvgpt-cache-results", "run_id": "r1", "cache": "/c/dtd.h5", "dataset": "dtd",
+    rec = {"format": "fvgpt-cache-results", "version": 3, "run_id": "r1", "cache": "/c/dtd.h5", "dataset": "dtd",
            "backbone": "myprompt", "seed": 1, "config": TrainConfig(backbone="myprompt").to_dict(),
            "metrics": {"fvgpt": m, "backbone": m, "zeroshot": m}, "cross_dataset": []}
-    md = reports.to_markdown(reports.aggregate([rec]), compare_paper=True)
+    md = reports.to_markdown(reports.aggregate([RunRecord.from_json(rec)]), compare_paper=True)
     assert "| dtd (paper) |" in md and "71.50 | 61.50 | 66.12" in md
 
 

@@ -3,6 +3,7 @@ import inspect
 import json
 from dataclasses import fields
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -11,13 +12,14 @@ from conftest import run_cli
 from fvgpt_cache import heads, parameters
 from fvgpt_cache.grids import expand, parse_params, read_grid_file
 from fvgpt_cache.parameters import InvalidParameterError, Parameter, register_parameter, unregister_parameter
+from fvgpt_cache.records import RunInput
 from fvgpt_cache.runs import load_head, run_id, save_head
 from fvgpt_cache.synthetic import write_feature_cache
 from fvgpt_cache.training import PARAMETERS, RULES, TrainConfig, build_head, config_with, parse_value
 
 DECLARED = list(PARAMETERS.values())
 IDS = [p.name for p in DECLARED]
-INPUTS = [{"role": "train", "path": "/x", "fingerprint": "0123abcd"}]
+INPUTS = [RunInput(role="train", path="/x", fingerprint="0123abcd")]
 DOCS = Path(__file__).resolve().parents[1] / "docs" / "parameters.md"
 
 
@@ -262,7 +264,7 @@ def test_a_plugin_parameter_is_a_parameter_everywhere(plugin):
     assert TrainConfig.from_dict(cfg.to_dict()).validate() == cfg  # what a record stores reads back
     from fvgpt_cache.runs import record_slot, run_slot
 
-    record = {"inputs": INPUTS, "config": cfg.to_dict()}
+    record = SimpleNamespace(inputs=INPUTS, cache="/x", config=cfg.to_dict())  # the parts of a RunRecord a slot reads
     assert record_slot(record) == run_slot(["/x"], cfg.to_dict()) != run_slot(["/x"], default.to_dict())
     assert "lambda_test" in TrainConfig.parameter_names() and "lambda_test" not in TrainConfig.field_names()
     with pytest.raises(ValueError, match=r"lambda_test=-1.0: use a number ≥ 0"):
@@ -302,8 +304,8 @@ def test_a_plugin_parameter_is_set_from_the_command_line(plugin, tmp_path):
 def test_a_plugin_parameter_is_a_sweep_axis_of_reports(plugin):
     from fvgpt_cache.reports import sweep
 
-    def record(config, base):
-        return {"config": config, "dataset": "d", "metrics": {"fvgpt": {"base": base, "new": base - 10}}}
+    def record(config, base):  # the parts of a RunRecord a sweep reads
+        return SimpleNamespace(config=config, dataset="d", metrics={"fvgpt": {"base": base, "new": base - 10}})
 
     out = sweep([record({"lambda_test": 2.0}, 80.0), record({}, 60.0)], "lambda_test")  # {}: at its default
     assert {v: row["base"] for v, row in out["d"].items()} == {0.0: 60.0, 2.0: 80.0}

@@ -10,6 +10,7 @@ from conftest import NUMBER, check_80_columns, run_cli
 from fvgpt_cache.reports import (
     aggregate, config_label, load_paper, load_records, plot_sweep, sweep, to_csv, to_json, to_latex, to_markdown,
 )
+from fvgpt_cache.records import RunRecord
 from fvgpt_cache.synthetic import write_feature_cache
 from fvgpt_cache.training import TrainConfig
 
@@ -17,10 +18,10 @@ from fvgpt_cache.training import TrainConfig
 def record(dataset, seed, fv, bb, zs, backbone="coop", cross=(), **config):
     cfg = {**TrainConfig(backbone=backbone, seed=seed).to_dict(), **config}
     metric = lambda b, n: {"base": b, "new": n, "hm": 2 * b * n / (b + n)}  # noqa: E731
-    return {"format": "fvgpt-cache-results", "run_id": f"{dataset}-{seed}-{sorted(config.items())}",
-            "cache": f"/c/{dataset}.h5", "dataset": dataset, "backbone": backbone, "seed": seed, "config": cfg,
-            "metrics": {"fvgpt": metric(*fv), "backbone": metric(*bb), "zeroshot": metric(*zs)},
-            "cross_dataset": list(cross)}
+    return RunRecord(run_id=f"{dataset}-{seed}-{sorted(config.items())}", cache=f"/c/{dataset}.h5", dataset=dataset,
+                     backbone=backbone, seed=seed, config=cfg,
+                     metrics={"fvgpt": metric(*fv), "backbone": metric(*bb), "zeroshot": metric(*zs)},
+                     cross_dataset=list(cross))
 
 
 RECORDS = [
@@ -107,7 +108,7 @@ def test_cross_dataset_table_and_latex():
     for seed, src in ((1, 72.0), (2, 73.0)):
         rec = record("imagenet", seed, (1, 1), (1, 1), (1, 1), cross=cross, classes="all")
         for m in ("fvgpt", "backbone", "zeroshot"):
-            rec["metrics"][m] = {"base": None, "new": None, "hm": None, "all": src}
+            rec.metrics[m] = {"base": None, "new": None, "hm": None, "all": src}
         recs.append(rec)
     md = to_markdown(aggregate(recs), compare_paper=True)
     assert "Cross-dataset" in md and "| +FVG-PT | 72.50 | 45.00 | 45.00 |" in md
@@ -118,9 +119,9 @@ def test_cross_dataset_table_and_latex():
 
 def test_load_records_from_files_and_folders(tmp_path):
     (tmp_path / "grid").mkdir()
-    (tmp_path / "grid" / "results.jsonl").write_text("\n".join(json.dumps(r) for r in RECORDS[:3]) + "\n")
+    (tmp_path / "grid" / "results.jsonl").write_text("\n".join(r.dumps() for r in RECORDS[:3]) + "\n")
     (tmp_path / "run").mkdir()
-    (tmp_path / "run" / "results.json").write_text(json.dumps(RECORDS[3]))
+    (tmp_path / "run" / "results.json").write_text(RECORDS[3].dumps())
     assert len(load_records([tmp_path])) == 4
     assert len(load_records([tmp_path / "grid" / "results.jsonl", tmp_path / "grid"])) == 3  # no duplicates
     (tmp_path / "bad.json").write_text(json.dumps({"format": "other"}))
@@ -154,7 +155,7 @@ def test_sweep_and_plot(tmp_path, monkeypatch):
 def test_report_counts_collapsed_seeds(tmp_path):
     from fvgpt_cache.reports import aggregate, to_markdown
     recs = [record("syn", s, (80, 70), (78, 60), (70, 70)) for s in (1, 2, 3)]
-    recs[1]["stability"] = {"collapsed": True}
+    recs[1].stability = {"collapsed": True}
     summary = aggregate(recs)
     (g,) = summary.values()
     assert g["datasets"]["syn"]["fvgpt"]["collapsed_seeds"] == [2]
@@ -210,10 +211,9 @@ def test_two_models_of_one_dataset_are_never_pooled(two_models, tmp_path, consol
 
 def _rec(seed, b=80.0, n=60.0, prov=None, **config):
     metric = {"base": b, "new": n, "hm": 2 * b * n / (b + n)}
-    return {"format": "fvgpt-cache-results", "run_id": f"{seed}-{json.dumps(prov, sort_keys=True)}-{config}",
-            "cache": "/c/x.h5", "dataset": "pets", "backbone": "coop", "seed": seed,
-            "config": {**TrainConfig(backbone="coop", seed=seed).to_dict(), **config},
-            "cache_provenance": prov or {}, "metrics": {m: dict(metric) for m in ("zeroshot", "backbone", "fvgpt")}}
+    return RunRecord(run_id=f"{seed}-{json.dumps(prov, sort_keys=True)}-{config}", cache="/c/x.h5", dataset="pets",
+                     backbone="coop", seed=seed, config={**TrainConfig(backbone="coop", seed=seed).to_dict(), **config},
+                     cache_provenance=prov or {}, metrics={m: dict(metric) for m in ("zeroshot", "backbone", "fvgpt")})
 
 
 @pytest.mark.parametrize("field, one, other, shown", [
@@ -242,7 +242,7 @@ def test_backbones_of_another_setup_and_configs_are_separate_but_seeds_pool():
     recs = []
     for epochs in (10, 20):
         for seed in (1, 2, 3):
-            recs.append({**_rec(seed, prov=MODEL_A), "backbone_provenance": bb(epochs, seed)})
+            recs.append(_rec(seed, prov=MODEL_A).replace(backbone_provenance=bb(epochs, seed)))
     recs.append(_rec(1, prov=MODEL_A, lambda_d=1.0))
     summary = aggregate(recs)
     sizes = sorted(g["datasets"]["pets"]["fvgpt"]["n_seeds"] for g in summary.values())
@@ -262,7 +262,7 @@ def test_plot_names_what_each_point_averages(tmp_path):
     assert set(averaged) == {"model", "use_frg"}
     assert "use_frg (2: false, true)" in describe_averaged(averaged)
     (tmp_path / "r").mkdir()
-    (tmp_path / "r" / "results.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
+    (tmp_path / "r" / "results.jsonl").write_text("".join(r.dumps() + "\n" for r in recs))
     res = run_cli("report", tmp_path / "r", "--plot", "lambda_d", "--plot-out", tmp_path / "p.png")
     assert res.exit_code == 0, res.output
     assert "averages runs that differ in" in res.output and "use_frg" in res.output and "model" in res.output
@@ -277,8 +277,8 @@ def test_ablation_tables_do_not_pool_two_models():
         for seed in (1, 2):
             for label, overrides in (("(5) FRG+FDC+PC", {}), ("(2) PC", {"use_fdc": False})):
                 rec = _rec(seed, base, prov=prov, **overrides)
-                rec["ablations"] = [["components", label]]
-                rec["run_id"] += label
+                rec.ablations = [["components", label]]
+                rec.run_id += label
                 recs.append(rec)
     tables = ablation_tables(recs)
     assert len(tables) == 2
@@ -298,13 +298,13 @@ def test_report_tables_fit_80_columns(tmp_path, console80):
     for ds in ("oxford_flowers", "fgvc_aircraft", "a_user_dataset_with_a_long_name"):
         for seed in (1, 2, 3):
             rec = _rec(seed, prov=MODEL_A)
-            rec.update(dataset=ds, backbone="kgcoop", run_id=f"{ds}-{seed}")
-            rec["config"]["backbone"] = "kgcoop"
-            rec["metrics"] = {"fvgpt": metric(97.13 + seed, 75.55 - seed), "backbone": metric(100.0 - seed, 10.12 * seed),
-                              "zeroshot": metric(72.08, 77.8 + seed)}
+            rec = rec.replace(dataset=ds, backbone="kgcoop", run_id=f"{ds}-{seed}")
+            rec.config["backbone"] = "kgcoop"
+            rec.metrics = {"fvgpt": metric(97.13 + seed, 75.55 - seed), "backbone": metric(100.0 - seed, 10.12 * seed),
+                           "zeroshot": metric(72.08, 77.8 + seed)}
             recs.append(rec)
     (tmp_path / "r").mkdir()
-    (tmp_path / "r" / "results.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
+    (tmp_path / "r" / "results.jsonl").write_text("".join(r.dumps() + "\n" for r in recs))
     res = run_cli("report", tmp_path / "r", "--compare", "paper")
     assert res.exit_code == 0, res.output
     lines = check_80_columns(res.output)

@@ -35,7 +35,7 @@ def test_same_seed_same_numbers_other_seed_other_weights(syn, tmp_path):
     a = run_training(syn, TrainConfig(seed=1), tmp_path / "a")
     b = run_training(syn, TrainConfig(seed=1), tmp_path / "b")
     run_training(syn, TrainConfig(seed=2), tmp_path / "c")
-    assert a["metrics"] == b["metrics"] and a["history"] == b["history"]
+    assert a.metrics == b.metrics and a.history == b.history
     wa, wb, wc = (torch.load(tmp_path / x / "head.pt", weights_only=True)["state_dict"] for x in "abc")
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
     assert any(not torch.equal(wa[k], wc[k]) for k in wa)
@@ -55,7 +55,7 @@ def test_results_json_schema_and_head_reload(syn, tmp_path):
     assert saved["train_images"] == 3 * 8 and saved["views"] == 2
     head, cfg = load_head(tmp_path / "run" / "head.pt", dim=32)
     again = evaluate(head, open_cache(syn), cfg.backbone, cfg.classes)
-    assert again["metrics"] == rec["metrics"]
+    assert again["metrics"] == rec.metrics
 
 
 def test_inference_routing_base_via_fdc_new_via_pc(syn, tmp_path):
@@ -65,16 +65,16 @@ def test_inference_routing_base_via_fdc_new_via_pc(syn, tmp_path):
     ts = EvalSet(cache, "synthetic_bb")
     rows, y, txt_bb, txt_clip = ts.subset(cache.base)
     with torch.no_grad():
-        assert rec["metrics"]["fvgpt"]["base"] == pytest.approx(accuracy(head.fdc(ts.full[rows], txt_bb, ts.scale), y))
+        assert rec.metrics["fvgpt"]["base"] == pytest.approx(accuracy(head.fdc(ts.full[rows], txt_bb, ts.scale), y))
     rows, y, txt_bb, txt_clip = ts.subset(cache.new)
     with torch.no_grad():
         z_pc = head.predict_new(ts.full[rows], ts.clip[rows], txt_bb, txt_clip, ts.scale)
-    assert rec["metrics"]["fvgpt"]["new"] == pytest.approx(accuracy(z_pc, y))
-    assert rec["metrics"]["backbone"]["new"] == pytest.approx(accuracy(clip_logits(ts.full[rows], txt_bb, ts.scale), y))
+    assert rec.metrics["fvgpt"]["new"] == pytest.approx(accuracy(z_pc, y))
+    assert rec.metrics["backbone"]["new"] == pytest.approx(accuracy(clip_logits(ts.full[rows], txt_bb, ts.scale), y))
     with torch.no_grad():  # the new branch never calls FDC
         for p in head.fdc.parameters():
             p.fill_(float("nan"))
-    assert evaluate(head, cache, "synthetic_bb")["metrics"]["fvgpt"]["new"] == rec["metrics"]["fvgpt"]["new"]
+    assert evaluate(head, cache, "synthetic_bb")["metrics"]["fvgpt"]["new"] == rec.metrics["fvgpt"]["new"]
 
 
 def test_no_mask_is_needed_at_test_time(syn, tmp_path):
@@ -82,18 +82,18 @@ def test_no_mask_is_needed_at_test_time(syn, tmp_path):
     with h5py.File(syn, "r+") as f:
         f["image/clip/test/fg"][...] = np.nan
     head, cfg = load_head(tmp_path / "run" / "head.pt")
-    assert evaluate(head, open_cache(syn), cfg.backbone)["metrics"] == rec["metrics"]
+    assert evaluate(head, open_cache(syn), cfg.backbone)["metrics"] == rec.metrics
 
 
 def test_modules_off_fall_back_to_the_backbone(syn):
     rec = run_training(syn, TrainConfig(use_fdc=False, use_pc=False, epochs=2), save=False)
-    assert rec["metrics"]["fvgpt"] == rec["metrics"]["backbone"]
-    assert rec["head_parameters"] == 0
+    assert rec.metrics["fvgpt"] == rec.metrics["backbone"]
+    assert rec.head_parameters == 0
 
 
 def test_backbone_choice_and_refusals(syn, tmp_path):
     cache = open_cache(syn)
-    assert run_training(syn, TrainConfig(epochs=2), save=False)["backbone"] == "synthetic_bb"
+    assert run_training(syn, TrainConfig(epochs=2), save=False).backbone == "synthetic_bb"
     write_text_group(syn, "other_bb", cache.text("clip").numpy(), {"method": "test"})
     with pytest.raises(CacheError, match=r"several backbones \['other_bb', 'synthetic_bb'\]"):
         run_training(syn, TrainConfig(epochs=2), save=False)
@@ -127,9 +127,9 @@ def test_cross_dataset_all_classes_then_targets(tmp_path):
     src = write_feature_cache(tmp_path / "src.h5", **SMALL, seed=0)
     tgt = write_feature_cache(tmp_path / "tgt.h5", **{**SMALL, "num_classes": 4}, seed=5)
     rec = run_training(src, TrainConfig(classes="all", epochs=2), save=False, eval_caches=[tgt])
-    assert rec["metrics"]["fvgpt"]["base"] is None and rec["metrics"]["fvgpt"]["all"] is not None
-    assert rec["train_images"] == 6 * 8
-    (t,) = rec["cross_dataset"]
+    assert rec.metrics["fvgpt"]["base"] is None and rec.metrics["fvgpt"]["all"] is not None
+    assert rec.train_images == 6 * 8
+    (t,) = rec.cross_dataset
     assert t["test_images"] == 40 and set(t) >= {"fvgpt", "backbone", "zeroshot"}
 
 
@@ -248,9 +248,9 @@ def test_view_schedule_walks_a_permutation_of_the_augmented_views():
 def test_a_cache_without_augmented_views_trains_with_a_warning(tmp_path):
     one = write_feature_cache(tmp_path / "one.h5", **{**SMALL, "views": 1})
     rec = run_training(one, TrainConfig(epochs=2), save=False)
-    assert any("no augmented training views" in w for w in rec["warnings"])
+    assert any("no augmented training views" in w for w in rec.warnings)
     two = run_training(write_feature_cache(tmp_path / "two.h5", **SMALL), TrainConfig(epochs=2), save=False)
-    assert two["warnings"] == []
+    assert two.warnings == []
 
 
 def test_gate_summary_on_a_hand_built_case():
@@ -279,7 +279,7 @@ def test_run_reports_gate_diagnostics(syn, tmp_path):
     from fvgpt_cache.training import build_head, prepare
 
     rec = run_training(syn, TrainConfig(epochs=3), out_dir=tmp_path / "run")
-    d = rec["diagnostics"]
+    d = rec.diagnostics
     assert d["train"]["views"] == 3 * 8 * 1  # the augmented views (1 of 2 stored) of the 24 training images
     for part in ("train", "test_base"):
         assert 0 <= d[part]["r_star_share"] <= 1 and 0 < d[part]["r_mean"] < 1
@@ -305,7 +305,7 @@ def test_run_reports_gate_diagnostics(syn, tmp_path):
     start = build_head(data.full.shape[-1], cfg).gates(head.frozen(full.float(), fg.float(), clip.float(), area.float(),
                                                                    data.y, data.txt_bb, data.txt_clip, data.scale))["r"]
     assert abs(float(start.mean()) - d["train"]["r_mean"]) > 1e-4, "the trained gate, not the initial one"
-    no_frg = run_training(syn, TrainConfig(epochs=2, use_frg=False), save=False)["diagnostics"]
+    no_frg = run_training(syn, TrainConfig(epochs=2, use_frg=False), save=False).diagnostics
     assert no_frg["train"]["r_mean"] is None and no_frg["frg_learned"] is None
 
 
@@ -334,5 +334,5 @@ def test_a_real_collapse_is_flagged_and_a_healthy_run_is_not(tmp_path):
     cache = write(tmp_path / "confound.h5", num_classes=20, shots=16, views=4, dim=64, confound=1.05, signal=0.6)
     bad = run_training(cache, TrainConfig(seed=4), save=False)
     good = run_training(cache, TrainConfig(seed=4, lr=0.001), save=False)
-    assert bad["stability"]["collapsed"] is True and good["stability"]["collapsed"] is False
-    assert bad["stability"]["acc_fdc_end"] < bad["stability"]["acc_fdc_start"]
+    assert bad.stability["collapsed"] is True and good.stability["collapsed"] is False
+    assert bad.stability["acc_fdc_end"] < bad.stability["acc_fdc_start"]

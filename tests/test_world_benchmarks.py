@@ -3,6 +3,8 @@ from pathlib import Path
 
 import torch
 
+from fvgpt_cache.records import RunRecord
+
 
 def _load(name):
     spec = importlib.util.spec_from_file_location(name, Path(__file__).parents[1] / "benchmarks" / f"{name}.py")
@@ -12,9 +14,10 @@ def _load(name):
 
 
 def _record(seed, params, collapsed, coop=60.0, fvgpt=62.0):
-    return {"dataset": "world-counterfactual", "seed": seed, "params": params, "stability": {"collapsed": collapsed},
-            "metrics": {"backbone": {"base": coop}, "fvgpt": {"base": fvgpt}, "zeroshot": {"base": 61.0}},
-            "diagnostics": {"train": {"frg_auc": 0.8}}}
+    return RunRecord(run_id=f"{seed}-{params}", cache="/c/world.h5", backbone="coop", config={},
+                     dataset="world-counterfactual", seed=seed, params=params, stability={"collapsed": collapsed},
+                     metrics={"backbone": {"base": coop}, "fvgpt": {"base": fvgpt}, "zeroshot": {"base": 61.0}},
+                     diagnostics={"train": {"frg_auc": 0.8}})
 
 
 def test_acceptance_checks_collapse_of_fvgpt_and_its_control_only():
@@ -25,7 +28,7 @@ def test_acceptance_checks_collapse_of_fvgpt_and_its_control_only():
     assert out["checks"] == {"FVG-PT base >= CoOp base + 5": True, "FVG-PT base >= control (r_source=full) + 3": True,
                              "FRG AUC on training views >= 0.7": True, "no collapsed run of FVG-PT or the control": True}
     assert out["collapsed_r_source_fg"] == ["world-counterfactual seed 1"]
-    records[1]["stability"]["collapsed"] = True
+    records[1].stability["collapsed"] = True
     out = acceptance(records, [1])
     assert not out["checks"]["no collapsed run of FVG-PT or the control"] and len(out["collapsed"]) == 1
 

@@ -189,24 +189,21 @@ def run_grid_job(spec: dict, log, job=None) -> dict:
     records = run_grid(runs, Path(spec["out"]), log=log, eval_caches=[Path(c) for c in spec.get("eval_caches", [])])
     seconds = time.perf_counter() - t0
     log(f"{len(records)} new run(s), {len(runs) - len(records)} already done, {seconds:.1f}s")
-    epochs_images = sum(r["config"]["epochs"] * r["train_images"] for r in records)
+    epochs_images = sum(r.config["epochs"] * r.train_images for r in records)
     return {"runs": len(runs), "new_runs": len(records), "seconds": seconds, "epoch_images": epochs_images}
 
 
 def run_report(spec: dict, log, job=None) -> dict:  # noqa: ARG001  (every runner takes the torchrun job)
-    from .. import reports
+    from ..api import report
 
     files = list(results_digest(spec["grids"]))
     if not files:
         raise RuntimeError("no grid has results yet; nothing to report")
-    records = reports.load_records(files)
-    summary = reports.aggregate(records)
-    ablations = reports.ablation_tables(records)
+    rep = report(files, compare="paper" if spec["compare"] == "paper" else None)  # as `fvgpt-cache report` makes it
+    records = rep.records
     out = Path(spec["out"])
     out.mkdir(parents=True, exist_ok=True)
-    paper = spec["compare"] == "paper"
-    for name, text in (("report.md", reports.to_markdown(summary, paper, ablations)), ("report.csv", reports.to_csv(summary)),
-                       ("report.json", reports.to_json(summary))):
+    for name, text in (("report.md", rep.to_markdown()), ("report.csv", rep.to_csv()), ("report.json", rep.to_json())):
         tmp = out / f".{name}.{os.getpid()}"
         tmp.write_text(text)
         os.replace(tmp, out / name)
