@@ -63,6 +63,15 @@ _EXPORTS = {
     "all_parameters": ("parameters", "all_parameters"),
     "lookup_parameter": ("parameters", "lookup"),
     "parameters_table": ("parameters", "markdown_table"),
+    # --- plug-ins: indicators and loss terms (heads.py's registries)
+    "register_indicator": ("heads", "register_indicator"),
+    "unregister_indicator": ("heads", "unregister_indicator"),
+    "indicator_names": ("heads", "indicator_names"),
+    "IndicatorInputs": ("heads", "IndicatorInputs"),
+    "register_loss_term": ("heads", "register_loss_term"),
+    "unregister_loss_term": ("heads", "unregister_loss_term"),
+    "loss_terms": ("heads", "loss_terms"),
+    "StepTensors": ("heads", "StepTensors"),
     # --- plug-ins: backbone methods
     "BackboneMethod": ("methods", "BackboneMethod"),
     "Preset": ("methods", "Preset"),

@@ -8,9 +8,8 @@ from test_engine_parity import gradient_errors, random_configs, reference_losses
 
 from fvgpt_cache.engine import Group, gather, shape_parts, train_head
 from fvgpt_cache.grids import expand, group_key, parse_params, run_grid
-from fvgpt_cache.heads import (
-    entropy, register_indicator, register_loss_term, unregister_indicator, unregister_loss_term,
-)
+from fvgpt_cache import register_indicator, register_loss_term, unregister_indicator, unregister_loss_term
+from fvgpt_cache.heads import entropy
 from fvgpt_cache.runs import run_training
 from fvgpt_cache.store import open_cache
 from fvgpt_cache.synthetic import write_feature_cache
@@ -64,17 +63,17 @@ def test_a_registered_indicator_is_ablated_in_a_grid_and_each_row_equals_its_sin
     runs = expand([cache], [1], params, TrainConfig(epochs=2))
     assert len(runs) == 6
     assert len({group_key(r) for r in runs}) == 1 and len(shape_parts([r.config for r in runs])) == 1  # one batch
-    records = {r["run_id"]: r for r in run_grid(runs, tmp_path / "grid")}
+    records = {r.run_id: r for r in run_grid(runs, tmp_path / "grid")}
     for run in runs:
         single = run_training(cache, run.config, save=False)
         grid = records[run.run_id]
-        assert grid["config"]["frg_indicators"] == list(run.config.frg_indicators)
-        assert grid["metrics"] == single["metrics"]
-        assert_close_history(grid["history"], single["history"], 1e-5)
+        assert grid.config["frg_indicators"] == list(run.config.frg_indicators)
+        assert grid.metrics == single.metrics
+        assert_close_history(grid.history, single.history, 1e-5)
     # the new column changes what FRG learns: the rows with and without it differ
-    by_indicators = {tuple(r["config"]["frg_indicators"]): r for r in records.values() if r["config"]["brg_layers"] == 2}
-    assert by_indicators[("dH", "cos", "area")]["history"][-1]["frg"] != \
-        by_indicators[("dH", "cos", "area", "H_fg")]["history"][-1]["frg"]
+    by_indicators = {tuple(r.config["frg_indicators"]): r for r in records.values() if r.config["brg_layers"] == 2}
+    assert by_indicators[("dH", "cos", "area")].history[-1]["frg"] != \
+        by_indicators[("dH", "cos", "area", "H_fg")].history[-1]["frg"]
 
 
 def test_an_unknown_indicator_is_refused_with_the_registered_names():
