@@ -19,7 +19,7 @@ everything else may differ per configuration and becomes data:
 * data fraction, seed, drop_last: per-configuration batch plans.
 
 The built-in terms' gradients are written by hand (`step.manual_backward`, checked against autograd of
-`heads.FVGPTHead.losses_from` in the tests; autograd over the same stacked forward costs 1.4–1.8× more, see
+`heads.FVGPTHead.losses_from` in the tests; autograd over the same stacked forward costs 1.5–1.9× more per step, see
 docs/decisions.md); registered loss terms run through autograd on the same stacked tensors. A step is about a
 hundred small tensor operations. To keep
 that number down, a step reads all its frozen statistics with one index into a single table, the FRG
