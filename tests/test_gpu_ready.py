@@ -106,6 +106,26 @@ def test_the_engine_step_never_copies_to_the_host(small_data, monkeypatch):
     assert counter.calls == [] and out.shape == (len(TERMS), len(cfgs))
 
 
+@pytest.mark.parametrize("backward", ["manual", "autograd"])
+def test_a_step_with_a_registered_loss_term_never_copies_to_the_host(small_data, monkeypatch, backward):
+    """The same for a group that weights a registered loss term (autograd on the stacked tensors), both paths."""
+    from fvgpt_cache import register_loss_term, unregister_loss_term
+    from fvgpt_cache.training import config_with
+
+    register_loss_term("sync_probe", lambda t: t.log_q.exp().square().sum(-1), help="a test term")
+    try:
+        cfgs = [TrainConfig(seed=1), config_with(TrainConfig(seed=2), lambda_sync_probe=0.5)]
+        g = Group(small_data, cfgs, torch.device("cpu"), backward=backward)
+        g.prepare()
+        rows = torch.randint(0, len(g.table) // len(g.variants), (2, 4), generator=torch.Generator().manual_seed(0))
+        counter = SyncCounter(monkeypatch)
+        out = g.step_losses(rows, torch.full((2, 4), 0.25))
+        monkeypatch.undo()
+        assert counter.calls == [] and out.shape == (len(TERMS) + 1, 2)
+    finally:
+        unregister_loss_term("sync_probe")
+
+
 def test_host_copies_per_epoch_do_not_grow_with_the_steps(small_data, monkeypatch):
     """The training loop copies to the host once per epoch (history), never per step: the same count for
     a batch size that makes 1 step per epoch and one that makes many."""

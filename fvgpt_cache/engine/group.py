@@ -128,10 +128,10 @@ class Group:
             objective = terms.new_zeros(())
             if f.plugins:
                 extra = plugin_terms(fw, col, weight, f)
-                objective = objective + (torch.cat(list(f.plugins.values()), 1).T.to(extra.device) * extra).sum()
+                objective = objective + (f.plugin_weights * extra).sum()
                 terms = torch.cat([terms, extra])
             if not manual:
-                objective = objective + (f.term_weights(self.device) * terms[:len(TERMS)]).sum()
+                objective = objective + (f.builtin_weights * terms[:len(TERMS)]).sum()
             grads = torch.autograd.grad(objective, list(leaves.values()), allow_unused=True)
         if manual:
             manual_backward(fw, col, weight, self.layers, self.grad_layers, self.acts, f)

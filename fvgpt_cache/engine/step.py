@@ -36,6 +36,8 @@ class LossFactors:
     f2: dict[str, Tensor | float]
     f3: dict[str, Tensor | float]
     plugins: dict[str, Tensor]  # registered loss terms some configuration weights: name → λ per configuration (K, 1)
+    plugin_weights: Tensor | None = None  # (len(plugins), K) on the device: the step's objective reads it
+    builtin_weights: Tensor | None = None  # (len(TERMS), K) on the device (`backward="autograd"`)
 
     @classmethod
     def of(cls, cfgs: list[TrainConfig], scale: float, device: torch.device) -> "LossFactors":
@@ -70,7 +72,12 @@ class LossFactors:
         f2 = {k: uniform(v) for k, v in factors.items()}
         f3 = {k: v if isinstance(v, float) else v.unsqueeze(-1) for k, v in f2.items()}
         plugins = {name: col(c.get(term.weight) for c in cfgs) for name, term in loss_terms().items()}
-        return cls(w, f2, f3, {name: lam for name, lam in plugins.items() if bool((lam != 0).any())})
+        plugins = {name: lam for name, lam in plugins.items() if bool((lam != 0).any())}
+        out = cls(w, f2, f3, plugins)
+        # copied to the device once here, so that a step reads them without a host-to-device copy
+        out.plugin_weights = torch.cat(list(plugins.values()), 1).T.to(device) if plugins else None
+        out.builtin_weights = out.term_weights().to(device)
+        return out
 
     @property
     def term_names(self) -> tuple[str, ...]:
@@ -88,12 +95,12 @@ class LossFactors:
             total = total + lam.squeeze(-1).to(terms[name].device) * terms[name]
         return {"base": base, "pc": pc, "total": total}
 
-    def term_weights(self, device: torch.device) -> Tensor:
-        """(len(TERMS), K): the weight of each built-in term in the objective (acc_fdc: 0)."""
+    def term_weights(self) -> Tensor:
+        """(len(TERMS), K): the weight of each built-in term in the objective (acc_fdc: 0), on the CPU."""
         w = self.weights
         per_term = {"frg": w["frg"], "ce_fdc": w["ce_fdc"], "dist": w["dist"], "acc_fdc": torch.zeros_like(w["frg"]),
                     "ce_pc": w["lambda_pc"] * w["ce_pc"], "kl_pc": w["lambda_pc"] * w["kl_pc"]}
-        return torch.cat([per_term[t] for t in TERMS], dim=1).T.to(device)
+        return torch.cat([per_term[t] for t in TERMS], dim=1).T
 
 
 def forward(col: dict[str, Tensor], layers: dict, txt: Tensor, acts: Tensor | None, f: LossFactors) -> dict[str, Tensor]:
