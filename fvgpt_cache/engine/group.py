@@ -132,7 +132,8 @@ class Group:
                 terms = torch.cat([terms, extra])
             if not manual:
                 objective = objective + (f.builtin_weights * terms[:len(TERMS)]).sum()
-            grads = torch.autograd.grad(objective, list(leaves.values()), allow_unused=True)
+            grads = (torch.autograd.grad(objective, list(leaves.values()), allow_unused=True)
+                     if objective.requires_grad else [None] * len(leaves))  # a term of frozen tensors only
         if manual:
             manual_backward(fw, col, weight, self.layers, self.grad_layers, self.acts, f)
         for (name, target), g in zip(self.grads.items(), grads):
