@@ -80,8 +80,16 @@ app = typer.Typer(help="FVG-PT heads trained from cached CLIP features.", no_arg
 
 @app.callback()
 def _root(debug: bool = typer.Option(False, "--debug", envvar="FVGPT_CACHE_DEBUG",
-                                     help="Show the traceback of an error.")) -> None:
+                                     help="Show the traceback of an error."),
+          plugin: list[str] = typer.Option([], "--plugin", envvar="FVGPT_CACHE_PLUGINS",
+                                           help="A Python module (name or .py file) to import first: it registers "
+                                                "indicators, loss terms, backbone methods or parameters; repeatable. "
+                                                "Installed packages' fvgpt_cache.plugins entry points load too.")
+          ) -> None:
+    from fvgpt_cache import load_plugins
+
     _state["debug"] = debug
+    load_plugins(plugin)
 
 
 def narrow_table(title: str | None = None, **kwargs) -> Table:

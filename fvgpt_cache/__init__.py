@@ -63,7 +63,8 @@ _EXPORTS = {
     "all_parameters": ("parameters", "all_parameters"),
     "lookup_parameter": ("parameters", "lookup"),
     "parameters_table": ("parameters", "markdown_table"),
-    # --- plug-ins: indicators and loss terms (heads.py's registries)
+    # --- plug-ins: loading the modules that register them; indicators and loss terms (heads.py's registries)
+    "load_plugins": ("plugins", "load_plugins"),
     "register_indicator": ("heads", "register_indicator"),
     "unregister_indicator": ("heads", "unregister_indicator"),
     "indicator_names": ("heads", "indicator_names"),

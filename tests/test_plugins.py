@@ -150,3 +150,30 @@ def test_the_extending_page_runs():
     finally:
         unregister_indicator("H_fg", "frg")
         unregister_loss_term("mse_fg")
+
+
+def test_the_command_line_loads_a_plugin_file_and_grids_its_weight(tmp_path):
+    """`fvgpt-cache --plugin FILE.py grid … --param lambda_<term>=…`: the file registers a loss term first."""
+    import sys
+
+    from conftest import run_cli
+
+    from fvgpt_cache import load_records
+
+    plugin = tmp_path / "my_terms.py"
+    plugin.write_text("from fvgpt_cache import register_loss_term\n\n"
+                      "register_loss_term('cli_probe', lambda t: t.log_q.exp().square().sum(-1), help='a test term')\n")
+    cache = write_feature_cache(tmp_path / "syn.h5", **SMALL)
+    try:
+        done = run_cli("--plugin", plugin, "grid", cache, "--param", "lambda_cli_probe=0,1", "--set", "epochs=2",
+                       "--out", tmp_path / "g")
+        assert done.exit_code == 0, done.output
+        records = load_records(tmp_path / "g")
+        assert sorted(r.config.get("lambda_cli_probe", 0.0) for r in records) == [0.0, 1.0]
+        assert ["cli_probe" in r.history[-1] for r in sorted(records, key=lambda r: "lambda_cli_probe" in r.config)] \
+            == [False, True]
+    finally:
+        unregister_loss_term("cli_probe")
+        sys.modules.pop("fvgpt_cache_plugin_my_terms", None)
+    missing = run_cli("--plugin", "no_such_module_xyz", "params")
+    assert missing.exit_code == 2 and "no module 'no_such_module_xyz'" in missing.output
