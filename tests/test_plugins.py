@@ -76,6 +76,30 @@ def test_a_registered_indicator_is_ablated_in_a_grid_and_each_row_equals_its_sin
         by_indicators[("dH", "cos", "area", "H_fg")].history[-1]["frg"]
 
 
+def test_a_registered_brg_indicator_reaches_evaluation_and_the_curves(tmp_path):
+    """A BRG indicator is also read at test time (new classes) and by the per-epoch curves: grid rows equal their
+    single runs, with the new column in b."""
+    @register_indicator("margin_clip", "brg")
+    def margin_clip(s):
+        """The gap between CLIP's two most probable classes."""
+        top = s.p_clip.topk(2, dim=-1).values
+        return top[:, 0] - top[:, 1]
+
+    try:
+        cache = write_feature_cache(tmp_path / "syn.h5", **SMALL)
+        runs = expand([cache], [1], parse_params(["brg_indicators=H_bb+H_clip+cos,cos+margin_clip"]),
+                      TrainConfig(epochs=2))
+        records = {r.run_id: r for r in run_grid(runs, tmp_path / "grid")}
+        for run in runs:
+            single = run_training(cache, run.config, save=False)
+            assert records[run.run_id].metrics == single.metrics
+            assert_close_history(records[run.run_id].history, single.history, 1e-5)
+        b = {tuple(r.config["brg_indicators"]): r.history[-1]["b_mean_new"] for r in records.values()}
+        assert b[("cos", "margin_clip")] != b[("H_bb", "H_clip", "cos")]
+    finally:
+        unregister_indicator("margin_clip", "brg")
+
+
 def test_an_unknown_indicator_is_refused_with_the_registered_names():
     with pytest.raises(ValueError, match="H_fg") as err:
         TrainConfig(frg_indicators=("dH", "H_fg")).validate()
