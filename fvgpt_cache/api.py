@@ -237,7 +237,7 @@ def baselines(cache: CachePath, linear_probe: bool = True) -> dict[str, dict]:
     import numpy as np
 
     from .evaluation import EvalSet, accuracy
-    from .heads import backbone_logits, harmonic_mean
+    from .equations import backbone_logits, harmonic_mean
     from .linear_probe import linear_probe as fit_probe
 
     c = _cache(cache)

@@ -24,7 +24,7 @@ from .backbones import BackboneConfig, save_coop_checkpoint, train_backbone, wri
 from .data import generic_dataset
 from .extraction import ExtractOptions, extract
 from .grids import expand, run_grid
-from .heads import harmonic_mean
+from .equations import harmonic_mean
 from .methods import COOP
 from .models import LoadedModel, load_clip
 from .store import CacheError, open_cache

@@ -13,7 +13,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .heads import FVGPTHead, backbone_logits, clip_logits, foreground_shift, harmonic_mean, roc_auc
+from .equations import backbone_logits, clip_logits, foreground_shift, harmonic_mean, roc_auc
+from .heads import FVGPTHead
 from .store import EXTRACTED_FG, NO_MASK, Cache, CacheError
 from .training import ZERO_SHOT, backbone_image_encoder, backbone_images
 

@@ -16,7 +16,7 @@ from importlib import resources
 from pathlib import Path
 
 from .ablations import ABLATIONS
-from .heads import harmonic_mean
+from .equations import harmonic_mean
 from .methods import find_backbone_method
 from .parameters import lookup
 from .records import RunRecord, read_lines, read_record

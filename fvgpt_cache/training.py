@@ -16,10 +16,9 @@ import torch
 import torch.nn.functional as F
 
 from .feature_checks import image_warnings, text_warnings
-from .heads import (
-    BRG_INDICATORS, FRG_INDICATORS, LAYER_CHOICES, R_SOURCES, R_WITHOUT_FRG, FVGPTHead, check_loss_weights,
-    indicator_names, loss_terms,
-)
+from .heads import FVGPTHead, LAYER_CHOICES, R_SOURCES, R_WITHOUT_FRG
+from .indicators import BRG_INDICATORS, FRG_INDICATORS, indicator_names
+from .loss_terms import check_loss_weights, loss_terms
 from .parameters import (Rule, all_parameters, check_rules, declare_dataclass, lookup, param, plugin_parameters,
                          unknown_parameter)
 from .methods import backbone_methods, find_backbone_method
@@ -238,7 +237,7 @@ def backbone_image_encoder(cache: Cache, backbone: str) -> str:
 
 
 def backbone_images(cache: Cache, backbone: str, split: str, kind: str = "full", branch: str = "base") -> torch.Tensor:
-    """(N, V, D) float32 image vectors v whose backbone logits are `s · v · n(g)ᵀ` (`heads.backbone_logits`).
+    """(N, V, D) float32 image vectors v whose backbone logits are `s · v · n(g)ᵀ` (`equations.backbone_logits`).
 
     v = n(f(x)) from the backbone's image group; a group that also stores representation
     features (`<kind>_rep`, MMRL) scores base classes with α·n(f_cls) + (1 − α)·n(f_rep), α from

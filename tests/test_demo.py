@@ -8,7 +8,8 @@ from typer.testing import CliRunner
 
 from fvgpt_cache.cli.main import app
 from fvgpt_cache.demo import METHOD_KEYS, run_world_demo, spread, story
-from fvgpt_cache.heads import FVGPTHead, harmonic_mean
+from fvgpt_cache.equations import harmonic_mean
+from fvgpt_cache.heads import FVGPTHead
 from fvgpt_cache.world import SHAPES
 
 SMALL = dict(classes=SHAPES[:6], shots=4, val_per_class=1, test_per_class=8, train_views=3)

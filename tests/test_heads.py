@@ -3,27 +3,12 @@ import math
 import pytest
 import torch
 
-from fvgpt_cache.heads import (
-    FDC,
-    Adapter,
-    FVGPTHead,
-    GateMLP,
-    backbone_logits,
-    brg_indicators,
-    clip_logits,
-    distill_loss,
-    entropy,
-    foreground_shift,
-    frg_indicators,
-    frg_target,
-    harmonic_mean,
-    kl_div,
-    pc_logits,
-    pc_loss,
-    prob_cosine,
-    roc_auc,
-    usable_foreground,
+from fvgpt_cache.equations import (
+    backbone_logits, clip_logits, distill_loss, entropy, foreground_shift, frg_target, harmonic_mean, kl_div,
+    pc_logits, pc_loss, prob_cosine, roc_auc, usable_foreground,
 )
+from fvgpt_cache.heads import Adapter, FDC, FVGPTHead, GateMLP
+from fvgpt_cache.indicators import brg_indicators, frg_indicators
 import torch.nn.functional as F_
 
 ln = math.log
@@ -517,6 +502,6 @@ def test_roc_auc_by_hand():
     pairwise = float(((pos[:, None] > neg[None]).double().sum() + 0.5 * (pos[:, None] == neg[None]).double().sum())
                      / (pos.numel() * neg.numel()))
     assert roc_auc(scores, labels) == pytest.approx(pairwise)
-    from fvgpt_cache.heads import _average_ranks
+    from fvgpt_cache.equations import _average_ranks
     ranks = _average_ranks(t(3.0, 1.0, 3.0, 2.0))
     assert ranks.tolist() == [3.5, 1.0, 3.5, 2.0]

@@ -25,7 +25,7 @@ from fvgpt_cache.cli.main import app
 from fvgpt_cache.data import generic_dataset
 from fvgpt_cache.evaluation import EvalSet
 from fvgpt_cache.extraction import ExtractOptions, extract
-from fvgpt_cache.heads import backbone_logits
+from fvgpt_cache.equations import backbone_logits
 from fvgpt_cache.models import load_clip
 from fvgpt_cache.store import CacheError, open_cache
 from fvgpt_cache.training import backbone_images

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from conftest import run_cli
 
-from fvgpt_cache import heads, parameters
+from fvgpt_cache import equations, heads, parameters
 from fvgpt_cache.grids import expand, parse_params, read_grid_file
 from fvgpt_cache.parameters import InvalidParameterError, Parameter, register_parameter, unregister_parameter
 from fvgpt_cache.records import RunInput
@@ -70,8 +70,8 @@ def test_the_heads_defaults_are_the_declared_defaults():
     same = {heads.GateMLP: {"hidden": "gate_hidden", "layers": "frg_layers"},
             heads.Adapter: {"hidden": "fdc_hidden", "layers": "fdc_layers", "init_scale": "fdc_init_scale"},
             heads.FDC: {"hidden": "fdc_hidden", "layers": "fdc_layers", "init_scale": "fdc_init_scale"},
-            heads.usable_foreground: {"area_min": "area_min", "area_max": "area_max"},
-            heads.frg_target: {"margin": "frg_margin"}}
+            equations.usable_foreground: {"area_min": "area_min", "area_max": "area_max"},
+            equations.frg_target: {"margin": "frg_margin"}}
     for function, names in same.items():
         signature = inspect.signature(function).parameters
         for arg, name in names.items():

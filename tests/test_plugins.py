@@ -9,7 +9,7 @@ from test_engine_parity import gradient_errors, random_configs, reference_losses
 from fvgpt_cache.engine import Group, gather, shape_parts, train_head
 from fvgpt_cache.grids import expand, group_key, parse_params, run_grid
 from fvgpt_cache import register_indicator, register_loss_term, unregister_indicator, unregister_loss_term
-from fvgpt_cache.heads import entropy
+from fvgpt_cache.equations import entropy
 from fvgpt_cache.runs import run_training
 from fvgpt_cache.store import open_cache
 from fvgpt_cache.synthetic import write_feature_cache

@@ -9,7 +9,8 @@ from typer.testing import CliRunner
 
 from fvgpt_cache.cli.main import app
 from fvgpt_cache.evaluation import EvalSet, accuracy, evaluate
-from fvgpt_cache.heads import FVGPTHead, clip_logits
+from fvgpt_cache.equations import clip_logits
+from fvgpt_cache.heads import FVGPTHead
 from fvgpt_cache.runs import load_head, run_training
 from fvgpt_cache.store import CacheError, open_cache, write_text_group
 from fvgpt_cache.synthetic import write_feature_cache

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..evaluation import CurveData, CurveSplit, gate_summary, score_predictions
-from ..heads import brg_indicators
+from ..indicators import brg_indicators
 from ..training import TrainConfig
 from .mlp import mlp_forward
 from .table import gate_columns

@@ -3,7 +3,7 @@
 The built-in loss terms (eqs. 3–15) have hand-written gradients (`manual_backward`, checked against autograd
 of `heads.FVGPTHead.losses_from` in tests/test_engine.py); autograd over the same stacked forward costs
 1.5–1.9× more per step and 1.87× on a 64-configuration grid (benchmarks/bench_grid.py --only backward,
-docs/decisions.md). Registered loss terms (`heads.register_loss_term`) run through autograd on the same
+docs/decisions.md). Registered loss terms (`loss_terms.register_loss_term`) run through autograd on the same
 stacked tensors and add their gradients; `backward="autograd"` takes every term through autograd (the
 reference the benchmarks and tests compare with).
 """
@@ -15,7 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..heads import StepTensors, distill_weight_coefficients, loss_terms
+from ..equations import distill_weight_coefficients
+from ..loss_terms import StepTensors, loss_terms
 from ..training import TrainConfig
 from .mlp import _sum_terms, _times, mlp_backward, mlp_forward
 
@@ -182,7 +183,7 @@ def manual_backward(fw: dict[str, Tensor], col: dict[str, Tensor], weight: Tenso
 
 
 def step_tensors(fw: dict[str, Tensor], col: dict[str, Tensor], f: LossFactors) -> StepTensors:
-    """What a registered loss term reads (`heads.StepTensors`), from the stacked forward: (K, B, ·) tensors."""
+    """What a registered loss term reads (`loss_terms.StepTensors`), from the stacked forward: (K, B, ·) tensors."""
     return StepTensors(tau=f.f3["tau"], onehot=col["onehot"], z_full=col["z_full"], z_clip=col["z_full"] + col["z_diff"],
                        p_full=col["p_full"], p_fg=col["p_fg"], p_clip=col["p_clip"], r_star=col["r_star"].squeeze(-1),
                        usable=col["usable"].squeeze(-1), z_fdc=fw["z"], log_q=fw["logq"], q_frg=fw["q_frg"],

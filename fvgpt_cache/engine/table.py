@@ -1,18 +1,17 @@
-"""The statistics table of a group: every frozen per-row quantity a step reads, computed once from heads.py.
+"""The statistics table of a group: every frozen per-row quantity a step reads, computed once.
 
 One table row per training row (image × stored view) and *variant* (a distinct τ, FRG margin, area gate and
 mask source), so that a step reads all it needs with one index. Every value comes from the pure functions
-of `fvgpt_cache.heads` (logits, teachers, entropies, indicators, r*, the area gate): the engine restates none.
+of `fvgpt_cache.equations` (logits, entropies, r*, the area gate) and the registered indicators of
+`fvgpt_cache.indicators`: the engine restates none.
 """
 from __future__ import annotations
 
 import torch
 from torch import Tensor
 
-from ..heads import (
-    GATES, backbone_logits, brg_indicators, clip_logits, entropy, frg_indicators, frg_target, indicator_names,
-    usable_foreground,
-)
+from ..equations import backbone_logits, clip_logits, entropy, frg_target, usable_foreground
+from ..indicators import GATES, brg_indicators, frg_indicators, indicator_names
 from ..training import TrainConfig, TrainData
 
 
