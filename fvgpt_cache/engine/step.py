@@ -2,7 +2,7 @@
 
 The built-in loss terms (eqs. 3–15) have hand-written gradients (`manual_backward`, checked against autograd
 of `heads.FVGPTHead.losses_from` in tests/test_engine.py); autograd over the same stacked forward costs
-1.5–1.9× more per step and 1.87× on a 64-configuration grid (benchmarks/bench_grid.py --only backward,
+1.5–1.9× more per step and 1.41× on a 64-configuration grid (benchmarks/bench_grid.py --only backward,
 docs/decisions.md). Registered loss terms (`loss_terms.register_loss_term`) run through autograd on the same
 stacked tensors and add their gradients; `backward="autograd"` takes every term through autograd (the
 reference the benchmarks and tests compare with).
