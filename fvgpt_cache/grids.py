@@ -246,6 +246,10 @@ def read_results(results: Path) -> list[RunRecord]:
 def _stale_reason(record: RunRecord, run: GridRun) -> str:
     if not record.inputs:
         return "written before results recorded the content of their caches"
+    now = run.config.plugin_fingerprints()
+    if (record.plugins or {}) != now:
+        edited = sorted(k for k in {**now, **(record.plugins or {})} if now.get(k) != (record.plugins or {}).get(k))
+        return "plug-in code changed since: " + ", ".join(edited)
     old = {i.path: i.fingerprint for i in record.inputs}
     changed = [f"{Path(i.path).name} ({old[i.path][:FINGERPRINT_CHARS]} → {i.fingerprint[:FINGERPRINT_CHARS]})"
                for i in run.inputs if old.get(i.path) != i.fingerprint]

@@ -14,6 +14,7 @@ import torch
 from torch import Tensor
 
 from .equations import entropy, prob_cosine
+from .plugins import code_fingerprint
 
 # the paper's indicators (eqs. 5, 13): the built-in entries and the default inputs of the gates
 FRG_INDICATORS = ("dH", "cos", "area")
@@ -70,6 +71,7 @@ class Indicator:
     gate: str
     fn: Callable[[IndicatorInputs], Tensor]
     help: str = ""
+    fingerprint: str = ""  # `plugins.code_fingerprint` of `fn`: a run id covers it for a registered indicator
 
 
 _INDICATORS: dict[tuple[str, str], Indicator] = {}
@@ -91,7 +93,8 @@ def register_indicator(name: str, gate: str, fn: Callable[[IndicatorInputs], Ten
         if (gate, name) in _INDICATORS and not replace:
             raise ValueError(f"{gate.upper()} indicator {name!r} is already registered; pick another name or pass "
                              "replace=True")
-        _INDICATORS[(gate, name)] = Indicator(name, gate, f, help or (f.__doc__ or "").strip().split("\n")[0])
+        _INDICATORS[(gate, name)] = Indicator(name, gate, f, help or (f.__doc__ or "").strip().split("\n")[0],
+                                              code_fingerprint(f))
         return f
 
     return add if fn is None else add(fn)
@@ -150,3 +153,13 @@ def brg_indicators(z_bb: Tensor, z_clip: Tensor, tau: float,
     """BRG input `s` (eqs. 13–14): columns of `use` in its order, from the registered BRG indicators (built in:
     H_bb = H(p_full), H_clip = H(p_clip), cos = cos(p_full, p_clip); p = softmax(z/τ)). Shape (B, k)."""
     return indicators(IndicatorInputs(tau, z_bb, z_clip=z_clip), use, "brg")
+
+
+BUILT_IN = frozenset(_INDICATORS)  # (gate, name) of the paper's six, registered above
+
+
+def registered_fingerprints(frg: Sequence[str], brg: Sequence[str]) -> dict[str, str]:
+    """{"indicator:<gate>:<name>": code fingerprint} of the registered (not built-in) indicators among these."""
+    return {f"indicator:{gate}:{name}": _INDICATORS[(gate, name)].fingerprint
+            for gate, names in (("frg", frg), ("brg", brg)) for name in names
+            if (gate, name) not in BUILT_IN and (gate, name) in _INDICATORS}

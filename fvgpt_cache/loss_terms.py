@@ -11,6 +11,8 @@ from dataclasses import dataclass
 
 from torch import Tensor
 
+from .plugins import code_fingerprint
+
 COMPONENTS = ("fdc", "frg", "pc")
 
 
@@ -48,6 +50,7 @@ class LossTerm:
     fn: Callable[[StepTensors], Tensor]
     help: str
     needs: tuple[str, ...] = ("fdc",)
+    fingerprint: str = ""  # `plugins.code_fingerprint` of `fn`: a run id covers it when the run weights the term
 
     @property
     def weight(self) -> str:
@@ -79,7 +82,7 @@ def register_loss_term(name: str, fn: Callable[[StepTensors], Tensor] | None = N
 
     def add(f: Callable[[StepTensors], Tensor]):
         text = help or (f.__doc__ or "").strip().split("\n")[0] or f"the registered loss term {name}"
-        term = LossTerm(name, f, text, needs)
+        term = LossTerm(name, f, text, needs, code_fingerprint(f))
         register_parameter(Parameter(term.weight, "float", 0.0, f"Weight of the registered loss term {name}: {text}",
                                      low=0))
         _LOSS_TERMS[name] = term

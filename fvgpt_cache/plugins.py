@@ -11,9 +11,11 @@ This module imports nothing heavy (the command line starts without torch); a plu
 """
 from __future__ import annotations
 
+import hashlib
 import importlib
 import importlib.metadata
 import importlib.util
+import inspect
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -60,3 +62,16 @@ def load_plugins(modules: Sequence[str] = (), entry_points: bool = True) -> list
             point.load()
             loaded.append(point.value)
     return loaded
+
+
+def code_fingerprint(fn) -> str:
+    """What a plug-in computes, by content: the SHA-256 (first 16 hex digits) of its source code, or of its
+    bytecode and constants where the source cannot be read (a function defined in an interactive session).
+    A run's id covers the fingerprints of the plug-ins it used, so editing a plug-in's code makes its runs new
+    runs: a grid trains them again and sets the old records aside."""
+    try:
+        text = inspect.getsource(fn).encode()
+    except (OSError, TypeError):
+        code = getattr(fn, "__code__", None)
+        text = repr(fn).encode() if code is None else code.co_code + repr(code.co_consts).encode()
+    return hashlib.sha256(text).hexdigest()[:16]

@@ -2,7 +2,8 @@
 
 Schema versions: 1 (the first records; `inputs`, `feature_dim`, `backbone_provenance` came during
 version 1), 2 (`inputs` always, `selection`, per-epoch curves in `history`, `mask_source`) and 3
-(the same keys, written by `RunRecord.to_json`). Older records load with defaults for the keys
+(the same keys, written by `RunRecord.to_json`; `plugins` only in runs that used registered indicators or
+loss terms, which no earlier code could train). Older records load with defaults for the keys
 they lack (None, or an empty list or dict); a version newer than this code knows is refused.
 Plain JSON in, plain JSON out: this module imports neither torch nor the heads.
 """
@@ -57,6 +58,7 @@ class MaskSource:
 
 
 GRID_KEYS = ("params", "ablations", "set_aside")  # written only when set (by grids)
+WHEN_SET = (*GRID_KEYS, "plugins")  # keys a record lists only when they hold something
 # (key, type(s) a present value must have); the first block is required in every version.
 REQUIRED = (("run_id", str), ("cache", str), ("backbone", str), ("seed", int), ("config", dict), ("metrics", dict))
 OPTIONAL = {
@@ -64,7 +66,7 @@ OPTIONAL = {
     "warnings": list, "test_images": dict, "foreground_shift": dict, "cross_dataset": list, "diagnostics": dict,
     "stability": dict, "head_parameters": int, "feature_dim": int, "train_images": int, "mask_source": dict,
     "views": int, "seconds": dict, "selection": dict, "history": list, "run_dir": str, "params": dict,
-    "ablations": list, "set_aside": str,
+    "ablations": list, "set_aside": str, "plugins": dict,
 }
 
 
@@ -77,7 +79,8 @@ class RunRecord:
     `cross_dataset`: one entry per evaluation cache; `diagnostics`/`stability`: what the gates
     learned and whether the FDC branch collapsed; `history`: one dict per epoch. `params` and
     `ablations` are set by grids (the grid's parameters of this run, the ablation rows it serves);
-    `set_aside` is the reason a grid moved a stale record out of its results file. The fields are
+    `set_aside` is the reason a grid moved a stale record out of its results file; `plugins` (only when the run
+    used registered indicators or loss terms) their code fingerprints, which the run id covers. The fields are
     keyword-only, in the order `results.json` lists them.
     """
 
@@ -90,6 +93,7 @@ class RunRecord:
     backbone_provenance: dict | None = None
     seed: int
     config: dict
+    plugins: dict[str, str] | None = None  # code fingerprints of the registered indicators and loss terms it used
     preset: dict | None = None
     warnings: list[str] = field(default_factory=list)
     metrics: dict
@@ -125,7 +129,7 @@ class RunRecord:
         """The record as written to results files (always the current schema version)."""
         values = dataclasses.asdict(self)  # nested parts (inputs, selection, mask source) as plain dicts
         return {"format": RESULTS_FORMAT, "version": SCHEMA_VERSION,
-                **{k: v for k, v in values.items() if not (k in GRID_KEYS and v is None)}}  # grid-only keys when set
+                **{k: v for k, v in values.items() if not (k in WHEN_SET and v is None)}}  # grid-only and plug-in keys when set
 
     def dumps(self, indent: int | None = None) -> str:
         return json.dumps(self.to_json(), indent=indent)

@@ -27,8 +27,12 @@ def run_inputs(cache: Cache, backbone: str, targets=(), fg_source: str = EXTRACT
 
 
 def run_id(inputs: list[RunInput], cfg: TrainConfig) -> str:
-    """The key of a result: its configuration and the content of what it read (not the files' paths)."""
+    """The key of a result: its configuration, the content of what it read (not the files' paths) and the code of
+    the registered plug-ins it used (none for the paper's own indicators and losses, which leave the key as it was)."""
     key = [[(i.role, i.fingerprint) for i in inputs], cfg.to_dict()]
+    plugins = cfg.plugin_fingerprints()
+    if plugins:
+        key.append(plugins)
     return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -149,6 +153,7 @@ def finish_run(cache, cfg: TrainConfig, data, head: FVGPTHead, history: list[dic
         backbone_provenance=cache.text_provenance(cfg.backbone),
         seed=cfg.seed,
         config=cfg.to_dict(),
+        plugins=cfg.plugin_fingerprints() or None,
         preset=preset,
         warnings=warnings,
         **results,

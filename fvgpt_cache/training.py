@@ -17,7 +17,7 @@ import torch.nn.functional as F
 
 from .feature_checks import image_warnings, text_warnings
 from .heads import FVGPTHead, LAYER_CHOICES, R_SOURCES, R_WITHOUT_FRG
-from .indicators import BRG_INDICATORS, FRG_INDICATORS, indicator_names
+from .indicators import BRG_INDICATORS, FRG_INDICATORS, indicator_names, registered_fingerprints
 from .loss_terms import check_loss_weights, loss_terms
 from .parameters import (Rule, all_parameters, check_rules, declare_dataclass, lookup, param, plugin_parameters,
                          unknown_parameter)
@@ -164,6 +164,13 @@ class TrainConfig:
     def loss_weights(self) -> dict[str, float]:
         """The registered loss terms this configuration weights (λ ≠ 0), by term name."""
         return {name: self.get(term.weight) for name, term in loss_terms().items() if self.get(term.weight)}
+
+    def plugin_fingerprints(self) -> dict[str, str]:
+        """The code fingerprints of the registered indicators and loss terms this configuration uses (empty for
+        the paper's own): `runs.run_id` hashes them, so a run of edited plug-in code is a new run."""
+        terms = loss_terms()
+        return {**registered_fingerprints(self.frg_indicators, self.brg_indicators),
+                **{f"loss:{name}": terms[name].fingerprint for name in self.loss_weights()}}
 
     def to_dict(self) -> dict:
         """Every field (names as lists), then each plug-in value that differs from its default; run ids hash this."""

@@ -201,3 +201,29 @@ def test_the_command_line_loads_a_plugin_file_and_grids_its_weight(tmp_path):
         sys.modules.pop("fvgpt_cache_plugin_my_terms", None)
     missing = run_cli("--plugin", "no_such_module_xyz", "params")
     assert missing.exit_code == 2 and "no module 'no_such_module_xyz'" in missing.output
+
+
+def test_editing_a_plugins_code_makes_its_runs_new_and_sets_the_old_records_aside(tmp_path):
+    """A run id covers the code of the registered plug-ins it used: a grid rerun after an edit retrains those
+    runs, moves their old records to stale/ with the reason, and keeps the runs that do not use the plug-in."""
+    cache = write_feature_cache(tmp_path / "syn.h5", **SMALL)
+
+    def grid():
+        params = parse_params(["frg_indicators=dH+cos+area,dH+cos+area+H_fg"])  # H_fg: registered below
+        runs = expand([cache], [1], params, TrainConfig(epochs=2))
+        return {tuple(r.config.frg_indicators): r.run_id for r in runs}, run_grid(runs, tmp_path / "grid")
+
+    register_indicator("H_fg", "frg", lambda s: entropy(s.p_fg))
+    try:
+        ids, first = grid()
+        plain, with_plugin = ids[("dH", "cos", "area")], ids[("dH", "cos", "area", "H_fg")]
+        by_id = {r.run_id: r for r in first}
+        assert by_id[plain].plugins is None and list(by_id[with_plugin].plugins) == ["indicator:frg:H_fg"]
+        register_indicator("H_fg", "frg", lambda s: 2 * entropy(s.p_fg), replace=True)  # the same name, new code
+        ids_after, second = grid()
+    finally:
+        unregister_indicator("H_fg", "frg")
+    assert ids_after[("dH", "cos", "area")] == plain and ids_after[("dH", "cos", "area", "H_fg")] != with_plugin
+    assert [r.run_id for r in second] == [ids_after[("dH", "cos", "area", "H_fg")]]  # only that run retrains
+    stale = [line for f in (tmp_path / "grid" / "stale").iterdir() for line in f.read_text().splitlines()]
+    assert len(stale) == 1 and "plug-in code changed since: indicator:frg:H_fg" in stale[0]
