@@ -111,11 +111,6 @@ def indicator_names(gate: str) -> tuple[str, ...]:
     return tuple(n for g, n in _INDICATORS if g == gate)
 
 
-def indicator(name: str, gate: str) -> Indicator:
-    _check_names((name,), gate)
-    return _INDICATORS[(gate, name)]
-
-
 def indicators(inputs: IndicatorInputs, use: Sequence[str], gate: str) -> Tensor:
     """The columns `use` of one gate's input (N, len(use)), each a registered indicator of `inputs`."""
     use = _check_names(use, gate)

@@ -58,7 +58,8 @@ class LossTerm:
 
 
 _LOSS_TERMS: dict[str, LossTerm] = {}
-BUILTIN_TERMS = ("frg", "ce_fdc", "dist", "acc_fdc", "ce_pc", "kl_pc", "base", "pc", "total")
+# what a run's history logs of the built-in objective (`heads.FVGPTHead.losses_from`), in its order
+BUILTIN_TERMS = ("frg", "ce_fdc", "dist", "base", "acc_fdc", "ce_pc", "kl_pc", "pc", "total")
 
 
 def register_loss_term(name: str, fn: Callable[[StepTensors], Tensor] | None = None, *, help: str = "",

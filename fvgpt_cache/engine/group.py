@@ -12,6 +12,7 @@ import torch
 from torch import Tensor
 
 from ..heads import FVGPTHead
+from ..loss_terms import BUILTIN_TERMS
 from ..training import TrainConfig, TrainData, build_head, epoch_batches, lr_at_epoch, subsample_per_class, view_schedule
 from .kernels import NUMERICS, float32_numerics
 from .layout import Layout, gather, scatter
@@ -22,7 +23,7 @@ from .table import StatisticsTable
 # fields that must be equal inside one group (besides the cache); all others may differ
 GROUP_FIELDS = ("backbone", "classes", "batch_size", "device", "fdc_layers")
 SMALL_STEP_FLOPS = 2e8  # a step below this trains single-threaded on the CPU (see Group._use_threads)
-HISTORY_KEYS = ("frg", "ce_fdc", "dist", "base", "acc_fdc", "ce_pc", "kl_pc", "pc", "total")
+HISTORY_KEYS = BUILTIN_TERMS  # the built-in terms a history logs, in order; registered terms follow
 
 
 class TrainingStopped(RuntimeError):
