@@ -21,10 +21,12 @@ from collections.abc import Sequence
 from pathlib import Path
 
 ENTRY_POINT_GROUP = "fvgpt_cache.plugins"
+FILE_MODULE_PREFIX = "fvgpt_cache_plugin_"  # the module name of a plug-in given as a .py file starts so
 
 
 def _import_file(path: Path):
-    name = f"fvgpt_cache_plugin_{path.stem}"
+    # named by the file's resolved path: two files with one name are two modules
+    name = f"{FILE_MODULE_PREFIX}{path.stem}_{hashlib.sha256(str(path).encode()).hexdigest()[:8]}"
     if name in sys.modules:  # the same file given twice (or again in one process): registered once
         return sys.modules[name]
     spec = importlib.util.spec_from_file_location(name, path)

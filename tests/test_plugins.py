@@ -198,7 +198,8 @@ def test_the_command_line_loads_a_plugin_file_and_grids_its_weight(tmp_path):
             == [False, True]
     finally:
         unregister_loss_term("cli_probe")
-        sys.modules.pop("fvgpt_cache_plugin_my_terms", None)
+        for name in [m for m in sys.modules if m.startswith("fvgpt_cache_plugin_my_terms")]:
+            del sys.modules[name]
     missing = run_cli("--plugin", "no_such_module_xyz", "params")
     assert missing.exit_code == 2 and "no module 'no_such_module_xyz'" in missing.output
 
@@ -227,3 +228,29 @@ def test_editing_a_plugins_code_makes_its_runs_new_and_sets_the_old_records_asid
     assert [r.run_id for r in second] == [ids_after[("dH", "cos", "area", "H_fg")]]  # only that run retrains
     stale = [line for f in (tmp_path / "grid" / "stale").iterdir() for line in f.read_text().splitlines()]
     assert len(stale) == 1 and "plug-in code changed since: indicator:frg:H_fg" in stale[0]
+
+
+def test_two_plugin_files_with_one_name_both_load(tmp_path):
+    import sys
+
+    from fvgpt_cache import all_parameters, load_plugins, unregister_parameter
+
+    paths = []
+    for folder, name in (("a", "lambda_probe_a"), ("b", "lambda_probe_b")):
+        (tmp_path / folder).mkdir()
+        path = tmp_path / folder / "terms.py"
+        path.write_text("from fvgpt_cache import Parameter, register_parameter\n"
+                        f"register_parameter(Parameter({name!r}, 'float', 0.0, 'A test weight.', low=0))\n")
+        paths.append(str(path))
+    try:
+        assert load_plugins(paths, entry_points=False) == paths
+        assert {"lambda_probe_a", "lambda_probe_b"} <= set(all_parameters())
+        load_plugins(paths[:1], entry_points=False)  # the same file again: not executed twice (no duplicate error)
+    finally:
+        for name in ("lambda_probe_a", "lambda_probe_b"):
+            if name in all_parameters():
+                unregister_parameter(name)
+        for name in [m for m in sys.modules if m.startswith("fvgpt_cache_plugin_terms")]:
+            del sys.modules[name]
+    with pytest.raises(ValueError, match="not found"):
+        load_plugins([str(tmp_path / "missing.py")], entry_points=False)
