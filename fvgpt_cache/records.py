@@ -128,8 +128,9 @@ class RunRecord:
     def to_json(self) -> dict:
         """The record as written to results files (always the current schema version)."""
         values = dataclasses.asdict(self)  # nested parts (inputs, selection, mask source) as plain dicts
+        # grid-only and plug-in keys only when set
         return {"format": RESULTS_FORMAT, "version": SCHEMA_VERSION,
-                **{k: v for k, v in values.items() if not (k in WHEN_SET and v is None)}}  # grid-only and plug-in keys when set
+                **{k: v for k, v in values.items() if not (k in WHEN_SET and v is None)}}
 
     def dumps(self, indent: int | None = None) -> str:
         return json.dumps(self.to_json(), indent=indent)

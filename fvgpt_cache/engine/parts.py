@@ -94,8 +94,8 @@ def train_group(data: TrainData, cfgs: list[TrainConfig], device: torch.device, 
         part = [cfgs[i] for i in positions]
         monitor = None if curve is None else Monitor(curve, part, device)
         hand_back = None if on_finished is None else (lambda k, item, positions=positions: on_finished(positions[k], item))
-        for i, item in zip(positions, Group(data, part, device, backward=backward).train(progress, monitor, hand_back,
-                                                                                     should_stop)):
+        group = Group(data, part, device, backward=backward)
+        for i, item in zip(positions, group.train(progress, monitor, hand_back, should_stop)):
             out[i] = item
     return out
 

@@ -104,7 +104,8 @@ class LossFactors:
         return torch.cat([per_term[t] for t in TERMS], dim=1).T
 
 
-def forward(col: dict[str, Tensor], layers: dict, txt: Tensor, acts: Tensor | None, f: LossFactors) -> dict[str, Tensor]:
+def forward(col: dict[str, Tensor], layers: dict, txt: Tensor, acts: Tensor | None,
+            f: LossFactors) -> dict[str, Tensor]:
     """The stacked forward of one batch: per-row loss terms (`TERMS`, each (K, B)) and the step's tensors.
 
     `col`: the batch's columns of the statistics table (K, B, ·); `layers`: the stacked parameters per module.
@@ -184,8 +185,9 @@ def manual_backward(fw: dict[str, Tensor], col: dict[str, Tensor], weight: Tenso
 
 def step_tensors(fw: dict[str, Tensor], col: dict[str, Tensor], f: LossFactors) -> StepTensors:
     """What a registered loss term reads (`loss_terms.StepTensors`), from the stacked forward: (K, B, ·) tensors."""
-    return StepTensors(tau=f.f3["tau"], onehot=col["onehot"], z_full=col["z_full"], z_clip=col["z_full"] + col["z_diff"],
-                       p_full=col["p_full"], p_fg=col["p_fg"], p_clip=col["p_clip"], r_star=col["r_star"].squeeze(-1),
+    return StepTensors(tau=f.f3["tau"], onehot=col["onehot"], z_full=col["z_full"],
+                       z_clip=col["z_full"] + col["z_diff"], p_full=col["p_full"], p_fg=col["p_fg"],
+                       p_clip=col["p_clip"], r_star=col["r_star"].squeeze(-1),
                        usable=col["usable"].squeeze(-1), z_fdc=fw["z"], log_q=fw["logq"], q_frg=fw["q_frg"],
                        r=fw["r"], b=fw["b"], z_pc=fw["z_pc"])
 
